@@ -1,0 +1,3 @@
+//! podcache
+#![forbid(unsafe_code)]
+pub mod store;

@@ -1,0 +1,520 @@
+//! The replicated state itself: one map of string to string per int32
+//! namespace (`SyncData.type`), every entry versioned so that all nodes
+//! order writes the same way.
+//!
+//! Owns: entries, versions (via [`clock::HybridClock`]), the merge rule,
+//! tombstones, TTL expiry and the size limits on keys and values.
+//! Must not touch: sockets, tasks, wall-clock reads (callers pass `now_ms`),
+//! metrics. Everything here is synchronous and deterministic, so it is
+//! unit-tested without a runtime.
+//!
+//! # The merge rule
+//! An entry is replaced only by one with a strictly greater [`Version`]
+//! (hybrid timestamp, then writer's node id). Deletes are tombstones that
+//! carry a version like any write. Two stores that receive the same records
+//! in any order therefore end identical; see the property tests below.
+
+pub mod clock;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use self::clock::{ClockSkewError, HybridClock, hlc_logical, hlc_ms};
+
+/// Orders writes: the hybrid timestamp first, the writer's node id second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Version {
+    /// Hybrid logical clock value (see [`clock`]).
+    pub hlc: u64,
+    /// Node id of the writer; breaks ties between equal timestamps.
+    pub node: u64,
+}
+
+impl fmt::Display for Version {
+    /// `<wall ms>.<logical>@<node id hex>`, e.g. `1764222930123.0@9f3a...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}@{:016x}",
+            hlc_ms(self.hlc),
+            hlc_logical(self.hlc),
+            self.node
+        )
+    }
+}
+
+/// One stored entry: a value or a tombstone, with its version and expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `None` is a tombstone: the key was deleted at `version`.
+    pub value: Option<Arc<str>>,
+    /// When and by whom this entry was written.
+    pub version: Version,
+    /// Absolute expiry in Unix milliseconds, set by the writer so that every
+    /// replica expires the entry at the same moment; 0 means never.
+    pub expires_at_ms: u64,
+}
+
+impl Entry {
+    /// The value, if the entry is neither a tombstone nor expired at `now_ms`.
+    pub fn live_value(&self, now_ms: u64) -> Option<&Arc<str>> {
+        if self.expires_at_ms != 0 && self.expires_at_ms <= now_ms {
+            return None;
+        }
+        self.value.as_ref()
+    }
+}
+
+/// A full versioned entry with its address: what travels between nodes
+/// (fan-out, snapshot, merge) and what a change notification carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Namespace (`SyncData.type`).
+    pub ty: i32,
+    /// Key within the namespace.
+    pub key: Arc<str>,
+    /// Value or tombstone, version, expiry.
+    pub entry: Entry,
+}
+
+/// Limits that every write, local or remote, is checked against before
+/// anything is changed.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest key, in bytes of UTF-8. Default 1 KiB.
+    pub max_key_bytes: usize,
+    /// Longest value, in bytes of UTF-8. Default 1 MiB.
+    pub max_value_bytes: usize,
+    /// Most entries in one batch write. Default 10,000.
+    pub max_batch_entries: usize,
+    /// Remote timestamps further ahead of local wall time are refused.
+    /// Default 60 s.
+    pub max_clock_drift_ms: u64,
+    /// Longest TTL a write may ask for, in seconds. Default ten years.
+    pub max_ttl_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 1024,
+            max_value_bytes: 1024 * 1024,
+            max_batch_entries: 10_000,
+            max_clock_drift_ms: 60_000,
+            max_ttl_secs: 10 * 365 * 24 * 3600,
+        }
+    }
+}
+
+/// Why a write was refused. Nothing is changed when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The key is the empty string.
+    #[error("key must not be empty")]
+    EmptyKey,
+    /// The key is longer than [`Limits::max_key_bytes`].
+    #[error("key is {len} bytes, the limit is {limit}")]
+    KeyTooLong {
+        /// Length of the refused key.
+        len: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The value is longer than [`Limits::max_value_bytes`].
+    #[error("value of key {key:?} is {len} bytes, the limit is {limit}")]
+    ValueTooLarge {
+        /// The key whose value was refused (truncated for display).
+        key: String,
+        /// Length of the refused value.
+        len: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A batch holds more entries than [`Limits::max_batch_entries`].
+    #[error("batch has {len} entries, the limit is {limit}")]
+    BatchTooLarge {
+        /// Entries in the refused batch.
+        len: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A batch holds no entries.
+    #[error("batch is empty")]
+    EmptyBatch,
+    /// The TTL is zero or longer than [`Limits::max_ttl_secs`].
+    #[error("ttl must be between 1 and {max} seconds, got {got}")]
+    BadTtl {
+        /// The refused TTL in seconds.
+        got: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+    /// A remote version lies too far in the future.
+    #[error(transparent)]
+    ClockSkew(#[from] ClockSkewError),
+}
+
+/// What a merge of remote records did.
+#[derive(Debug, Default)]
+pub struct MergeOutcome {
+    /// Records that changed this store (the newer ones).
+    pub applied: Vec<Record>,
+    /// Records no newer than what was held: ignored.
+    pub stale: usize,
+    /// Records refused by a limit, with the reason.
+    pub rejected: Vec<StoreError>,
+}
+
+/// Size figures of one namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NamespaceStats {
+    /// Live entries (not tombstones, not expired).
+    pub entries: usize,
+    /// Tombstones and expired entries still held for replication.
+    pub tombstones: usize,
+    /// Bytes of keys and live values.
+    pub bytes: usize,
+}
+
+type Namespace = HashMap<Arc<str>, Entry>;
+
+/// The thread-safe store of one node.
+#[derive(Debug)]
+pub struct Store {
+    /// This node's id, stamped into the version of every local write.
+    node_id: u64,
+    /// Orders local writes after everything seen; shared by all writers.
+    clock: HybridClock,
+    /// Checked before any change.
+    limits: Limits,
+    /// Namespaces by type. One lock: writes are short and never await.
+    namespaces: RwLock<HashMap<i32, Namespace>>,
+}
+
+impl Store {
+    /// An empty store for node `node_id`.
+    pub fn new(node_id: u64, limits: Limits) -> Self {
+        Self {
+            node_id,
+            clock: HybridClock::new(limits.max_clock_drift_ms),
+            limits,
+            namespaces: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The limits this store enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The node id stamped into local writes.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The hybrid clock of this store.
+    pub fn clock(&self) -> &HybridClock {
+        &self.clock
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        if key.is_empty() {
+            return Err(StoreError::EmptyKey);
+        }
+        if key.len() > self.limits.max_key_bytes {
+            return Err(StoreError::KeyTooLong {
+                len: key.len(),
+                limit: self.limits.max_key_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        if value.len() > self.limits.max_value_bytes {
+            return Err(StoreError::ValueTooLarge {
+                key: key.chars().take(64).collect(),
+                len: value.len(),
+                limit: self.limits.max_value_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn expiry(&self, ttl_secs: Option<u64>, now_ms: u64) -> Result<u64, StoreError> {
+        match ttl_secs {
+            None => Ok(0),
+            Some(got) if got == 0 || got > self.limits.max_ttl_secs => Err(StoreError::BadTtl {
+                got,
+                max: self.limits.max_ttl_secs,
+            }),
+            Some(secs) => Ok(now_ms.saturating_add(secs.saturating_mul(1000))),
+        }
+    }
+
+    /// Checks a local batch against the limits without changing anything.
+    pub fn check_batch<'a>(
+        &self,
+        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+        ttl_secs: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let len = entries.len();
+        if len == 0 {
+            return Err(StoreError::EmptyBatch);
+        }
+        if len > self.limits.max_batch_entries {
+            return Err(StoreError::BatchTooLarge {
+                len,
+                limit: self.limits.max_batch_entries,
+            });
+        }
+        self.expiry(ttl_secs, 0)?;
+        for (key, value) in entries {
+            self.check_key(key)?;
+            self.check_value(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// A local write of one entry: validated, stamped with a new version,
+    /// stored. Returns the record to fan out.
+    pub fn set(
+        &self,
+        ty: i32,
+        key: &str,
+        value: &str,
+        ttl_secs: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Record, StoreError> {
+        let mut records = self.set_many(ty, [(key, value)].into_iter(), ttl_secs, now_ms)?;
+        // set_many returns exactly one record per input entry.
+        Ok(records.remove(0))
+    }
+
+    /// A local write of many entries of one namespace, all or nothing: every
+    /// entry is checked before the first is stored.
+    pub fn set_many<'a>(
+        &self,
+        ty: i32,
+        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)> + Clone,
+        ttl_secs: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.check_batch(entries.clone(), ttl_secs)?;
+        let expires_at_ms = self.expiry(ttl_secs, now_ms)?;
+        let mut records = Vec::with_capacity(entries.len());
+        let mut namespaces = self.write_lock();
+        let ns = namespaces.entry(ty).or_default();
+        for (key, value) in entries {
+            let entry = Entry {
+                value: Some(Arc::from(value)),
+                version: Version {
+                    hlc: self.clock.tick(now_ms),
+                    node: self.node_id,
+                },
+                expires_at_ms,
+            };
+            let key: Arc<str> = Arc::from(key);
+            ns.insert(key.clone(), entry.clone());
+            records.push(Record { ty, key, entry });
+        }
+        Ok(records)
+    }
+
+    /// A local delete. Writes a tombstone and returns it, or `None` when the
+    /// key holds no live value (absent, already deleted, or expired).
+    pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
+        self.check_key(key)?;
+        let mut namespaces = self.write_lock();
+        let Some(ns) = namespaces.get_mut(&ty) else {
+            return Ok(None);
+        };
+        let Some(entry) = ns.get_mut(key) else {
+            return Ok(None);
+        };
+        if entry.live_value(now_ms).is_none() {
+            return Ok(None);
+        }
+        *entry = Entry {
+            value: None,
+            version: Version {
+                hlc: self.clock.tick(now_ms),
+                node: self.node_id,
+            },
+            expires_at_ms: 0,
+        };
+        Ok(Some(Record {
+            ty,
+            key: Arc::from(key),
+            entry: entry.clone(),
+        }))
+    }
+
+    /// A write that comes from outside the version system (the original
+    /// `hellorpc.Sync/Set`, or a bootstrap from a peer that only speaks it):
+    /// stamped like a local write at `version_hlc` (a fresh tick when
+    /// `None`), but merged with the normal rule so it never overwrites a
+    /// newer entry.
+    pub fn apply_unversioned<'a>(
+        &self,
+        ty: i32,
+        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)> + Clone,
+        version_hlc: Option<u64>,
+        now_ms: u64,
+    ) -> Result<MergeOutcome, StoreError> {
+        self.check_batch(entries.clone(), None)?;
+        let records: Vec<Record> = entries
+            .map(|(key, value)| Record {
+                ty,
+                key: Arc::from(key),
+                entry: Entry {
+                    value: Some(Arc::from(value)),
+                    version: Version {
+                        hlc: version_hlc.unwrap_or_else(|| self.clock.tick(now_ms)),
+                        node: self.node_id,
+                    },
+                    expires_at_ms: 0,
+                },
+            })
+            .collect();
+        Ok(self.merge(records, now_ms))
+    }
+
+    /// Merges records from a peer with the merge rule. Each record is checked
+    /// on its own: a refused one is reported and skipped, the others apply.
+    pub fn merge(&self, records: impl IntoIterator<Item = Record>, now_ms: u64) -> MergeOutcome {
+        let mut outcome = MergeOutcome::default();
+        let mut namespaces = self.write_lock();
+        for record in records {
+            if let Err(err) = self.check_remote(&record, now_ms) {
+                outcome.rejected.push(err);
+                continue;
+            }
+            let _ = self.clock.observe(record.entry.version.hlc, now_ms);
+            let ns = namespaces.entry(record.ty).or_default();
+            match ns.get_mut(&record.key) {
+                Some(held) if held.version >= record.entry.version => outcome.stale += 1,
+                Some(held) => {
+                    *held = record.entry.clone();
+                    outcome.applied.push(record);
+                }
+                None => {
+                    ns.insert(record.key.clone(), record.entry.clone());
+                    outcome.applied.push(record);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn check_remote(&self, record: &Record, now_ms: u64) -> Result<(), StoreError> {
+        self.check_key(&record.key)?;
+        if let Some(value) = &record.entry.value {
+            self.check_value(&record.key, value)?;
+        }
+        self.clock.check(record.entry.version.hlc, now_ms)?;
+        Ok(())
+    }
+
+    /// The live value of one key with its entry.
+    pub fn get(&self, ty: i32, key: &str, now_ms: u64) -> Option<Entry> {
+        let namespaces = self.read_lock();
+        let entry = namespaces.get(&ty)?.get(key)?;
+        entry.live_value(now_ms)?;
+        Some(entry.clone())
+    }
+
+    /// Every live entry of one namespace, sorted by key.
+    pub fn namespace(&self, ty: i32, now_ms: u64) -> BTreeMap<Arc<str>, Arc<str>> {
+        let namespaces = self.read_lock();
+        namespaces
+            .get(&ty)
+            .map(|ns| {
+                ns.iter()
+                    .filter_map(|(k, e)| e.live_value(now_ms).map(|v| (k.clone(), v.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The namespaces that exist, sorted.
+    pub fn types(&self) -> Vec<i32> {
+        let mut types: Vec<i32> = self.read_lock().keys().copied().collect();
+        types.sort_unstable();
+        types
+    }
+
+    /// Every record held, tombstones and expired entries included, for a
+    /// peer's bootstrap. Keys and values are shared, not copied, so this
+    /// costs a few machine words per entry.
+    pub fn snapshot(&self) -> Vec<Record> {
+        let namespaces = self.read_lock();
+        let mut out = Vec::with_capacity(namespaces.values().map(HashMap::len).sum());
+        for (&ty, ns) in namespaces.iter() {
+            out.extend(ns.iter().map(|(key, entry)| Record {
+                ty,
+                key: key.clone(),
+                entry: entry.clone(),
+            }));
+        }
+        out
+    }
+
+    /// Size figures per namespace.
+    pub fn stats(&self, now_ms: u64) -> BTreeMap<i32, NamespaceStats> {
+        let namespaces = self.read_lock();
+        namespaces
+            .iter()
+            .map(|(&ty, ns)| {
+                let mut stats = NamespaceStats::default();
+                for (key, entry) in ns {
+                    match entry.live_value(now_ms) {
+                        Some(value) => {
+                            stats.entries += 1;
+                            stats.bytes += key.len() + value.len();
+                        }
+                        None => stats.tombstones += 1,
+                    }
+                }
+                (ty, stats)
+            })
+            .collect()
+    }
+
+    /// Drops entries that expired more than `grace_ms` ago. Their expiry is
+    /// part of the entry, so every replica drops them alike; the grace keeps
+    /// them long enough to stop an older live version from coming back
+    /// through replication.
+    pub fn purge_expired(&self, now_ms: u64, grace_ms: u64) -> usize {
+        let mut namespaces = self.write_lock();
+        let mut purged = 0;
+        for ns in namespaces.values_mut() {
+            let before = ns.len();
+            ns.retain(|_, e| {
+                e.expires_at_ms == 0 || e.expires_at_ms.saturating_add(grace_ms) > now_ms
+            });
+            purged += before - ns.len();
+        }
+        namespaces.retain(|_, ns| !ns.is_empty());
+        purged
+    }
+
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, HashMap<i32, Namespace>> {
+        // A panic while holding the lock cannot leave a half-written entry
+        // (every mutation is a single insert/assign), so a poisoned lock is
+        // still consistent.
+        self.namespaces
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<i32, Namespace>> {
+        self.namespaces
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,246 @@
+//! Unit and property tests of the store: merge rule, tombstones, TTL, limits.
+
+use super::clock::hlc_from_ms;
+use super::*;
+use proptest::prelude::*;
+
+const NOW: u64 = 1_700_000_000_000;
+
+fn store(node: u64) -> Store {
+    Store::new(node, Limits::default())
+}
+
+fn record(ty: i32, key: &str, value: Option<&str>, hlc_ms: u64, node: u64) -> Record {
+    Record {
+        ty,
+        key: Arc::from(key),
+        entry: Entry {
+            value: value.map(Arc::from),
+            version: Version {
+                hlc: hlc_from_ms(hlc_ms),
+                node,
+            },
+            expires_at_ms: 0,
+        },
+    }
+}
+
+fn sorted(mut records: Vec<Record>) -> Vec<Record> {
+    records.sort_by(|a, b| (a.ty, &a.key).cmp(&(b.ty, &b.key)));
+    records
+}
+
+#[test]
+fn a_local_write_is_readable_and_versioned_by_this_node() {
+    let s = store(7);
+    let r = s.set(1, "k", "v", None, NOW).expect("valid write");
+    assert_eq!(r.entry.version.node, 7);
+    let got = s.get(1, "k", NOW).expect("present");
+    assert_eq!(got.value.as_deref(), Some("v"));
+    assert_eq!(got.version, r.entry.version);
+    assert!(s.get(2, "k", NOW).is_none(), "other namespace is separate");
+}
+
+#[test]
+fn later_local_writes_get_larger_versions() {
+    let s = store(1);
+    let a = s.set(1, "k", "a", None, NOW).expect("write");
+    let b = s.set(1, "k", "b", None, NOW).expect("write");
+    assert!(b.entry.version > a.entry.version);
+    assert_eq!(
+        s.get(1, "k", NOW).and_then(|e| e.value).as_deref(),
+        Some("b")
+    );
+}
+
+#[test]
+fn merge_keeps_the_higher_version_and_ties_break_on_node_id() {
+    let s = store(1);
+    let out = s.merge([record(1, "k", Some("old"), 10, 9)], NOW);
+    assert_eq!(out.applied.len(), 1);
+    let out = s.merge([record(1, "k", Some("older"), 9, 99)], NOW);
+    assert_eq!((out.applied.len(), out.stale), (0, 1));
+    let out = s.merge([record(1, "k", Some("tie-higher-node"), 10, 10)], NOW);
+    assert_eq!(out.applied.len(), 1);
+    let out = s.merge([record(1, "k", Some("tie-lower-node"), 10, 3)], NOW);
+    assert_eq!(out.stale, 1);
+    assert_eq!(
+        s.get(1, "k", NOW).and_then(|e| e.value).as_deref(),
+        Some("tie-higher-node")
+    );
+}
+
+#[test]
+fn delete_writes_a_tombstone_that_beats_older_writes() {
+    let s = store(1);
+    s.set(1, "k", "v", None, NOW).expect("write");
+    let tomb = s.delete(1, "k", NOW).expect("valid").expect("was present");
+    assert!(tomb.entry.value.is_none());
+    assert!(s.get(1, "k", NOW).is_none());
+    assert!(
+        s.delete(1, "k", NOW).expect("valid").is_none(),
+        "second delete finds nothing"
+    );
+    // An older write arriving late does not resurrect the key.
+    let out = s.merge([record(1, "k", Some("late"), NOW - 5, 2)], NOW);
+    assert_eq!(out.stale, 1);
+    assert!(s.get(1, "k", NOW).is_none());
+    // The tombstone travels in snapshots.
+    assert!(
+        s.snapshot()
+            .iter()
+            .any(|r| r.key.as_ref() == "k" && r.entry.value.is_none())
+    );
+}
+
+#[test]
+fn ttl_entries_vanish_at_their_expiry_on_every_replica() {
+    let a = store(1);
+    let b = store(2);
+    let r = a.set(1, "k", "v", Some(5), NOW).expect("write");
+    assert_eq!(r.entry.expires_at_ms, NOW + 5_000);
+    b.merge([r], NOW + 1);
+    for s in [&a, &b] {
+        assert!(s.get(1, "k", NOW + 4_999).is_some());
+        assert!(s.get(1, "k", NOW + 5_000).is_none());
+        assert!(s.namespace(1, NOW + 5_000).is_empty());
+    }
+    assert!(a.delete(1, "k", NOW + 6_000).expect("valid").is_none());
+    assert_eq!(a.purge_expired(NOW + 6_000, 10_000), 0, "kept during grace");
+    assert_eq!(a.purge_expired(NOW + 16_000, 10_000), 1);
+}
+
+#[test]
+fn limits_refuse_bad_writes_and_change_nothing() {
+    let s = Store::new(
+        1,
+        Limits {
+            max_key_bytes: 4,
+            max_value_bytes: 8,
+            max_batch_entries: 2,
+            ..Limits::default()
+        },
+    );
+    s.set(1, "keep", "kept", None, NOW).expect("valid");
+    assert_eq!(s.set(1, "", "v", None, NOW), Err(StoreError::EmptyKey));
+    assert!(matches!(
+        s.set(1, "toolong", "v", None, NOW),
+        Err(StoreError::KeyTooLong { .. })
+    ));
+    assert!(matches!(
+        s.set(1, "keep", "123456789", None, NOW),
+        Err(StoreError::ValueTooLarge { .. })
+    ));
+    assert!(matches!(
+        s.set(1, "keep", "v", Some(0), NOW),
+        Err(StoreError::BadTtl { .. })
+    ));
+    // A batch with one bad entry stores none of them.
+    let batch = [("a", "1"), ("keep", "123456789")];
+    assert!(s.set_many(1, batch.into_iter(), None, NOW).is_err());
+    let too_many = [("a", "1"), ("b", "2"), ("c", "3")];
+    assert!(matches!(
+        s.set_many(1, too_many.into_iter(), None, NOW),
+        Err(StoreError::BatchTooLarge { len: 3, limit: 2 })
+    ));
+    let ns = s.namespace(1, NOW);
+    assert_eq!(ns.len(), 1);
+    assert_eq!(ns.get("keep").map(|v| v.as_ref()), Some("kept"));
+}
+
+#[test]
+fn remote_records_over_a_limit_or_from_the_far_future_are_rejected_alone() {
+    let s = store(1);
+    let future = record(1, "f", Some("x"), NOW + 61_000, 2);
+    let empty = record(1, "", Some("x"), NOW, 2);
+    let good = record(1, "g", Some("x"), NOW, 2);
+    let out = s.merge([future, empty, good], NOW);
+    assert_eq!(out.applied.len(), 1);
+    assert_eq!(out.rejected.len(), 2);
+    assert!(matches!(out.rejected[0], StoreError::ClockSkew(_)));
+    assert!(s.get(1, "f", NOW).is_none());
+    // The refused future timestamp did not drag the clock forward.
+    assert!(
+        s.set(1, "n", "v", None, NOW)
+            .expect("write")
+            .entry
+            .version
+            .hlc
+            < hlc_from_ms(NOW + 1)
+    );
+}
+
+#[test]
+fn unversioned_writes_never_overwrite_newer_entries() {
+    let s = store(1);
+    s.merge([record(1, "k", Some("new"), NOW, 2)], NOW);
+    let out = s
+        .apply_unversioned(
+            1,
+            [("k", "legacy"), ("j", "legacy")].into_iter(),
+            Some(0),
+            NOW,
+        )
+        .expect("valid");
+    assert_eq!(out.applied.len(), 1);
+    assert_eq!(
+        s.get(1, "k", NOW).and_then(|e| e.value).as_deref(),
+        Some("new")
+    );
+    assert_eq!(
+        s.get(1, "j", NOW).and_then(|e| e.value).as_deref(),
+        Some("legacy")
+    );
+}
+
+fn arb_record() -> impl Strategy<Value = Record> {
+    (
+        0..3i32,
+        prop::sample::select(vec!["a", "b", "c", "d"]),
+        prop::option::of("[a-z]{0,3}"),
+        0..20u64,
+        1..4u64,
+    )
+        .prop_map(|(ty, key, value, ms, node)| record(ty, key, value.as_deref(), NOW + ms, node))
+}
+
+/// Distinct versions per (type, key): a node never issues one version twice.
+fn arb_history() -> impl Strategy<Value = Vec<Record>> {
+    prop::collection::vec(arb_record(), 0..40).prop_map(|records| {
+        let mut seen = std::collections::HashSet::new();
+        records
+            .into_iter()
+            .filter(|r| seen.insert((r.ty, r.key.clone(), r.entry.version)))
+            .collect()
+    })
+}
+
+proptest! {
+    #[test]
+    fn any_order_of_the_same_merges_gives_the_same_state(
+        (history, shuffled) in arb_history().prop_flat_map(|h| (Just(h.clone()), Just(h).prop_shuffle()))
+    ) {
+        let a = store(100);
+        let b = store(200);
+        a.merge(history, NOW);
+        // b receives the records one at a time, in another order, twice.
+        for r in shuffled.iter().chain(shuffled.iter()) {
+            b.merge([r.clone()], NOW);
+        }
+        prop_assert_eq!(sorted(a.snapshot()), sorted(b.snapshot()));
+    }
+
+    #[test]
+    fn the_survivor_of_each_key_is_its_highest_version(history in arb_history()) {
+        let s = store(100);
+        s.merge(history.clone(), NOW);
+        for r in s.snapshot() {
+            let max = history
+                .iter()
+                .filter(|h| h.ty == r.ty && h.key == r.key)
+                .map(|h| h.entry.version)
+                .max();
+            prop_assert_eq!(Some(r.entry.version), max);
+        }
+    }
+}
