@@ -1,0 +1,510 @@
+//! The REST side of a node (CONTRACT §2): cache reads and writes, the watch
+//! stream, cluster view, health, readiness and metrics.
+//!
+//! Owns: HTTP parsing and validation of paths, queries and bodies, the JSON
+//! shapes of answers, and [`ApiError`], the one error body every failure
+//! uses. Must not touch: the merge rule or fan-out internals; it calls the
+//! node's write paths and reads the store.
+
+mod error;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+pub use error::ApiError;
+
+use crate::discovery::DiscoveryState;
+use crate::metrics::label;
+use crate::node::{Shared, WriteOutcome, unix_ms};
+use crate::replication::DeliveryReport;
+use crate::store::Record;
+
+/// Serves REST on `listener` until `stop` fires, then lets in-flight
+/// requests finish.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    let app = router(shared);
+    if let Err(err) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        error!(%err, "REST server stopped with an error");
+    }
+}
+
+/// The REST API of one node.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/v1/cache/{type}/{*key}",
+            get(get_entry).put(put_entry).delete(delete_entry),
+        )
+        .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
+        .route("/v1/watch/{type}", get(watch))
+        .route("/v1/cluster", get(cluster))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(shared)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see /v1/cache/{type}/{key}, /v1/cluster, /healthz, /readyz, /metrics",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
+}
+
+/// Parses `{type}`: an int32 namespace.
+fn parse_type(raw: &str) -> Result<i32, ApiError> {
+    raw.parse::<i32>().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_type",
+            format!(
+                "type must be a 32-bit integer, got {:?}",
+                raw.chars().take(32).collect::<String>()
+            ),
+        )
+    })
+}
+
+fn entry_path(path: Result<Path<(String, String)>, PathRejection>) -> Result<(i32, String), ApiError> {
+    let Path((ty, key)) = path.map_err(ApiError::from_path)?;
+    Ok((parse_type(&ty)?, key))
+}
+
+fn type_path(path: Result<Path<String>, PathRejection>) -> Result<i32, ApiError> {
+    let Path(ty) = path.map_err(ApiError::from_path)?;
+    parse_type(&ty)
+}
+
+/// `?wait=none|all&ttl=<seconds>` on writes.
+#[derive(Debug, Deserialize, Default)]
+struct WriteParams {
+    wait: Option<String>,
+    ttl: Option<String>,
+}
+
+struct WriteOptions {
+    wait_all: bool,
+    ttl_secs: Option<u64>,
+}
+
+fn write_options(query: Result<Query<WriteParams>, QueryRejection>) -> Result<WriteOptions, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let wait_all = match params.wait.as_deref() {
+        None | Some("none") => false,
+        Some("all") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("wait must be \"none\" or \"all\", got {other:?}"),
+            ));
+        }
+    };
+    let ttl_secs = match params.ttl.as_deref() {
+        None => None,
+        Some(raw) => Some(raw.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("ttl must be a whole number of seconds, got {raw:?}"),
+            )
+        })?),
+    };
+    Ok(WriteOptions { wait_all, ttl_secs })
+}
+
+/// Reads the body, refusing more than the configured limit.
+async fn read_body(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let limit = shared.config.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        if std::error::Error::source(&err)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request("bad_body", format!("could not read the request body: {err}"))
+        }
+    })
+}
+
+fn count(shared: &Shared, op: &'static str) {
+    shared.metrics.requests.get_or_create(&label("op", op)).inc();
+}
+
+fn replication_json(reports: &[DeliveryReport]) -> Value {
+    Value::Array(
+        reports
+            .iter()
+            .map(|r| {
+                json!({
+                    "peer": r.peer,
+                    "name": r.name,
+                    "status": r.status.as_str(),
+                    "error": r.last_error,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn entry_json(record: &Record) -> Value {
+    let mut body = json!({
+        "type": record.ty,
+        "key": record.key.as_ref(),
+        "value": record.entry.value.as_deref(),
+        "version": record.entry.version.to_string(),
+    });
+    if record.entry.expires_at_ms != 0 {
+        body["expires_at_ms"] = json!(record.entry.expires_at_ms);
+    }
+    body
+}
+
+fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
+    if let Some(reports) = &outcome.replication {
+        body["replication"] = replication_json(reports);
+    }
+    body
+}
+
+async fn get_entry(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (ty, key) = entry_path(path)?;
+    count(&shared, "get");
+    let entry = shared
+        .store
+        .get(ty, &key, unix_ms())
+        .ok_or_else(|| ApiError::absent(ty, &key))?;
+    Ok(Json(entry_json(&Record {
+        ty,
+        key: key.into(),
+        entry,
+    })))
+}
+
+async fn put_entry(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (ty, key) = entry_path(path)?;
+    let options = write_options(query)?;
+    let body = read_body(&shared, &headers, body).await?;
+    let value = std::str::from_utf8(&body).map_err(|e| {
+        ApiError::bad_request("invalid_utf8", format!("the value must be UTF-8 text: {e}"))
+    })?;
+    let record = shared
+        .store
+        .set(ty, &key, value, options.ttl_secs, unix_ms())
+        .inspect_err(|e| reject(&shared, e))?;
+    count(&shared, "set");
+    debug!(ty, key = %key, "set");
+    let outcome = shared.write_local(vec![record], options.wait_all).await;
+    Ok(Json(with_replication(entry_json(&outcome.records[0]), &outcome)))
+}
+
+fn reject(shared: &Shared, err: &crate::store::StoreError) {
+    shared
+        .metrics
+        .rejected
+        .get_or_create(&label("reason", ApiError::from(err.clone()).code))
+        .inc();
+}
+
+async fn delete_entry(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (ty, key) = entry_path(path)?;
+    let options = write_options(query)?;
+    if options.ttl_secs.is_some() {
+        return Err(ApiError::bad_request("invalid_query", "ttl has no meaning on a delete"));
+    }
+    let record = shared
+        .store
+        .delete(ty, &key, unix_ms())
+        .inspect_err(|e| reject(&shared, e))?
+        .ok_or_else(|| ApiError::absent(ty, &key))?;
+    count(&shared, "delete");
+    let outcome = shared.write_local(vec![record], options.wait_all).await;
+    let record = &outcome.records[0];
+    let body = json!({
+        "type": ty,
+        "key": record.key.as_ref(),
+        "deleted": true,
+        "version": record.entry.version.to_string(),
+    });
+    Ok(Json(with_replication(body, &outcome)))
+}
+
+async fn get_namespace(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let ty = type_path(path)?;
+    count(&shared, "list");
+    let entries = shared.store.namespace(ty, unix_ms());
+    Ok(Json(json!({ "type": ty, "entries": entries })))
+}
+
+async fn post_batch(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<WriteParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let ty = type_path(path)?;
+    let options = write_options(query)?;
+    let body = read_body(&shared, &headers, body).await?;
+    let parsed: BTreeMap<String, Value> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the body must be a JSON object of string values: {e}"),
+        )
+    })?;
+    let mut entries = Vec::with_capacity(parsed.len());
+    for (key, value) in &parsed {
+        match value {
+            Value::String(s) => entries.push((key.as_str(), s.as_str())),
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_json",
+                    format!(
+                        "the value of key {:?} must be a string, got {}",
+                        key.chars().take(64).collect::<String>(),
+                        json_kind(other)
+                    ),
+                ));
+            }
+        }
+    }
+    let records = shared
+        .store
+        .set_many(ty, entries.iter().copied(), options.ttl_secs, unix_ms())
+        .inspect_err(|e| reject(&shared, e))?;
+    count(&shared, "batch");
+    let outcome = shared.write_local(records, options.wait_all).await;
+    let versions: BTreeMap<&str, String> = outcome
+        .records
+        .iter()
+        .map(|r| (r.key.as_ref(), r.entry.version.to_string()))
+        .collect();
+    let body = json!({
+        "type": ty,
+        "count": outcome.records.len(),
+        "versions": versions,
+    });
+    Ok(Json(with_replication(body, &outcome)))
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct WatchParams {
+    key: Option<String>,
+}
+
+/// A live Server-Sent Events stream of every change to one namespace.
+async fn watch(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<WatchParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let ty = type_path(path)?;
+    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    count(&shared, "watch");
+    let events = BroadcastStream::new(shared.events_tx.subscribe());
+    let key = params.key;
+    let stream = events
+        .filter_map(move |item| {
+            let event = match item {
+                Ok(change) => {
+                    let record = &change.record;
+                    if record.ty != ty || key.as_deref().is_some_and(|k| k != record.key.as_ref()) {
+                        None
+                    } else {
+                        let mut body = entry_json(record);
+                        body["deleted"] = json!(record.entry.value.is_none());
+                        body["origin"] = json!(change.origin.as_str());
+                        Some(Event::default().event("change").data(body.to_string()))
+                    }
+                }
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(
+                    Event::default()
+                        .event("lagged")
+                        .data(json!({ "missed": missed }).to_string()),
+                ),
+            };
+            std::future::ready(event.map(Ok::<_, Infallible>))
+        })
+        .take_until(shared.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(cluster_json(&shared))
+}
+
+/// The `/v1/cluster` document.
+pub(crate) fn cluster_json(shared: &Shared) -> Value {
+    let me = &shared.identity;
+    let peers = shared.replicator.peer_views();
+    let set = shared.peers_rx.borrow().clone();
+    // The oldest member, this node included: smallest (start time, node id).
+    let mut oldest = (me.started_at_ms, me.node_id, me.grpc_addr.clone());
+    for p in &peers {
+        if let (Some(started), Some(id)) = (p.started_at_ms, p.node_id.as_deref()) {
+            let id = u64::from_str_radix(id, 16).unwrap_or(u64::MAX);
+            if (started, id) < (oldest.0, oldest.1) {
+                oldest = (started, id, p.grpc_addr.clone());
+            }
+        }
+    }
+    let peers_json: Vec<Value> = peers
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+            v["oldest"] = json!(p.grpc_addr == oldest.2);
+            v
+        })
+        .collect();
+    let (state, last_good_ms, error) = match &set.state {
+        DiscoveryState::Pending => ("pending", None, None),
+        DiscoveryState::Fresh { at } => ("fresh", Some(system_ms(*at)), None),
+        DiscoveryState::Stale { last_good, error } => {
+            ("stale", last_good.map(system_ms), Some(error.clone()))
+        }
+    };
+    let bootstrap = shared
+        .bootstrap
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    json!({
+        "node": {
+            "name": me.name,
+            "node_id": format!("{:016x}", me.node_id),
+            "pod_ip": me.pod_ip,
+            "host_ip": me.host_ip,
+            "grpc_addr": me.grpc_addr,
+            "started_at_ms": me.started_at_ms,
+            "ready": shared.is_ready(),
+            "oldest": oldest.2 == me.grpc_addr,
+        },
+        "oldest": oldest.2,
+        "peers": peers_json,
+        "discovery": {
+            "source": shared.discovery_name,
+            "state": state,
+            "last_good_ms": last_good_ms,
+            "error": error,
+            "peers": set.peers.len(),
+        },
+        "bootstrap": bootstrap,
+    })
+}
+
+fn system_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+    if shared.is_ready() {
+        Ok(Json(json!({ "status": "ready" })))
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the node is still pulling its state from the oldest peer (or waiting for discovery)",
+        ))
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render_metrics(&shared),
+    )
+        .into_response()
+}
+
+/// Refreshes the gauges computed from state, then renders every metric.
+pub(crate) fn render_metrics(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    for (ty, stats) in shared.store.stats(unix_ms()) {
+        m.entries
+            .get_or_create(&label("type", ty.to_string()))
+            .set(stats.entries as i64);
+        m.bytes
+            .get_or_create(&label("type", ty.to_string()))
+            .set(stats.bytes as i64);
+    }
+    for peer in shared.replicator.peer_views() {
+        m.queue_depth
+            .get_or_create(&label("peer", peer.grpc_addr))
+            .set(peer.queue_depth as i64);
+    }
+    m.render()
+}
+

@@ -1,0 +1,202 @@
+//! A small client of the REST API, used by `podcache ctl`, the demo and the
+//! tests. One pooled HTTP/1.1 connection set per client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Why a REST call failed before an answer could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL is not `http://host:port`.
+    #[error("invalid node address {0:?}: expected http://host:port")]
+    BadAddress(String),
+    /// The request could not be built.
+    #[error("invalid request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// The node could not be reached or the connection broke.
+    #[error("cannot reach {addr}: {source}")]
+    Connect {
+        /// The node's address.
+        addr: String,
+        /// What failed.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The answer's body could not be read.
+    #[error("reading the answer: {0}")]
+    Body(#[from] hyper::Error),
+    /// The node did not answer in time.
+    #[error("{0} did not answer within the timeout")]
+    Timeout(String),
+}
+
+/// An answer: status, content type and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The `Content-Type` header, if any.
+    pub content_type: Option<String>,
+    /// The raw body.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// The body as JSON (`Value::Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A client of one node's REST API.
+#[derive(Debug, Clone)]
+pub struct RestClient {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl RestClient {
+    /// A client of the node at `base` (`http://host:port`, or `host:port`).
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_owned()
+        } else {
+            format!("http://{base}")
+        };
+        if !base.starts_with("http://") || base.len() <= "http://".len() {
+            return Err(ClientError::BadAddress(base));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        Ok(Self {
+            base,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Any request; `path` starts with `/` and is sent as given.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Answer, ClientError> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+            .body(Full::new(body.into()))?;
+        let call = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: self.base.clone(),
+                    source,
+                })?;
+            let status = response.status();
+            let content_type = response
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok(Answer {
+                status,
+                content_type,
+                body,
+            })
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| ClientError::Timeout(self.base.clone()))?
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
+        self.request(Method::GET, path, Bytes::new()).await
+    }
+
+    /// `GET /v1/cache/{ty}/{key}`: the value, or `None` on 404.
+    pub async fn get_value(&self, ty: i32, key: &str) -> Result<Option<String>, ClientError> {
+        let answer = self.get(&entry_path(ty, key)).await?;
+        if answer.status != StatusCode::OK {
+            return Ok(None);
+        }
+        Ok(answer.json()["value"].as_str().map(str::to_owned))
+    }
+
+    /// `PUT /v1/cache/{ty}/{key}` with `query` (e.g. `wait=all`, or empty).
+    pub async fn put(&self, ty: i32, key: &str, value: &str, query: &str) -> Result<Answer, ClientError> {
+        let mut path = entry_path(ty, key);
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(query);
+        }
+        self.request(Method::PUT, &path, value.to_owned()).await
+    }
+
+    /// `DELETE /v1/cache/{ty}/{key}`.
+    pub async fn delete(&self, ty: i32, key: &str, query: &str) -> Result<Answer, ClientError> {
+        let mut path = entry_path(ty, key);
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(query);
+        }
+        self.request(Method::DELETE, &path, Bytes::new()).await
+    }
+}
+
+/// `/v1/cache/{ty}/{key}` with the key percent-encoded.
+pub fn entry_path(ty: i32, key: &str) -> String {
+    format!("/v1/cache/{ty}/{}", percent_encode(key))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_encoded() {
+        assert_eq!(entry_path(3, "a/b c%ü"), "/v1/cache/3/a%2Fb%20c%25%C3%BC");
+    }
+
+    #[test]
+    fn addresses_without_scheme_get_http() {
+        assert_eq!(RestClient::new("127.0.0.1:8087").map(|c| c.base).ok().as_deref(), Some("http://127.0.0.1:8087"));
+        assert!(RestClient::new("https://x").is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! The node's Prometheus metrics.
+//!
+//! Owns: metric handles and their registry. One [`Metrics`] per node, never
+//! a global, so several nodes in one process (tests, the demo) stay apart.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric of one node.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// REST and library operations by `op` (get, set, delete, batch, list).
+    pub requests: Family<Labels, Counter>,
+    /// Requests refused by validation, by `reason`.
+    pub rejected: Family<Labels, Counter>,
+    /// Entries applied from peers, by `source` (replicate, set, bootstrap).
+    pub remote_applied: Family<Labels, Counter>,
+    /// Entries from peers that were older than what was held.
+    pub remote_stale: Counter,
+    /// Entries from peers refused by a limit or the clock-skew check.
+    pub remote_rejected: Family<Labels, Counter>,
+    /// Fan-out batches delivered, per peer.
+    pub batches_sent: Family<Labels, Counter>,
+    /// Fan-out attempts that failed (and were retried), per peer.
+    pub batches_failed: Family<Labels, Counter>,
+    /// Entries dropped because a peer's queue was full or the peer left.
+    pub entries_dropped: Family<Labels, Counter>,
+    /// Writes waiting in each peer's queue.
+    pub queue_depth: Family<Labels, Gauge>,
+    /// Live entries per namespace (`type`).
+    pub entries: Family<Labels, Gauge>,
+    /// Bytes of keys and values per namespace (`type`).
+    pub bytes: Family<Labels, Gauge>,
+    /// Known peers.
+    pub peers: Gauge,
+    /// 1 once the node is ready.
+    pub ready: Gauge,
+    /// Duration of the bootstrap pull.
+    pub bootstrap_seconds: Histogram,
+    /// Entries received by the bootstrap pull.
+    pub bootstrap_entries: Counter,
+    /// Delivery time of fan-out batches to peers.
+    pub replication_seconds: Histogram,
+}
+
+impl Metrics {
+    /// A fresh set of metrics with its own registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("podcache");
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests",
+            "Cache operations served, by op",
+            requests.clone(),
+        );
+        let rejected = Family::<Labels, Counter>::default();
+        registry.register(
+            "rejected_requests",
+            "Requests refused by validation, by reason",
+            rejected.clone(),
+        );
+        let remote_applied = Family::<Labels, Counter>::default();
+        registry.register(
+            "remote_applied_entries",
+            "Entries from peers that changed this node's state, by source",
+            remote_applied.clone(),
+        );
+        let remote_stale = Counter::default();
+        registry.register(
+            "remote_stale_entries",
+            "Entries from peers no newer than what this node held",
+            remote_stale.clone(),
+        );
+        let remote_rejected = Family::<Labels, Counter>::default();
+        registry.register(
+            "remote_rejected_entries",
+            "Entries from peers refused by a limit or the clock-skew check, by reason",
+            remote_rejected.clone(),
+        );
+        let batches_sent = Family::<Labels, Counter>::default();
+        registry.register(
+            "replication_batches_sent",
+            "Fan-out batches delivered, per peer",
+            batches_sent.clone(),
+        );
+        let batches_failed = Family::<Labels, Counter>::default();
+        registry.register(
+            "replication_batches_failed",
+            "Fan-out attempts that failed and were retried, per peer",
+            batches_failed.clone(),
+        );
+        let entries_dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "replication_entries_dropped",
+            "Entries not delivered to a peer, by peer and reason",
+            entries_dropped.clone(),
+        );
+        let queue_depth = Family::<Labels, Gauge>::default();
+        registry.register(
+            "replication_queue_depth",
+            "Writes waiting in each peer's queue",
+            queue_depth.clone(),
+        );
+        let entries = Family::<Labels, Gauge>::default();
+        registry.register("entries", "Live entries per namespace", entries.clone());
+        let bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "entry_bytes",
+            "Bytes of keys and values per namespace",
+            bytes.clone(),
+        );
+        let peers = Gauge::default();
+        registry.register("peers", "Peers known from discovery", peers.clone());
+        let ready = Gauge::default();
+        registry.register("ready", "1 once the bootstrap pull is done", ready.clone());
+        let bootstrap_seconds = Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]);
+        registry.register(
+            "bootstrap_duration_seconds",
+            "Time taken by the bootstrap pull",
+            bootstrap_seconds.clone(),
+        );
+        let bootstrap_entries = Counter::default();
+        registry.register(
+            "bootstrap_entries",
+            "Entries received by the bootstrap pull",
+            bootstrap_entries.clone(),
+        );
+        let replication_seconds =
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0]);
+        registry.register(
+            "replication_batch_duration_seconds",
+            "Time to deliver one fan-out batch to a peer",
+            replication_seconds.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            rejected,
+            remote_applied,
+            remote_stale,
+            remote_rejected,
+            batches_sent,
+            batches_failed,
+            entries_dropped,
+            queue_depth,
+            entries,
+            bytes,
+            peers,
+            ready,
+            bootstrap_seconds,
+            bootstrap_entries,
+            replication_seconds,
+        }
+    }
+
+    /// The registry in Prometheus / OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Labels with one pair.
+pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
+    vec![(name, value.into())]
+}

@@ -1,0 +1,68 @@
+//! Generated protobuf and gRPC code, and conversions between wire messages
+//! and store records.
+//!
+//! Owns: the mapping of [`Record`] to `podcache.v1.Entry` and back,
+//! including validation of what arrives (a wire entry becomes a record only
+//! through [`record_from_wire`]).
+
+#![allow(missing_docs, unreachable_pub, clippy::all)]
+
+use std::sync::Arc;
+
+use crate::store::{Entry, Record, Version};
+
+/// The original `hellorpc` package, generated from `proto/hellorpc.proto`.
+pub mod hellorpc {
+    tonic::include_proto!("hellorpc");
+}
+
+/// podcache's own additions, generated from `proto/podcache.proto`.
+pub mod podcache {
+    tonic::include_proto!("podcache.v1");
+}
+
+/// The encoded descriptors of both files, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("podcache_descriptor");
+
+/// A record as a wire entry.
+pub fn record_to_wire(record: &Record) -> podcache::Entry {
+    podcache::Entry {
+        r#type: record.ty,
+        key: record.key.to_string(),
+        value: record
+            .entry
+            .value
+            .as_deref()
+            .map(str::to_owned)
+            .unwrap_or_default(),
+        deleted: record.entry.value.is_none(),
+        hlc: record.entry.version.hlc,
+        node: record.entry.version.node,
+        expires_at_ms: record.entry.expires_at_ms,
+    }
+}
+
+/// A wire entry as a record. Limits are checked by the store when it merges.
+pub fn record_from_wire(entry: podcache::Entry) -> Record {
+    Record {
+        ty: entry.r#type,
+        key: Arc::from(entry.key),
+        entry: Entry {
+            value: if entry.deleted {
+                None
+            } else {
+                Some(Arc::from(entry.value))
+            },
+            version: Version {
+                hlc: entry.hlc,
+                node: entry.node,
+            },
+            expires_at_ms: entry.expires_at_ms,
+        },
+    }
+}
+
+/// Rough encoded size of a record, used to cut batches and chunks.
+pub fn wire_size(record: &Record) -> usize {
+    record.key.len() + record.entry.value.as_deref().map_or(0, str::len) + 40
+}

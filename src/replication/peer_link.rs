@@ -1,0 +1,453 @@
+//! One peer link: a bounded queue of writes drained by one task that sends
+//! them in batches over one long-lived channel, retries with backoff while
+//! the peer is known, and keeps the peer's status for `/v1/cluster`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::{DeliveryReport, DeliveryStatus};
+use crate::config::NodeConfig;
+use crate::discovery::Peer;
+use crate::metrics::{Metrics, label};
+use crate::proto::hellorpc::{SyncData, SyncRequest, sync_client::SyncClient};
+use crate::proto::podcache::{
+    self as pb, HelloRequest, ReplicateRequest, replica_client::ReplicaClient,
+};
+use crate::proto::{record_to_wire, wire_size};
+use crate::store::Record;
+
+/// What every link needs, shared.
+pub(crate) struct LinkContext {
+    /// This node, named in every request.
+    pub(crate) me: pb::NodeInfo,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config: NodeConfig,
+}
+
+/// One write waiting for one peer.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    /// The records of the write (shared by every peer's queue).
+    pub(crate) records: Arc<[Record]>,
+    /// Answered once the peer acknowledged, for `?wait=all`.
+    pub(crate) ack_tx: Option<oneshot::Sender<DeliveryStatus>>,
+}
+
+/// Whether the peer answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reachability {
+    Unknown,
+    Up,
+    Down,
+}
+
+#[derive(Debug)]
+struct Status {
+    discovered: Peer,
+    hello: Option<pb::NodeInfo>,
+    peer_ready: Option<bool>,
+    reachability: Reachability,
+    /// The peer answers UNIMPLEMENTED to podcache.v1: a node built from the
+    /// original proto alone. Writes go to it as `Sync/Set`.
+    legacy: bool,
+    last_ok: Option<SystemTime>,
+    last_error: Option<String>,
+    sent_batches: u64,
+    failed_attempts: u64,
+    dropped_entries: u64,
+}
+
+/// A peer's status, shared between its link task and readers.
+#[derive(Debug)]
+pub(crate) struct PeerState {
+    status: Mutex<Status>,
+    /// Writes in the queue right now.
+    queued: AtomicU64,
+}
+
+/// A peer's replication state as shown in `/v1/cluster`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerView {
+    /// The dial address.
+    pub grpc_addr: String,
+    /// Pod name: the peer's own answer, else discovery's.
+    pub name: Option<String>,
+    /// Pod IP, as the peer reports it.
+    pub pod_ip: Option<String>,
+    /// Host IP, from the peer or discovery.
+    pub host_ip: Option<String>,
+    /// Start time (Unix ms): the peer's own answer, else discovery's.
+    pub started_at_ms: Option<i64>,
+    /// The peer's node id (hex), once it answered.
+    pub node_id: Option<String>,
+    /// `up`, `down` or `unknown`.
+    pub status: &'static str,
+    /// Whether the peer has finished its own bootstrap.
+    pub ready: Option<bool>,
+    /// True for a peer that speaks only the original `hellorpc.Sync`.
+    pub legacy: bool,
+    /// Writes waiting in the queue.
+    pub queue_depth: u64,
+    /// Batches delivered.
+    pub sent_batches: u64,
+    /// Failed attempts (each retried).
+    pub failed_attempts: u64,
+    /// Entries dropped (queue full, or not expressible to a legacy peer).
+    pub dropped_entries: u64,
+    /// Last successful exchange, Unix ms.
+    pub last_ok_ms: Option<u64>,
+    /// Last error, if the last exchange failed.
+    pub last_error: Option<String>,
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl PeerState {
+    pub(crate) fn new(discovered: Peer) -> Self {
+        Self {
+            status: Mutex::new(Status {
+                discovered,
+                hello: None,
+                peer_ready: None,
+                reachability: Reachability::Unknown,
+                legacy: false,
+                last_ok: None,
+                last_error: None,
+                sent_batches: 0,
+                failed_attempts: 0,
+                dropped_entries: 0,
+            }),
+            queued: AtomicU64::new(0),
+        }
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        // Only plain field updates happen under this lock.
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_discovered(&self, peer: Peer) {
+        self.status().discovered = peer;
+    }
+
+    pub(crate) fn queued(&self, n: u64) {
+        self.queued.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self, entries: u64) {
+        self.status().dropped_entries += entries;
+    }
+
+    pub(crate) fn report(&self, status: DeliveryStatus) -> DeliveryReport {
+        let s = self.status();
+        DeliveryReport {
+            peer: s.discovered.grpc_addr.clone(),
+            name: s
+                .hello
+                .as_ref()
+                .map(|h| h.name.clone())
+                .or_else(|| s.discovered.name.clone()),
+            last_error: if status == DeliveryStatus::Acked {
+                None
+            } else {
+                s.last_error.clone()
+            },
+            status,
+        }
+    }
+
+    pub(crate) fn view(&self) -> PeerView {
+        let s = self.status();
+        let hello = s.hello.as_ref();
+        PeerView {
+            grpc_addr: s.discovered.grpc_addr.clone(),
+            name: hello
+                .map(|h| h.name.clone())
+                .or_else(|| s.discovered.name.clone()),
+            pod_ip: hello.map(|h| h.pod_ip.clone()),
+            host_ip: hello
+                .map(|h| h.host_ip.clone())
+                .filter(|h| !h.is_empty())
+                .or_else(|| s.discovered.host_ip.clone()),
+            started_at_ms: hello
+                .map(|h| h.started_at_ms)
+                .or(s.discovered.started_at_ms),
+            node_id: hello.map(|h| format!("{:016x}", h.node_id)),
+            status: match s.reachability {
+                Reachability::Unknown => "unknown",
+                Reachability::Up => "up",
+                Reachability::Down => "down",
+            },
+            ready: s.peer_ready,
+            legacy: s.legacy,
+            queue_depth: self.queued.load(Ordering::Relaxed),
+            sent_batches: s.sent_batches,
+            failed_attempts: s.failed_attempts,
+            dropped_entries: s.dropped_entries,
+            last_ok_ms: s.last_ok.map(ms),
+            last_error: s.last_error.clone(),
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut s = self.status();
+        if s.reachability != Reachability::Up {
+            info!(peer = %s.discovered.grpc_addr, "peer is up");
+        }
+        s.reachability = Reachability::Up;
+        s.last_ok = Some(SystemTime::now());
+        s.last_error = None;
+    }
+
+    fn failed(&self, error: String) {
+        let mut s = self.status();
+        if s.reachability != Reachability::Down {
+            warn!(peer = %s.discovered.grpc_addr, %error, "peer is unreachable; retrying");
+        }
+        s.reachability = Reachability::Down;
+        s.failed_attempts += 1;
+        s.last_error = Some(error);
+    }
+}
+
+struct Clients {
+    replica: ReplicaClient<Channel>,
+    sync: SyncClient<Channel>,
+}
+
+/// The link task: drains the queue in batches until the queue is closed
+/// (drain at shutdown) or the link is cancelled (the peer left).
+pub(crate) async fn run(
+    ctx: Arc<LinkContext>,
+    channel: Channel,
+    state: Arc<PeerState>,
+    mut queue_rx: mpsc::Receiver<Outgoing>,
+    cancel: CancellationToken,
+) {
+    let max = ctx.config.max_grpc_message_bytes;
+    let mut clients = Clients {
+        replica: ReplicaClient::new(channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        sync: SyncClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    };
+    let peer = state.view().grpc_addr;
+    let peer_label = label("peer", peer.clone());
+    hello(&ctx, &mut clients, &state).await;
+    loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break,
+            item = tokio::time::timeout(ctx.config.heartbeat_interval, queue_rx.recv()) => match item {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    hello(&ctx, &mut clients, &state).await;
+                    continue;
+                }
+            },
+        };
+        // Take whatever else is queued, up to one batch's worth of bytes.
+        let mut items = vec![first];
+        let mut bytes: usize = items[0].records.iter().map(wire_size).sum();
+        while bytes < ctx.config.max_batch_bytes {
+            match queue_rx.try_recv() {
+                Ok(item) => {
+                    bytes += item.records.iter().map(wire_size).sum::<usize>();
+                    items.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        state
+            .queued
+            .fetch_sub(items.len() as u64, Ordering::Relaxed);
+        ctx.metrics
+            .queue_depth
+            .get_or_create(&peer_label)
+            .set(state.queued.load(Ordering::Relaxed) as i64);
+        let delivered = deliver(&ctx, &mut clients, &state, &items, &cancel, &peer_label).await;
+        let status = if delivered {
+            DeliveryStatus::Acked
+        } else {
+            let entries: usize = items.iter().map(|i| i.records.len()).sum();
+            state.dropped(entries as u64);
+            ctx.metrics
+                .entries_dropped
+                .get_or_create(&vec![("peer", peer.clone()), ("reason", "peer_left".into())])
+                .inc_by(entries as u64);
+            DeliveryStatus::PeerLeft
+        };
+        for item in items {
+            if let Some(ack_tx) = item.ack_tx {
+                let _ = ack_tx.send(status.clone());
+            }
+        }
+    }
+    debug!(%peer, "peer link stopped");
+}
+
+/// Asks the peer who it is; detects a legacy peer.
+async fn hello(ctx: &LinkContext, clients: &mut Clients, state: &PeerState) {
+    let request = tonic::Request::new(HelloRequest {
+        sender: Some(ctx.me.clone()),
+    });
+    match tokio::time::timeout(ctx.config.rpc_timeout, clients.replica.hello(request)).await {
+        Ok(Ok(response)) => {
+            let response = response.into_inner();
+            {
+                let mut s = state.status();
+                s.hello = response.node;
+                s.peer_ready = Some(response.ready);
+                s.legacy = false;
+            }
+            state.succeeded();
+        }
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            state.status().legacy = true;
+            state.succeeded();
+        }
+        Ok(Err(status)) => state.failed(format!("hello: {}", status.message())),
+        Err(_) => state.failed("hello: timed out".into()),
+    }
+}
+
+/// Sends every record of `items`, cut into requests of bounded size, each
+/// retried until it succeeds. False when cancelled first.
+async fn deliver(
+    ctx: &LinkContext,
+    clients: &mut Clients,
+    state: &PeerState,
+    items: &[Outgoing],
+    cancel: &CancellationToken,
+    peer_label: &Vec<(&'static str, String)>,
+) -> bool {
+    let mut batches: Vec<Vec<pb::Entry>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for record in items.iter().flat_map(|i| i.records.iter()) {
+        let size = wire_size(record);
+        if bytes + size > ctx.config.max_batch_bytes && !batches[batches.len() - 1].is_empty() {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        let last = batches.len() - 1;
+        batches[last].push(record_to_wire(record));
+    }
+    for entries in batches {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                result = send_batch(ctx, clients, state, &entries) => result,
+            };
+            match result {
+                Ok(()) => {
+                    state.succeeded();
+                    state.status().sent_batches += 1;
+                    ctx.metrics.batches_sent.get_or_create(peer_label).inc();
+                    ctx.metrics
+                        .replication_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    break;
+                }
+                Err(error) => {
+                    state.failed(error);
+                    ctx.metrics.batches_failed.get_or_create(peer_label).inc();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ctx.config.max_retry_backoff);
+                }
+            }
+        }
+    }
+    true
+}
+
+async fn send_batch(
+    ctx: &LinkContext,
+    clients: &mut Clients,
+    state: &PeerState,
+    entries: &[pb::Entry],
+) -> Result<(), String> {
+    let legacy = state.status().legacy;
+    if !legacy {
+        let request = tonic::Request::new(ReplicateRequest {
+            sender: Some(ctx.me.clone()),
+            entries: entries.to_vec(),
+        });
+        match tokio::time::timeout(ctx.config.rpc_timeout, clients.replica.replicate(request)).await
+        {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                info!(peer = %state.view().grpc_addr, "peer speaks only hellorpc.Sync; sending Set");
+                state.status().legacy = true;
+            }
+            Ok(Err(status)) => return Err(format!("replicate: {}", status.message())),
+            Err(_) => return Err("replicate: timed out".into()),
+        }
+    }
+    send_legacy(ctx, clients, state, entries).await
+}
+
+/// The original protocol has no versions, expiry or deletes: values go as
+/// `Sync/Set`, grouped by type; tombstones cannot be expressed and are
+/// counted as dropped.
+async fn send_legacy(
+    ctx: &LinkContext,
+    clients: &mut Clients,
+    state: &PeerState,
+    entries: &[pb::Entry],
+) -> Result<(), String> {
+    let mut by_type: BTreeMap<i32, HashMap<String, String>> = BTreeMap::new();
+    let mut tombstones = 0;
+    for entry in entries {
+        if entry.deleted {
+            tombstones += 1;
+            continue;
+        }
+        by_type
+            .entry(entry.r#type)
+            .or_default()
+            .insert(entry.key.clone(), entry.value.clone());
+    }
+    if tombstones > 0 {
+        state.dropped(tombstones);
+        ctx.metrics
+            .entries_dropped
+            .get_or_create(&vec![
+                ("peer", state.view().grpc_addr),
+                ("reason", "legacy_peer_cannot_delete".into()),
+            ])
+            .inc_by(tombstones);
+    }
+    if by_type.is_empty() {
+        return Ok(());
+    }
+    let request = SyncRequest {
+        data: by_type
+            .into_iter()
+            .map(|(r#type, data)| SyncData { r#type, data })
+            .collect(),
+    };
+    match tokio::time::timeout(ctx.config.rpc_timeout, clients.sync.set(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(format!("set: {}", status.message())),
+        Err(_) => Err("set: timed out".into()),
+    }
+}
