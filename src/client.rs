@@ -106,14 +106,14 @@ impl RestClient {
             .uri(format!("{}{}", self.base, path))
             .body(Full::new(body.into()))?;
         let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: self.base.clone(),
-                    source,
-                })?;
+            let response =
+                self.client
+                    .request(request)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        addr: self.base.clone(),
+                        source,
+                    })?;
             let status = response.status();
             let content_type = response
                 .headers()
@@ -147,7 +147,13 @@ impl RestClient {
     }
 
     /// `PUT /v1/cache/{ty}/{key}` with `query` (e.g. `wait=all`, or empty).
-    pub async fn put(&self, ty: i32, key: &str, value: &str, query: &str) -> Result<Answer, ClientError> {
+    pub async fn put(
+        &self,
+        ty: i32,
+        key: &str,
+        value: &str,
+        query: &str,
+    ) -> Result<Answer, ClientError> {
         let mut path = entry_path(ty, key);
         if !query.is_empty() {
             path.push('?');
@@ -196,7 +202,13 @@ mod tests {
 
     #[test]
     fn addresses_without_scheme_get_http() {
-        assert_eq!(RestClient::new("127.0.0.1:8087").map(|c| c.base).ok().as_deref(), Some("http://127.0.0.1:8087"));
+        assert_eq!(
+            RestClient::new("127.0.0.1:8087")
+                .map(|c| c.base)
+                .ok()
+                .as_deref(),
+            Some("http://127.0.0.1:8087")
+        );
         assert!(RestClient::new("https://x").is_err());
     }
 }

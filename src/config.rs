@@ -103,7 +103,9 @@ impl NodeConfig {
             return Err(ConfigError::Invalid("pod name must not be empty".into()));
         }
         if self.peer_queue_capacity == 0 {
-            return Err(ConfigError::Invalid("peer queue capacity must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "peer queue capacity must be at least 1".into(),
+            ));
         }
         if self.max_batch_bytes > self.max_grpc_message_bytes / 2 {
             return Err(ConfigError::Invalid(
@@ -115,9 +117,11 @@ impl NodeConfig {
                 "snapshot chunk bytes must be at most half the gRPC message limit".into(),
             ));
         }
-        if self.limits.max_value_bytes + self.limits.max_key_bytes + 64 > self.max_batch_bytes {
+        if self.limits.max_value_bytes + self.limits.max_key_bytes + 64
+            > self.max_grpc_message_bytes / 2
+        {
             return Err(ConfigError::Invalid(
-                "max batch bytes must hold at least one entry of the largest size".into(),
+                "the gRPC message limit must hold twice the largest entry".into(),
             ));
         }
         Ok(())
@@ -176,7 +180,10 @@ mod tests {
     fn defaults_are_valid_and_contradictions_are_refused() {
         let mut config = NodeConfig::new("a", Ipv4Addr::LOCALHOST.into());
         config.validate().expect("defaults are valid");
+        config.max_batch_bytes = config.max_grpc_message_bytes;
+        assert!(config.validate().is_err());
         config.max_batch_bytes = 1024;
+        config.limits.max_value_bytes = config.max_grpc_message_bytes;
         assert!(config.validate().is_err());
     }
 }

@@ -45,6 +45,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod discovery;
 pub mod metrics;
 pub mod node;

@@ -1,1 +1,494 @@
-fn main() {}
+//! The `podcache` binary: `serve`, `ctl` and `demo`. Parses flags (each also
+//! settable as `PODCACHE_<FLAG>`), sets up logging and signals, maps errors
+//! to exit codes; everything else lives in the library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper::Method;
+use podcache::client::{RestClient, entry_path};
+use podcache::demo::{DemoOptions, try_it, walk_through};
+use podcache::discovery::{Discovery, StaticList};
+use podcache::{NodeBuilder, NodeConfig};
+use serde_json::Value;
+
+/// Exit code for a configuration that cannot run (BSD `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podcache",
+    version,
+    about = "Keeps a small cache identical on every replica of a Kubernetes service"
+)]
+struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "PODCACHE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one node.
+    Serve(Box<ServeArgs>),
+    /// Talk to a running node's REST API.
+    Ctl(CtlArgs),
+    /// Run a local cluster on loopback addresses and walk through what podcache does.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum DiscoveryKind {
+    /// A fixed list of peers (--peers).
+    Static,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// REST API address.
+    #[arg(long, env = "PODCACHE_HTTP_ADDR", default_value = "0.0.0.0:8087")]
+    http_addr: SocketAddr,
+    /// gRPC address; every replica must use the same port.
+    #[arg(long, env = "PODCACHE_GRPC_ADDR", default_value = "0.0.0.0:9090")]
+    grpc_addr: SocketAddr,
+    /// The IP peers reach this node at [default: $POD_IP, else the first non-loopback IPv4].
+    #[arg(long, env = "PODCACHE_POD_IP")]
+    pod_ip: Option<IpAddr>,
+    /// This node's name [default: $POD_NAME, else the host name].
+    #[arg(long, env = "PODCACHE_POD_NAME")]
+    pod_name: Option<String>,
+    /// This node's host IP, shown in /v1/cluster [default: $HOST_IP].
+    #[arg(long, env = "PODCACHE_HOST_IP")]
+    host_ip: Option<String>,
+    /// Where peers come from.
+    #[arg(long, env = "PODCACHE_DISCOVERY", default_value = "static")]
+    discovery: DiscoveryKind,
+    /// Peers for --discovery static: comma-separated ip:port (own address ignored).
+    #[arg(long, env = "PODCACHE_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Longest key in bytes.
+    #[arg(long, env = "PODCACHE_MAX_KEY_BYTES", default_value_t = 1024)]
+    max_key_bytes: usize,
+    /// Longest value in bytes.
+    #[arg(long, env = "PODCACHE_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
+    max_value_bytes: usize,
+    /// Most entries in one batch write.
+    #[arg(long, env = "PODCACHE_MAX_BATCH_ENTRIES", default_value_t = 10_000)]
+    max_batch_entries: usize,
+    /// Largest REST request body in bytes.
+    #[arg(long, env = "PODCACHE_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Largest gRPC message in bytes.
+    #[arg(long, env = "PODCACHE_MAX_GRPC_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_grpc_message_bytes: usize,
+    /// Writes queued per peer before new ones are dropped.
+    #[arg(long, env = "PODCACHE_PEER_QUEUE_CAPACITY", default_value_t = 10_000)]
+    peer_queue_capacity: usize,
+    /// How long ?wait=all waits, in milliseconds.
+    #[arg(long, env = "PODCACHE_WAIT_TIMEOUT_MS", default_value_t = 5_000)]
+    wait_timeout_ms: u64,
+    /// Deadline of one peer RPC, in milliseconds.
+    #[arg(long, env = "PODCACHE_RPC_TIMEOUT_MS", default_value_t = 5_000)]
+    rpc_timeout_ms: u64,
+    /// Remote timestamps further ahead than this are refused, in milliseconds.
+    #[arg(long, env = "PODCACHE_MAX_CLOCK_DRIFT_MS", default_value_t = 60_000)]
+    max_clock_drift_ms: u64,
+    /// Time allowed for draining at shutdown, in milliseconds.
+    #[arg(long, env = "PODCACHE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The node's REST address.
+    #[arg(long, env = "PODCACHE_ADDR", default_value = "http://127.0.0.1:8087")]
+    addr: String,
+    /// Print the node's JSON answers as they are.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    op: CtlOp,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlOp {
+    /// Print one value.
+    Get { r#type: i32, key: String },
+    /// Set one value.
+    Set {
+        r#type: i32,
+        key: String,
+        value: String,
+        /// Expire after this many seconds, on every replica.
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Wait until every peer acknowledged, and show what each said.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete one entry everywhere.
+    Delete {
+        r#type: i32,
+        key: String,
+        /// Wait until every peer acknowledged.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List a whole namespace.
+    List { r#type: i32 },
+    /// Show this node, its peers and their replication state.
+    Cluster,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Stop after the walk-through instead of running until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
+    /// Address of the first replica; the others take the next addresses.
+    #[arg(long, env = "PODCACHE_DEMO_FIRST_IP", default_value = "127.0.0.2")]
+    first_ip: std::net::Ipv4Addr,
+    /// REST port of every replica.
+    #[arg(long, env = "PODCACHE_DEMO_HTTP_PORT", default_value_t = 8087)]
+    http_port: u16,
+    /// gRPC port of every replica.
+    #[arg(long, env = "PODCACHE_DEMO_GRPC_PORT", default_value_t = 9090)]
+    grpc_port: u16,
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PODCACHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("podcache: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                init_logging(cli.log_format, "info");
+                serve(*args).await
+            }
+            Command::Ctl(args) => ctl(args).await,
+            Command::Demo(args) => {
+                init_logging(cli.log_format, "error");
+                demo(args).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(msg)) => {
+            eprintln!("podcache: {msg}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Run(err)) => {
+            eprintln!("podcache: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(String),
+    Run(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Failure::Run(err)
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn node_config(args: &ServeArgs) -> Result<NodeConfig, Failure> {
+    let pod_ip = match args.pod_ip {
+        Some(ip) => ip,
+        None => match env_nonempty("POD_IP") {
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|_| Failure::Config(format!("POD_IP is not an IP address: {raw:?}")))?,
+            None => podcache::config::first_non_loopback_ipv4()
+                .map(IpAddr::V4)
+                .ok_or_else(|| {
+                    Failure::Config(
+                        "no --pod-ip, no POD_IP and no non-loopback IPv4 address on this host"
+                            .into(),
+                    )
+                })?,
+        },
+    };
+    let pod_name = args
+        .pod_name
+        .clone()
+        .or_else(|| env_nonempty("POD_NAME"))
+        .or_else(|| env_nonempty("HOSTNAME"))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| pod_ip.to_string());
+    let mut config = NodeConfig::new(pod_name, pod_ip);
+    config.http_addr = args.http_addr;
+    config.grpc_addr = args.grpc_addr;
+    config.host_ip = args.host_ip.clone().or_else(|| env_nonempty("HOST_IP"));
+    config.limits.max_key_bytes = args.max_key_bytes;
+    config.limits.max_value_bytes = args.max_value_bytes;
+    config.limits.max_batch_entries = args.max_batch_entries;
+    config.limits.max_clock_drift_ms = args.max_clock_drift_ms;
+    config.max_body_bytes = args.max_body_bytes;
+    config.max_grpc_message_bytes = args.max_grpc_message_bytes;
+    config.peer_queue_capacity = args.peer_queue_capacity;
+    config.wait_timeout = Duration::from_millis(args.wait_timeout_ms);
+    config.rpc_timeout = Duration::from_millis(args.rpc_timeout_ms);
+    config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    config
+        .validate()
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    Ok(config)
+}
+
+fn discovery(args: &ServeArgs) -> Result<Box<dyn Discovery>, Failure> {
+    match args.discovery {
+        DiscoveryKind::Static => {
+            let mut peers = Vec::new();
+            for raw in args
+                .peers
+                .iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+            {
+                let addr: SocketAddr = raw.parse().map_err(|_| {
+                    Failure::Config(format!("--peers: {raw:?} is not an ip:port address"))
+                })?;
+                peers.push(addr.to_string());
+            }
+            Ok(Box::new(StaticList::new(peers)))
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let config = node_config(&args)?;
+    let discovery = discovery(&args)?;
+    let node = NodeBuilder::new(config)
+        .boxed_discovery(discovery)
+        .start()
+        .await
+        .map_err(|e| match e {
+            podcache::node::NodeError::Config(e) => Failure::Config(e.to_string()),
+            other => Failure::Run(other.into()),
+        })?;
+    shutdown_signal().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn demo(args: DemoArgs) -> Result<(), Failure> {
+    let options = DemoOptions {
+        first_ip: args.first_ip,
+        http_port: args.http_port,
+        grpc_port: args.grpc_port,
+    };
+    let cluster = walk_through(options, &mut |text| println!("{text}\n"))
+        .await
+        .context("the demo failed")?;
+    if args.exit {
+        println!("Done; stopping the replicas.");
+    } else {
+        println!("{}", try_it(&cluster));
+        shutdown_signal().await;
+        println!("Stopping the replicas.");
+    }
+    cluster.shutdown().await;
+    Ok(())
+}
+
+async fn ctl(args: CtlArgs) -> Result<(), Failure> {
+    let client = RestClient::new(&args.addr).map_err(|e| Failure::Config(e.to_string()))?;
+    let (method, path, body) = match &args.op {
+        CtlOp::Get { r#type, key } => (Method::GET, entry_path(*r#type, key), String::new()),
+        CtlOp::Set {
+            r#type,
+            key,
+            value,
+            ttl,
+            wait,
+        } => {
+            let mut query = Vec::new();
+            if let Some(ttl) = ttl {
+                query.push(format!("ttl={ttl}"));
+            }
+            if *wait {
+                query.push("wait=all".to_owned());
+            }
+            let mut path = entry_path(*r#type, key);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            (Method::PUT, path, value.clone())
+        }
+        CtlOp::Delete { r#type, key, wait } => {
+            let mut path = entry_path(*r#type, key);
+            if *wait {
+                path.push_str("?wait=all");
+            }
+            (Method::DELETE, path, String::new())
+        }
+        CtlOp::List { r#type } => (Method::GET, format!("/v1/cache/{type}"), String::new()),
+        CtlOp::Cluster => (Method::GET, "/v1/cluster".to_owned(), String::new()),
+    };
+    let answer = client
+        .request(method, &path, body)
+        .await
+        .map_err(|e| Failure::Run(e.into()))?;
+    let json = answer.json();
+    if !answer.status.is_success() {
+        let message = json["message"].as_str().unwrap_or("request failed");
+        return Err(Failure::Run(anyhow::anyhow!(
+            "{} ({})",
+            message,
+            answer.status
+        )));
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    match &args.op {
+        CtlOp::Get { .. } => println!("{}", json["value"].as_str().unwrap_or_default()),
+        CtlOp::Set { .. } | CtlOp::Delete { .. } => {
+            println!("version {}", json["version"].as_str().unwrap_or("?"));
+            for report in json["replication"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<24} {:<22} {}",
+                    report["name"].as_str().unwrap_or("?"),
+                    report["peer"].as_str().unwrap_or("?"),
+                    report["status"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        CtlOp::List { .. } => {
+            if let Some(entries) = json["entries"].as_object() {
+                let width = entries.keys().map(|k| k.len()).max().unwrap_or(3).max(3);
+                println!("{:<width$}  VALUE", "KEY");
+                for (key, value) in entries {
+                    println!("{key:<width$}  {}", value.as_str().unwrap_or_default());
+                }
+            }
+        }
+        CtlOp::Cluster => print_cluster(&json),
+    }
+    Ok(())
+}
+
+fn print_cluster(json: &Value) {
+    let node = &json["node"];
+    println!(
+        "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  {}",
+        "NAME", "GRPC", "STATUS", "OLDEST", "QUEUE", "SENT", "LAST ERROR"
+    );
+    println!(
+        "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  (this node)",
+        node["name"].as_str().unwrap_or("?"),
+        node["grpc_addr"].as_str().unwrap_or("?"),
+        if node["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "pulling"
+        },
+        if node["oldest"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            ""
+        },
+        "-",
+        "-",
+    );
+    for peer in json["peers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  {}",
+            peer["name"].as_str().unwrap_or("?"),
+            peer["grpc_addr"].as_str().unwrap_or("?"),
+            peer["status"].as_str().unwrap_or("?"),
+            if peer["oldest"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                ""
+            },
+            peer["queue_depth"],
+            peer["sent_batches"],
+            peer["last_error"].as_str().unwrap_or(""),
+        );
+    }
+    println!(
+        "discovery: {} ({})",
+        json["discovery"]["source"].as_str().unwrap_or("?"),
+        json["discovery"]["state"].as_str().unwrap_or("?")
+    );
+}

@@ -501,7 +501,8 @@ async fn bootstrap_then_ready(
 
 /// Drops entries whose expiry passed longer ago than the grace period.
 async fn expiry_loop(shared: Arc<Shared>, cancel: CancellationToken) {
-    let period = Duration::from_secs(30).min(shared.config.expired_grace.max(Duration::from_secs(1)));
+    let period =
+        Duration::from_secs(30).min(shared.config.expired_grace.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

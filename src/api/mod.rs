@@ -57,6 +57,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v1/cache/{type}/{*key}",
             get(get_entry).put(put_entry).delete(delete_entry),
         )
+        .route("/v1/cache/{type}/", axum::routing::any(empty_key))
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
         .route("/v1/watch/{type}", get(watch))
         .route("/v1/cluster", get(cluster))
@@ -74,6 +75,10 @@ async fn not_found() -> ApiError {
         "not_found",
         "no such endpoint; see /v1/cache/{type}/{key}, /v1/cluster, /healthz, /readyz, /metrics",
     )
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request("invalid_key", "key must not be empty")
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -97,7 +102,9 @@ fn parse_type(raw: &str) -> Result<i32, ApiError> {
     })
 }
 
-fn entry_path(path: Result<Path<(String, String)>, PathRejection>) -> Result<(i32, String), ApiError> {
+fn entry_path(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(i32, String), ApiError> {
     let Path((ty, key)) = path.map_err(ApiError::from_path)?;
     Ok((parse_type(&ty)?, key))
 }
@@ -119,7 +126,9 @@ struct WriteOptions {
     ttl_secs: Option<u64>,
 }
 
-fn write_options(query: Result<Query<WriteParams>, QueryRejection>) -> Result<WriteOptions, ApiError> {
+fn write_options(
+    query: Result<Query<WriteParams>, QueryRejection>,
+) -> Result<WriteOptions, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let wait_all = match params.wait.as_deref() {
         None | Some("none") => false,
@@ -144,7 +153,11 @@ fn write_options(query: Result<Query<WriteParams>, QueryRejection>) -> Result<Wr
 }
 
 /// Reads the body, refusing more than the configured limit.
-async fn read_body(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
     let limit = shared.config.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -159,13 +172,20 @@ async fn read_body(shared: &Shared, headers: &HeaderMap, body: Body) -> Result<b
         {
             ApiError::too_large(limit)
         } else {
-            ApiError::bad_request("bad_body", format!("could not read the request body: {err}"))
+            ApiError::bad_request(
+                "bad_body",
+                format!("could not read the request body: {err}"),
+            )
         }
     })
 }
 
 fn count(shared: &Shared, op: &'static str) {
-    shared.metrics.requests.get_or_create(&label("op", op)).inc();
+    shared
+        .metrics
+        .requests
+        .get_or_create(&label("op", op))
+        .inc();
 }
 
 fn replication_json(reports: &[DeliveryReport]) -> Value {
@@ -241,7 +261,10 @@ async fn put_entry(
     count(&shared, "set");
     debug!(ty, key = %key, "set");
     let outcome = shared.write_local(vec![record], options.wait_all).await;
-    Ok(Json(with_replication(entry_json(&outcome.records[0]), &outcome)))
+    Ok(Json(with_replication(
+        entry_json(&outcome.records[0]),
+        &outcome,
+    )))
 }
 
 fn reject(shared: &Shared, err: &crate::store::StoreError) {
@@ -260,7 +283,10 @@ async fn delete_entry(
     let (ty, key) = entry_path(path)?;
     let options = write_options(query)?;
     if options.ttl_secs.is_some() {
-        return Err(ApiError::bad_request("invalid_query", "ttl has no meaning on a delete"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "ttl has no meaning on a delete",
+        ));
     }
     let record = shared
         .store
@@ -390,7 +416,9 @@ async fn watch(
             std::future::ready(event.map(Ok::<_, Infallible>))
         })
         .take_until(shared.shutdown.clone().cancelled_owned());
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
@@ -507,4 +535,3 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
     }
     m.render()
 }
-

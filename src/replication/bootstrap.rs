@@ -17,10 +17,12 @@ use tracing::{info, warn};
 use super::{node_info, peer_channel};
 use crate::discovery::Peer;
 use crate::node::Shared;
-use crate::store::{Entry, Record, Version};
 use crate::proto::hellorpc::{SyncRequest, sync_client::SyncClient};
-use crate::proto::podcache::{self as pb, HelloRequest, SnapshotRequest, replica_client::ReplicaClient};
+use crate::proto::podcache::{
+    self as pb, HelloRequest, SnapshotRequest, replica_client::ReplicaClient,
+};
 use crate::proto::{record_from_wire, wire_size};
+use crate::store::{Entry, Record, Version};
 
 /// What the bootstrap pull did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -178,8 +180,8 @@ async fn pull_snapshot(
     channel: Channel,
     report: &mut BootstrapReport,
 ) -> Result<&'static str, String> {
-    let mut client = ReplicaClient::new(channel)
-        .max_decoding_message_size(shared.config.max_grpc_message_bytes);
+    let mut client =
+        ReplicaClient::new(channel).max_decoding_message_size(shared.config.max_grpc_message_bytes);
     let request = SnapshotRequest {
         sender: Some(node_info(&shared.identity)),
         max_chunk_bytes: shared.config.snapshot_chunk_bytes as u32,

@@ -137,6 +137,12 @@ impl PeerState {
         self.status.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// True while the peer's identity is unknown (and it is not legacy).
+    fn needs_hello(&self) -> bool {
+        let s = self.status();
+        s.hello.is_none() && !s.legacy
+    }
+
     pub(crate) fn set_discovered(&self, peer: Peer) {
         self.status().discovered = peer;
     }
@@ -279,6 +285,9 @@ pub(crate) async fn run(
             .get_or_create(&peer_label)
             .set(state.queued.load(Ordering::Relaxed) as i64);
         let delivered = deliver(&ctx, &mut clients, &state, &items, &cancel, &peer_label).await;
+        if delivered && state.needs_hello() {
+            hello(&ctx, &mut clients, &state).await;
+        }
         let status = if delivered {
             DeliveryStatus::Acked
         } else {
@@ -286,7 +295,10 @@ pub(crate) async fn run(
             state.dropped(entries as u64);
             ctx.metrics
                 .entries_dropped
-                .get_or_create(&vec![("peer", peer.clone()), ("reason", "peer_left".into())])
+                .get_or_create(&vec![
+                    ("peer", peer.clone()),
+                    ("reason", "peer_left".into()),
+                ])
                 .inc_by(entries as u64);
             DeliveryStatus::PeerLeft
         };

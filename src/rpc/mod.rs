@@ -42,7 +42,9 @@ impl From<StoreError> for Status {
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     stop: CancellationToken,
 ) {
     let max = shared.config.max_grpc_message_bytes;
@@ -128,7 +130,10 @@ impl SyncRpc for SyncService {
         let request = request.into_inner();
         let store = &self.shared.store;
         for data in request.data.iter().filter(|d| !d.data.is_empty()) {
-            store.check_batch(data.data.iter().map(|(k, v)| (k.as_str(), v.as_str())), None)?;
+            store.check_batch(
+                data.data.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                None,
+            )?;
         }
         let now = unix_ms();
         let mut answer = Vec::with_capacity(request.data.len());
@@ -195,7 +200,10 @@ type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk,
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
-    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+    async fn hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloResponse>, Status> {
         if let Some(sender) = request.into_inner().sender {
             debug!(peer = %sender.name, addr = %sender.grpc_addr, "hello");
         }

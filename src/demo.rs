@@ -1,0 +1,273 @@
+//! `podcache demo`: a local cluster of real nodes on loopback addresses,
+//! each with the same gRPC and REST ports (as pods each have their own IP),
+//! and a walk-through that shows a write spreading and a new replica
+//! bootstrapping from the oldest. Needs nothing but this binary.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::NodeConfig;
+use crate::client::{ClientError, RestClient};
+use crate::discovery::StaticPeers;
+use crate::node::{NodeBuilder, NodeError, NodeHandle};
+
+/// Settings of the demo cluster.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Address of the first replica; the others follow (127.0.0.2, .3, ...).
+    pub first_ip: Ipv4Addr,
+    /// REST port of every replica.
+    pub http_port: u16,
+    /// gRPC port of every replica.
+    pub grpc_port: u16,
+}
+
+/// A running demo cluster.
+pub struct DemoCluster {
+    /// The replicas, oldest first.
+    pub nodes: Vec<NodeHandle>,
+    peers: StaticPeers,
+    options: DemoOptions,
+}
+
+fn ip_of(options: &DemoOptions, index: usize) -> Ipv4Addr {
+    let base = u32::from(options.first_ip);
+    Ipv4Addr::from(base + index as u32)
+}
+
+impl DemoCluster {
+    /// An empty cluster; replicas are added with [`DemoCluster::add_replica`].
+    pub fn new(options: DemoOptions) -> Self {
+        Self {
+            nodes: Vec::new(),
+            peers: StaticPeers::new(Vec::<String>::new()),
+            options,
+        }
+    }
+
+    /// Starts the next replica, announces it to the others, and waits until
+    /// it is ready.
+    pub async fn add_replica(&mut self) -> Result<&NodeHandle, NodeError> {
+        let index = self.nodes.len();
+        let ip = ip_of(&self.options, index);
+        let mut config = NodeConfig::new(format!("hello-web-{index}"), ip.into());
+        config.http_addr = SocketAddr::new(ip.into(), self.options.http_port);
+        config.grpc_addr = SocketAddr::new(ip.into(), self.options.grpc_port);
+        config.host_ip = Some("127.0.0.1".into());
+        config.shutdown_grace = Duration::from_secs(3);
+        let node = NodeBuilder::new(config)
+            .discovery(self.peers.discovery())
+            .start()
+            .await?;
+        // Announced once it listens, as a pod appears in discovery only
+        // once it runs.
+        self.peers.add(node.identity().grpc_addr.clone());
+        node.wait_ready().await;
+        self.nodes.push(node);
+        Ok(&self.nodes[index])
+    }
+
+    /// A REST client of replica `index`.
+    pub fn client(&self, index: usize) -> Result<RestClient, ClientError> {
+        let addr = self.nodes[index]
+            .http_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        RestClient::new(&addr)
+    }
+
+    /// Shuts every replica down, all at once.
+    pub async fn shutdown(self) {
+        futures_util::future::join_all(self.nodes.into_iter().map(NodeHandle::shutdown)).await;
+    }
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "  {}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect(), &mut out);
+    line(widths.iter().map(|w| "-".repeat(*w)).collect(), &mut out);
+    for row in rows {
+        line(row.clone(), &mut out);
+    }
+    out
+}
+
+/// Polls `client` until `key` holds `want` (or is absent, for `None`); the
+/// time it took, or `None` after the deadline.
+async fn visible_after(
+    client: &RestClient,
+    ty: i32,
+    key: &str,
+    want: Option<&str>,
+    since: Instant,
+) -> Option<Duration> {
+    let deadline = since + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(got) = client.get_value(ty, key).await
+            && got.as_deref() == want
+        {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+        .unwrap_or_else(|| "NOT SEEN".into())
+}
+
+/// Runs the walk-through on a fresh cluster and returns it still running,
+/// with the report that was printed. Fails when a step does not happen.
+pub async fn walk_through(
+    options: DemoOptions,
+    out: &mut dyn FnMut(&str),
+) -> anyhow::Result<DemoCluster> {
+    let mut cluster = DemoCluster::new(options);
+    out("Starting 3 replicas of hello-web, each on its own loopback address with the same ports:");
+    for _ in 0..3 {
+        cluster.add_replica().await?;
+        // Distinct start times make "the oldest" unambiguous.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rows: Vec<Vec<String>> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.identity().name.clone(),
+                n.identity().grpc_addr.clone(),
+                n.http_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "ready".into(),
+            ]
+        })
+        .collect();
+    out(&table(
+        &["replica", "gRPC (peers dial)", "REST", "state"],
+        &rows,
+    ));
+
+    let (ty, key, value) = (1, "greeting", "hello from hello-web-0");
+    out(&format!(
+        "PUT /v1/cache/{ty}/{key} = {value:?} on hello-web-0, waiting for every peer (?wait=all):"
+    ));
+    let started = Instant::now();
+    let answer = cluster.client(0)?.put(ty, key, value, "wait=all").await?;
+    anyhow::ensure!(
+        answer.status.is_success(),
+        "write failed: {}",
+        answer.text()
+    );
+    let body = answer.json();
+    let mut rows = Vec::new();
+    for report in body["replication"].as_array().cloned().unwrap_or_default() {
+        rows.push(vec![
+            report["name"].as_str().unwrap_or("?").to_owned(),
+            report["peer"].as_str().unwrap_or("?").to_owned(),
+            report["status"].as_str().unwrap_or("?").to_owned(),
+        ]);
+    }
+    out(&table(&["peer", "address", "delivery"], &rows));
+    let mut rows = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let seen = visible_after(&cluster.client(i)?, ty, key, Some(value), started).await;
+        anyhow::ensure!(
+            seen.is_some(),
+            "{} never saw the write",
+            node.identity().name
+        );
+        rows.push(vec![
+            node.identity().name.clone(),
+            value.to_owned(),
+            ms(seen),
+        ]);
+    }
+    out("GET on every replica:");
+    out(&table(
+        &["replica", "value", "visible after the PUT began"],
+        &rows,
+    ));
+
+    out(
+        "Starting a 4th replica; it pulls the whole state from the oldest peer before it is ready:",
+    );
+    cluster.add_replica().await?;
+    let cluster_view = cluster.client(3)?.get("/v1/cluster").await?.json();
+    let boot = &cluster_view["bootstrap"];
+    let source = boot["source_name"].as_str().unwrap_or("none").to_owned();
+    out(&table(
+        &["replica", "pulled from", "method", "entries", "took"],
+        &[vec![
+            cluster.nodes[3].identity().name.clone(),
+            source.clone(),
+            boot["method"].as_str().unwrap_or("?").to_owned(),
+            boot["entries"].to_string(),
+            format!("{} ms", boot["duration"]),
+        ]],
+    ));
+    anyhow::ensure!(
+        source == cluster.nodes[0].identity().name,
+        "the new replica pulled from {source}, not from the oldest"
+    );
+    let got = cluster.client(3)?.get_value(ty, key).await?;
+    anyhow::ensure!(
+        got.as_deref() == Some(value),
+        "the new replica lacks the greeting"
+    );
+
+    out("DELETE /v1/cache/1/greeting on the new replica; the delete spreads like a write:");
+    let started = Instant::now();
+    let answer = cluster.client(3)?.delete(ty, key, "").await?;
+    anyhow::ensure!(
+        answer.status.is_success(),
+        "delete failed: {}",
+        answer.text()
+    );
+    let mut rows = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let gone = visible_after(&cluster.client(i)?, ty, key, None, started).await;
+        anyhow::ensure!(
+            gone.is_some(),
+            "{} still has the deleted key",
+            node.identity().name
+        );
+        rows.push(vec![
+            node.identity().name.clone(),
+            "absent (404)".into(),
+            ms(gone),
+        ]);
+    }
+    out(&table(&["replica", "GET greeting", "after"], &rows));
+    Ok(cluster)
+}
+
+/// A short guide to the running cluster.
+pub fn try_it(cluster: &DemoCluster) -> String {
+    let first = cluster.nodes[0]
+        .http_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let second = cluster.nodes[1]
+        .http_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    format!(
+        "The cluster keeps running. Try, from another terminal:\n  curl -X PUT -d on http://{first}/v1/cache/2/feature.x\n  curl http://{second}/v1/cache/2\n  curl http://{second}/v1/cluster\n  podcache ctl --addr http://{second} list 2\nCtrl-C stops it."
+    )
+}
