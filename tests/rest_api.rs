@@ -1,0 +1,447 @@
+//! The REST API's contract: shapes, errors as JSON, bad input refused with
+//! nothing changed, watch streams, health, readiness and metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, wait_until};
+use http_body_util::BodyExt;
+use hyper::{Method, StatusCode};
+use podcache::client::{Answer, RestClient};
+use serde_json::{Value, json};
+
+async fn state_of(client: &RestClient, ty: i32) -> Value {
+    client
+        .get(&format!("/v1/cache/{ty}"))
+        .await
+        .expect("list")
+        .json()["entries"]
+        .clone()
+}
+
+#[track_caller]
+fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.text());
+    let body = answer.json();
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.len() > 5),
+        "a human sentence: {body}"
+    );
+    assert!(
+        answer
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("application/json"))
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
+    let cluster = Cluster::start_with(2, |c| {
+        c.max_body_bytes = 4096;
+        c.limits.max_key_bytes = 64;
+        c.limits.max_value_bytes = 1024;
+        c.limits.max_batch_entries = 3;
+    })
+    .await;
+    let client = cluster.client(0);
+    client
+        .put(1, "keep", "original", "wait=all")
+        .await
+        .expect("seed");
+    let before = (
+        state_of(&client, 1).await,
+        state_of(&cluster.client(1), 1).await,
+    );
+    assert_eq!(before.0, json!({"keep": "original"}));
+
+    let long_key = "k".repeat(65);
+    let cases: Vec<(Method, String, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            Method::PUT,
+            "/v1/cache/abc/keep".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_type",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/99999999999/keep".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_type",
+        ),
+        (
+            Method::GET,
+            "/v1/cache/1.5".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_type",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_key",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/cache/1/{long_key}"),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_key",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/keep".into(),
+            vec![b'v'; 4097],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/keep".into(),
+            vec![b'v'; 1025],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "value_too_large",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/keep".into(),
+            vec![0xff, 0xfe, b'x'],
+            StatusCode::BAD_REQUEST,
+            "invalid_utf8",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/%FF%FE".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/keep?ttl=soon".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/keep?ttl=0".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_ttl",
+        ),
+        (
+            Method::PUT,
+            "/v1/cache/1/keep?wait=some".into(),
+            b"x".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            Method::POST,
+            "/v1/cache/1".into(),
+            b"{\"keep\": \"x\",".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            Method::POST,
+            "/v1/cache/1".into(),
+            b"[\"keep\"]".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            Method::POST,
+            "/v1/cache/1".into(),
+            b"{\"keep\": 5}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            Method::POST,
+            "/v1/cache/1".into(),
+            b"{\"keep\": \"x\", \"\": \"y\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_key",
+        ),
+        (
+            Method::POST,
+            "/v1/cache/1".into(),
+            b"{}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "empty_batch",
+        ),
+        (
+            Method::POST,
+            "/v1/cache/1".into(),
+            br#"{"a":"1","b":"2","c":"3","keep":"4"}"#.to_vec(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+        ),
+        (
+            Method::DELETE,
+            "/v1/cache/1/keep?ttl=5".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/cache/1/absent".into(),
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/cache/1/absent".into(),
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::GET,
+            "/v2/nothing".into(),
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            Method::PATCH,
+            "/v1/cache/1/keep".into(),
+            b"x".to_vec(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let answer = client
+            .request(method.clone(), &path, body)
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.text());
+        assert_error(&answer, status, code);
+    }
+    // The node is fine and nothing changed, here or on the peer.
+    assert_eq!(
+        client.get("/healthz").await.expect("health").status,
+        StatusCode::OK
+    );
+    client
+        .put(1, "marker", "m", "wait=all")
+        .await
+        .expect("marker");
+    let mut after0 = state_of(&client, 1).await;
+    let mut after1 = state_of(&cluster.client(1), 1).await;
+    for after in [&mut after0, &mut after1] {
+        after.as_object_mut().expect("object").remove("marker");
+    }
+    assert_eq!(after0, before.0);
+    assert_eq!(after1, before.1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn answers_have_the_contract_shapes() {
+    let cluster = Cluster::start(1).await;
+    let client = cluster.client(0);
+    let put = client
+        .put(-3, "ünï/cødé key", "välue ✓", "")
+        .await
+        .expect("put");
+    assert_eq!(put.status, StatusCode::OK);
+    let put = put.json();
+    let get = client
+        .get("/v1/cache/-3/%C3%BCn%C3%AF%2Fc%C3%B8d%C3%A9%20key")
+        .await
+        .expect("get")
+        .json();
+    assert_eq!(get, put, "GET answers the same shape as PUT");
+    assert_eq!(
+        state_of(&client, -3).await,
+        json!({"ünï/cødé key": "välue ✓"})
+    );
+    let empty = client.get("/v1/cache/12345").await.expect("list").json();
+    assert_eq!(empty, json!({"type": 12345, "entries": {}}));
+    let batch = client
+        .request(Method::POST, "/v1/cache/2", r#"{"x":"1","y":"2"}"#)
+        .await
+        .expect("batch")
+        .json();
+    assert_eq!(batch["count"], 2);
+    assert!(batch["versions"]["x"].is_string() && batch["versions"]["y"].is_string());
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let cluster = Cluster::start(2).await;
+    let client = cluster.client(0);
+    let health = client.get("/healthz").await.expect("healthz");
+    assert_eq!(health.status, StatusCode::OK);
+    let ready = client.get("/readyz").await.expect("readyz");
+    assert_eq!(ready.status, StatusCode::OK);
+    client.put(1, "a", "b", "wait=all").await.expect("put");
+    let metrics = client.get("/metrics").await.expect("metrics");
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = metrics.text();
+    for needle in [
+        "# HELP podcache_requests Cache operations served",
+        "podcache_requests_total{op=\"set\"} 1",
+        "podcache_entries{type=\"1\"} 1",
+        "podcache_ready 1",
+        "podcache_peers 1",
+        "podcache_replication_batches_sent_total{peer=",
+        "# EOF",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    let peer_metrics = cluster
+        .client(1)
+        .get("/metrics")
+        .await
+        .expect("metrics")
+        .text();
+    assert!(
+        peer_metrics.contains("podcache_remote_applied_entries_total{source=\"replicate\"} 1"),
+        "{peer_metrics}"
+    );
+    cluster.shutdown().await;
+}
+
+/// Reads SSE frames from a streaming response until `want` lines with
+/// `data:` are collected or the deadline passes.
+async fn read_events(
+    body: &mut hyper::body::Incoming,
+    want: usize,
+    timeout: Duration,
+) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < want {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .expect("events before the deadline")
+            .expect("stream open")
+            .expect("frame");
+        if let Some(data) = frame.data_ref() {
+            buffer.push_str(&String::from_utf8_lossy(data));
+        }
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            for line in block.lines() {
+                if let Some(data) = line
+                    .strip_prefix("data: ")
+                    .or_else(|| line.strip_prefix("data:"))
+                {
+                    events.push(serde_json::from_str(data).expect("event JSON"));
+                }
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn watch_streams_changes_from_any_replica() {
+    let cluster = Cluster::start(2).await;
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let raw = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+    let uri = format!("http://{}/v1/watch/9", cluster.slots[1].http);
+    let response = raw.get(uri.parse().expect("uri")).await.expect("watch");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()[hyper::header::CONTENT_TYPE]
+            .to_str()
+            .is_ok_and(|c| c.starts_with("text/event-stream"))
+    );
+    let mut body = response.into_body();
+    // The stream is subscribed once the response head arrived; writes now.
+    cluster.client(0).put(9, "w", "1", "").await.expect("put");
+    cluster
+        .client(0)
+        .put(10, "other-type", "x", "")
+        .await
+        .expect("put");
+    cluster.client(1).put(9, "w", "2", "").await.expect("put");
+    cluster.client(0).delete(9, "w", "").await.expect("delete");
+    let events = read_events(&mut body, 3, Duration::from_secs(10)).await;
+    assert_eq!(events[0]["key"], "w");
+    assert_eq!(events[0]["value"], "1");
+    assert_eq!(events[0]["origin"], "peer");
+    assert_eq!(events[1]["value"], "2");
+    assert_eq!(events[1]["origin"], "local");
+    assert_eq!(events[2]["deleted"], true);
+    assert!(
+        events.iter().all(|e| e["type"] == 9),
+        "other types filtered out"
+    );
+
+    let keyed = format!("http://{}/v1/watch/9?key=only", cluster.slots[0].http);
+    let mut body = raw
+        .get(keyed.parse().expect("uri"))
+        .await
+        .expect("watch")
+        .into_body();
+    cluster
+        .client(1)
+        .put(9, "not-this", "x", "")
+        .await
+        .expect("put");
+    cluster
+        .client(1)
+        .put(9, "only", "yes", "")
+        .await
+        .expect("put");
+    let events = read_events(&mut body, 1, Duration::from_secs(10)).await;
+    assert_eq!(events[0]["key"], "only");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn cluster_view_names_every_member_and_the_oldest() {
+    let cluster = Cluster::start(3).await;
+    let client = cluster.client(2);
+    wait_until(
+        "every peer answered hello",
+        Duration::from_secs(10),
+        || async {
+            let view = client.get("/v1/cluster").await.expect("cluster").json();
+            view["peers"].as_array().is_some_and(|p| {
+                p.len() == 2
+                    && p.iter()
+                        .all(|p| p["status"] == "up" && p["name"].is_string())
+            })
+        },
+    )
+    .await;
+    let view = client.get("/v1/cluster").await.expect("cluster").json();
+    assert_eq!(view["node"]["name"], "node-2");
+    assert_eq!(view["node"]["ready"], true);
+    assert_eq!(view["node"]["oldest"], false);
+    assert_eq!(view["oldest"], Value::String(cluster.grpc_addr(0)));
+    assert_eq!(view["discovery"]["source"], "static");
+    assert_eq!(view["discovery"]["state"], "fresh");
+    let names: Vec<&str> = view["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["node-0", "node-1"]);
+    for peer in view["peers"].as_array().expect("peers") {
+        assert!(peer["started_at_ms"].as_i64().is_some_and(|t| t > 0));
+        assert_eq!(peer["pod_ip"].as_str().is_some(), true);
+        assert_eq!(peer["queue_depth"], 0);
+    }
+    cluster.shutdown().await;
+}
