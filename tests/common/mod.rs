@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 /// A distinct 127.x.y.0/24 block per cluster, so tests running in parallel
 /// never share an address (and a restarted node gets its own port back).
-fn next_block() -> u32 {
+pub fn next_block() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed) + u32::from(std::process::id() as u16) * 64;
     // 127.(16 + n / 256 % 200).(n % 256).0

@@ -1,0 +1,228 @@
+//! The `podcache` binary as users run it: `serve` processes that replicate
+//! and stop cleanly on SIGTERM/SIGINT, `ctl`, the demo, and exit codes.
+
+mod common;
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{next_block, wait_until};
+use podcache::client::RestClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_podcache");
+
+fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Server {
+    child: Child,
+    http: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Only if a test failed half-way: never leave our process behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_serve(ip: Ipv4Addr, grpc_port: u16, peers: &[String], name: &str) -> Server {
+    let http_port = free_port(ip);
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--http-addr",
+            &format!("{ip}:{http_port}"),
+            "--grpc-addr",
+            &format!("{ip}:{grpc_port}"),
+            "--pod-ip",
+            &ip.to_string(),
+            "--pod-name",
+            name,
+            "--peers",
+            &peers.join(","),
+        ])
+        .env("PODCACHE_SHUTDOWN_GRACE_MS", "3000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("podcache serve starts");
+    Server {
+        child,
+        http: format!("http://{ip}:{http_port}"),
+    }
+}
+
+fn ctl(addr: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["ctl", "--addr", addr])
+        .args(args)
+        .output()
+        .expect("podcache ctl runs")
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -{name} {}", child.id())])
+        .status()
+        .expect("sh runs");
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process did not exit within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_ready(http: &str) {
+    let client = RestClient::new(http).expect("address");
+    wait_until("node ready", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move {
+            client
+                .get("/readyz")
+                .await
+                .is_ok_and(|a| a.status == hyper::StatusCode::OK)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn serve_processes_replicate_and_exit_zero_on_sigterm_and_sigint() {
+    let block = next_block();
+    let (a, b) = (Ipv4Addr::from(block | 2), Ipv4Addr::from(block | 3));
+    // The same gRPC port on both, as pods of one Deployment.
+    let grpc_port = free_port(a);
+    let peers = vec![format!("{a}:{grpc_port}"), format!("{b}:{grpc_port}")];
+    let mut node_a = spawn_serve(a, grpc_port, &peers, "pod-a");
+    wait_ready(&node_a.http).await;
+    let mut node_b = spawn_serve(b, grpc_port, &peers, "pod-b");
+    wait_ready(&node_b.http).await;
+
+    let set = ctl(&node_a.http, &["set", "4", "flag", "on", "--wait"]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let out = String::from_utf8_lossy(&set.stdout);
+    assert!(out.contains("acked") && out.contains("pod-b"), "{out}");
+    let get = ctl(&node_b.http, &["get", "4", "flag"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "on");
+    let list = ctl(&node_b.http, &["--json", "list", "4"]);
+    let json: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(json["entries"]["flag"], "on");
+    let cluster = ctl(&node_b.http, &["cluster"]);
+    let out = String::from_utf8_lossy(&cluster.stdout);
+    assert!(
+        out.contains("pod-a") && out.contains("pod-b") && out.contains("yes"),
+        "{out}"
+    );
+
+    let absent = ctl(&node_b.http, &["get", "4", "nothing"]);
+    assert_eq!(absent.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&absent.stderr);
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    assert!(err.contains("no entry"), "{err}");
+
+    signal(&node_b.child, "TERM");
+    assert_eq!(
+        wait_exit(&mut node_b.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+    signal(&node_a.child, "INT");
+    assert_eq!(
+        wait_exit(&mut node_a.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_bad_configuration_exits_64_with_one_line() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--pod-ip",
+            "127.0.0.1",
+            "--peers",
+            "not-an-address",
+        ])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not-an-address"), "{err}");
+}
+
+#[test]
+fn ctl_cannot_reach_a_node_exits_non_zero() {
+    let out = ctl("http://127.0.0.1:1", &["get", "1", "k"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[tokio::test]
+async fn the_demo_walks_through_and_exits() {
+    let block = next_block();
+    let first = Ipv4Addr::from(block | 2);
+    // Both held at once, so they cannot be the same port.
+    let (http, grpc) = {
+        let a = TcpListener::bind((first, 0)).expect("bind");
+        let b = TcpListener::bind((first, 0)).expect("bind");
+        let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).expect("port");
+        (port(&a), port(&b))
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "demo",
+                "--exit",
+                "--first-ip",
+                &first.to_string(),
+                "--http-port",
+                &http.to_string(),
+                "--grpc-port",
+                &grpc.to_string(),
+            ])
+            .output()
+            .expect("demo runs")
+    })
+    .await
+    .expect("joined");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "hello-web-3",
+        "pulled from",
+        "snapshot",
+        "absent (404)",
+        "acked",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+}
