@@ -154,10 +154,10 @@ fn local_ipv4s_from_fib_trie(text: &str) -> Vec<Ipv4Addr> {
         let trimmed = line.trim_start();
         if let Some(rest) = trimmed.strip_prefix("|-- ") {
             last_leaf = rest.trim().parse().ok();
-        } else if trimmed.starts_with("/32 host LOCAL") {
-            if let Some(ip) = last_leaf.filter(|ip| !found.contains(ip)) {
-                found.push(ip);
-            }
+        } else if trimmed.starts_with("/32 host LOCAL")
+            && let Some(ip) = last_leaf.filter(|ip| !found.contains(ip))
+        {
+            found.push(ip);
         }
     }
     found

@@ -450,8 +450,8 @@ async fn ctl(args: CtlArgs) -> Result<(), Failure> {
 fn print_cluster(json: &Value) {
     let node = &json["node"];
     println!(
-        "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  {}",
-        "NAME", "GRPC", "STATUS", "OLDEST", "QUEUE", "SENT", "LAST ERROR"
+        "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  LAST ERROR",
+        "NAME", "GRPC", "STATUS", "OLDEST", "QUEUE", "SENT"
     );
     println!(
         "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  (this node)",

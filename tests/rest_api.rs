@@ -440,7 +440,7 @@ async fn cluster_view_names_every_member_and_the_oldest() {
     assert_eq!(names, ["node-0", "node-1"]);
     for peer in view["peers"].as_array().expect("peers") {
         assert!(peer["started_at_ms"].as_i64().is_some_and(|t| t > 0));
-        assert_eq!(peer["pod_ip"].as_str().is_some(), true);
+        assert!(peer["pod_ip"].as_str().is_some());
         assert_eq!(peer["queue_depth"], 0);
     }
     cluster.shutdown().await;
