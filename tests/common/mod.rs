@@ -74,6 +74,18 @@ impl Cluster {
 
     /// Starts a new node on host number `host` of this cluster's block.
     pub async fn add_node_on(&mut self, host: u32) -> usize {
+        self.add_node_inner(host, false).await
+    }
+
+    /// Like [`Cluster::add_node`], but the new node is in the peer list
+    /// before it starts (the others queue writes for it from the first
+    /// moment, as they would for a pod discovered while it boots).
+    pub async fn add_node_announced_early(&mut self) -> usize {
+        let host = self.slots.len() as u32 + 2;
+        self.add_node_inner(host, true).await
+    }
+
+    async fn add_node_inner(&mut self, host: u32, announce_early: bool) -> usize {
         let ip = self.ip(host);
         let grpc = TcpListener::bind((ip, 0)).await.expect("bind gRPC");
         let http = TcpListener::bind((ip, 0)).await.expect("bind REST");
@@ -85,6 +97,9 @@ impl Cluster {
         };
         self.slots.push(slot);
         let index = self.slots.len() - 1;
+        if announce_early {
+            self.peers.add(self.slots[index].grpc.to_string());
+        }
         self.run_node(index, grpc, http, self.peers.clone()).await;
         self.peers.add(self.slots[index].grpc.to_string());
         index
