@@ -302,7 +302,10 @@ async fn a_state_many_messages_large_bootstraps_and_writes_during_the_pull_are_k
             async move {
                 let list = client.get("/v1/cache/2").await.expect("list").json();
                 list["entries"].as_object().is_some_and(|m| m.len() == 300)
-                    && (0..300).all(|i| list["entries"][format!("during-{i}")] == i.to_string())
+                    && (0..300).all(|i| {
+                        list["entries"][format!("during-{i}")].as_str()
+                            == Some(i.to_string().as_str())
+                    })
             }
         },
     )
