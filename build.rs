@@ -7,19 +7,33 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    // podcache's own services: server and client, with descriptors for
+    // server reflection.
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("podcache_descriptor.bin"))
+        .compile_with_config(
+            prost_config()?,
+            &["proto/hellorpc.proto", "proto/podcache.proto"],
+            &["proto"],
+        )?;
+    // etcd's API and Kubernetes' Pod encoding: clients and messages only.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_with_config(
+            prost_config()?,
+            &["proto/etcd/rpc.proto", "proto/k8s/pod.proto"],
+            &["proto"],
+        )?;
+    Ok(())
+}
+
+fn prost_config() -> Result<prost_build::Config, Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     if std::env::var_os("PROTOC").is_none() && !protoc_on_path() {
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     }
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("podcache_descriptor.bin"))
-        .compile_with_config(
-            config,
-            &["proto/hellorpc.proto", "proto/podcache.proto"],
-            &["proto"],
-        )?;
-    Ok(())
+    Ok(config)
 }
 
 fn protoc_on_path() -> bool {

@@ -21,7 +21,19 @@ pub mod podcache {
     tonic::include_proto!("podcache.v1");
 }
 
-/// The encoded descriptors of both files, for server reflection.
+/// The subset of etcd's v3 API that podcache calls (client only), generated
+/// from `proto/etcd/rpc.proto`.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// The subset of Kubernetes' Pod storage encoding that podcache reads,
+/// generated from `proto/k8s/pod.proto`.
+pub mod k8s {
+    tonic::include_proto!("k8s.podcache");
+}
+
+/// The encoded descriptors of podcache's own files, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("podcache_descriptor");
 
 /// A record as a wire entry.

@@ -5,6 +5,7 @@
 //! store or replication; a backend only publishes the whole current peer
 //! set into a `watch` channel, and readers see the latest snapshot.
 
+pub mod pod;
 pub mod static_list;
 
 use std::time::SystemTime;
