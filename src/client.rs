@@ -101,10 +101,23 @@ impl RestClient {
         path: &str,
         body: impl Into<Bytes>,
     ) -> Result<Answer, ClientError> {
-        let request = Request::builder()
+        self.send(method, path, body.into(), None).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        content_type: Option<&str>,
+    ) -> Result<Answer, ClientError> {
+        let mut request = Request::builder()
             .method(method)
-            .uri(format!("{}{}", self.base, path))
-            .body(Full::new(body.into()))?;
+            .uri(format!("{}{}", self.base, path));
+        if let Some(content_type) = content_type {
+            request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        let request = request.body(Full::new(body))?;
         let call = async {
             let response =
                 self.client
@@ -130,6 +143,18 @@ impl RestClient {
         tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| ClientError::Timeout(self.base.clone()))?
+    }
+
+    /// Any request with a `Content-Type`.
+    pub async fn request_with_type(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+        content_type: &str,
+    ) -> Result<Answer, ClientError> {
+        self.send(method, path, body.into(), Some(content_type))
+            .await
     }
 
     /// `GET path`.

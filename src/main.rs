@@ -11,7 +11,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper::Method;
 use podcache::client::{RestClient, entry_path};
 use podcache::demo::{DemoOptions, try_it, walk_through};
-use podcache::discovery::{Discovery, StaticList};
+use podcache::discovery::pod::{PodFilter, parse_rfc3339_ms, parse_selector};
+use podcache::discovery::{Discovery, EtcdDiscovery, EtcdV2Discovery, StaticList};
+use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
+use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
 use podcache::{NodeBuilder, NodeConfig};
 use serde_json::Value;
 
@@ -51,12 +54,155 @@ enum Command {
     Ctl(CtlArgs),
     /// Run a local cluster on loopback addresses and walk through what podcache does.
     Demo(DemoArgs),
+    /// Write pod objects into etcd the way kube-apiserver stores them (for demos and tests).
+    #[command(name = "k8s-sim")]
+    K8sSim(K8sSimArgs),
+}
+
+#[derive(Debug, Args)]
+struct K8sSimArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Which etcd API to write through (v2 writes JSON only).
+    #[arg(long, default_value = "v3")]
+    api: SimApi,
+    /// How pods are stored (v3 only).
+    #[arg(long, default_value = "protobuf")]
+    encoding: SimEncoding,
+    #[command(subcommand)]
+    op: SimOp,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum SimApi {
+    V3,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum SimEncoding {
+    Protobuf,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum SimOp {
+    /// Create or update a pod.
+    Put {
+        /// Pod name.
+        #[arg(long)]
+        name: String,
+        /// Pod IP; without it the pod is Pending.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Host IP.
+        #[arg(long, default_value = "127.0.0.1")]
+        host_ip: String,
+        /// Phase (Running when --ip is given, else Pending).
+        #[arg(long)]
+        phase: Option<String>,
+        /// Labels, comma-separated key=value.
+        #[arg(long, default_value = "app=hello")]
+        labels: String,
+        /// The container's startedAt (RFC 3339) [default: now].
+        #[arg(long)]
+        started_at: Option<String>,
+        /// Mark the pod as being deleted.
+        #[arg(long)]
+        deleting: bool,
+    },
+    /// Delete a pod.
+    Delete {
+        /// Pod name.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum DiscoveryKind {
     /// A fixed list of peers (--peers).
     Static,
+    /// Pods in Kubernetes' etcd, v3 API (--etcd-endpoints, TLS flags).
+    Etcd,
+    /// Pods in Kubernetes' etcd, v2 keys API (etcd <= 3.5 with --enable-v2).
+    #[value(name = "etcd-v2")]
+    EtcdV2,
+}
+
+/// Where Kubernetes' etcd is and which pods are peers.
+#[derive(Debug, Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated URLs (https:// for TLS).
+    #[arg(long, env = "PODCACHE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// CA that signed etcd's certificate (kube-apiserver's --etcd-cafile).
+    #[arg(long, env = "PODCACHE_ETCD_CA")]
+    etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate for etcd (kube-apiserver's --etcd-certfile).
+    #[arg(long, env = "PODCACHE_ETCD_CERT")]
+    etcd_cert: Option<std::path::PathBuf>,
+    /// Client key for etcd (kube-apiserver's --etcd-keyfile).
+    #[arg(long, env = "PODCACHE_ETCD_KEY")]
+    etcd_key: Option<std::path::PathBuf>,
+    /// Namespace of the pods [default: $POD_NAMESPACE, else "default"].
+    #[arg(long, env = "PODCACHE_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+impl EtcdArgs {
+    fn settings(&self, timeout: Duration) -> Result<EtcdSettings, Failure> {
+        let endpoints: Vec<String> = self
+            .etcd_endpoints
+            .iter()
+            .map(|e| e.trim().trim_end_matches('/').to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Failure::Config(
+                "--etcd-endpoints is required for etcd discovery".into(),
+            ));
+        }
+        for e in &endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(Failure::Config(format!(
+                    "--etcd-endpoints: {e:?} is not an http:// or https:// URL"
+                )));
+            }
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return Err(Failure::Config(
+                "--etcd-cert and --etcd-key go together".into(),
+            ));
+        }
+        for path in [&self.etcd_ca, &self.etcd_cert, &self.etcd_key]
+            .into_iter()
+            .flatten()
+        {
+            if !path.is_file() {
+                return Err(Failure::Config(format!(
+                    "{} is not a readable file",
+                    path.display()
+                )));
+            }
+        }
+        Ok(EtcdSettings {
+            endpoints,
+            tls: EtcdTls {
+                ca: self.etcd_ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            },
+            timeout,
+        })
+    }
+
+    fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| env_nonempty("POD_NAMESPACE"))
+            .unwrap_or_else(|| "default".into())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +228,14 @@ struct ServeArgs {
     /// Peers for --discovery static: comma-separated ip:port (own address ignored).
     #[arg(long, env = "PODCACHE_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Label selector of this app's pods, e.g. app=hello (terms joined by commas).
+    #[arg(long, env = "PODCACHE_SELECTOR")]
+    selector: Option<String>,
+    /// A substring every peer pod's name contains (the original design's match).
+    #[arg(long, env = "PODCACHE_NAME_CONTAINS")]
+    name_contains: Option<String>,
     /// Longest key in bytes.
     #[arg(long, env = "PODCACHE_MAX_KEY_BYTES", default_value_t = 1024)]
     max_key_bytes: usize,
@@ -203,6 +357,7 @@ fn main() -> ExitCode {
                 serve(*args).await
             }
             Command::Ctl(args) => ctl(args).await,
+            Command::K8sSim(args) => k8s_sim(args).await,
             Command::Demo(args) => {
                 init_logging(cli.log_format, "error");
                 demo(args).await
@@ -303,6 +458,46 @@ fn discovery(args: &ServeArgs) -> Result<Box<dyn Discovery>, Failure> {
                 peers.push(addr.to_string());
             }
             Ok(Box::new(StaticList::new(peers)))
+        }
+        DiscoveryKind::Etcd | DiscoveryKind::EtcdV2 => {
+            let selector = match &args.selector {
+                Some(text) => {
+                    parse_selector(text).map_err(|e| Failure::Config(format!("--selector: {e}")))?
+                }
+                None => Vec::new(),
+            };
+            let name_contains = args.name_contains.clone().filter(|s| !s.is_empty());
+            if selector.is_empty() && name_contains.is_none() {
+                return Err(Failure::Config(
+                    "etcd discovery needs --selector (e.g. app=hello) or --name-contains, or every pod of the namespace would be a peer".into(),
+                ));
+            }
+            let filter = PodFilter {
+                namespace: args.etcd.namespace(),
+                selector,
+                name_contains,
+                self_pod_ip: String::new(),
+                grpc_port: args.grpc_addr.port(),
+            };
+            let settings = args
+                .etcd
+                .settings(Duration::from_millis(args.rpc_timeout_ms))?;
+            if args.discovery == DiscoveryKind::Etcd {
+                return Ok(Box::new(EtcdDiscovery::new(settings, filter)));
+            }
+            if settings.endpoints.iter().any(|e| e.starts_with("https://"))
+                || settings.tls != EtcdTls::default()
+            {
+                return Err(Failure::Config(
+                    "--discovery etcd-v2 speaks plain HTTP only; use --discovery etcd for TLS"
+                        .into(),
+                ));
+            }
+            Ok(Box::new(EtcdV2Discovery {
+                endpoints: settings.endpoints,
+                filter,
+                timeout: settings.timeout,
+            }))
         }
     }
 }
@@ -481,8 +676,8 @@ fn print_cluster(json: &Value) {
             } else {
                 ""
             },
-            peer["queue_depth"],
-            peer["sent_batches"],
+            peer["queue_depth"].to_string(),
+            peer["sent_batches"].to_string(),
             peer["last_error"].as_str().unwrap_or(""),
         );
     }
@@ -491,4 +686,86 @@ fn print_cluster(json: &Value) {
         json["discovery"]["source"].as_str().unwrap_or("?"),
         json["discovery"]["state"].as_str().unwrap_or("?")
     );
+}
+
+async fn k8s_sim(args: K8sSimArgs) -> Result<(), Failure> {
+    let settings = args.etcd.settings(Duration::from_secs(5))?;
+    let namespace = args.etcd.namespace();
+    let sim = match args.api {
+        SimApi::V3 => {
+            let client =
+                EtcdClient::connect(&settings).map_err(|e| Failure::Config(e.to_string()))?;
+            let encoding = match args.encoding {
+                SimEncoding::Protobuf => PodEncoding::Protobuf,
+                SimEncoding::Json => PodEncoding::Json,
+            };
+            PodSimulator::new(client, encoding)
+        }
+        SimApi::V2 => {
+            PodSimulator::v2(&settings.endpoints[0]).map_err(|e| Failure::Config(e.to_string()))?
+        }
+    };
+    match args.op {
+        SimOp::Put {
+            name,
+            ip,
+            host_ip,
+            phase,
+            labels,
+            started_at,
+            deleting,
+        } => {
+            let now = podcache::node::unix_ms() as i64;
+            let started = match started_at.as_deref() {
+                None | Some("now") => now,
+                Some(text) => parse_rfc3339_ms(text).ok_or_else(|| {
+                    Failure::Config(format!("--started-at: {text:?} is not RFC 3339"))
+                })?,
+            };
+            let mut label_map = std::collections::BTreeMap::new();
+            for term in
+                parse_selector(&labels).map_err(|e| Failure::Config(format!("--labels: {e}")))?
+            {
+                match term {
+                    podcache::discovery::pod::LabelTerm::Equals(k, v) => {
+                        label_map.insert(k, v);
+                    }
+                    _ => {
+                        return Err(Failure::Config(
+                            "--labels takes key=value terms only".into(),
+                        ));
+                    }
+                }
+            }
+            let mut pod = SimPod::pending(&name, &namespace, "", started);
+            pod.labels = label_map;
+            if let Some(ip) = &ip {
+                pod = pod.running(ip, &host_ip, started);
+            }
+            if let Some(phase) = phase {
+                pod.phase = phase;
+            }
+            pod.deleting = deleting;
+            let revision = sim.put(&pod).await.map_err(|e| Failure::Run(e.into()))?;
+            println!(
+                "{} {} ({}, revision {revision})",
+                pod.key(),
+                pod.phase,
+                sim.describe()
+            );
+        }
+        SimOp::Delete { name } => {
+            let existed = sim
+                .delete(&namespace, &name)
+                .await
+                .map_err(|e| Failure::Run(e.into()))?;
+            if !existed {
+                return Err(Failure::Run(anyhow::anyhow!(
+                    "no pod {name} in namespace {namespace}"
+                )));
+            }
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
 }

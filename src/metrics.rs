@@ -48,6 +48,15 @@ pub struct Metrics {
     pub bootstrap_entries: Counter,
     /// Delivery time of fan-out batches to peers.
     pub replication_seconds: Histogram,
+    /// 1 while discovery cannot reach its source and serves the last
+    /// membership it knew.
+    pub discovery_stale: Gauge,
+    /// Failed attempts to read or follow the discovery source.
+    pub discovery_errors: Counter,
+    /// Membership changes seen by discovery (pods added, changed, removed).
+    pub discovery_events: Counter,
+    /// Stored values discovery skipped, by `reason` (encrypted, undecodable).
+    pub discovery_skipped: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -139,8 +148,36 @@ impl Metrics {
             "Time to deliver one fan-out batch to a peer",
             replication_seconds.clone(),
         );
+        let discovery_stale = Gauge::default();
+        registry.register(
+            "discovery_stale",
+            "1 while discovery cannot reach its source and keeps the last membership",
+            discovery_stale.clone(),
+        );
+        let discovery_errors = Counter::default();
+        registry.register(
+            "discovery_errors",
+            "Failed attempts to read or follow the discovery source",
+            discovery_errors.clone(),
+        );
+        let discovery_events = Counter::default();
+        registry.register(
+            "discovery_events",
+            "Membership changes seen by discovery",
+            discovery_events.clone(),
+        );
+        let discovery_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "discovery_skipped_values",
+            "Stored values discovery skipped, by reason",
+            discovery_skipped.clone(),
+        );
         Self {
             registry,
+            discovery_stale,
+            discovery_errors,
+            discovery_events,
+            discovery_skipped,
             requests,
             rejected,
             remote_applied,

@@ -395,6 +395,7 @@ impl NodeBuilder {
             self_pod_ip: shared.identity.pod_ip.clone(),
             peers_tx,
             cancel: cancel.clone(),
+            metrics: shared.metrics.clone(),
         }));
         tracker.spawn(membership_loop(shared.clone(), peers_rx, cancel.clone()));
         tracker.spawn(bootstrap_then_ready(
@@ -473,7 +474,7 @@ async fn bootstrap_then_ready(
     let mut peers_rx = shared.peers_rx.clone();
     let peers = tokio::select! {
         _ = cancel.cancelled() => return,
-        set = peers_rx.wait_for(|s| s.state != DiscoveryState::Pending) => match set {
+        set = peers_rx.wait_for(PeerSet::answered) => match set {
             Ok(set) => set.peers.clone(),
             Err(_) => return,
         },

@@ -5,14 +5,20 @@
 //! store or replication; a backend only publishes the whole current peer
 //! set into a `watch` channel, and readers see the latest snapshot.
 
+pub mod etcd;
+pub mod etcd_v2;
 pub mod pod;
+mod pod_table;
 pub mod static_list;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use etcd::EtcdDiscovery;
+pub use etcd_v2::EtcdV2Discovery;
 pub use static_list::{StaticList, StaticPeers};
 
 /// One peer as discovery sees it.
@@ -79,6 +85,16 @@ impl PeerSet {
         }
     }
 
+    /// True once the source has answered at least once (a stale set that
+    /// never had a good read does not count).
+    pub fn answered(&self) -> bool {
+        match &self.state {
+            DiscoveryState::Pending => false,
+            DiscoveryState::Fresh { .. } => true,
+            DiscoveryState::Stale { last_good, .. } => last_good.is_some(),
+        }
+    }
+
     /// A fresh set of `peers`, minus `me`, sorted and without duplicates.
     pub fn fresh(mut peers: Vec<Peer>, me: &str) -> Self {
         peers.retain(|p| p.grpc_addr != me);
@@ -104,6 +120,8 @@ pub struct DiscoveryContext {
     pub peers_tx: watch::Sender<PeerSet>,
     /// Fires when the node shuts down.
     pub cancel: CancellationToken,
+    /// The node's metrics (discovery state, errors, skipped values).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A source of membership. Object-safe, so the node holds a

@@ -123,6 +123,7 @@ mod tests {
             self_pod_ip: "127.0.0.9".into(),
             peers_tx,
             cancel: cancel.clone(),
+            metrics: Default::default(),
         };
         let task = tokio::spawn(Box::new(list.discovery()).run(ctx));
         let set = peers_rx

@@ -62,12 +62,14 @@ struct Candidate {
 impl Candidate {
     /// Sort key: ready podcache peers first, oldest first (start time then
     /// node id); then podcache peers still bootstrapping; then legacy peers,
-    /// whose age is unknown unless discovery knew it.
+    /// whose age is unknown unless discovery knew it. The start time is the
+    /// one discovery reports (a pod's running container `startedAt`) when it
+    /// has one, else the peer's own.
     fn order(&self) -> (u8, i64, u64, String) {
         match &self.info {
             Some(info) => (
                 if self.ready { 0 } else { 1 },
-                info.started_at_ms,
+                self.peer.started_at_ms.unwrap_or(info.started_at_ms),
                 info.node_id,
                 self.peer.grpc_addr.clone(),
             ),

@@ -181,8 +181,17 @@ impl Replicator {
         }
         for (addr, peer) in wanted {
             if let Some(link) = links.get(addr) {
-                link.state.set_discovered(peer.clone());
-                continue;
+                if !link.state.same_pod(peer) {
+                    // Pod IPs are reused: another pod (or a restarted one)
+                    // at the same address is a new peer with a new link.
+                    info!(peer = %addr, name = ?peer.name, "a different pod now holds this address");
+                    if let Some(old) = links.remove(addr) {
+                        old.cancel.cancel();
+                    }
+                } else {
+                    link.state.set_discovered(peer.clone());
+                    continue;
+                }
             }
             if self.cancel.is_cancelled() {
                 continue;

@@ -83,7 +83,7 @@ pub struct PeerView {
     pub pod_ip: Option<String>,
     /// Host IP, from the peer or discovery.
     pub host_ip: Option<String>,
-    /// Start time (Unix ms): the peer's own answer, else discovery's.
+    /// Start time (Unix ms): discovery's, else the peer's own answer.
     pub started_at_ms: Option<i64>,
     /// The peer's node id (hex), once it answered.
     pub node_id: Option<String>,
@@ -143,6 +143,17 @@ impl PeerState {
         s.hello.is_none() && !s.legacy
     }
 
+    /// False when discovery names a different pod (or incarnation) at this
+    /// address than before; unknown names and times never differ.
+    pub(crate) fn same_pod(&self, peer: &Peer) -> bool {
+        let s = self.status();
+        let old = &s.discovered;
+        fn differs<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            a.is_some() && b.is_some() && a != b
+        }
+        !(differs(&old.name, &peer.name) || differs(&old.started_at_ms, &peer.started_at_ms))
+    }
+
     pub(crate) fn set_discovered(&self, peer: Peer) {
         self.status().discovered = peer;
     }
@@ -186,9 +197,12 @@ impl PeerState {
                 .map(|h| h.host_ip.clone())
                 .filter(|h| !h.is_empty())
                 .or_else(|| s.discovered.host_ip.clone()),
-            started_at_ms: hello
-                .map(|h| h.started_at_ms)
-                .or(s.discovered.started_at_ms),
+            // Discovery's start time (a pod's container startedAt) is the
+            // authority when it has one, as in the bootstrap's choice.
+            started_at_ms: s
+                .discovered
+                .started_at_ms
+                .or(hello.map(|h| h.started_at_ms)),
             node_id: hello.map(|h| format!("{:016x}", h.node_id)),
             status: match s.reachability {
                 Reachability::Unknown => "unknown",

@@ -1,0 +1,137 @@
+//! `--discovery etcd`: pods read from Kubernetes' etcd through the v3 API.
+//!
+//! Lists `/registry/pods/{namespace}/` at one revision, then watches from the
+//! next revision, so no change between the two is lost. When the watch is
+//! cancelled because its revision was compacted, or the connection drops, it
+//! lists and watches again (with backoff after failures). While etcd cannot
+//! be reached the last membership stays published, marked stale.
+
+use std::time::Duration;
+
+use tracing::debug;
+
+use super::pod::PodFilter;
+use super::pod_table::{PodTable, Publisher};
+use super::{Discovery, DiscoveryContext};
+use crate::etcd::{EtcdClient, EtcdError, EtcdSettings};
+use crate::proto::etcd::event::EventType;
+
+/// Discovery of pods in etcd via the v3 API.
+#[derive(Debug, Clone)]
+pub struct EtcdDiscovery {
+    /// Where etcd is.
+    pub settings: EtcdSettings,
+    /// Which pods are peers. `self_pod_ip` and `grpc_port` are filled in
+    /// from the node at run time.
+    pub filter: PodFilter,
+}
+
+/// The key prefix kube-apiserver stores a namespace's pods under.
+pub fn pods_prefix(namespace: &str) -> String {
+    format!("/registry/pods/{namespace}/")
+}
+
+impl EtcdDiscovery {
+    /// Discovery of the pods `filter` selects, in the etcd at `settings`.
+    pub fn new(settings: EtcdSettings, filter: PodFilter) -> Self {
+        Self { settings, filter }
+    }
+}
+
+#[async_trait::async_trait]
+impl Discovery for EtcdDiscovery {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn run(self: Box<Self>, ctx: DiscoveryContext) {
+        let mut filter = self.filter.clone();
+        filter.self_pod_ip = ctx.self_pod_ip.clone();
+        filter.grpc_port = grpc_port(&ctx.self_grpc_addr);
+        let prefix = pods_prefix(&filter.namespace);
+        let mut table = PodTable::new(filter);
+        let mut publisher = Publisher::new();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                result = session(&self.settings, prefix.as_bytes(), &mut table, &mut publisher, &ctx) => result,
+            };
+            match result {
+                Err(EtcdError::Compacted { compact_revision }) => {
+                    // Nothing is wrong with etcd: list again at once.
+                    debug!(compact_revision, "watch revision compacted; listing again");
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Err(err) => publisher.stale(err.to_string(), &ctx),
+                Ok(()) => return,
+            }
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+pub(super) fn grpc_port(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(crate::config::DEFAULT_GRPC_PORT)
+}
+
+/// One list-then-watch; returns only on failure (or compaction).
+async fn session(
+    settings: &EtcdSettings,
+    prefix: &[u8],
+    table: &mut PodTable,
+    publisher: &mut Publisher,
+    ctx: &DiscoveryContext,
+) -> Result<(), EtcdError> {
+    let client = EtcdClient::connect(settings)?;
+    let (kvs, revision) = client.range_prefix(prefix).await?;
+    table.reset(
+        kvs.iter().map(|kv| {
+            (
+                String::from_utf8_lossy(&kv.key).into_owned(),
+                kv.value.as_slice(),
+            )
+        }),
+        ctx,
+    );
+    publisher.fresh(table.peers(), ctx);
+    let mut watch = client.watch_prefix(prefix, revision + 1).await?;
+    loop {
+        let Some(response) = watch.next().await? else {
+            return Err(EtcdError::WatchEnded("etcd closed the stream".into()));
+        };
+        if response.compact_revision > 0 {
+            return Err(EtcdError::Compacted {
+                compact_revision: response.compact_revision,
+            });
+        }
+        if response.canceled {
+            return Err(EtcdError::WatchEnded(
+                if response.cancel_reason.is_empty() {
+                    "cancelled by etcd".into()
+                } else {
+                    response.cancel_reason
+                },
+            ));
+        }
+        for event in &response.events {
+            let Some(kv) = &event.kv else { continue };
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            if event.r#type == EventType::Delete as i32 {
+                table.remove(&key);
+            } else {
+                table.upsert(key, &kv.value, ctx);
+            }
+        }
+        // Every answer (events or a progress notification) proves etcd is
+        // reachable: the set is fresh as of now.
+        publisher.fresh(table.peers(), ctx);
+    }
+}

@@ -1,0 +1,390 @@
+//! A small etcd v3 client over the generated API (`proto/etcd/rpc.proto`):
+//! range a prefix (paged, at one revision), put, delete, compact, watch a
+//! prefix, and leases. Client TLS as kube-apiserver's own etcd client uses it
+//! (CA, client certificate and key).
+//!
+//! Owns: connections to etcd and the translation of its errors. Must not
+//! touch: what the keys mean (the discovery backends and the pod simulator
+//! decide).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::proto::etcd::kv_client::KvClient;
+use crate::proto::etcd::lease_client::LeaseClient;
+use crate::proto::etcd::watch_client::WatchClient;
+use crate::proto::etcd::{
+    CompactionRequest, DeleteRangeRequest, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest, TxnRequest, TxnResponse,
+    WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
+};
+
+/// Client TLS files, as kube-apiserver's `--etcd-cafile`, `--etcd-certfile`
+/// and `--etcd-keyfile`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA bundle that signed etcd's serving certificate.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), sent when etcd asks for one.
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM) of `cert`.
+    pub key: Option<PathBuf>,
+}
+
+/// Where etcd is and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// `http://host:port` or `https://host:port`, one or more.
+    pub endpoints: Vec<String>,
+    /// Client TLS, for `https` endpoints.
+    pub tls: EtcdTls,
+    /// Deadline of one unary call and of connecting.
+    pub timeout: Duration,
+}
+
+/// A failure talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoint, or one that is not a URL.
+    #[error("invalid etcd endpoint {0:?}")]
+    BadEndpoint(String),
+    /// A TLS file could not be read or does not fit.
+    #[error("etcd TLS: {0}")]
+    Tls(String),
+    /// etcd could not be reached or answered with an error.
+    #[error("etcd: {0}")]
+    Call(String),
+    /// etcd did not answer in time.
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The watch was cancelled because its start revision was compacted.
+    #[error("etcd compacted revision {compact_revision} past the watch's start")]
+    Compacted {
+        /// The revision etcd compacted to.
+        compact_revision: i64,
+    },
+    /// The watch stream ended or was cancelled by etcd.
+    #[error("etcd watch ended: {0}")]
+    WatchEnded(String),
+}
+
+impl From<tonic::Status> for EtcdError {
+    fn from(status: tonic::Status) -> Self {
+        EtcdError::Call(format!("{:?}: {}", status.code(), status.message()))
+    }
+}
+
+/// The end of a prefix range: the prefix with its last byte incremented.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the whole key space
+}
+
+/// An open watch: responses arrive on `stream`; dropping it ends the watch.
+pub struct Watch {
+    /// Keeps the request side open (etcd ends the watch when it closes).
+    _requests_tx: mpsc::Sender<WatchRequest>,
+    stream: Streaming<WatchResponse>,
+}
+
+impl Watch {
+    /// The next response; `Ok(None)` when etcd closed the stream.
+    pub async fn next(&mut self) -> Result<Option<WatchResponse>, EtcdError> {
+        Ok(self.stream.message().await?)
+    }
+}
+
+/// A lease kept alive by the caller sending on `keep_alive_tx`.
+pub struct LeaseKeeper {
+    /// The lease id.
+    pub id: i64,
+    /// Send the lease id here to renew it.
+    pub keep_alive_tx: mpsc::Sender<LeaseKeepAliveRequest>,
+    /// Renewal answers.
+    pub responses: Streaming<LeaseKeepAliveResponse>,
+}
+
+/// A connection to an etcd cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdClient {
+    kv: KvClient<Channel>,
+    watch: WatchClient<Channel>,
+    lease: LeaseClient<Channel>,
+    timeout: Duration,
+}
+
+impl EtcdClient {
+    /// Connects lazily to every endpoint (requests are balanced over those
+    /// that answer). Fails only on bad endpoints or TLS files.
+    pub fn connect(settings: &EtcdSettings) -> Result<Self, EtcdError> {
+        if settings.endpoints.is_empty() {
+            return Err(EtcdError::BadEndpoint(String::new()));
+        }
+        let tls = tls_config(&settings.tls)?;
+        let mut endpoints = Vec::new();
+        for url in &settings.endpoints {
+            let mut endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|_| EtcdError::BadEndpoint(url.clone()))?
+                .connect_timeout(settings.timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true);
+            if url.starts_with("https://") {
+                let tls = tls.clone().unwrap_or_else(ClientTlsConfig::new);
+                endpoint = endpoint
+                    .tls_config(tls)
+                    .map_err(|e| EtcdError::Tls(e.to_string()))?;
+            } else if !url.starts_with("http://") {
+                return Err(EtcdError::BadEndpoint(url.clone()));
+            }
+            endpoints.push(endpoint);
+        }
+        let channel = Channel::balance_list(endpoints.into_iter());
+        Ok(Self {
+            kv: KvClient::new(channel.clone()),
+            watch: WatchClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+            timeout: settings.timeout,
+        })
+    }
+
+    async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, EtcdError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => Ok(result?.into_inner()),
+            Err(_) => Err(EtcdError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Every key under `prefix`, read in pages at one revision; returns the
+    /// pairs and that revision.
+    pub async fn range_prefix(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+        const PAGE: i64 = 500;
+        let end = prefix_end(prefix);
+        let mut start = prefix.to_vec();
+        let mut revision = 0;
+        let mut all = Vec::new();
+        loop {
+            let mut kv = self.kv.clone();
+            let response = self
+                .timed(kv.range(RangeRequest {
+                    key: start.clone(),
+                    range_end: end.clone(),
+                    limit: PAGE,
+                    revision,
+                    ..RangeRequest::default()
+                }))
+                .await?;
+            if revision == 0 {
+                revision = response.header.as_ref().map_or(0, |h| h.revision);
+            }
+            let more = response.more;
+            if let Some(last) = response.kvs.last() {
+                start = last.key.clone();
+                start.push(0);
+            }
+            all.extend(response.kvs);
+            if !more {
+                return Ok((all, revision));
+            }
+        }
+    }
+
+    /// Sets `key`; returns the new revision.
+    pub async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<i64, EtcdError> {
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed(kv.put(PutRequest {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                lease,
+                prev_kv: false,
+            }))
+            .await?;
+        Ok(response.header.map_or(0, |h| h.revision))
+    }
+
+    /// Deletes `key`; returns how many keys were deleted.
+    pub async fn delete(&self, key: &[u8]) -> Result<i64, EtcdError> {
+        let mut kv = self.kv.clone();
+        let response = self
+            .timed(kv.delete_range(DeleteRangeRequest {
+                key: key.to_vec(),
+                ..DeleteRangeRequest::default()
+            }))
+            .await?;
+        Ok(response.deleted)
+    }
+
+    /// A transaction.
+    pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let mut kv = self.kv.clone();
+        self.timed(kv.txn(request)).await
+    }
+
+    /// Compacts the history up to `revision`.
+    pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
+        let mut kv = self.kv.clone();
+        self.timed(kv.compact(CompactionRequest {
+            revision,
+            physical: true,
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Watches every key under `prefix` from `start_revision`, with
+    /// progress notifications.
+    pub async fn watch_prefix(
+        &self,
+        prefix: &[u8],
+        start_revision: i64,
+    ) -> Result<Watch, EtcdError> {
+        let (requests_tx, requests_rx) = mpsc::channel(4);
+        let create = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: prefix.to_vec(),
+                    range_end: prefix_end(prefix),
+                    start_revision,
+                    progress_notify: true,
+                    ..WatchCreateRequest::default()
+                },
+            )),
+        };
+        requests_tx
+            .send(create)
+            .await
+            .map_err(|_| EtcdError::WatchEnded("request stream closed".into()))?;
+        let mut watch = self.watch.clone();
+        let stream = self
+            .timed(watch.watch(ReceiverStream::new(requests_rx)))
+            .await?;
+        Ok(Watch {
+            _requests_tx: requests_tx,
+            stream,
+        })
+    }
+
+    /// Grants a lease of `ttl_secs`.
+    pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, EtcdError> {
+        let mut lease = self.lease.clone();
+        let response = self
+            .timed(lease.lease_grant(LeaseGrantRequest {
+                ttl: ttl_secs,
+                id: 0,
+            }))
+            .await?;
+        if !response.error.is_empty() {
+            return Err(EtcdError::Call(response.error));
+        }
+        Ok(response.id)
+    }
+
+    /// Opens the keep-alive stream of lease `id`.
+    pub async fn keep_alive(&self, id: i64) -> Result<LeaseKeeper, EtcdError> {
+        let (keep_alive_tx, rx) = mpsc::channel(4);
+        keep_alive_tx
+            .send(LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|_| EtcdError::WatchEnded("keep-alive stream closed".into()))?;
+        let mut lease = self.lease.clone();
+        let responses = self
+            .timed(lease.lease_keep_alive(ReceiverStream::new(rx)))
+            .await?;
+        Ok(LeaseKeeper {
+            id,
+            keep_alive_tx,
+            responses,
+        })
+    }
+
+    /// Revokes lease `id` (its keys are deleted).
+    pub async fn revoke_lease(&self, id: i64) -> Result<(), EtcdError> {
+        let mut lease = self.lease.clone();
+        self.timed(lease.lease_revoke(LeaseRevokeRequest { id }))
+            .await?;
+        Ok(())
+    }
+}
+
+fn tls_config(tls: &EtcdTls) -> Result<Option<ClientTlsConfig>, EtcdError> {
+    if tls == &EtcdTls::default() {
+        return Ok(None);
+    }
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| EtcdError::Tls(format!("cannot read {}: {e}", path.display())))
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(EtcdError::Tls(
+                "a client certificate needs its key, and a key its certificate".into(),
+            ));
+        }
+    }
+    Ok(Some(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends_cover_exactly_the_prefix() {
+        assert_eq!(
+            prefix_end(b"/registry/pods/default/"),
+            b"/registry/pods/default0".to_vec()
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn half_a_client_identity_is_refused() {
+        let settings = EtcdSettings {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            tls: EtcdTls {
+                ca: None,
+                cert: Some("/nonexistent".into()),
+                key: None,
+            },
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            EtcdClient::connect(&settings),
+            Err(EtcdError::Tls(_))
+        ));
+        let bad = EtcdSettings {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            tls: EtcdTls::default(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(
+            EtcdClient::connect(&bad),
+            Err(EtcdError::BadEndpoint(_))
+        ));
+    }
+}
