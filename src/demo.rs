@@ -1,7 +1,8 @@
 //! `podcache demo`: a local cluster of real nodes on loopback addresses,
 //! each with the same gRPC and REST ports (as pods each have their own IP),
 //! and a walk-through that shows a write spreading and a new replica
-//! bootstrapping from the oldest. Needs nothing but this binary.
+//! bootstrapping from the oldest. Needs nothing but this binary (and, with
+//! `--etcd local`, Debian's `etcd`).
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -9,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use crate::NodeConfig;
 use crate::client::{ClientError, RestClient};
-use crate::discovery::StaticPeers;
-use crate::node::{NodeBuilder, NodeError, NodeHandle};
+use crate::discovery::pod::{LabelTerm, PodFilter};
+use crate::discovery::{EtcdDiscovery, StaticPeers};
+use crate::etcd::{EtcdClient, EtcdSettings, EtcdTls};
+use crate::k8s_sim::{PodEncoding, PodSimulator, SimPod};
+use crate::local_etcd::LocalEtcd;
+use crate::node::{NodeBuilder, NodeHandle};
 
 /// Settings of the demo cluster.
 #[derive(Debug, Clone)]
@@ -21,13 +26,33 @@ pub struct DemoOptions {
     pub http_port: u16,
     /// gRPC port of every replica.
     pub grpc_port: u16,
+    /// Discover replicas through pods in etcd instead of a static list:
+    /// an endpoint URL, or `local` to run the `etcd` binary found on PATH.
+    pub etcd: Option<String>,
 }
+
+/// How the demo's replicas find each other.
+enum Membership {
+    /// A shared static list.
+    Static(StaticPeers),
+    /// Pods in etcd, written by the pod simulator as kube-apiserver would.
+    Etcd {
+        settings: EtcdSettings,
+        sim: PodSimulator,
+        /// The etcd this demo started, if it did.
+        _local: Option<LocalEtcd>,
+    },
+}
+
+/// Namespace and app label of the demo's pods.
+const NAMESPACE: &str = "default";
+const APP: &str = "hello";
 
 /// A running demo cluster.
 pub struct DemoCluster {
     /// The replicas, oldest first.
     pub nodes: Vec<NodeHandle>,
-    peers: StaticPeers,
+    membership: Membership,
     options: DemoOptions,
 }
 
@@ -38,31 +63,93 @@ fn ip_of(options: &DemoOptions, index: usize) -> Ipv4Addr {
 
 impl DemoCluster {
     /// An empty cluster; replicas are added with [`DemoCluster::add_replica`].
-    pub fn new(options: DemoOptions) -> Self {
-        Self {
+    /// With `options.etcd`, connects to (or starts) etcd first.
+    pub async fn new(options: DemoOptions) -> anyhow::Result<Self> {
+        let membership = match options.etcd.as_deref() {
+            None => Membership::Static(StaticPeers::new(Vec::<String>::new())),
+            Some(which) => {
+                let (settings, local) = if which == "local" {
+                    let local = LocalEtcd::start().await?;
+                    (local.settings(), Some(local))
+                } else {
+                    let settings = EtcdSettings {
+                        endpoints: vec![which.trim_end_matches('/').to_owned()],
+                        tls: EtcdTls::default(),
+                        timeout: Duration::from_secs(3),
+                    };
+                    (settings, None)
+                };
+                let client = EtcdClient::connect(&settings)?;
+                Membership::Etcd {
+                    sim: PodSimulator::new(client, PodEncoding::Protobuf),
+                    settings,
+                    _local: local,
+                }
+            }
+        };
+        Ok(Self {
             nodes: Vec::new(),
-            peers: StaticPeers::new(Vec::<String>::new()),
+            membership,
             options,
+        })
+    }
+
+    /// Where membership comes from, for the walk-through's first line.
+    pub fn membership(&self) -> String {
+        match &self.membership {
+            Membership::Static(_) => "a static peer list".into(),
+            Membership::Etcd { settings, .. } => format!(
+                "pods in etcd at {} (written as kube-apiserver stores them, protobuf)",
+                settings.endpoints.join(",")
+            ),
         }
     }
 
     /// Starts the next replica, announces it to the others, and waits until
     /// it is ready.
-    pub async fn add_replica(&mut self) -> Result<&NodeHandle, NodeError> {
+    pub async fn add_replica(&mut self) -> anyhow::Result<&NodeHandle> {
         let index = self.nodes.len();
         let ip = ip_of(&self.options, index);
-        let mut config = NodeConfig::new(format!("hello-web-{index}"), ip.into());
+        let name = format!("hello-web-{index}");
+        let mut config = NodeConfig::new(name.clone(), ip.into());
         config.http_addr = SocketAddr::new(ip.into(), self.options.http_port);
         config.grpc_addr = SocketAddr::new(ip.into(), self.options.grpc_port);
         config.host_ip = Some("127.0.0.1".into());
         config.shutdown_grace = Duration::from_secs(3);
-        let node = NodeBuilder::new(config)
-            .discovery(self.peers.discovery())
-            .start()
-            .await?;
-        // Announced once it listens, as a pod appears in discovery only
-        // once it runs.
-        self.peers.add(node.identity().grpc_addr.clone());
+        let builder = NodeBuilder::new(config);
+        let node = match &self.membership {
+            Membership::Static(peers) => {
+                let node = builder.discovery(peers.discovery()).start().await?;
+                // Announced once it listens, as a pod appears in discovery
+                // only once it runs.
+                peers.add(node.identity().grpc_addr.clone());
+                node
+            }
+            Membership::Etcd { settings, sim, .. } => {
+                // The pod exists (Pending, no IP) before its container runs.
+                let now = crate::node::unix_ms() as i64;
+                sim.put(&SimPod::pending(&name, NAMESPACE, APP, now))
+                    .await?;
+                let filter = PodFilter {
+                    namespace: NAMESPACE.into(),
+                    selector: vec![LabelTerm::Equals("app".into(), APP.into())],
+                    name_contains: None,
+                    self_pod_ip: String::new(),
+                    grpc_port: self.options.grpc_port,
+                };
+                let node = builder
+                    .discovery(EtcdDiscovery::new(settings.clone(), filter))
+                    .start()
+                    .await?;
+                let running = SimPod::pending(&name, NAMESPACE, APP, now).running(
+                    &ip.to_string(),
+                    "127.0.0.1",
+                    node.identity().started_at_ms,
+                );
+                sim.put(&running).await?;
+                node
+            }
+        };
         node.wait_ready().await;
         self.nodes.push(node);
         Ok(&self.nodes[index])
@@ -79,7 +166,18 @@ impl DemoCluster {
 
     /// Shuts every replica down, all at once.
     pub async fn shutdown(self) {
+        let names: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| n.identity().name.clone())
+            .collect();
         futures_util::future::join_all(self.nodes.into_iter().map(NodeHandle::shutdown)).await;
+        if let Membership::Etcd { sim, .. } = &self.membership {
+            // The pods go away with their containers.
+            for name in names {
+                let _ = sim.delete(NAMESPACE, &name).await;
+            }
+        }
     }
 }
 
@@ -139,7 +237,11 @@ pub async fn walk_through(
     options: DemoOptions,
     out: &mut dyn FnMut(&str),
 ) -> anyhow::Result<DemoCluster> {
-    let mut cluster = DemoCluster::new(options);
+    let mut cluster = DemoCluster::new(options).await?;
+    out(&format!(
+        "Replicas find each other through {}.",
+        cluster.membership()
+    ));
     out("Starting 3 replicas of hello-web, each on its own loopback address with the same ports:");
     for _ in 0..3 {
         cluster.add_replica().await?;

@@ -156,9 +156,11 @@ impl SimPod {
 
     /// `k8s\0` + `runtime.Unknown{typeMeta: v1/Pod, raw: <v1.Pod protobuf>}`.
     pub fn to_protobuf(&self) -> Vec<u8> {
+        // Protobuf keeps sub-second precision (JSON storage truncates to
+        // seconds, as metav1.Time's JSON form does).
         let time = |ms: i64| k8s::Time {
             seconds: Some(ms.div_euclid(1000)),
-            nanos: Some(0),
+            nanos: Some((ms.rem_euclid(1000) * 1_000_000) as i32),
         };
         let pod = k8s::Pod {
             metadata: Some(k8s::ObjectMeta {
@@ -316,6 +318,19 @@ mod tests {
         let from_pb = decode_pod(&pod.to_protobuf()).expect("protobuf");
         assert_eq!(from_json, from_pb);
         assert_eq!(from_json.started_at_ms, Some(1_700_000_005_000));
+        let precise = pod
+            .clone()
+            .running("10.0.0.7", "192.168.1.2", 1_700_000_005_123);
+        assert_eq!(
+            decode_pod(&precise.to_protobuf())
+                .expect("pb")
+                .started_at_ms,
+            Some(1_700_000_005_123)
+        );
+        assert_eq!(
+            decode_pod(&precise.to_json()).expect("json").started_at_ms,
+            Some(1_700_000_005_000)
+        );
         assert_eq!(from_json.pod_ip.as_deref(), Some("10.0.0.7"));
         assert_eq!(
             from_json.labels.get("app").map(String::as_str),

@@ -324,6 +324,10 @@ struct DemoArgs {
     /// gRPC port of every replica.
     #[arg(long, env = "PODCACHE_DEMO_GRPC_PORT", default_value_t = 9090)]
     grpc_port: u16,
+    /// Find replicas through pods in etcd: an endpoint URL, or "local" to
+    /// start the etcd binary on PATH (Debian etcd-server).
+    #[arg(long, env = "PODCACHE_DEMO_ETCD")]
+    etcd: Option<String>,
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -546,6 +550,7 @@ async fn demo(args: DemoArgs) -> Result<(), Failure> {
         first_ip: args.first_ip,
         http_port: args.http_port,
         grpc_port: args.grpc_port,
+        etcd: args.etcd,
     };
     let cluster = walk_through(options, &mut |text| println!("{text}\n"))
         .await
