@@ -36,12 +36,15 @@ enum Membership {
     /// A shared static list.
     Static(StaticPeers),
     /// Pods in etcd, written by the pod simulator as kube-apiserver would.
-    Etcd {
-        settings: EtcdSettings,
-        sim: PodSimulator,
-        /// The etcd this demo started, if it did.
-        _local: Option<LocalEtcd>,
-    },
+    Etcd(Box<EtcdMembership>),
+}
+
+/// Membership through pods in etcd.
+struct EtcdMembership {
+    settings: EtcdSettings,
+    sim: PodSimulator,
+    /// The etcd this demo started, if it did (stopped when dropped).
+    _local: Option<LocalEtcd>,
 }
 
 /// Namespace and app label of the demo's pods.
@@ -80,11 +83,11 @@ impl DemoCluster {
                     (settings, None)
                 };
                 let client = EtcdClient::connect(&settings)?;
-                Membership::Etcd {
+                Membership::Etcd(Box::new(EtcdMembership {
                     sim: PodSimulator::new(client, PodEncoding::Protobuf),
                     settings,
                     _local: local,
-                }
+                }))
             }
         };
         Ok(Self {
@@ -98,9 +101,9 @@ impl DemoCluster {
     pub fn membership(&self) -> String {
         match &self.membership {
             Membership::Static(_) => "a static peer list".into(),
-            Membership::Etcd { settings, .. } => format!(
+            Membership::Etcd(etcd) => format!(
                 "pods in etcd at {} (written as kube-apiserver stores them, protobuf)",
-                settings.endpoints.join(",")
+                etcd.settings.endpoints.join(",")
             ),
         }
     }
@@ -125,7 +128,8 @@ impl DemoCluster {
                 peers.add(node.identity().grpc_addr.clone());
                 node
             }
-            Membership::Etcd { settings, sim, .. } => {
+            Membership::Etcd(etcd) => {
+                let (settings, sim) = (&etcd.settings, &etcd.sim);
                 // The pod exists (Pending, no IP) before its container runs.
                 let now = crate::node::unix_ms() as i64;
                 sim.put(&SimPod::pending(&name, NAMESPACE, APP, now))
@@ -172,10 +176,10 @@ impl DemoCluster {
             .map(|n| n.identity().name.clone())
             .collect();
         futures_util::future::join_all(self.nodes.into_iter().map(NodeHandle::shutdown)).await;
-        if let Membership::Etcd { sim, .. } = &self.membership {
+        if let Membership::Etcd(etcd) = &self.membership {
             // The pods go away with their containers.
             for name in names {
-                let _ = sim.delete(NAMESPACE, &name).await;
+                let _ = etcd.sim.delete(NAMESPACE, &name).await;
             }
         }
     }

@@ -8,6 +8,8 @@
 //! decide).
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -115,24 +117,34 @@ pub struct LeaseKeeper {
     pub responses: Streaming<LeaseKeepAliveResponse>,
 }
 
-/// A connection to an etcd cluster.
+/// A connection to an etcd cluster: one lazily connecting channel per
+/// endpoint, and failover to the next endpoint when one cannot be reached
+/// (as etcd's own client does), sticking to the last one that answered.
 #[derive(Debug, Clone)]
 pub struct EtcdClient {
-    kv: KvClient<Channel>,
-    watch: WatchClient<Channel>,
-    lease: LeaseClient<Channel>,
+    channels: Vec<(String, Channel)>,
+    /// Index of the endpoint that answered last.
+    current: Arc<AtomicUsize>,
     timeout: Duration,
 }
 
+/// True for failures of the connection rather than of the request.
+fn is_unreachable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
 impl EtcdClient {
-    /// Connects lazily to every endpoint (requests are balanced over those
-    /// that answer). Fails only on bad endpoints or TLS files.
+    /// Prepares a channel to every endpoint (nothing is dialled yet). Fails
+    /// only on bad endpoints or TLS files.
     pub fn connect(settings: &EtcdSettings) -> Result<Self, EtcdError> {
         if settings.endpoints.is_empty() {
             return Err(EtcdError::BadEndpoint(String::new()));
         }
         let tls = tls_config(&settings.tls)?;
-        let mut endpoints = Vec::new();
+        let mut channels = Vec::new();
         for url in &settings.endpoints {
             let mut endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|_| EtcdError::BadEndpoint(url.clone()))?
@@ -149,25 +161,44 @@ impl EtcdClient {
             } else if !url.starts_with("http://") {
                 return Err(EtcdError::BadEndpoint(url.clone()));
             }
-            endpoints.push(endpoint);
+            channels.push((url.clone(), endpoint.connect_lazy()));
         }
-        let channel = Channel::balance_list(endpoints.into_iter());
         Ok(Self {
-            kv: KvClient::new(channel.clone()),
-            watch: WatchClient::new(channel.clone()),
-            lease: LeaseClient::new(channel),
+            channels,
+            current: Arc::new(AtomicUsize::new(0)),
             timeout: settings.timeout,
         })
     }
 
-    async fn timed<T>(
-        &self,
-        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T, EtcdError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => Ok(result?.into_inner()),
-            Err(_) => Err(EtcdError::Timeout(self.timeout)),
+    /// Runs `call` against the endpoint that answered last, then the others
+    /// in turn while they cannot be reached.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, EtcdError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = EtcdError::BadEndpoint(String::new());
+        for attempt in 0..self.channels.len() {
+            let index = (start + attempt) % self.channels.len();
+            let (url, channel) = &self.channels[index];
+            match tokio::time::timeout(self.timeout, call(channel.clone())).await {
+                Ok(Ok(response)) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(response.into_inner());
+                }
+                Ok(Err(status)) if is_unreachable(&status) => {
+                    last = EtcdError::Call(format!(
+                        "{url}: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    ));
+                }
+                Ok(Err(status)) => return Err(status.into()),
+                Err(_) => last = EtcdError::Timeout(self.timeout),
+            }
         }
+        Err(last)
     }
 
     /// Every key under `prefix`, read in pages at one revision; returns the
@@ -179,15 +210,18 @@ impl EtcdClient {
         let mut revision = 0;
         let mut all = Vec::new();
         loop {
-            let mut kv = self.kv.clone();
+            let request = RangeRequest {
+                key: start.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                revision,
+                ..RangeRequest::default()
+            };
             let response = self
-                .timed(kv.range(RangeRequest {
-                    key: start.clone(),
-                    range_end: end.clone(),
-                    limit: PAGE,
-                    revision,
-                    ..RangeRequest::default()
-                }))
+                .call(|ch| {
+                    let request = request.clone();
+                    async move { KvClient::new(ch).range(request).await }
+                })
                 .await?;
             if revision == 0 {
                 revision = response.header.as_ref().map_or(0, |h| h.revision);
@@ -206,44 +240,53 @@ impl EtcdClient {
 
     /// Sets `key`; returns the new revision.
     pub async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<i64, EtcdError> {
-        let mut kv = self.kv.clone();
+        let request = PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            lease,
+            prev_kv: false,
+        };
         let response = self
-            .timed(kv.put(PutRequest {
-                key: key.to_vec(),
-                value: value.to_vec(),
-                lease,
-                prev_kv: false,
-            }))
+            .call(|ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).put(request).await }
+            })
             .await?;
         Ok(response.header.map_or(0, |h| h.revision))
     }
 
     /// Deletes `key`; returns how many keys were deleted.
     pub async fn delete(&self, key: &[u8]) -> Result<i64, EtcdError> {
-        let mut kv = self.kv.clone();
+        let request = DeleteRangeRequest {
+            key: key.to_vec(),
+            ..DeleteRangeRequest::default()
+        };
         let response = self
-            .timed(kv.delete_range(DeleteRangeRequest {
-                key: key.to_vec(),
-                ..DeleteRangeRequest::default()
-            }))
+            .call(|ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).delete_range(request).await }
+            })
             .await?;
         Ok(response.deleted)
     }
 
     /// A transaction.
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, EtcdError> {
-        let mut kv = self.kv.clone();
-        self.timed(kv.txn(request)).await
+        self.call(|ch| {
+            let request = request.clone();
+            async move { KvClient::new(ch).txn(request).await }
+        })
+        .await
     }
 
     /// Compacts the history up to `revision`.
     pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
-        let mut kv = self.kv.clone();
-        self.timed(kv.compact(CompactionRequest {
+        let request = CompactionRequest {
             revision,
             physical: true,
-        }))
-        .await?;
+        };
+        self.call(|ch| async move { KvClient::new(ch).compact(request).await })
+            .await?;
         Ok(())
     }
 
@@ -254,7 +297,6 @@ impl EtcdClient {
         prefix: &[u8],
         start_revision: i64,
     ) -> Result<Watch, EtcdError> {
-        let (requests_tx, requests_rx) = mpsc::channel(4);
         let create = WatchRequest {
             request_union: Some(watch_request::RequestUnion::CreateRequest(
                 WatchCreateRequest {
@@ -266,14 +308,27 @@ impl EtcdClient {
                 },
             )),
         };
-        requests_tx
-            .send(create)
-            .await
-            .map_err(|_| EtcdError::WatchEnded("request stream closed".into()))?;
-        let mut watch = self.watch.clone();
+        // Each attempt gets its own request stream; the one that worked is
+        // kept open for the life of the watch.
+        let opened = std::sync::Mutex::new(None);
         let stream = self
-            .timed(watch.watch(ReceiverStream::new(requests_rx)))
+            .call(|ch| {
+                let (requests_tx, requests_rx) = mpsc::channel(4);
+                let _ = requests_tx.try_send(create.clone());
+                *opened
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(requests_tx);
+                async move {
+                    WatchClient::new(ch)
+                        .watch(ReceiverStream::new(requests_rx))
+                        .await
+                }
+            })
             .await?;
+        let requests_tx = opened
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ok_or_else(|| EtcdError::WatchEnded("no request stream".into()))?;
         Ok(Watch {
             _requests_tx: requests_tx,
             stream,
@@ -282,12 +337,12 @@ impl EtcdClient {
 
     /// Grants a lease of `ttl_secs`.
     pub async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, EtcdError> {
-        let mut lease = self.lease.clone();
+        let request = LeaseGrantRequest {
+            ttl: ttl_secs,
+            id: 0,
+        };
         let response = self
-            .timed(lease.lease_grant(LeaseGrantRequest {
-                ttl: ttl_secs,
-                id: 0,
-            }))
+            .call(|ch| async move { LeaseClient::new(ch).lease_grant(request).await })
             .await?;
         if !response.error.is_empty() {
             return Err(EtcdError::Call(response.error));
@@ -297,15 +352,25 @@ impl EtcdClient {
 
     /// Opens the keep-alive stream of lease `id`.
     pub async fn keep_alive(&self, id: i64) -> Result<LeaseKeeper, EtcdError> {
-        let (keep_alive_tx, rx) = mpsc::channel(4);
-        keep_alive_tx
-            .send(LeaseKeepAliveRequest { id })
-            .await
-            .map_err(|_| EtcdError::WatchEnded("keep-alive stream closed".into()))?;
-        let mut lease = self.lease.clone();
+        let opened = std::sync::Mutex::new(None);
         let responses = self
-            .timed(lease.lease_keep_alive(ReceiverStream::new(rx)))
+            .call(|ch| {
+                let (keep_alive_tx, rx) = mpsc::channel(4);
+                let _ = keep_alive_tx.try_send(LeaseKeepAliveRequest { id });
+                *opened
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(keep_alive_tx);
+                async move {
+                    LeaseClient::new(ch)
+                        .lease_keep_alive(ReceiverStream::new(rx))
+                        .await
+                }
+            })
             .await?;
+        let keep_alive_tx = opened
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ok_or_else(|| EtcdError::WatchEnded("no keep-alive stream".into()))?;
         Ok(LeaseKeeper {
             id,
             keep_alive_tx,
@@ -315,9 +380,11 @@ impl EtcdClient {
 
     /// Revokes lease `id` (its keys are deleted).
     pub async fn revoke_lease(&self, id: i64) -> Result<(), EtcdError> {
-        let mut lease = self.lease.clone();
-        self.timed(lease.lease_revoke(LeaseRevokeRequest { id }))
-            .await?;
+        self.call(|ch| {
+            let request = LeaseRevokeRequest { id };
+            async move { LeaseClient::new(ch).lease_revoke(request).await }
+        })
+        .await?;
         Ok(())
     }
 }

@@ -218,7 +218,10 @@ impl SimPod {
 #[derive(Debug, Clone)]
 enum Backend {
     V3(EtcdClient),
-    V2 { base: String, client: RestClient },
+    V2 {
+        base: String,
+        client: Box<RestClient>,
+    },
 }
 
 /// Writes pods into etcd.
@@ -244,7 +247,7 @@ impl PodSimulator {
         Ok(Self {
             backend: Backend::V2 {
                 base: endpoint.trim_end_matches('/').to_owned(),
-                client,
+                client: Box::new(client),
             },
             encoding: PodEncoding::Json,
         })

@@ -497,11 +497,11 @@ fn discovery(args: &ServeArgs) -> Result<Box<dyn Discovery>, Failure> {
                         .into(),
                 ));
             }
-            Ok(Box::new(EtcdV2Discovery {
-                endpoints: settings.endpoints,
+            Ok(Box::new(EtcdV2Discovery::new(
+                settings.endpoints,
                 filter,
-                timeout: settings.timeout,
-            }))
+                settings.timeout,
+            )))
         }
     }
 }

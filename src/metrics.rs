@@ -57,6 +57,9 @@ pub struct Metrics {
     pub discovery_events: Counter,
     /// Stored values discovery skipped, by `reason` (encrypted, undecodable).
     pub discovery_skipped: Family<Labels, Counter>,
+    /// Times discovery listed the source again, by `reason` (compacted,
+    /// outdated, error).
+    pub discovery_relists: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -172,8 +175,15 @@ impl Metrics {
             "Stored values discovery skipped, by reason",
             discovery_skipped.clone(),
         );
+        let discovery_relists = Family::<Labels, Counter>::default();
+        registry.register(
+            "discovery_relists",
+            "Times discovery listed its source again, by reason",
+            discovery_relists.clone(),
+        );
         Self {
             registry,
+            discovery_relists,
             discovery_stale,
             discovery_errors,
             discovery_events,

@@ -226,3 +226,85 @@ async fn the_demo_walks_through_and_exits() {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
 }
+
+#[tokio::test]
+async fn the_demo_runs_on_pods_in_a_local_etcd() {
+    let block = next_block();
+    let first = Ipv4Addr::from(block | 2);
+    let (http, grpc) = {
+        let a = TcpListener::bind((first, 0)).expect("bind");
+        let b = TcpListener::bind((first, 0)).expect("bind");
+        let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).expect("port");
+        (port(&a), port(&b))
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "demo",
+                "--exit",
+                "--etcd",
+                "local",
+                "--first-ip",
+                &first.to_string(),
+            ])
+            .args([
+                "--http-port",
+                &http.to_string(),
+                "--grpc-port",
+                &grpc.to_string(),
+            ])
+            .output()
+            .expect("demo runs")
+    })
+    .await
+    .expect("joined");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("pods in etcd"), "{stdout}");
+    assert!(stdout.contains("hello-web-0  snapshot"), "{stdout}");
+}
+
+#[test]
+fn etcd_discovery_without_a_selector_or_endpoints_is_a_configuration_error() {
+    for args in [
+        vec![
+            "--discovery",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ],
+        vec!["--discovery", "etcd", "--selector", "app=hello"],
+        vec![
+            "--discovery",
+            "etcd-v2",
+            "--selector",
+            "app=hello",
+            "--etcd-endpoints",
+            "https://127.0.0.1:2379",
+        ],
+        vec![
+            "--discovery",
+            "etcd",
+            "--selector",
+            "app",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ],
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", "--pod-ip", "127.0.0.1"])
+            .args(&args)
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().count(),
+            1,
+            "{args:?}"
+        );
+    }
+}

@@ -14,6 +14,7 @@ use super::pod::PodFilter;
 use super::pod_table::{PodTable, Publisher};
 use super::{Discovery, DiscoveryContext};
 use crate::etcd::{EtcdClient, EtcdError, EtcdSettings};
+use crate::metrics::label;
 use crate::proto::etcd::event::EventType;
 
 /// Discovery of pods in etcd via the v3 API.
@@ -24,6 +25,9 @@ pub struct EtcdDiscovery {
     /// Which pods are peers. `self_pod_ip` and `grpc_port` are filled in
     /// from the node at run time.
     pub filter: PodFilter,
+    /// A pause between listing and watching; zero except in tests that make
+    /// etcd compact the history in that gap.
+    list_watch_gap: Duration,
 }
 
 /// The key prefix kube-apiserver stores a namespace's pods under.
@@ -34,7 +38,19 @@ pub fn pods_prefix(namespace: &str) -> String {
 impl EtcdDiscovery {
     /// Discovery of the pods `filter` selects, in the etcd at `settings`.
     pub fn new(settings: EtcdSettings, filter: PodFilter) -> Self {
-        Self { settings, filter }
+        Self {
+            settings,
+            filter,
+            list_watch_gap: Duration::ZERO,
+        }
+    }
+
+    /// Pauses between every listing and its watch, so a test can change and
+    /// compact etcd in between.
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn with_list_watch_gap(mut self, gap: Duration) -> Self {
+        self.list_watch_gap = gap;
+        self
     }
 }
 
@@ -55,16 +71,26 @@ impl Discovery for EtcdDiscovery {
         loop {
             let result = tokio::select! {
                 _ = ctx.cancel.cancelled() => return,
-                result = session(&self.settings, prefix.as_bytes(), &mut table, &mut publisher, &ctx) => result,
+                result = session(&self, prefix.as_bytes(), &mut table, &mut publisher, &ctx) => result,
             };
             match result {
                 Err(EtcdError::Compacted { compact_revision }) => {
                     // Nothing is wrong with etcd: list again at once.
                     debug!(compact_revision, "watch revision compacted; listing again");
+                    ctx.metrics
+                        .discovery_relists
+                        .get_or_create(&label("reason", "compacted"))
+                        .inc();
                     backoff = Duration::from_millis(100);
                     continue;
                 }
-                Err(err) => publisher.stale(err.to_string(), &ctx),
+                Err(err) => {
+                    ctx.metrics
+                        .discovery_relists
+                        .get_or_create(&label("reason", "error"))
+                        .inc();
+                    publisher.stale(err.to_string(), &ctx)
+                }
                 Ok(()) => return,
             }
             tokio::select! {
@@ -84,13 +110,13 @@ pub(super) fn grpc_port(addr: &str) -> u16 {
 
 /// One list-then-watch; returns only on failure (or compaction).
 async fn session(
-    settings: &EtcdSettings,
+    source: &EtcdDiscovery,
     prefix: &[u8],
     table: &mut PodTable,
     publisher: &mut Publisher,
     ctx: &DiscoveryContext,
 ) -> Result<(), EtcdError> {
-    let client = EtcdClient::connect(settings)?;
+    let client = EtcdClient::connect(&source.settings)?;
     let (kvs, revision) = client.range_prefix(prefix).await?;
     table.reset(
         kvs.iter().map(|kv| {
@@ -102,6 +128,9 @@ async fn session(
         ctx,
     );
     publisher.fresh(table.peers(), ctx);
+    if !source.list_watch_gap.is_zero() {
+        tokio::time::sleep(source.list_watch_gap).await;
+    }
     let mut watch = client.watch_prefix(prefix, revision + 1).await?;
     loop {
         let Some(response) = watch.next().await? else {

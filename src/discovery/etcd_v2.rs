@@ -21,6 +21,7 @@ use super::etcd::grpc_port;
 use super::pod::PodFilter;
 use super::pod_table::{PodTable, Publisher};
 use super::{Discovery, DiscoveryContext};
+use crate::metrics::label;
 
 /// Discovery of pods via etcd's v2 keys API.
 #[derive(Debug, Clone)]
@@ -32,6 +33,28 @@ pub struct EtcdV2Discovery {
     /// Deadline of a listing (a long poll has none but is re-issued every
     /// minute).
     pub timeout: Duration,
+    /// A pause between listing and the first long poll; zero except in tests
+    /// that push etcd's event history past the wait index in that gap.
+    list_watch_gap: Duration,
+}
+
+impl EtcdV2Discovery {
+    /// Discovery of the pods `filter` selects, through `endpoints`.
+    pub fn new(endpoints: Vec<String>, filter: PodFilter, timeout: Duration) -> Self {
+        Self {
+            endpoints,
+            filter,
+            timeout,
+            list_watch_gap: Duration::ZERO,
+        }
+    }
+
+    /// Pauses between every listing and its first long poll.
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn with_list_watch_gap(mut self, gap: Duration) -> Self {
+        self.list_watch_gap = gap;
+        self
+    }
 }
 
 /// A v2 answer: a node (listing or event) or an error.
@@ -86,15 +109,23 @@ impl Discovery for EtcdV2Discovery {
             let base = self.endpoints[endpoint % self.endpoints.len().max(1)].trim_end_matches('/');
             let result = tokio::select! {
                 _ = ctx.cancel.cancelled() => return,
-                result = session(&client, base, &path, self.timeout, &mut table, &mut publisher, &ctx) => result,
+                result = session(&client, base, &path, &self, &mut table, &mut publisher, &ctx) => result,
             };
             match result {
                 Failure::Outdated => {
                     debug!("v2 wait index outdated and cleared; listing again");
+                    ctx.metrics
+                        .discovery_relists
+                        .get_or_create(&label("reason", "outdated"))
+                        .inc();
                     backoff = Duration::from_millis(100);
                     continue;
                 }
                 Failure::Other(error) => {
+                    ctx.metrics
+                        .discovery_relists
+                        .get_or_create(&label("reason", "error"))
+                        .inc();
                     publisher.stale(format!("{base}: {error}"), &ctx);
                     endpoint += 1;
                 }
@@ -161,13 +192,13 @@ async fn session(
     client: &HttpClient,
     base: &str,
     path: &str,
-    timeout: Duration,
+    source: &EtcdV2Discovery,
     table: &mut PodTable,
     publisher: &mut Publisher,
     ctx: &DiscoveryContext,
 ) -> Failure {
     let listing = format!("{base}{path}?recursive=true");
-    let (status, index, answer) = match get(client, &listing, Some(timeout)).await {
+    let (status, index, answer) = match get(client, &listing, Some(source.timeout)).await {
         Ok(got) => got,
         Err(failure) => return failure,
     };
@@ -193,6 +224,9 @@ async fn session(
         }
     };
     publisher.fresh(table.peers(), ctx);
+    if !source.list_watch_gap.is_zero() {
+        tokio::time::sleep(source.list_watch_gap).await;
+    }
     loop {
         let url = format!("{base}{path}?wait=true&recursive=true&waitIndex={wait_index}");
         // A long poll may last as long as nothing changes; re-issued every
