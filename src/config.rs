@@ -46,9 +46,14 @@ pub struct NodeConfig {
     pub max_retry_backoff: Duration,
     /// Target size of one snapshot chunk. Default 1 MiB.
     pub snapshot_chunk_bytes: usize,
-    /// How long expired entries are kept (for replication) before being
-    /// dropped. Default 10 minutes.
-    pub expired_grace: Duration,
+    /// How long tombstones and expired entries are kept (so that no older
+    /// copy can come back through replication) before being dropped. Must
+    /// be longer than any repair window; a node cut off from its peers for
+    /// longer does a full resync when it returns. Default 24 hours.
+    pub tombstone_grace: Duration,
+    /// How often a node compares its digest with every peer and repairs
+    /// what differs. Default 10 s.
+    pub anti_entropy_interval: Duration,
     /// How long shutdown may take to drain queues. Default 10 s.
     pub shutdown_grace: Duration,
 }
@@ -77,7 +82,8 @@ impl NodeConfig {
             heartbeat_interval: Duration::from_secs(2),
             max_retry_backoff: Duration::from_secs(2),
             snapshot_chunk_bytes: 1024 * 1024,
-            expired_grace: Duration::from_secs(600),
+            tombstone_grace: Duration::from_secs(24 * 3600),
+            anti_entropy_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -94,6 +100,7 @@ impl NodeConfig {
         config.heartbeat_interval = Duration::from_millis(200);
         config.max_retry_backoff = Duration::from_millis(200);
         config.shutdown_grace = Duration::from_secs(2);
+        config.anti_entropy_interval = Duration::from_millis(300);
         config
     }
 
@@ -101,6 +108,11 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.pod_name.is_empty() {
             return Err(ConfigError::Invalid("pod name must not be empty".into()));
+        }
+        if self.tombstone_grace < self.anti_entropy_interval * 10 {
+            return Err(ConfigError::Invalid(
+                "the tombstone grace must be at least ten anti-entropy intervals".into(),
+            ));
         }
         if self.peer_queue_capacity == 0 {
             return Err(ConfigError::Invalid(

@@ -206,6 +206,12 @@ impl Shared {
         }
     }
 
+    /// Tombstones and expired entries older than this are dropped here and
+    /// not taken back from peers.
+    pub(crate) fn purge_horizon(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.config.tombstone_grace.as_millis() as u64)
+    }
+
     /// Publishes records a legacy `Sync/Set` applied.
     pub(crate) fn publish_remote(&self, records: &[Record]) {
         self.publish(records, Origin::Peer);
@@ -217,7 +223,10 @@ impl Shared {
         records: Vec<Record>,
         source: &'static str,
     ) -> crate::store::MergeOutcome {
-        let outcome = self.store.merge(records, unix_ms());
+        let now = unix_ms();
+        let outcome = self
+            .store
+            .merge_with_horizon(records, now, self.purge_horizon(now));
         self.count_remote(&outcome, source);
         let origin = if source == "bootstrap" {
             Origin::Bootstrap
@@ -503,14 +512,14 @@ async fn bootstrap_then_ready(
 /// Drops entries whose expiry passed longer ago than the grace period.
 async fn expiry_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let period =
-        Duration::from_secs(30).min(shared.config.expired_grace.max(Duration::from_secs(1)));
+        Duration::from_secs(30).min(shared.config.tombstone_grace.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let grace = shared.config.expired_grace.as_millis() as u64;
-        let purged = shared.store.purge_expired(unix_ms(), grace);
+        let grace = shared.config.tombstone_grace.as_millis() as u64;
+        let purged = shared.store.purge(unix_ms(), grace);
         if purged > 0 {
             tracing::debug!(purged, "dropped expired entries");
         }

@@ -15,6 +15,7 @@
 //! in any order therefore end identical; see the property tests below.
 
 pub mod clock;
+pub mod digest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -179,6 +180,59 @@ pub struct NamespaceStats {
 
 type Namespace = HashMap<Arc<str>, Entry>;
 
+/// Entries plus the digest kept up to date with them.
+#[derive(Debug)]
+struct State {
+    namespaces: HashMap<i32, Namespace>,
+    /// Per bucket, the XOR of the hashes of its entries (see [`digest`]):
+    /// updated on every change, so a digest costs a copy, not a scan.
+    buckets: Vec<u64>,
+}
+
+/// True for a tombstone written, or an entry expired, before `horizon_ms`:
+/// safe to drop, and not to be taken back in.
+fn purgeable(entry: &Entry, horizon_ms: u64) -> bool {
+    if entry.expires_at_ms != 0 && entry.expires_at_ms < horizon_ms {
+        return true;
+    }
+    entry.value.is_none() && clock::hlc_ms(entry.version.hlc) < horizon_ms
+}
+
+impl State {
+    fn remove(&mut self, ty: i32, key: &str) {
+        let Some(ns) = self.namespaces.get_mut(&ty) else {
+            return;
+        };
+        if let Some((key, old)) = ns.remove_entry(key) {
+            self.buckets[digest::bucket_of(ty, &key)] ^= digest::entry_hash(ty, &key, &old);
+        }
+        if ns.is_empty() {
+            self.namespaces.remove(&ty);
+        }
+    }
+
+    fn new() -> Self {
+        Self {
+            namespaces: HashMap::new(),
+            buckets: vec![0; digest::BUCKETS],
+        }
+    }
+
+    /// Stores `entry` under (`ty`, `key`), keeping the digest current.
+    fn put(&mut self, ty: i32, key: Arc<str>, entry: Entry) {
+        let bucket = digest::bucket_of(ty, &key);
+        self.buckets[bucket] ^= digest::entry_hash(ty, &key, &entry);
+        let ns = self.namespaces.entry(ty).or_default();
+        if let Some(old) = ns.insert(key.clone(), entry) {
+            self.buckets[bucket] ^= digest::entry_hash(ty, &key, &old);
+        }
+    }
+
+    fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
+        self.namespaces.get(&ty)?.get(key)
+    }
+}
+
 /// The thread-safe store of one node.
 #[derive(Debug)]
 pub struct Store {
@@ -188,8 +242,9 @@ pub struct Store {
     clock: HybridClock,
     /// Checked before any change.
     limits: Limits,
-    /// Namespaces by type. One lock: writes are short and never await.
-    namespaces: RwLock<HashMap<i32, Namespace>>,
+    /// Namespaces by type and their digest. One lock: writes are short and
+    /// never await.
+    state: RwLock<State>,
 }
 
 impl Store {
@@ -199,7 +254,7 @@ impl Store {
             node_id,
             clock: HybridClock::new(limits.max_clock_drift_ms),
             limits,
-            namespaces: RwLock::new(HashMap::new()),
+            state: RwLock::new(State::new()),
         }
     }
 
@@ -304,8 +359,7 @@ impl Store {
         self.check_batch(entries.clone(), ttl_secs)?;
         let expires_at_ms = self.expiry(ttl_secs, now_ms)?;
         let mut records = Vec::with_capacity(entries.len());
-        let mut namespaces = self.write_lock();
-        let ns = namespaces.entry(ty).or_default();
+        let mut state = self.write_lock();
         for (key, value) in entries {
             let entry = Entry {
                 value: Some(Arc::from(value)),
@@ -316,7 +370,7 @@ impl Store {
                 expires_at_ms,
             };
             let key: Arc<str> = Arc::from(key);
-            ns.insert(key.clone(), entry.clone());
+            state.put(ty, key.clone(), entry.clone());
             records.push(Record { ty, key, entry });
         }
         Ok(records)
@@ -326,17 +380,19 @@ impl Store {
     /// key holds no live value (absent, already deleted, or expired).
     pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
         self.check_key(key)?;
-        let mut namespaces = self.write_lock();
-        let Some(ns) = namespaces.get_mut(&ty) else {
-            return Ok(None);
-        };
-        let Some(entry) = ns.get_mut(key) else {
+        let mut state = self.write_lock();
+        let Some((key, entry)) = state
+            .namespaces
+            .get(&ty)
+            .and_then(|ns| ns.get_key_value(key))
+        else {
             return Ok(None);
         };
         if entry.live_value(now_ms).is_none() {
             return Ok(None);
         }
-        *entry = Entry {
+        let key = key.clone();
+        let tombstone = Entry {
             value: None,
             version: Version {
                 hlc: self.clock.tick(now_ms),
@@ -344,10 +400,11 @@ impl Store {
             },
             expires_at_ms: 0,
         };
+        state.put(ty, key.clone(), tombstone.clone());
         Ok(Some(Record {
             ty,
-            key: Arc::from(key),
-            entry: entry.clone(),
+            key,
+            entry: tombstone,
         }))
     }
 
@@ -383,24 +440,36 @@ impl Store {
 
     /// Merges records from a peer with the merge rule. Each record is checked
     /// on its own: a refused one is reported and skipped, the others apply.
+    ///
+    /// Tombstones and expired entries older than `purge_horizon_ms` are not
+    /// taken in: every replica has dropped (or is about to drop) them.
     pub fn merge(&self, records: impl IntoIterator<Item = Record>, now_ms: u64) -> MergeOutcome {
+        self.merge_with_horizon(records, now_ms, 0)
+    }
+
+    /// [`Store::merge`], ignoring purgeable records older than the horizon.
+    pub fn merge_with_horizon(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+        now_ms: u64,
+        purge_horizon_ms: u64,
+    ) -> MergeOutcome {
         let mut outcome = MergeOutcome::default();
-        let mut namespaces = self.write_lock();
+        let mut state = self.write_lock();
         for record in records {
             if let Err(err) = self.check_remote(&record, now_ms) {
                 outcome.rejected.push(err);
                 continue;
             }
+            if purgeable(&record.entry, purge_horizon_ms) {
+                outcome.stale += 1;
+                continue;
+            }
             let _ = self.clock.observe(record.entry.version.hlc, now_ms);
-            let ns = namespaces.entry(record.ty).or_default();
-            match ns.get_mut(&record.key) {
+            match state.get(record.ty, &record.key) {
                 Some(held) if held.version >= record.entry.version => outcome.stale += 1,
-                Some(held) => {
-                    *held = record.entry.clone();
-                    outcome.applied.push(record);
-                }
-                None => {
-                    ns.insert(record.key.clone(), record.entry.clone());
+                _ => {
+                    state.put(record.ty, record.key.clone(), record.entry.clone());
                     outcome.applied.push(record);
                 }
             }
@@ -419,16 +488,17 @@ impl Store {
 
     /// The live value of one key with its entry.
     pub fn get(&self, ty: i32, key: &str, now_ms: u64) -> Option<Entry> {
-        let namespaces = self.read_lock();
-        let entry = namespaces.get(&ty)?.get(key)?;
+        let state = self.read_lock();
+        let entry = state.get(ty, key)?;
         entry.live_value(now_ms)?;
         Some(entry.clone())
     }
 
     /// Every live entry of one namespace, sorted by key.
     pub fn namespace(&self, ty: i32, now_ms: u64) -> BTreeMap<Arc<str>, Arc<str>> {
-        let namespaces = self.read_lock();
-        namespaces
+        let state = self.read_lock();
+        state
+            .namespaces
             .get(&ty)
             .map(|ns| {
                 ns.iter()
@@ -440,7 +510,7 @@ impl Store {
 
     /// The namespaces that exist, sorted.
     pub fn types(&self) -> Vec<i32> {
-        let mut types: Vec<i32> = self.read_lock().keys().copied().collect();
+        let mut types: Vec<i32> = self.read_lock().namespaces.keys().copied().collect();
         types.sort_unstable();
         types
     }
@@ -449,22 +519,70 @@ impl Store {
     /// peer's bootstrap. Keys and values are shared, not copied, so this
     /// costs a few machine words per entry.
     pub fn snapshot(&self) -> Vec<Record> {
-        let namespaces = self.read_lock();
-        let mut out = Vec::with_capacity(namespaces.values().map(HashMap::len).sum());
-        for (&ty, ns) in namespaces.iter() {
-            out.extend(ns.iter().map(|(key, entry)| Record {
-                ty,
-                key: key.clone(),
-                entry: entry.clone(),
-            }));
+        self.records_where(|_, _| true)
+    }
+
+    /// Every record (tombstones included) whose (type, key) passes `keep`.
+    fn records_where(&self, keep: impl Fn(i32, &str) -> bool) -> Vec<Record> {
+        let state = self.read_lock();
+        let mut out = Vec::new();
+        for (&ty, ns) in state.namespaces.iter() {
+            out.extend(
+                ns.iter()
+                    .filter(|(key, _)| keep(ty, key))
+                    .map(|(key, entry)| Record {
+                        ty,
+                        key: key.clone(),
+                        entry: entry.clone(),
+                    }),
+            );
         }
         out
     }
 
+    /// The digest: one hash per bucket over the keys, versions and expiry of
+    /// its entries (tombstones included). Equal digests mean equal states.
+    pub fn digest(&self) -> Vec<u64> {
+        self.read_lock().buckets.clone()
+    }
+
+    /// Every record in the given buckets.
+    pub fn bucket_records(&self, buckets: &[u32]) -> Vec<Record> {
+        let wanted: std::collections::HashSet<usize> =
+            buckets.iter().map(|b| *b as usize).collect();
+        self.records_where(|ty, key| wanted.contains(&digest::bucket_of(ty, key)))
+    }
+
+    /// Drops local entries older than `horizon_ms` that `keep` does not
+    /// name: used by a full resync, where the peer's snapshot is the truth
+    /// about what was deleted (and purged) while this node was away.
+    pub fn drop_older_than_unless(
+        &self,
+        horizon_ms: u64,
+        keep: &std::collections::HashSet<(i32, Arc<str>)>,
+    ) -> usize {
+        let mut state = self.write_lock();
+        let mut doomed = Vec::new();
+        for (&ty, ns) in state.namespaces.iter() {
+            for (key, entry) in ns {
+                if clock::hlc_ms(entry.version.hlc) < horizon_ms
+                    && !keep.contains(&(ty, key.clone()))
+                {
+                    doomed.push((ty, key.clone()));
+                }
+            }
+        }
+        for (ty, key) in &doomed {
+            state.remove(*ty, key);
+        }
+        doomed.len()
+    }
+
     /// Size figures per namespace.
     pub fn stats(&self, now_ms: u64) -> BTreeMap<i32, NamespaceStats> {
-        let namespaces = self.read_lock();
-        namespaces
+        let state = self.read_lock();
+        state
+            .namespaces
             .iter()
             .map(|(&ty, ns)| {
                 let mut stats = NamespaceStats::default();
@@ -482,37 +600,36 @@ impl Store {
             .collect()
     }
 
-    /// Drops entries that expired more than `grace_ms` ago. Their expiry is
-    /// part of the entry, so every replica drops them alike; the grace keeps
-    /// them long enough to stop an older live version from coming back
-    /// through replication.
-    pub fn purge_expired(&self, now_ms: u64, grace_ms: u64) -> usize {
-        let mut namespaces = self.write_lock();
-        let mut purged = 0;
-        for ns in namespaces.values_mut() {
-            let before = ns.len();
-            ns.retain(|_, e| {
-                e.expires_at_ms == 0 || e.expires_at_ms.saturating_add(grace_ms) > now_ms
-            });
-            purged += before - ns.len();
+    /// Drops tombstones and expired entries older than `grace_ms`. Their
+    /// times travel with them, so every replica drops them alike; the grace
+    /// keeps them long enough that no older live copy can come back through
+    /// replication (it must be longer than any repair window).
+    pub fn purge(&self, now_ms: u64, grace_ms: u64) -> usize {
+        let horizon = now_ms.saturating_sub(grace_ms);
+        let mut state = self.write_lock();
+        let mut doomed = Vec::new();
+        for (&ty, ns) in state.namespaces.iter() {
+            for (key, entry) in ns {
+                if purgeable(entry, horizon) {
+                    doomed.push((ty, key.clone()));
+                }
+            }
         }
-        namespaces.retain(|_, ns| !ns.is_empty());
-        purged
+        for (ty, key) in &doomed {
+            state.remove(*ty, key);
+        }
+        doomed.len()
     }
 
-    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, HashMap<i32, Namespace>> {
+    fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, State> {
         // A panic while holding the lock cannot leave a half-written entry
-        // (every mutation is a single insert/assign), so a poisoned lock is
-        // still consistent.
-        self.namespaces
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        // (every mutation is one insert or remove with its digest update),
+        // so a poisoned lock is still consistent.
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<i32, Namespace>> {
-        self.namespaces
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -106,8 +106,8 @@ fn ttl_entries_vanish_at_their_expiry_on_every_replica() {
         assert!(s.namespace(1, NOW + 5_000).is_empty());
     }
     assert!(a.delete(1, "k", NOW + 6_000).expect("valid").is_none());
-    assert_eq!(a.purge_expired(NOW + 6_000, 10_000), 0, "kept during grace");
-    assert_eq!(a.purge_expired(NOW + 16_000, 10_000), 1);
+    assert_eq!(a.purge(NOW + 6_000, 10_000), 0, "kept during grace");
+    assert_eq!(a.purge(NOW + 16_000, 10_000), 1);
 }
 
 #[test]
@@ -242,5 +242,81 @@ proptest! {
                 .max();
             prop_assert_eq!(Some(r.entry.version), max);
         }
+    }
+}
+
+#[test]
+fn digests_match_exactly_when_states_match() {
+    let a = store(1);
+    let b = store(2);
+    assert_eq!(a.digest(), b.digest());
+    let r = a.set(1, "k", "v", None, NOW).expect("write");
+    assert_ne!(a.digest(), b.digest());
+    let differing = digest::differing(&a.digest(), &b.digest());
+    assert_eq!(differing, vec![digest::bucket_of(1, "k") as u32]);
+    assert_eq!(a.bucket_records(&differing), vec![r.clone()]);
+    b.merge([r], NOW);
+    assert_eq!(a.digest(), b.digest());
+    // A tombstone is a change of state too.
+    let t = a.delete(1, "k", NOW).expect("valid").expect("present");
+    assert_ne!(a.digest(), b.digest());
+    b.merge([t], NOW);
+    assert_eq!(digest::root(&a.digest()), digest::root(&b.digest()));
+}
+
+#[test]
+fn purge_drops_old_tombstones_and_expired_entries_and_refuses_them_back() {
+    let s = store(1);
+    s.set(1, "live", "v", None, NOW).expect("write");
+    s.set(1, "ttl", "v", Some(1), NOW).expect("write");
+    let tomb = {
+        s.set(1, "gone", "v", None, NOW).expect("write");
+        s.delete(1, "gone", NOW).expect("valid").expect("present")
+    };
+    assert_eq!(s.purge(NOW + 500, 1_000), 0, "nothing is old enough yet");
+    assert_eq!(s.purge(NOW + 10_000, 1_000), 2);
+    assert_eq!(s.snapshot().len(), 1);
+    let before = s.digest();
+    // The same tombstone arriving late from a slow peer is not taken back.
+    let out = s.merge_with_horizon([tomb], NOW + 10_000, NOW + 9_000);
+    assert_eq!((out.applied.len(), out.stale), (0, 1));
+    assert_eq!(s.digest(), before);
+}
+
+#[test]
+fn a_full_resync_drops_old_entries_the_peer_no_longer_has() {
+    let s = store(1);
+    s.merge(
+        [record(
+            1,
+            "deleted-elsewhere",
+            Some("old"),
+            NOW - 100_000,
+            2,
+        )],
+        NOW,
+    );
+    s.merge([record(1, "kept", Some("old"), NOW - 100_000, 2)], NOW);
+    s.merge(
+        [record(1, "written-while-away", Some("new"), NOW - 10, 2)],
+        NOW,
+    );
+    let keep: std::collections::HashSet<(i32, Arc<str>)> = [(1, Arc::from("kept"))].into();
+    assert_eq!(s.drop_older_than_unless(NOW - 50_000, &keep), 1);
+    let ns = s.namespace(1, NOW);
+    assert!(ns.contains_key("kept") && ns.contains_key("written-while-away"));
+    assert!(!ns.contains_key("deleted-elsewhere"));
+}
+
+proptest! {
+    #[test]
+    fn any_order_of_the_same_merges_gives_the_same_digest(
+        (history, shuffled) in arb_history().prop_flat_map(|h| (Just(h.clone()), Just(h).prop_shuffle()))
+    ) {
+        let a = store(100);
+        let b = store(200);
+        a.merge(history, NOW);
+        b.merge(shuffled, NOW);
+        prop_assert_eq!(a.digest(), b.digest());
     }
 }
