@@ -60,6 +60,18 @@ pub struct Metrics {
     /// Times discovery listed the source again, by `reason` (compacted,
     /// outdated, error).
     pub discovery_relists: Family<Labels, Counter>,
+    /// Anti-entropy exchanges with one peer, by `result` (equal, repaired,
+    /// failed, skipped).
+    pub anti_entropy_rounds: Family<Labels, Counter>,
+    /// Entries changed by anti-entropy, here and at peers.
+    pub anti_entropy_repaired: Counter,
+    /// Full resyncs after being cut off longer than the tombstone grace.
+    pub full_resyncs: Counter,
+    /// Times a peer's queue overflowed (its backlog was dropped and the peer
+    /// marked for repair).
+    pub queue_overflows: Family<Labels, Counter>,
+    /// Tombstones and expired entries held, per namespace (`type`).
+    pub tombstones: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -181,8 +193,43 @@ impl Metrics {
             "Times discovery listed its source again, by reason",
             discovery_relists.clone(),
         );
+        let anti_entropy_rounds = Family::<Labels, Counter>::default();
+        registry.register(
+            "anti_entropy_rounds",
+            "Anti-entropy exchanges with one peer, by result",
+            anti_entropy_rounds.clone(),
+        );
+        let anti_entropy_repaired = Counter::default();
+        registry.register(
+            "anti_entropy_repaired_entries",
+            "Entries changed by anti-entropy, here and at peers",
+            anti_entropy_repaired.clone(),
+        );
+        let full_resyncs = Counter::default();
+        registry.register(
+            "full_resyncs",
+            "Full resyncs after being cut off longer than the tombstone grace",
+            full_resyncs.clone(),
+        );
+        let queue_overflows = Family::<Labels, Counter>::default();
+        registry.register(
+            "replication_queue_overflows",
+            "Times a peer's queue overflowed and its backlog was dropped for a repair",
+            queue_overflows.clone(),
+        );
+        let tombstones = Family::<Labels, Gauge>::default();
+        registry.register(
+            "tombstones",
+            "Tombstones and expired entries held for replication, per namespace",
+            tombstones.clone(),
+        );
         Self {
             registry,
+            anti_entropy_rounds,
+            anti_entropy_repaired,
+            full_resyncs,
+            queue_overflows,
+            tombstones,
             discovery_relists,
             discovery_stale,
             discovery_errors,

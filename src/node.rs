@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -167,6 +167,10 @@ pub(crate) struct Shared {
     pub(crate) discovery_name: &'static str,
     /// What the bootstrap pull did, once it is done.
     pub(crate) bootstrap: Mutex<Option<BootstrapReport>>,
+    /// When this node last completed anti-entropy with a peer (or had no
+    /// peer to sync with, or finished its bootstrap), Unix ms. Older than
+    /// the tombstone grace means the node is stale: see [`Shared::is_stale`].
+    pub(crate) last_full_sync_ms: AtomicU64,
     /// Fires when the node stops serving, first step of shutdown (ends
     /// watch streams so graceful HTTP shutdown is not held open).
     pub(crate) shutdown: CancellationToken,
@@ -175,6 +179,19 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// True when this node has not synced with any peer for longer than the
+    /// tombstone grace: it may hold entries whose tombstones the others have
+    /// purged, so it resyncs before anti-entropy trusts it.
+    pub(crate) fn is_stale(&self, now_ms: u64) -> bool {
+        let last = self.last_full_sync_ms.load(Ordering::Acquire);
+        last != 0 && now_ms.saturating_sub(last) > self.config.tombstone_grace.as_millis() as u64
+    }
+
+    /// Records a completed sync.
+    pub(crate) fn synced(&self, now_ms: u64) {
+        self.last_full_sync_ms.fetch_max(now_ms, Ordering::AcqRel);
     }
 
     fn publish(&self, records: &[Record], origin: Origin) {
@@ -357,7 +374,14 @@ impl NodeBuilder {
         let metrics = Arc::new(Metrics::new());
         let (peers_tx, peers_rx) = watch::channel(PeerSet::pending());
         let (events_tx, _) = broadcast::channel(4096);
-        let replicator = Replicator::new(&config, &identity, metrics.clone(), cancel.child_token());
+        let (repair_tx, repair_rx) = tokio::sync::mpsc::channel(64);
+        let replicator = Replicator::new(
+            &config,
+            &identity,
+            metrics.clone(),
+            repair_tx,
+            cancel.child_token(),
+        );
         let shared = Arc::new(Shared {
             store: Store::new(identity.node_id, config.limits.clone()),
             identity,
@@ -368,6 +392,7 @@ impl NodeBuilder {
             peers_rx: peers_rx.clone(),
             discovery_name: discovery.name(),
             bootstrap: Mutex::new(None),
+            last_full_sync_ms: AtomicU64::new(0),
             shutdown: stop_serving.clone(),
             config,
         });
@@ -413,6 +438,11 @@ impl NodeBuilder {
             cancel.clone(),
         ));
         tracker.spawn(expiry_loop(shared.clone(), cancel.clone()));
+        tracker.spawn(crate::replication::anti_entropy::anti_entropy_loop(
+            shared.clone(),
+            repair_rx,
+            cancel.clone(),
+        ));
 
         Ok(NodeHandle {
             shared,
@@ -501,6 +531,7 @@ async fn bootstrap_then_ready(
         .bootstrap
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = Some(report);
+    shared.synced(unix_ms());
     shared.ready.store(true, Ordering::Release);
     shared.metrics.ready.set(1);
     health

@@ -15,8 +15,8 @@ use podcache::proto::hellorpc::{SyncData, SyncRequest, sync_client::SyncClient};
 use podcache::proto::podcache::replica_client::ReplicaClient;
 use podcache::proto::podcache::replica_server::{Replica, ReplicaServer};
 use podcache::proto::podcache::{
-    Entry, HelloRequest, HelloResponse, NodeInfo, ReplicateRequest, ReplicateResponse,
-    SnapshotChunk, SnapshotRequest,
+    DigestRequest, DigestResponse, Entry, HelloRequest, HelloResponse, NodeInfo, RepairRequest,
+    RepairResponse, ReplicateRequest, ReplicateResponse, SnapshotChunk, SnapshotRequest,
 };
 use podcache::{NodeBuilder, NodeConfig};
 use tonic::{Code, Request, Response, Status};
@@ -198,6 +198,7 @@ impl Replica for FailingOldest {
         Ok(Response::new(HelloResponse {
             node: Some(node),
             ready: true,
+            stale: false,
         }))
     }
     async fn replicate(
@@ -208,6 +209,12 @@ impl Replica for FailingOldest {
     }
     type SnapshotStream = Chunks;
     async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Chunks>, Status> {
+        Err(Status::unavailable("disk on fire"))
+    }
+    async fn digest(&self, _: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
+        Err(Status::unavailable("disk on fire"))
+    }
+    async fn repair(&self, _: Request<RepairRequest>) -> Result<Response<RepairResponse>, Status> {
         Err(Status::unavailable("disk on fire"))
     }
 }

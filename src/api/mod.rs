@@ -527,6 +527,9 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         m.bytes
             .get_or_create(&label("type", ty.to_string()))
             .set(stats.bytes as i64);
+        m.tombstones
+            .get_or_create(&label("type", ty.to_string()))
+            .set(stats.tombstones as i64);
     }
     for peer in shared.replicator.peer_views() {
         m.queue_depth

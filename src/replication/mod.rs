@@ -6,6 +6,7 @@
 //! decides), membership (discovery decides; [`Replicator::update_peers`]
 //! only follows it), wire parsing beyond building requests.
 
+pub mod anti_entropy;
 pub mod bootstrap;
 mod peer_link;
 
@@ -26,8 +27,9 @@ use crate::node::NodeIdentity;
 use crate::proto::podcache as pb;
 use crate::store::Record;
 
+pub(crate) use peer_link::PeerState;
 pub use peer_link::PeerView;
-use peer_link::{LinkContext, Outgoing, PeerState};
+use peer_link::{LinkContext, Outgoing};
 
 /// What happened to one write at one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +83,16 @@ struct Link {
     queue_tx: mpsc::Sender<Outgoing>,
     state: Arc<PeerState>,
     cancel: CancellationToken,
+    /// The peer's channel, shared with anti-entropy.
+    channel: Channel,
+}
+
+/// A peer as anti-entropy sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) addr: String,
+    pub(crate) channel: Channel,
+    pub(crate) state: Arc<PeerState>,
 }
 
 /// The set of peer links of one node.
@@ -134,6 +146,7 @@ impl Replicator {
         config: &NodeConfig,
         identity: &NodeIdentity,
         metrics: Arc<Metrics>,
+        repair_tx: mpsc::Sender<String>,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -142,6 +155,7 @@ impl Replicator {
                 me: node_info(identity),
                 metrics,
                 config: config.clone(),
+                repair_tx,
             }),
             tracker: TaskTracker::new(),
             cancel,
@@ -209,7 +223,7 @@ impl Replicator {
             let cancel = self.cancel.child_token();
             self.tracker.spawn(peer_link::run(
                 self.ctx.clone(),
-                channel,
+                channel.clone(),
                 state.clone(),
                 queue_rx,
                 cancel.clone(),
@@ -220,6 +234,7 @@ impl Replicator {
                     queue_tx,
                     state,
                     cancel,
+                    channel,
                 },
             );
         }
@@ -253,7 +268,13 @@ impl Replicator {
                 }
                 Err(err) => {
                     let status = match err {
-                        mpsc::error::TrySendError::Full(_) => DeliveryStatus::Dropped,
+                        mpsc::error::TrySendError::Full(_) => {
+                            // The link drops its whole backlog and asks for a
+                            // repair: memory stays bounded, nothing is lost
+                            // for good.
+                            link.state.overflowed();
+                            DeliveryStatus::Dropped
+                        }
                         mpsc::error::TrySendError::Closed(_) => DeliveryStatus::PeerLeft,
                     };
                     link.state.dropped(records.len() as u64);
@@ -295,6 +316,18 @@ impl Replicator {
             });
         }
         reports
+    }
+
+    /// Every peer with its channel, for anti-entropy.
+    pub(crate) fn targets(&self) -> Vec<Target> {
+        self.links()
+            .iter()
+            .map(|(addr, link)| Target {
+                addr: addr.clone(),
+                channel: link.channel.clone(),
+                state: link.state.clone(),
+            })
+            .collect()
     }
 
     /// The state of every link, for `/v1/cluster` and metrics.

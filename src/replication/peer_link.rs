@@ -29,6 +29,8 @@ pub(crate) struct LinkContext {
     pub(crate) me: pb::NodeInfo,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: NodeConfig,
+    /// Asks anti-entropy for a repair of a peer (after a queue overflow).
+    pub(crate) repair_tx: mpsc::Sender<String>,
 }
 
 /// One write waiting for one peer.
@@ -53,6 +55,8 @@ struct Status {
     discovered: Peer,
     hello: Option<pb::NodeInfo>,
     peer_ready: Option<bool>,
+    /// The peer says it is stale (cut off past the tombstone grace).
+    peer_stale: bool,
     reachability: Reachability,
     /// The peer answers UNIMPLEMENTED to podcache.v1: a node built from the
     /// original proto alone. Writes go to it as `Sync/Set`.
@@ -70,6 +74,9 @@ pub(crate) struct PeerState {
     status: Mutex<Status>,
     /// Writes in the queue right now.
     queued: AtomicU64,
+    /// Set when a write found the queue full: the link then drops its whole
+    /// backlog and asks for a repair.
+    overflow: std::sync::atomic::AtomicBool,
 }
 
 /// A peer's replication state as shown in `/v1/cluster`.
@@ -120,6 +127,7 @@ impl PeerState {
                 discovered,
                 hello: None,
                 peer_ready: None,
+                peer_stale: false,
                 reachability: Reachability::Unknown,
                 legacy: false,
                 last_ok: None,
@@ -129,7 +137,21 @@ impl PeerState {
                 dropped_entries: 0,
             }),
             queued: AtomicU64::new(0),
+            overflow: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn overflowed(&self) {
+        self.overflow.store(true, Ordering::Release);
+    }
+
+    /// Records a peer's hello answer (from the link or anti-entropy).
+    pub(crate) fn record_hello(&self, node: Option<pb::NodeInfo>, ready: bool, stale: bool) {
+        let mut s = self.status();
+        s.hello = node;
+        s.peer_ready = Some(ready);
+        s.peer_stale = stale;
+        s.legacy = false;
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -279,6 +301,10 @@ pub(crate) async fn run(
                 }
             },
         };
+        if state.overflow.swap(false, Ordering::AcqRel) {
+            drop_backlog(&ctx, &state, &mut queue_rx, vec![first], &peer);
+            continue;
+        }
         // Take whatever else is queued, up to one batch's worth of bytes.
         let mut items = vec![first];
         let mut bytes: usize = items[0].records.iter().map(wire_size).sum();
@@ -299,10 +325,15 @@ pub(crate) async fn run(
             .get_or_create(&peer_label)
             .set(state.queued.load(Ordering::Relaxed) as i64);
         let delivered = deliver(&ctx, &mut clients, &state, &items, &cancel, &peer_label).await;
-        if delivered && state.needs_hello() {
+        if delivered == Delivered::Yes && state.needs_hello() {
             hello(&ctx, &mut clients, &state).await;
         }
-        let status = if delivered {
+        if delivered == Delivered::Overflowed {
+            state.overflow.store(false, Ordering::Release);
+            drop_backlog(&ctx, &state, &mut queue_rx, items, &peer);
+            continue;
+        }
+        let status = if delivered == Delivered::Yes {
             DeliveryStatus::Acked
         } else {
             let entries: usize = items.iter().map(|i| i.records.len()).sum();
@@ -325,6 +356,59 @@ pub(crate) async fn run(
     debug!(%peer, "peer link stopped");
 }
 
+/// The queue overflowed: drops `items` and the whole backlog (memory stays
+/// bounded whatever the peer does) and asks anti-entropy to repair the peer.
+fn drop_backlog(
+    ctx: &LinkContext,
+    state: &PeerState,
+    queue_rx: &mut mpsc::Receiver<Outgoing>,
+    items: Vec<Outgoing>,
+    peer: &str,
+) {
+    let mut dropped = items;
+    let taken_from_queue = dropped.len();
+    while let Ok(item) = queue_rx.try_recv() {
+        dropped.push(item);
+    }
+    // Items taken before (a batch being retried) were already uncounted.
+    let newly = (dropped.len() - taken_from_queue) as u64;
+    state.queued.fetch_sub(
+        newly.min(state.queued.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+    let entries: usize = dropped.iter().map(|i| i.records.len()).sum();
+    state.dropped(entries as u64);
+    ctx.metrics
+        .entries_dropped
+        .get_or_create(&vec![
+            ("peer", peer.to_owned()),
+            ("reason", "queue_overflow".into()),
+        ])
+        .inc_by(entries as u64);
+    ctx.metrics
+        .queue_overflows
+        .get_or_create(&label("peer", peer.to_owned()))
+        .inc();
+    warn!(%peer, entries, "peer queue overflowed; backlog dropped, repair requested");
+    for item in dropped {
+        if let Some(ack_tx) = item.ack_tx {
+            let _ = ack_tx.send(DeliveryStatus::Dropped);
+        }
+    }
+    let _ = ctx.repair_tx.try_send(peer.to_owned());
+}
+
+/// How a delivery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    /// The peer acknowledged every record.
+    Yes,
+    /// The link was cancelled (the peer left, or shutdown).
+    Cancelled,
+    /// The queue overflowed while retrying: give up on this batch too.
+    Overflowed,
+}
+
 /// Asks the peer who it is; detects a legacy peer.
 async fn hello(ctx: &LinkContext, clients: &mut Clients, state: &PeerState) {
     let request = tonic::Request::new(HelloRequest {
@@ -333,12 +417,7 @@ async fn hello(ctx: &LinkContext, clients: &mut Clients, state: &PeerState) {
     match tokio::time::timeout(ctx.config.rpc_timeout, clients.replica.hello(request)).await {
         Ok(Ok(response)) => {
             let response = response.into_inner();
-            {
-                let mut s = state.status();
-                s.hello = response.node;
-                s.peer_ready = Some(response.ready);
-                s.legacy = false;
-            }
+            state.record_hello(response.node, response.ready, response.stale);
             state.succeeded();
         }
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
@@ -351,7 +430,7 @@ async fn hello(ctx: &LinkContext, clients: &mut Clients, state: &PeerState) {
 }
 
 /// Sends every record of `items`, cut into requests of bounded size, each
-/// retried until it succeeds. False when cancelled first.
+/// retried until it succeeds, the link is cancelled, or the queue overflows.
 async fn deliver(
     ctx: &LinkContext,
     clients: &mut Clients,
@@ -359,7 +438,7 @@ async fn deliver(
     items: &[Outgoing],
     cancel: &CancellationToken,
     peer_label: &Vec<(&'static str, String)>,
-) -> bool {
+) -> Delivered {
     let mut batches: Vec<Vec<pb::Entry>> = vec![Vec::new()];
     let mut bytes = 0;
     for record in items.iter().flat_map(|i| i.records.iter()) {
@@ -377,7 +456,7 @@ async fn deliver(
         loop {
             let started = tokio::time::Instant::now();
             let result = tokio::select! {
-                _ = cancel.cancelled() => return false,
+                _ = cancel.cancelled() => return Delivered::Cancelled,
                 result = send_batch(ctx, clients, state, &entries) => result,
             };
             match result {
@@ -394,15 +473,18 @@ async fn deliver(
                     state.failed(error);
                     ctx.metrics.batches_failed.get_or_create(peer_label).inc();
                     tokio::select! {
-                        _ = cancel.cancelled() => return false,
+                        _ = cancel.cancelled() => return Delivered::Cancelled,
                         _ = tokio::time::sleep(backoff) => {}
+                    }
+                    if state.overflow.load(Ordering::Acquire) {
+                        return Delivered::Overflowed;
                     }
                     backoff = (backoff * 2).min(ctx.config.max_retry_backoff);
                 }
             }
         }
     }
-    true
+    Delivered::Yes
 }
 
 async fn send_batch(

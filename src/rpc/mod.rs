@@ -24,12 +24,13 @@ use crate::proto::hellorpc::sync_server::{Sync as SyncRpc, SyncServer};
 use crate::proto::hellorpc::{SyncData, SyncRequest, SyncResponse};
 use crate::proto::podcache::replica_server::{Replica, ReplicaServer};
 use crate::proto::podcache::{
-    HelloRequest, HelloResponse, ReplicateRequest, ReplicateResponse, SnapshotChunk,
-    SnapshotRequest,
+    DigestRequest, DigestResponse, HelloRequest, HelloResponse, RepairRequest, RepairResponse,
+    ReplicateRequest, ReplicateResponse, SnapshotChunk, SnapshotRequest,
 };
 use crate::proto::{FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, wire_size};
 use crate::replication::node_info;
 use crate::store::StoreError;
+use crate::store::digest;
 
 impl From<StoreError> for Status {
     fn from(err: StoreError) -> Self {
@@ -196,6 +197,20 @@ struct ReplicaService {
     shared: Arc<Shared>,
 }
 
+impl ReplicaService {
+    /// A node cut off for longer than the tombstone grace may hold entries
+    /// deleted (and purged) elsewhere: it takes no part in anti-entropy
+    /// until it has resynced, so it cannot spread them back.
+    fn refuse_while_stale(&self) -> Result<(), Status> {
+        if self.shared.is_stale(unix_ms()) {
+            return Err(Status::failed_precondition(
+                "this node was cut off longer than the tombstone grace and is resyncing",
+            ));
+        }
+        Ok(())
+    }
+}
+
 type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -210,6 +225,7 @@ impl Replica for ReplicaService {
         Ok(Response::new(HelloResponse {
             node: Some(node_info(&self.shared.identity)),
             ready: self.shared.is_ready(),
+            stale: self.shared.is_stale(unix_ms()),
         }))
     }
 
@@ -230,6 +246,86 @@ impl Replica for ReplicaService {
             applied: outcome.applied.len() as u32,
             stale: outcome.stale as u32,
             rejected: outcome.rejected.len() as u32,
+        }))
+    }
+
+    async fn digest(
+        &self,
+        request: Request<DigestRequest>,
+    ) -> Result<Response<DigestResponse>, Status> {
+        let request = request.into_inner();
+        if request.sender.is_none() {
+            return Err(Status::invalid_argument(
+                "digest: the sender must name itself",
+            ));
+        }
+        self.refuse_while_stale()?;
+        let buckets = self.shared.store.digest();
+        if digest::root(&buckets) == request.root {
+            return Ok(Response::new(DigestResponse {
+                equal: true,
+                buckets: Vec::new(),
+            }));
+        }
+        Ok(Response::new(DigestResponse {
+            equal: false,
+            buckets,
+        }))
+    }
+
+    async fn repair(
+        &self,
+        request: Request<RepairRequest>,
+    ) -> Result<Response<RepairResponse>, Status> {
+        let request = request.into_inner();
+        let Some(sender) = request.sender else {
+            return Err(Status::invalid_argument(
+                "repair: the sender must name itself",
+            ));
+        };
+        self.refuse_while_stale()?;
+        if request.buckets.len() > digest::BUCKETS
+            || request
+                .buckets
+                .iter()
+                .any(|b| *b as usize >= digest::BUCKETS)
+        {
+            return Err(Status::invalid_argument(format!(
+                "repair: buckets must be fewer than {} and below it",
+                digest::BUCKETS
+            )));
+        }
+        let buckets: std::collections::HashSet<u32> = request.buckets.iter().copied().collect();
+        let mut theirs: HashMap<(i32, Arc<str>), crate::store::Version> = HashMap::new();
+        let mut records = Vec::with_capacity(request.entries.len());
+        for entry in request.entries {
+            let record = record_from_wire(entry);
+            // Entries outside the named buckets have no business here.
+            if !buckets.contains(&(digest::bucket_of(record.ty, &record.key) as u32)) {
+                return Err(Status::invalid_argument(
+                    "repair: an entry lies outside the buckets being repaired",
+                ));
+            }
+            theirs.insert((record.ty, record.key.clone()), record.entry.version);
+            records.push(record);
+        }
+        let outcome = self.shared.apply_remote(records, "anti_entropy");
+        let mine = self.shared.store.bucket_records(&request.buckets);
+        let horizon = self.shared.purge_horizon(unix_ms());
+        let entries: Vec<_> = mine
+            .iter()
+            .filter(|r| {
+                theirs
+                    .get(&(r.ty, r.key.clone()))
+                    .is_none_or(|v| *v < r.entry.version)
+            })
+            .filter(|r| !crate::store::is_purgeable(&r.entry, horizon))
+            .map(record_to_wire)
+            .collect();
+        debug!(peer = %sender.name, sent = entries.len(), applied = outcome.applied.len(), "repair");
+        Ok(Response::new(RepairResponse {
+            entries,
+            applied: outcome.applied.len() as u32,
         }))
     }
 

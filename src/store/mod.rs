@@ -191,7 +191,7 @@ struct State {
 
 /// True for a tombstone written, or an entry expired, before `horizon_ms`:
 /// safe to drop, and not to be taken back in.
-fn purgeable(entry: &Entry, horizon_ms: u64) -> bool {
+pub fn is_purgeable(entry: &Entry, horizon_ms: u64) -> bool {
     if entry.expires_at_ms != 0 && entry.expires_at_ms < horizon_ms {
         return true;
     }
@@ -461,7 +461,7 @@ impl Store {
                 outcome.rejected.push(err);
                 continue;
             }
-            if purgeable(&record.entry, purge_horizon_ms) {
+            if is_purgeable(&record.entry, purge_horizon_ms) {
                 outcome.stale += 1;
                 continue;
             }
@@ -553,21 +553,44 @@ impl Store {
         self.records_where(|ty, key| wanted.contains(&digest::bucket_of(ty, key)))
     }
 
-    /// Drops local entries older than `horizon_ms` that `keep` does not
-    /// name: used by a full resync, where the peer's snapshot is the truth
-    /// about what was deleted (and purged) while this node was away.
-    pub fn drop_older_than_unless(
+    /// Every record in the given buckets, grouped by bucket, in one pass.
+    pub fn records_by_bucket(&self, buckets: &[u32]) -> HashMap<u32, Vec<Record>> {
+        let mut wanted = vec![false; digest::BUCKETS];
+        for bucket in buckets {
+            if let Some(slot) = wanted.get_mut(*bucket as usize) {
+                *slot = true;
+            }
+        }
+        let state = self.read_lock();
+        let mut out: HashMap<u32, Vec<Record>> = HashMap::new();
+        for (&ty, ns) in state.namespaces.iter() {
+            for (key, entry) in ns {
+                let bucket = digest::bucket_of(ty, key);
+                if wanted[bucket] {
+                    out.entry(bucket as u32).or_default().push(Record {
+                        ty,
+                        key: key.clone(),
+                        entry: entry.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Drops local entries that `keep` does not name, except those `spare`
+    /// protects: used by a full resync, where the peer's snapshot is the
+    /// truth about what was deleted (and purged) while this node was away.
+    pub fn drop_absent(
         &self,
-        horizon_ms: u64,
         keep: &std::collections::HashSet<(i32, Arc<str>)>,
+        spare: impl Fn(&Entry) -> bool,
     ) -> usize {
         let mut state = self.write_lock();
         let mut doomed = Vec::new();
         for (&ty, ns) in state.namespaces.iter() {
             for (key, entry) in ns {
-                if clock::hlc_ms(entry.version.hlc) < horizon_ms
-                    && !keep.contains(&(ty, key.clone()))
-                {
+                if !spare(entry) && !keep.contains(&(ty, key.clone())) {
                     doomed.push((ty, key.clone()));
                 }
             }
@@ -610,7 +633,7 @@ impl Store {
         let mut doomed = Vec::new();
         for (&ty, ns) in state.namespaces.iter() {
             for (key, entry) in ns {
-                if purgeable(entry, horizon) {
+                if is_purgeable(entry, horizon) {
                     doomed.push((ty, key.clone()));
                 }
             }

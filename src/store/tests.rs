@@ -302,7 +302,8 @@ fn a_full_resync_drops_old_entries_the_peer_no_longer_has() {
         NOW,
     );
     let keep: std::collections::HashSet<(i32, Arc<str>)> = [(1, Arc::from("kept"))].into();
-    assert_eq!(s.drop_older_than_unless(NOW - 50_000, &keep), 1);
+    let spare = |e: &Entry| e.version.hlc >= hlc_from_ms(NOW - 50_000);
+    assert_eq!(s.drop_absent(&keep, spare), 1);
     let ns = s.namespace(1, NOW);
     assert!(ns.contains_key("kept") && ns.contains_key("written-while-away"));
     assert!(!ns.contains_key("deleted-elsewhere"));

@@ -34,6 +34,8 @@ pub struct Slot {
 
 pub struct Cluster {
     pub peers: StaticPeers,
+    /// With [`Cluster::start_with_own_lists`], each node's own peer list.
+    pub lists: Vec<StaticPeers>,
     pub slots: Vec<Slot>,
     block: u32,
     configure: fn(&mut NodeConfig),
@@ -50,6 +52,7 @@ impl Cluster {
     pub async fn start_with(n: usize, configure: fn(&mut NodeConfig)) -> Self {
         let mut cluster = Self {
             peers: StaticPeers::new(Vec::<String>::new()),
+            lists: Vec::new(),
             slots: Vec::new(),
             block: next_block(),
             configure,
@@ -58,6 +61,56 @@ impl Cluster {
             cluster.add_node().await;
         }
         cluster
+    }
+
+    /// `n` nodes, each with its own peer list (so a test can cut some
+    /// nodes off from others, one direction or both); all lists name every
+    /// node once all are started.
+    pub async fn start_with_own_lists(n: usize, configure: fn(&mut NodeConfig)) -> Self {
+        let mut cluster = Self {
+            peers: StaticPeers::new(Vec::<String>::new()),
+            lists: Vec::new(),
+            slots: Vec::new(),
+            block: next_block(),
+            configure,
+        };
+        for _ in 0..n {
+            // Each node starts knowing the nodes before it, as discovery
+            // would show them.
+            let list = StaticPeers::new(cluster.peers.get());
+            cluster.lists.push(list.clone());
+            let host = cluster.slots.len() as u32 + 2;
+            let ip = cluster.ip(host);
+            let grpc = TcpListener::bind((ip, 0)).await.expect("bind gRPC");
+            let http = TcpListener::bind((ip, 0)).await.expect("bind REST");
+            cluster.slots.push(Slot {
+                ip,
+                grpc: grpc.local_addr().expect("addr"),
+                http: http.local_addr().expect("addr"),
+                node: None,
+            });
+            let index = cluster.slots.len() - 1;
+            cluster.run_node(index, grpc, http, list).await;
+            cluster.peers.add(cluster.slots[index].grpc.to_string());
+        }
+        cluster.heal();
+        cluster
+    }
+
+    /// Sets node `i`'s own peer list to the nodes `to` (plus `extra`
+    /// addresses, e.g. an unreachable one).
+    pub fn set_peers(&self, i: usize, to: &[usize], extra: &[String]) {
+        let mut addrs: Vec<String> = to.iter().map(|&j| self.grpc_addr(j)).collect();
+        addrs.extend(extra.iter().cloned());
+        self.lists[i].set(addrs);
+    }
+
+    /// Every node's list names every node again.
+    pub fn heal(&self) {
+        let all: Vec<usize> = (0..self.slots.len()).collect();
+        for i in 0..self.lists.len() {
+            self.set_peers(i, &all, &[]);
+        }
     }
 
     /// The address of host number `host` (2, 3, ...) of this cluster.
