@@ -89,6 +89,12 @@ impl RestClient {
         })
     }
 
+    /// The same client with another deadline for each request (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The base URL.
     pub fn base(&self) -> &str {
         &self.base

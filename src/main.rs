@@ -266,6 +266,17 @@ struct ServeArgs {
     /// Time allowed for draining at shutdown, in milliseconds.
     #[arg(long, env = "PODCACHE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+    /// How often digests are compared with every peer, in milliseconds.
+    #[arg(
+        long,
+        env = "PODCACHE_ANTI_ENTROPY_INTERVAL_MS",
+        default_value_t = 10_000
+    )]
+    anti_entropy_interval_ms: u64,
+    /// How long tombstones and expired entries are kept, in milliseconds
+    /// (at least ten anti-entropy intervals).
+    #[arg(long, env = "PODCACHE_TOMBSTONE_GRACE_MS", default_value_t = 24 * 3600 * 1000)]
+    tombstone_grace_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -440,6 +451,8 @@ fn node_config(args: &ServeArgs) -> Result<NodeConfig, Failure> {
     config.wait_timeout = Duration::from_millis(args.wait_timeout_ms);
     config.rpc_timeout = Duration::from_millis(args.rpc_timeout_ms);
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);
+    config.anti_entropy_interval = Duration::from_millis(args.anti_entropy_interval_ms.max(10));
+    config.tombstone_grace = Duration::from_millis(args.tombstone_grace_ms);
     config
         .validate()
         .map_err(|e| Failure::Config(e.to_string()))?;
