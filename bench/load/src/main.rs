@@ -1,0 +1,658 @@
+//! `podcache-bench`: the one load generator of `bench/run`, with a backend
+//! per system so every system gets the same load: podcache over its REST API
+//! (HTTP/1.1, one keep-alive connection per worker), Redis over RESP (one
+//! connection per worker, optional pipelining), etcd over its v3 API (gRPC).
+//!
+//! Each run prints one JSON object: operations, rate, latency percentiles
+//! from an HDR histogram, errors. Workloads:
+//! - `write`: one entry per operation (PUT / SET / put);
+//! - `batch`: `--batch` entries per operation (POST / pipelined SETs / txn);
+//! - `read`: one entry per operation (GET / GET / range);
+//! - `fill`: loads `--keys` entries as fast as possible (for bootstrap and
+//!   memory figures), no latency figures;
+//! - `lag`: writes probe keys to the first target at `--probe-rate` per
+//!   second (plus `--rate` background writes), and measures the time from a
+//!   write's acknowledgement to its arrival on every other target (podcache:
+//!   the `/v1/watch` event stream; Redis: keyspace notifications on the
+//!   replicas; etcd: a watch on each follower).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
+use podcache::proto::etcd::{PutRequest, RequestOp, TxnRequest, request_op};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum System {
+    Podcache,
+    Redis,
+    Etcd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Workload {
+    Write,
+    Batch,
+    Read,
+    Fill,
+    Lag,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Load generator for bench/run")]
+struct Args {
+    /// The system under load.
+    #[arg(long)]
+    system: System,
+    /// host:port of every node; the first one takes the writes.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// What to do.
+    #[arg(long)]
+    workload: Workload,
+    /// Concurrent connections (workers).
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Entries per batched operation.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Seconds of warm-up (not measured).
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Reads go to this target index (a replica).
+    #[arg(long, default_value_t = 1)]
+    read_from: usize,
+    /// Total operations per second across workers (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Probe writes per second for the lag workload.
+    #[arg(long, default_value_t = 200)]
+    probe_rate: u64,
+}
+
+/// One connection to one node.
+enum Conn {
+    Http {
+        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        host: String,
+    },
+    Redis(BufReader<TcpStream>),
+    Etcd(EtcdClient),
+}
+
+async fn connect(system: System, target: &str) -> anyhow::Result<Conn> {
+    Ok(match system {
+        System::Podcache => {
+            let stream = TcpStream::connect(target)
+                .await
+                .with_context(|| format!("connect {target}"))?;
+            stream.set_nodelay(true)?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            Conn::Http {
+                sender,
+                host: target.to_owned(),
+            }
+        }
+        System::Redis => {
+            let stream = TcpStream::connect(target)
+                .await
+                .with_context(|| format!("connect {target}"))?;
+            stream.set_nodelay(true)?;
+            Conn::Redis(BufReader::new(stream))
+        }
+        System::Etcd => Conn::Etcd(EtcdClient::connect(&EtcdSettings {
+            endpoints: vec![format!("http://{target}")],
+            tls: EtcdTls::default(),
+            timeout: Duration::from_secs(10),
+        })?),
+    })
+}
+
+async fn http(
+    conn: &mut Conn,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+) -> anyhow::Result<Bytes> {
+    let Conn::Http { sender, host } = conn else {
+        bail!("not HTTP")
+    };
+    sender.ready().await?;
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host.as_str())
+        .body(Full::new(body))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() && status != hyper::StatusCode::NOT_FOUND {
+        bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(body)
+}
+
+fn resp_command(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    for part in parts {
+        out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Reads one RESP reply (enough of the protocol for SET, GET, INFO, PING).
+async fn resp_reply(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let line = line.trim_end();
+    match line.as_bytes().first() {
+        Some(b'+') | Some(b':') => Ok(Some(line[1..].as_bytes().to_vec())),
+        Some(b'-') => bail!("redis: {line}"),
+        Some(b'$') => {
+            let len: i64 = line[1..].parse()?;
+            if len < 0 {
+                return Ok(None);
+            }
+            let mut buf = vec![0; len as usize + 2];
+            reader.read_exact(&mut buf).await?;
+            buf.truncate(len as usize);
+            Ok(Some(buf))
+        }
+        Some(b'*') => {
+            let n: i64 = line[1..].parse()?;
+            let mut all = Vec::new();
+            for _ in 0..n.max(0) {
+                if let Some(part) = Box::pin(resp_reply(reader)).await? {
+                    all.extend(part);
+                    all.push(b' ');
+                }
+            }
+            Ok(Some(all))
+        }
+        _ => bail!("redis: unexpected reply {line:?}"),
+    }
+}
+
+fn key(i: u64) -> String {
+    format!("key:{i:08}")
+}
+
+/// One operation of `workload` on `conn`; `n` picks the keys.
+async fn op(
+    conn: &mut Conn,
+    workload: Workload,
+    n: u64,
+    args: &Args,
+    value: &Bytes,
+) -> anyhow::Result<()> {
+    let keys = args.keys.max(1);
+    match (conn, workload) {
+        (c @ Conn::Http { .. }, Workload::Write) => {
+            http(
+                c,
+                hyper::Method::PUT,
+                &format!("/v1/cache/1/{}", key(n % keys)),
+                value.clone(),
+            )
+            .await?;
+        }
+        (c @ Conn::Http { .. }, Workload::Batch | Workload::Fill) => {
+            let size = if workload == Workload::Fill {
+                1000
+            } else {
+                args.batch
+            };
+            let value = std::str::from_utf8(value)?;
+            let body: serde_json::Map<String, serde_json::Value> = (0..size as u64)
+                .map(|j| (key((n * size as u64 + j) % keys), json!(value)))
+                .collect();
+            http(
+                c,
+                hyper::Method::POST,
+                "/v1/cache/1",
+                Bytes::from(serde_json::to_vec(&body)?),
+            )
+            .await?;
+        }
+        (c @ Conn::Http { .. }, Workload::Read) => {
+            http(
+                c,
+                hyper::Method::GET,
+                &format!("/v1/cache/1/{}", key(n % keys)),
+                Bytes::new(),
+            )
+            .await?;
+        }
+        (Conn::Redis(reader), workload) => {
+            let count = match workload {
+                Workload::Batch => args.batch,
+                Workload::Fill => 1000,
+                _ => 1,
+            };
+            let mut out = Vec::new();
+            for j in 0..count as u64 {
+                let k = key((n * count as u64 + j) % keys);
+                if workload == Workload::Read {
+                    resp_command(&mut out, &[b"GET", k.as_bytes()]);
+                } else {
+                    resp_command(&mut out, &[b"SET", k.as_bytes(), value]);
+                }
+            }
+            reader.get_mut().write_all(&out).await?;
+            for _ in 0..count {
+                resp_reply(reader).await?;
+            }
+        }
+        (Conn::Etcd(client), workload) => match workload {
+            Workload::Read => {
+                client.range_prefix(key(n % keys).as_bytes()).await?;
+            }
+            Workload::Write | Workload::Lag => {
+                client.put(key(n % keys).as_bytes(), value, 0).await?;
+            }
+            Workload::Batch | Workload::Fill => {
+                let count = if workload == Workload::Fill {
+                    100
+                } else {
+                    args.batch
+                };
+                let success = (0..count as u64)
+                    .map(|j| RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: key((n * count as u64 + j) % keys).into_bytes(),
+                            value: value.to_vec(),
+                            ..PutRequest::default()
+                        })),
+                    })
+                    .collect();
+                client
+                    .txn(TxnRequest {
+                        compare: vec![],
+                        success,
+                        failure: vec![],
+                    })
+                    .await?;
+            }
+        },
+        (_, _) => bail!("unsupported combination"),
+    }
+    Ok(())
+}
+
+fn summary(
+    hist: &Histogram<u64>,
+    ops: u64,
+    errors: u64,
+    seconds: f64,
+    entries_per_op: usize,
+) -> serde_json::Value {
+    json!({
+        "ops": ops,
+        "ops_per_sec": ops as f64 / seconds,
+        "entries_per_sec": (ops * entries_per_op as u64) as f64 / seconds,
+        "p50_us": hist.value_at_quantile(0.50),
+        "p99_us": hist.value_at_quantile(0.99),
+        "max_us": hist.max(),
+        "errors": errors,
+        "seconds": seconds,
+    })
+}
+
+/// Runs `workload` with `connections` workers; returns the summary.
+async fn run_load(args: Arc<Args>, workload: Workload) -> anyhow::Result<serde_json::Value> {
+    let target = match workload {
+        Workload::Read => args.targets[args.read_from.min(args.targets.len() - 1)].clone(),
+        _ => args.targets[0].clone(),
+    };
+    let value = Bytes::from(vec![b'v'; args.value_size]);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let per_worker_rate = if args.rate > 0 {
+        Some(Duration::from_secs_f64(
+            args.connections as f64 / args.rate as f64,
+        ))
+    } else {
+        None
+    };
+    for w in 0..args.connections {
+        let (args, value, measuring, stop, counter, target) = (
+            args.clone(),
+            value.clone(),
+            measuring.clone(),
+            stop.clone(),
+            counter.clone(),
+            target.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut conn = connect(args.system, &target).await?;
+            let (mut ops, mut errors) = (0u64, 0u64);
+            let mut next = Instant::now();
+            let mut n = w as u64 * 7_919;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(every) = per_worker_rate {
+                    next += every;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                n = n.wrapping_add(counter.fetch_add(1, Ordering::Relaxed));
+                let started = Instant::now();
+                let result = op(&mut conn, workload, n, &args, &value).await;
+                if measuring.load(Ordering::Relaxed) {
+                    match result {
+                        Ok(()) => {
+                            ops += 1;
+                            let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                } else if result.is_err() {
+                    // Reconnect after a failure during warm-up.
+                    conn = connect(args.system, &target).await?;
+                }
+            }
+            Ok::<_, anyhow::Error>((hist, ops, errors))
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ops, mut errors) = (0, 0);
+    for task in tasks {
+        let (hist, o, e) = task.await??;
+        total.add(hist)?;
+        ops += o;
+        errors += e;
+    }
+    let per_op = match workload {
+        Workload::Batch => args.batch,
+        _ => 1,
+    };
+    Ok(summary(&total, ops, errors, seconds, per_op))
+}
+
+/// Fills `--keys` entries through the first target as fast as possible.
+async fn fill(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
+    let per_op: u64 = if args.system == System::Etcd {
+        100
+    } else {
+        1000
+    };
+    let ops = args.keys.div_ceil(per_op);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let value = Bytes::from(vec![b'v'; args.value_size]);
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections.min(8) {
+        let (args, next, value) = (args.clone(), next.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = connect(args.system, &args.targets[0]).await?;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= ops {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                op(&mut conn, Workload::Fill, n, &args, &value).await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(json!({ "entries": args.keys, "seconds": started.elapsed().as_secs_f64() }))
+}
+
+type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Follows probe keys arriving on one node, recording when each arrived.
+async fn observe(
+    system: System,
+    target: String,
+    arrivals: Arrivals,
+    ready: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    match system {
+        System::Podcache => {
+            let mut conn = connect(system, &target).await?;
+            let Conn::Http { sender, host } = &mut conn else {
+                unreachable!()
+            };
+            sender.ready().await?;
+            let request = hyper::Request::builder()
+                .uri("/v1/watch/2")
+                .header(hyper::header::HOST, host.as_str())
+                .body(Full::new(Bytes::new()))?;
+            let mut body = sender.send_request(request).await?.into_body();
+            ready.fetch_add(1, Ordering::SeqCst);
+            let mut buffer = String::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                let now = Instant::now();
+                buffer.push_str(&String::from_utf8_lossy(data));
+                while let Some(end) = buffer.find("\n\n") {
+                    let block: String = buffer.drain(..end + 2).collect();
+                    for line in block.lines().filter_map(|l| l.strip_prefix("data:")) {
+                        if let Ok(event) = serde_json::from_str::<serde_json::Value>(line.trim())
+                            && let Some(k) = event["key"].as_str()
+                        {
+                            arrivals
+                                .lock()
+                                .await
+                                .entry(format!("{target}|{k}"))
+                                .or_insert(now);
+                        }
+                    }
+                }
+            }
+        }
+        System::Redis => {
+            let Conn::Redis(mut reader) = connect(system, &target).await? else {
+                unreachable!()
+            };
+            let mut out = Vec::new();
+            resp_command(
+                &mut out,
+                &[b"CONFIG", b"SET", b"notify-keyspace-events", b"K$"],
+            );
+            resp_command(&mut out, &[b"PSUBSCRIBE", b"__keyspace@0__:probe:*"]);
+            reader.get_mut().write_all(&out).await?;
+            resp_reply(&mut reader).await?;
+            resp_reply(&mut reader).await?;
+            ready.fetch_add(1, Ordering::SeqCst);
+            loop {
+                let Some(message) = resp_reply(&mut reader).await? else {
+                    continue;
+                };
+                let now = Instant::now();
+                let text = String::from_utf8_lossy(&message);
+                if let Some(pos) = text.find("__keyspace@0__:probe:") {
+                    let rest = &text[pos + "__keyspace@0__:".len()..];
+                    let k = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    arrivals
+                        .lock()
+                        .await
+                        .entry(format!("{target}|{k}"))
+                        .or_insert(now);
+                }
+            }
+        }
+        System::Etcd => {
+            let Conn::Etcd(client) = connect(system, &target).await? else {
+                unreachable!()
+            };
+            let mut watch = client.watch_prefix(b"probe:", 0).await?;
+            ready.fetch_add(1, Ordering::SeqCst);
+            while let Some(response) = watch.next().await? {
+                let now = Instant::now();
+                for event in response.events {
+                    if let Some(kv) = event.kv {
+                        let k = String::from_utf8_lossy(&kv.key).into_owned();
+                        arrivals
+                            .lock()
+                            .await
+                            .entry(format!("{target}|{k}"))
+                            .or_insert(now);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replication lag: probe writes on the first node, arrivals on the others.
+async fn lag(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
+    let arrivals: Arrivals = Arc::new(Mutex::new(HashMap::new()));
+    let ready = Arc::new(AtomicU64::new(0));
+    let observers: Vec<_> = args.targets[1..]
+        .iter()
+        .map(|t| {
+            tokio::spawn(observe(
+                args.system,
+                t.clone(),
+                arrivals.clone(),
+                ready.clone(),
+            ))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready.load(Ordering::SeqCst) < observers.len() as u64 {
+        if Instant::now() > deadline {
+            bail!("observers did not subscribe");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Background writes (the loaded case) run alongside the probes.
+    let background = if args.rate > 0 {
+        let args = args.clone();
+        Some(tokio::spawn(async move {
+            run_load(args, Workload::Write).await
+        }))
+    } else {
+        None
+    };
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    let mut conn = connect(args.system, &args.targets[0]).await?;
+    let value = Bytes::from(vec![b'p'; args.value_size]);
+    let mut acks: Vec<(String, Instant)> = Vec::new();
+    let every = Duration::from_secs_f64(1.0 / args.probe_rate.max(1) as f64);
+    let started = Instant::now();
+    let mut next = started;
+    let mut seq = 0u64;
+    while started.elapsed().as_secs_f64() < args.duration {
+        next += every;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        seq += 1;
+        let k = format!("probe:{seq:08}");
+        match &mut conn {
+            c @ Conn::Http { .. } => {
+                http(
+                    c,
+                    hyper::Method::PUT,
+                    &format!("/v1/cache/2/{k}"),
+                    value.clone(),
+                )
+                .await?;
+            }
+            Conn::Redis(reader) => {
+                let mut out = Vec::new();
+                resp_command(&mut out, &[b"SET", k.as_bytes(), &value]);
+                reader.get_mut().write_all(&out).await?;
+                resp_reply(reader).await?;
+            }
+            Conn::Etcd(client) => {
+                client.put(k.as_bytes(), &value, 0).await?;
+            }
+        }
+        acks.push((k, Instant::now()));
+    }
+    // Give the last probes time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let background = match background {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
+    for o in observers {
+        o.abort();
+    }
+    let arrivals = arrivals.lock().await;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut missing = 0;
+    for (k, acked) in &acks {
+        for target in &args.targets[1..] {
+            match arrivals.get(&format!("{target}|{k}")) {
+                // Seen before the writer got its answer: lag 0 (recorded as 1 µs).
+                Some(arrived) => {
+                    let _ =
+                        hist.record(
+                            arrived.saturating_duration_since(*acked).as_micros().max(1) as u64
+                        );
+                }
+                None => missing += 1,
+            }
+        }
+    }
+    Ok(json!({
+        "probes": acks.len(),
+        "p50_us": hist.value_at_quantile(0.50),
+        "p99_us": hist.value_at_quantile(0.99),
+        "max_us": hist.max(),
+        "missing": missing,
+        "background": background,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    if args.targets.is_empty() {
+        bail!("--targets is required");
+    }
+    let result = match args.workload {
+        Workload::Fill => fill(args.clone()).await?,
+        Workload::Lag => lag(args.clone()).await?,
+        workload => run_load(args.clone(), workload).await?,
+    };
+    println!("{result}");
+    Ok(())
+}
