@@ -169,7 +169,7 @@ async fn resp_reply(reader: &mut BufReader<TcpStream>) -> anyhow::Result<Option<
     reader.read_line(&mut line).await?;
     let line = line.trim_end();
     match line.as_bytes().first() {
-        Some(b'+') | Some(b':') => Ok(Some(line[1..].as_bytes().to_vec())),
+        Some(b'+') | Some(b':') => Ok(Some(line.as_bytes()[1..].to_vec())),
         Some(b'-') => bail!("redis: {line}"),
         Some(b'$') => {
             let len: i64 = line[1..].parse()?;
