@@ -12,7 +12,7 @@ use hyper::Method;
 use podcache::client::{RestClient, entry_path};
 use podcache::demo::{DemoOptions, try_it, walk_through};
 use podcache::discovery::pod::{PodFilter, parse_rfc3339_ms, parse_selector};
-use podcache::discovery::{Discovery, EtcdDiscovery, EtcdV2Discovery, StaticList};
+use podcache::discovery::{Discovery, DnsDiscovery, EtcdDiscovery, EtcdV2Discovery, StaticList};
 use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
 use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
 use podcache::{NodeBuilder, NodeConfig};
@@ -128,6 +128,8 @@ enum DiscoveryKind {
     /// Pods in Kubernetes' etcd, v2 keys API (etcd <= 3.5 with --enable-v2).
     #[value(name = "etcd-v2")]
     EtcdV2,
+    /// The address records of a headless Service (--dns-name).
+    Dns,
 }
 
 /// Where Kubernetes' etcd is and which pods are peers.
@@ -236,6 +238,12 @@ struct ServeArgs {
     /// A substring every peer pod's name contains (the original design's match).
     #[arg(long, env = "PODCACHE_NAME_CONTAINS")]
     name_contains: Option<String>,
+    /// For --discovery dns: the headless Service to resolve.
+    #[arg(long, env = "PODCACHE_DNS_NAME")]
+    dns_name: Option<String>,
+    /// For --discovery dns: how often to resolve it, in milliseconds.
+    #[arg(long, env = "PODCACHE_DNS_INTERVAL_MS", default_value_t = 5_000)]
+    dns_interval_ms: u64,
     /// Longest key in bytes.
     #[arg(long, env = "PODCACHE_MAX_KEY_BYTES", default_value_t = 1024)]
     max_key_bytes: usize,
@@ -475,6 +483,17 @@ fn discovery(args: &ServeArgs) -> Result<Box<dyn Discovery>, Failure> {
                 peers.push(addr.to_string());
             }
             Ok(Box::new(StaticList::new(peers)))
+        }
+        DiscoveryKind::Dns => {
+            let name = args
+                .dns_name
+                .clone()
+                .filter(|n| !n.trim().is_empty())
+                .ok_or_else(|| Failure::Config("--discovery dns needs --dns-name".into()))?;
+            Ok(Box::new(DnsDiscovery {
+                name,
+                interval: Duration::from_millis(args.dns_interval_ms.max(100)),
+            }))
         }
         DiscoveryKind::Etcd | DiscoveryKind::EtcdV2 => {
             let selector = match &args.selector {

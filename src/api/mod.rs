@@ -60,6 +60,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/cache/{type}/", axum::routing::any(empty_key))
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
         .route("/v1/watch/{type}", get(watch))
+        .route("/", get(dashboard))
         .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -488,6 +489,16 @@ fn system_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The dashboard: one self-contained page (no external assets) that polls
+/// `/v1/cluster` and `/metrics`.
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn healthz() -> Json<Value> {

@@ -5,6 +5,7 @@
 //! store or replication; a backend only publishes the whole current peer
 //! set into a `watch` channel, and readers see the latest snapshot.
 
+pub mod dns;
 pub mod etcd;
 pub mod etcd_v2;
 pub mod pod;
@@ -17,6 +18,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use dns::DnsDiscovery;
 pub use etcd::EtcdDiscovery;
 pub use etcd_v2::EtcdV2Discovery;
 pub use static_list::{StaticList, StaticPeers};
