@@ -12,10 +12,30 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// Handles of `podcache_requests_total` per operation, taken once so the
+/// request path does not build a label set for every request.
+#[derive(Debug, Clone, Default)]
+pub struct OpCounters {
+    /// `op="get"`.
+    pub get: Counter,
+    /// `op="set"`.
+    pub set: Counter,
+    /// `op="delete"`.
+    pub delete: Counter,
+    /// `op="batch"`.
+    pub batch: Counter,
+    /// `op="list"`.
+    pub list: Counter,
+    /// `op="watch"`.
+    pub watch: Counter,
+}
+
 /// Every metric of one node.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Per-operation handles into `requests`.
+    pub ops: OpCounters,
     /// REST and library operations by `op` (get, set, delete, batch, list).
     pub requests: Family<Labels, Counter>,
     /// Requests refused by validation, by `reason`.
@@ -223,8 +243,18 @@ impl Metrics {
             "Tombstones and expired entries held for replication, per namespace",
             tombstones.clone(),
         );
+        let op = |name: &str| requests.get_or_create(&label("op", name)).clone();
+        let ops = OpCounters {
+            get: op("get"),
+            set: op("set"),
+            delete: op("delete"),
+            batch: op("batch"),
+            list: op("list"),
+            watch: op("watch"),
+        };
         Self {
             registry,
+            ops,
             anti_entropy_rounds,
             anti_entropy_repaired,
             full_resyncs,

@@ -182,11 +182,42 @@ async fn read_body(
 }
 
 fn count(shared: &Shared, op: &'static str) {
-    shared
-        .metrics
-        .requests
-        .get_or_create(&label("op", op))
-        .inc();
+    let ops = &shared.metrics.ops;
+    match op {
+        "get" => ops.get.inc(),
+        "set" => ops.set.inc(),
+        "delete" => ops.delete.inc(),
+        "batch" => ops.batch.inc(),
+        "list" => ops.list.inc(),
+        _ => ops.watch.inc(),
+    };
+}
+
+/// The answer to a single-entry read or write, serialized without an
+/// intermediate JSON tree.
+#[derive(serde::Serialize)]
+struct EntryAnswer<'a> {
+    r#type: i32,
+    key: &'a str,
+    value: Option<&'a str>,
+    version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<Value>,
+}
+
+impl<'a> EntryAnswer<'a> {
+    fn of(record: &'a Record) -> Self {
+        Self {
+            r#type: record.ty,
+            key: &record.key,
+            value: record.entry.value.as_deref(),
+            version: record.entry.version.to_string(),
+            expires_at_ms: (record.entry.expires_at_ms != 0).then_some(record.entry.expires_at_ms),
+            replication: None,
+        }
+    }
 }
 
 fn replication_json(reports: &[DeliveryReport]) -> Value {
@@ -228,18 +259,19 @@ fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
 async fn get_entry(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (ty, key) = entry_path(path)?;
     count(&shared, "get");
     let entry = shared
         .store
         .get(ty, &key, unix_ms())
         .ok_or_else(|| ApiError::absent(ty, &key))?;
-    Ok(Json(entry_json(&Record {
+    let record = Record {
         ty,
         key: key.into(),
         entry,
-    })))
+    };
+    Ok(Json(EntryAnswer::of(&record)).into_response())
 }
 
 async fn put_entry(
@@ -248,7 +280,7 @@ async fn put_entry(
     query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let (ty, key) = entry_path(path)?;
     let options = write_options(query)?;
     let body = read_body(&shared, &headers, body).await?;
@@ -262,10 +294,9 @@ async fn put_entry(
     count(&shared, "set");
     debug!(ty, key = %key, "set");
     let outcome = shared.write_local(vec![record], options.wait_all).await;
-    Ok(Json(with_replication(
-        entry_json(&outcome.records[0]),
-        &outcome,
-    )))
+    let mut answer = EntryAnswer::of(&outcome.records[0]);
+    answer.replication = outcome.replication.as_deref().map(replication_json);
+    Ok(Json(answer).into_response())
 }
 
 fn reject(shared: &Shared, err: &crate::store::StoreError) {
