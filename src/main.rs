@@ -18,6 +18,12 @@ use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
 use podcache::{NodeBuilder, NodeConfig};
 use serde_json::Value;
 
+/// mimalloc instead of the system allocator: the profile of the write path
+/// showed glibc malloc/free as the largest cost (about a fifth of the
+/// samples); see bench/RESULTS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a configuration that cannot run (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
 
