@@ -163,6 +163,26 @@ impl RestClient {
             .await
     }
 
+    /// `GET path` whose body is read as it arrives (a watch stream): the
+    /// status and the body, with no overall deadline.
+    pub async fn stream(
+        &self,
+        path: &str,
+    ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
+        let request = Request::builder()
+            .uri(format!("{}{}", self.base, path))
+            .body(Full::new(Bytes::new()))?;
+        let response =
+            self.client
+                .request(request)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: self.base.clone(),
+                    source,
+                })?;
+        Ok((response.status(), response.into_body()))
+    }
+
     /// `GET path`.
     pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
         self.request(Method::GET, path, Bytes::new()).await

@@ -331,6 +331,13 @@ enum CtlOp {
     },
     /// List a whole namespace.
     List { r#type: i32 },
+    /// Follow every change to a namespace (or one key) live, until Ctrl-C.
+    Watch {
+        r#type: i32,
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Show this node, its peers and their replication state.
     Cluster,
 }
@@ -606,6 +613,9 @@ async fn demo(args: DemoArgs) -> Result<(), Failure> {
 
 async fn ctl(args: CtlArgs) -> Result<(), Failure> {
     let client = RestClient::new(&args.addr).map_err(|e| Failure::Config(e.to_string()))?;
+    if let CtlOp::Watch { r#type, key } = &args.op {
+        return ctl_watch(&client, *r#type, key.as_deref(), args.json).await;
+    }
     let (method, path, body) = match &args.op {
         CtlOp::Get { r#type, key } => (Method::GET, entry_path(*r#type, key), String::new()),
         CtlOp::Set {
@@ -636,6 +646,7 @@ async fn ctl(args: CtlArgs) -> Result<(), Failure> {
             (Method::DELETE, path, String::new())
         }
         CtlOp::List { r#type } => (Method::GET, format!("/v1/cache/{type}"), String::new()),
+        CtlOp::Watch { .. } => unreachable!("handled above"),
         CtlOp::Cluster => (Method::GET, "/v1/cluster".to_owned(), String::new()),
     };
     let answer = client
@@ -681,8 +692,78 @@ async fn ctl(args: CtlArgs) -> Result<(), Failure> {
             }
         }
         CtlOp::Cluster => print_cluster(&json),
+        CtlOp::Watch { .. } => {}
     }
     Ok(())
+}
+
+/// Prints every change event of a namespace as it arrives.
+async fn ctl_watch(
+    client: &RestClient,
+    ty: i32,
+    key: Option<&str>,
+    json: bool,
+) -> Result<(), Failure> {
+    use http_body_util::BodyExt;
+    let mut path = format!("/v1/watch/{ty}");
+    if let Some(key) = key {
+        path = format!("{path}?key={}", podcache::client::percent_encode(key));
+    }
+    let (status, mut body) = client
+        .stream(&path)
+        .await
+        .map_err(|e| Failure::Run(e.into()))?;
+    if !status.is_success() {
+        return Err(Failure::Run(anyhow::anyhow!("watch refused ({status})")));
+    }
+    if !json {
+        println!(
+            "{:<8} {:<24} {:<10} {:<34} VALUE",
+            "ORIGIN", "KEY", "CHANGE", "VERSION"
+        );
+    }
+    let mut buffer = String::new();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let frame = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            frame = body.frame() => frame,
+        };
+        let Some(frame) = frame else {
+            return Err(Failure::Run(anyhow::anyhow!("the node closed the watch")));
+        };
+        let frame = frame.map_err(|e| Failure::Run(e.into()))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        buffer.push_str(&String::from_utf8_lossy(data));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            for line in block.lines().filter_map(|l| l.strip_prefix("data:")) {
+                let Ok(event) = serde_json::from_str::<Value>(line.trim()) else {
+                    continue;
+                };
+                if json {
+                    println!("{event}");
+                } else {
+                    let change = if event["deleted"] == true {
+                        "delete"
+                    } else {
+                        "set"
+                    };
+                    println!(
+                        "{:<8} {:<24} {:<10} {:<34} {}",
+                        event["origin"].as_str().unwrap_or("?"),
+                        event["key"].as_str().unwrap_or("?"),
+                        change,
+                        event["version"].as_str().unwrap_or("?"),
+                        event["value"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn print_cluster(json: &Value) {

@@ -92,6 +92,13 @@ pub struct Metrics {
     pub queue_overflows: Family<Labels, Counter>,
     /// Tombstones and expired entries held, per namespace (`type`).
     pub tombstones: Family<Labels, Gauge>,
+    /// Time from a write's acceptance on its origin node (its version's wall
+    /// clock) to its application here; assumes synchronised clocks.
+    pub replication_lag: Histogram,
+    /// Entries received so far by a bootstrap in progress.
+    pub bootstrap_progress_entries: Gauge,
+    /// Entries the bootstrap source announced in all.
+    pub bootstrap_total_entries: Gauge,
 }
 
 impl Metrics {
@@ -252,8 +259,31 @@ impl Metrics {
             list: op("list"),
             watch: op("watch"),
         };
+        let replication_lag = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]);
+        registry.register(
+            "replication_lag_seconds",
+            "Time from a write's acceptance on its origin to its application here, from its version",
+            replication_lag.clone(),
+        );
+        let bootstrap_progress_entries = Gauge::default();
+        registry.register(
+            "bootstrap_progress_entries",
+            "Entries received so far by the bootstrap pull",
+            bootstrap_progress_entries.clone(),
+        );
+        let bootstrap_total_entries = Gauge::default();
+        registry.register(
+            "bootstrap_total_entries",
+            "Entries the bootstrap source announced in all",
+            bootstrap_total_entries.clone(),
+        );
         Self {
             registry,
+            replication_lag,
+            bootstrap_progress_entries,
+            bootstrap_total_entries,
             ops,
             anti_entropy_rounds,
             anti_entropy_repaired,

@@ -245,6 +245,13 @@ impl Shared {
             .store
             .merge_with_horizon(records, now, self.purge_horizon(now));
         self.count_remote(&outcome, source);
+        if source == "replicate" {
+            for record in &outcome.applied {
+                let written = crate::store::clock::hlc_ms(record.entry.version.hlc);
+                let lag_ms = now.saturating_sub(written);
+                self.metrics.replication_lag.observe(lag_ms as f64 / 1000.0);
+            }
+        }
         let origin = if source == "bootstrap" {
             Origin::Bootstrap
         } else {

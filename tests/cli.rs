@@ -135,6 +135,49 @@ async fn serve_processes_replicate_and_exit_zero_on_sigterm_and_sigint() {
         "{out}"
     );
 
+    // `ctl watch --json` prints each change as it arrives.
+    let mut watch = Command::new(BIN)
+        .args([
+            "ctl",
+            "--addr",
+            &node_b.http,
+            "--json",
+            "watch",
+            "4",
+            "--key",
+            "live",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ctl watch runs");
+    let watch_out = watch.stdout.take().expect("stdout");
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(watch_out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+    let client = RestClient::new(&node_a.http).expect("client");
+    let mut seen = None;
+    for _ in 0..100 {
+        // The watch may subscribe after a write: write until one shows.
+        client.put(4, "live", "streamed", "").await.expect("put");
+        if let Ok(line) = line_rx.recv_timeout(Duration::from_millis(100)) {
+            seen = Some(line);
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let event: serde_json::Value =
+        serde_json::from_str(&seen.expect("an event line")).expect("JSON");
+    assert_eq!(event["key"], "live");
+    assert_eq!(event["value"], "streamed");
+
     let absent = ctl(&node_b.http, &["get", "4", "nothing"]);
     assert_eq!(absent.status.code(), Some(1));
     let err = String::from_utf8_lossy(&absent.stderr);

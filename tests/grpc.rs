@@ -300,6 +300,17 @@ async fn a_state_many_messages_large_bootstraps_and_writes_during_the_pull_are_k
     assert!(report.bytes > 6 * 1024 * 1024, "{report:?}");
     let snapshot = cluster.node(new).snapshot();
     assert_eq!(snapshot.get(&1).map(|m| m.len()), Some(60_000));
+    // Progress was exposed as it went, and ended complete.
+    let metrics = cluster.node(new).render_metrics();
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    let total = gauge("podcache_bootstrap_total_entries ").expect("total announced");
+    assert!(total >= 60_000, "{metrics}");
+    assert_eq!(gauge("podcache_bootstrap_progress_entries "), Some(total));
     let client = cluster.client(new);
     wait_until(
         "every write made during the pull arrived",

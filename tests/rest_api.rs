@@ -313,6 +313,10 @@ async fn health_readiness_and_metrics_answer() {
         peer_metrics.contains("podcache_remote_applied_entries_total{source=\"replicate\"} 1"),
         "{peer_metrics}"
     );
+    assert!(
+        peer_metrics.contains("podcache_replication_lag_seconds_count 1"),
+        "the write's lag was measured on the peer: {peer_metrics}"
+    );
     cluster.shutdown().await;
 }
 

@@ -199,6 +199,8 @@ async fn pull_snapshot(
     };
     let mut total = None;
     let mut received = 0u64;
+    let started = Instant::now();
+    let mut last_log = Instant::now();
     loop {
         // Each chunk must arrive within the RPC timeout; the whole stream
         // may take as long as the state needs.
@@ -210,8 +212,31 @@ async fn pull_snapshot(
         };
         if total.is_none() {
             total = Some(chunk.total_entries);
+            shared
+                .metrics
+                .bootstrap_total_entries
+                .set(chunk.total_entries as i64);
         }
         received += chunk.entries.len() as u64;
+        shared
+            .metrics
+            .bootstrap_progress_entries
+            .set(received as i64);
+        if last_log.elapsed() >= Duration::from_secs(2) {
+            last_log = Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let rate = received as f64 / secs;
+            let all = total.unwrap_or(received).max(received);
+            let eta = (all - received) as f64 / rate.max(1.0);
+            info!(
+                received,
+                total = all,
+                bytes = report.bytes,
+                rate_per_s = rate as u64,
+                eta_s = eta as u64,
+                "bootstrap progress"
+            );
+        }
         let records: Vec<_> = chunk.entries.into_iter().map(record_from_wire).collect();
         report.bytes += records.iter().map(wire_size).sum::<usize>() as u64;
         report.entries += records.len() as u64;

@@ -13,8 +13,9 @@
 //! - `lag`: writes probe keys to the first target at `--probe-rate` per
 //!   second (plus `--rate` background writes), and measures the time from a
 //!   write's acknowledgement to its arrival on every other target (podcache:
-//!   the `/v1/watch` event stream; Redis: keyspace notifications on the
-//!   replicas; etcd: a watch on each follower).
+//!   the `/v1/watch` event stream; Redis: a tight loop of GETs on each
+//!   replica, since replicas emit no keyspace notifications for replicated
+//!   writes; etcd: a watch on each follower).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -480,37 +481,29 @@ async fn observe(
             }
         }
         System::Redis => {
+            // Redis replicas do not emit keyspace notifications for writes
+            // they receive through replication (seen with Debian's Redis 7),
+            // so each replica is polled in a tight loop instead: the probes
+            // arrive in order (one replication stream), so the observer
+            // waits for probe N, records when it appeared, then N + 1.
             let Conn::Redis(mut reader) = connect(system, &target).await? else {
                 unreachable!()
             };
-            let mut out = Vec::new();
-            resp_command(
-                &mut out,
-                &[b"CONFIG", b"SET", b"notify-keyspace-events", b"K$"],
-            );
-            resp_command(&mut out, &[b"PSUBSCRIBE", b"__keyspace@0__:probe:*"]);
-            reader.get_mut().write_all(&out).await?;
-            resp_reply(&mut reader).await?;
-            resp_reply(&mut reader).await?;
             ready.fetch_add(1, Ordering::SeqCst);
+            let mut seq = 1u64;
             loop {
-                let Some(message) = resp_reply(&mut reader).await? else {
-                    continue;
-                };
-                let now = Instant::now();
-                let text = String::from_utf8_lossy(&message);
-                if let Some(pos) = text.find("__keyspace@0__:probe:") {
-                    let rest = &text[pos + "__keyspace@0__:".len()..];
-                    let k = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
+                let k = format!("probe:{seq:08}");
+                let mut out = Vec::new();
+                resp_command(&mut out, &[b"GET", k.as_bytes()]);
+                reader.get_mut().write_all(&out).await?;
+                if resp_reply(&mut reader).await?.is_some() {
+                    let now = Instant::now();
                     arrivals
                         .lock()
                         .await
                         .entry(format!("{target}|{k}"))
                         .or_insert(now);
+                    seq += 1;
                 }
             }
         }
