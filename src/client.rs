@@ -117,22 +117,9 @@ impl RestClient {
         body: Bytes,
         content_type: Option<&str>,
     ) -> Result<Answer, ClientError> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{}", self.base, path));
-        if let Some(content_type) = content_type {
-            request = request.header(hyper::header::CONTENT_TYPE, content_type);
-        }
-        let request = request.body(Full::new(body))?;
+        let response = self.start(method, path, body, content_type);
         let call = async {
-            let response =
-                self.client
-                    .request(request)
-                    .await
-                    .map_err(|source| ClientError::Connect {
-                        addr: self.base.clone(),
-                        source,
-                    })?;
+            let response = response.await?;
             let status = response.status();
             let content_type = response
                 .headers()
@@ -169,18 +156,32 @@ impl RestClient {
         &self,
         path: &str,
     ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
-        let request = Request::builder()
-            .uri(format!("{}{}", self.base, path))
-            .body(Full::new(Bytes::new()))?;
-        let response =
-            self.client
-                .request(request)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: self.base.clone(),
-                    source,
-                })?;
+        let response = self.start(Method::GET, path, Bytes::new(), None).await?;
         Ok((response.status(), response.into_body()))
+    }
+
+    /// Sends a request and waits for the answer's head.
+    async fn start(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        content_type: Option<&str>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path));
+        if let Some(content_type) = content_type {
+            request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        let request = request.body(Full::new(body))?;
+        self.client
+            .request(request)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.base.clone(),
+                source,
+            })
     }
 
     /// `GET path`.
