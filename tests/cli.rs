@@ -19,6 +19,14 @@ fn free_port(ip: Ipv4Addr) -> u16 {
         .expect("a free port")
 }
 
+/// Two distinct free ports on `ip` (both held at once while chosen).
+fn two_free_ports(ip: Ipv4Addr) -> (u16, u16) {
+    let a = TcpListener::bind((ip, 0)).expect("bind");
+    let b = TcpListener::bind((ip, 0)).expect("bind");
+    let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).expect("port");
+    (port(&a), port(&b))
+}
+
 struct Server {
     child: Child,
     http: String,
@@ -229,13 +237,7 @@ fn ctl_cannot_reach_a_node_exits_non_zero() {
 async fn the_demo_walks_through_and_exits() {
     let block = next_block();
     let first = Ipv4Addr::from(block | 2);
-    // Both held at once, so they cannot be the same port.
-    let (http, grpc) = {
-        let a = TcpListener::bind((first, 0)).expect("bind");
-        let b = TcpListener::bind((first, 0)).expect("bind");
-        let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).expect("port");
-        (port(&a), port(&b))
-    };
+    let (http, grpc) = two_free_ports(first);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args([
@@ -274,12 +276,7 @@ async fn the_demo_walks_through_and_exits() {
 async fn the_demo_runs_on_pods_in_a_local_etcd() {
     let block = next_block();
     let first = Ipv4Addr::from(block | 2);
-    let (http, grpc) = {
-        let a = TcpListener::bind((first, 0)).expect("bind");
-        let b = TcpListener::bind((first, 0)).expect("bind");
-        let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).expect("port");
-        (port(&a), port(&b))
-    };
+    let (http, grpc) = two_free_ports(first);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args([

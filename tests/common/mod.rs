@@ -48,15 +48,20 @@ impl Cluster {
         Self::start_with(n, |_| {}).await
     }
 
-    /// Like [`Cluster::start`], with a config tweak applied to every node.
-    pub async fn start_with(n: usize, configure: fn(&mut NodeConfig)) -> Self {
-        let mut cluster = Self {
+    /// No nodes yet, on a fresh address block.
+    fn empty(configure: fn(&mut NodeConfig)) -> Self {
+        Self {
             peers: StaticPeers::new(Vec::<String>::new()),
             lists: Vec::new(),
             slots: Vec::new(),
             block: next_block(),
             configure,
-        };
+        }
+    }
+
+    /// Like [`Cluster::start`], with a config tweak applied to every node.
+    pub async fn start_with(n: usize, configure: fn(&mut NodeConfig)) -> Self {
+        let mut cluster = Self::empty(configure);
         for _ in 0..n {
             cluster.add_node().await;
         }
@@ -67,13 +72,7 @@ impl Cluster {
     /// nodes off from others, one direction or both); all lists name every
     /// node once all are started.
     pub async fn start_with_own_lists(n: usize, configure: fn(&mut NodeConfig)) -> Self {
-        let mut cluster = Self {
-            peers: StaticPeers::new(Vec::<String>::new()),
-            lists: Vec::new(),
-            slots: Vec::new(),
-            block: next_block(),
-            configure,
-        };
+        let mut cluster = Self::empty(configure);
         for _ in 0..n {
             // Each node starts knowing the nodes before it, as discovery
             // would show them.
