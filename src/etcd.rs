@@ -21,9 +21,9 @@ use crate::proto::etcd::kv_client::KvClient;
 use crate::proto::etcd::lease_client::LeaseClient;
 use crate::proto::etcd::watch_client::WatchClient;
 use crate::proto::etcd::{
-    CompactionRequest, DeleteRangeRequest, KeyValue, LeaseGrantRequest, LeaseKeepAliveRequest,
-    LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest, TxnRequest, TxnResponse,
-    WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
+    CompactionRequest, DeleteRangeRequest, Event, KeyValue, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest,
+    TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, WatchResponse, watch_request,
 };
 
 /// Client TLS files, as kube-apiserver's `--etcd-cafile`, `--etcd-certfile`
@@ -104,6 +104,31 @@ impl Watch {
     /// The next response; `Ok(None)` when etcd closed the stream.
     pub async fn next(&mut self) -> Result<Option<WatchResponse>, EtcdError> {
         Ok(self.stream.message().await?)
+    }
+
+    /// The events of the next response (none for a progress notification).
+    /// The end of the watch is an error: etcd closed the stream, cancelled
+    /// the watch, or compacted its start revision away
+    /// ([`EtcdError::Compacted`], after which the caller lists again).
+    pub async fn next_events(&mut self) -> Result<Vec<Event>, EtcdError> {
+        let Some(response) = self.next().await? else {
+            return Err(EtcdError::WatchEnded("etcd closed the stream".into()));
+        };
+        if response.compact_revision > 0 {
+            return Err(EtcdError::Compacted {
+                compact_revision: response.compact_revision,
+            });
+        }
+        if response.canceled {
+            return Err(EtcdError::WatchEnded(
+                if response.cancel_reason.is_empty() {
+                    "cancelled by etcd".into()
+                } else {
+                    response.cancel_reason
+                },
+            ));
+        }
+        Ok(response.events)
     }
 }
 

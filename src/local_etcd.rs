@@ -231,6 +231,15 @@ impl LocalEtcd {
         self.launch()
     }
 
+    /// Starts the process again on the same ports with an empty data
+    /// directory: etcd as it comes back after losing its disk.
+    pub fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(&self.data_dir)?;
+        std::fs::create_dir_all(&self.data_dir)?;
+        self.launch()
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

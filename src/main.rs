@@ -12,7 +12,9 @@ use hyper::Method;
 use podcache::client::{RestClient, entry_path};
 use podcache::demo::{DemoOptions, try_it, walk_through};
 use podcache::discovery::pod::{PodFilter, parse_rfc3339_ms, parse_selector};
-use podcache::discovery::{Discovery, DnsDiscovery, EtcdDiscovery, EtcdV2Discovery, StaticList};
+use podcache::discovery::{
+    Discovery, DnsDiscovery, EtcdDiscovery, EtcdLeaseDiscovery, EtcdV2Discovery, StaticList,
+};
 use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
 use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
 use podcache::{NodeBuilder, NodeConfig};
@@ -136,6 +138,13 @@ enum DiscoveryKind {
     EtcdV2,
     /// The address records of a headless Service (--dns-name).
     Dns,
+    /// Pods listed and watched through the Kubernetes API (in-cluster
+    /// service account, or --kubeconfig).
+    Kubernetes,
+    /// Outside Kubernetes: each node registers itself in etcd under
+    /// --etcd-prefix on a lease (--etcd-endpoints, TLS flags).
+    #[value(name = "etcd-lease")]
+    EtcdLease,
 }
 
 /// Where Kubernetes' etcd is and which pods are peers.
@@ -244,6 +253,16 @@ struct ServeArgs {
     /// A substring every peer pod's name contains (the original design's match).
     #[arg(long, env = "PODCACHE_NAME_CONTAINS")]
     name_contains: Option<String>,
+    /// For --discovery kubernetes: a kubeconfig file [default: in-cluster
+    /// service account, else $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, env = "PODCACHE_KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// For --discovery etcd-lease: the key prefix this cluster's nodes register under.
+    #[arg(long, env = "PODCACHE_ETCD_PREFIX", default_value = podcache::discovery::etcd_lease::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// For --discovery etcd-lease: lease time to live in seconds (how long a crashed node stays listed).
+    #[arg(long, env = "PODCACHE_LEASE_TTL_SECS", default_value_t = 10)]
+    lease_ttl_secs: u64,
     /// For --discovery dns: the headless Service to resolve.
     #[arg(long, env = "PODCACHE_DNS_NAME")]
     dns_name: Option<String>,
@@ -508,26 +527,32 @@ fn discovery(args: &ServeArgs) -> Result<Box<dyn Discovery>, Failure> {
                 interval: Duration::from_millis(args.dns_interval_ms.max(100)),
             }))
         }
-        DiscoveryKind::Etcd | DiscoveryKind::EtcdV2 => {
-            let selector = match &args.selector {
-                Some(text) => {
-                    parse_selector(text).map_err(|e| Failure::Config(format!("--selector: {e}")))?
-                }
-                None => Vec::new(),
-            };
-            let name_contains = args.name_contains.clone().filter(|s| !s.is_empty());
-            if selector.is_empty() && name_contains.is_none() {
+        DiscoveryKind::EtcdLease => {
+            let prefix = args.etcd_prefix.trim().to_owned();
+            if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
+                return Err(Failure::Config(format!(
+                    "--etcd-prefix: {prefix:?} must start and end with '/', e.g. /podcache/members/"
+                )));
+            }
+            if !(2..=3600).contains(&args.lease_ttl_secs) {
                 return Err(Failure::Config(
-                    "etcd discovery needs --selector (e.g. app=hello) or --name-contains, or every pod of the namespace would be a peer".into(),
+                    "--lease-ttl-secs must be between 2 and 3600".into(),
                 ));
             }
-            let filter = PodFilter {
-                namespace: args.etcd.namespace(),
-                selector,
-                name_contains,
-                self_pod_ip: String::new(),
-                grpc_port: args.grpc_addr.port(),
-            };
+            Ok(Box::new(EtcdLeaseDiscovery {
+                settings: args
+                    .etcd
+                    .settings(Duration::from_millis(args.rpc_timeout_ms))?,
+                prefix,
+                lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+            }))
+        }
+        DiscoveryKind::Kubernetes => {
+            let filter = pod_filter(args)?;
+            kubernetes_discovery(filter, args.kubeconfig.clone())
+        }
+        DiscoveryKind::Etcd | DiscoveryKind::EtcdV2 => {
+            let filter = pod_filter(args)?;
             let settings = args
                 .etcd
                 .settings(Duration::from_millis(args.rpc_timeout_ms))?;
@@ -549,6 +574,58 @@ fn discovery(args: &ServeArgs) -> Result<Box<dyn Discovery>, Failure> {
             )))
         }
     }
+}
+
+/// Which pods are peers, from --namespace, --selector and --name-contains.
+fn pod_filter(args: &ServeArgs) -> Result<PodFilter, Failure> {
+    let selector = match &args.selector {
+        Some(text) => {
+            parse_selector(text).map_err(|e| Failure::Config(format!("--selector: {e}")))?
+        }
+        None => Vec::new(),
+    };
+    let name_contains = args.name_contains.clone().filter(|s| !s.is_empty());
+    if selector.is_empty() && name_contains.is_none() {
+        return Err(Failure::Config(
+            "pod discovery needs --selector (e.g. app=hello) or --name-contains, or every pod of the namespace would be a peer".into(),
+        ));
+    }
+    Ok(PodFilter {
+        namespace: args.etcd.namespace(),
+        selector,
+        name_contains,
+        self_pod_ip: String::new(),
+        grpc_port: args.grpc_addr.port(),
+    })
+}
+
+#[cfg(feature = "kubernetes")]
+fn kubernetes_discovery(
+    filter: PodFilter,
+    kubeconfig: Option<std::path::PathBuf>,
+) -> Result<Box<dyn Discovery>, Failure> {
+    if let Some(path) = &kubeconfig
+        && !path.is_file()
+    {
+        return Err(Failure::Config(format!(
+            "--kubeconfig: {} is not a readable file",
+            path.display()
+        )));
+    }
+    Ok(Box::new(podcache::discovery::KubernetesDiscovery {
+        filter,
+        kubeconfig,
+    }))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes_discovery(
+    _: PodFilter,
+    _: Option<std::path::PathBuf>,
+) -> Result<Box<dyn Discovery>, Failure> {
+    Err(Failure::Config(
+        "this podcache was built without the `kubernetes` feature".into(),
+    ))
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {

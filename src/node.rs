@@ -60,6 +60,24 @@ pub struct NodeIdentity {
 }
 
 impl NodeIdentity {
+    /// An identity for unit tests of discovery backends: pod `name` at
+    /// `grpc_addr`, started now.
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn for_test(name: &str, grpc_addr: &str) -> Self {
+        let pod_ip = grpc_addr
+            .rsplit_once(':')
+            .map_or(grpc_addr, |(ip, _)| ip)
+            .to_owned();
+        Self {
+            node_id: 1,
+            name: name.to_owned(),
+            grpc_addr: grpc_addr.to_owned(),
+            started_at_ms: unix_ms() as i64,
+            pod_ip,
+            host_ip: None,
+        }
+    }
+
     fn new(config: &NodeConfig, grpc_port: u16) -> Self {
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -432,8 +450,7 @@ impl NodeBuilder {
         });
 
         tracker.spawn(discovery.run(DiscoveryContext {
-            self_grpc_addr: shared.identity.grpc_addr.clone(),
-            self_pod_ip: shared.identity.pod_ip.clone(),
+            identity: shared.identity.clone(),
             peers_tx,
             cancel: cancel.clone(),
             metrics: shared.metrics.clone(),

@@ -309,8 +309,34 @@ async fn the_demo_runs_on_pods_in_a_local_etcd() {
 }
 
 #[test]
-fn etcd_discovery_without_a_selector_or_endpoints_is_a_configuration_error() {
+fn discovery_without_a_selector_endpoints_or_files_is_a_configuration_error() {
     for args in [
+        vec!["--discovery", "kubernetes"],
+        vec![
+            "--discovery",
+            "kubernetes",
+            "--selector",
+            "app=hello",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
+        vec!["--discovery", "etcd-lease"],
+        vec![
+            "--discovery",
+            "etcd-lease",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+            "--etcd-prefix",
+            "no-slashes",
+        ],
+        vec![
+            "--discovery",
+            "etcd-lease",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+            "--lease-ttl-secs",
+            "1",
+        ],
         vec![
             "--discovery",
             "etcd",

@@ -7,25 +7,19 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::discovery_probe::{GRPC_PORT, addrs, run};
 use common::{next_block, wait_until};
 use podcache::discovery::pod::{PodFilter, parse_selector};
-use podcache::discovery::{
-    Discovery, DiscoveryContext, DiscoveryState, EtcdDiscovery, EtcdV2Discovery, PeerSet,
-};
+use podcache::discovery::{EtcdDiscovery, EtcdLeaseDiscovery, EtcdV2Discovery};
 use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
 use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
 use podcache::local_etcd::{LocalEtcd, MemberSpec, MemberTls, free_low_port};
-use podcache::metrics::Metrics;
 use podcache::{NodeBuilder, NodeConfig, NodeHandle};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const ARTICLE_POD: &str = include_str!("fixtures/article_pod.json");
 const ARTICLE_POD_NAME: &str = "hello-web-29a74e26ea3c2138e1727f35a111f4c6-dknwh";
-const GRPC_PORT: u16 = 9090;
 
 fn filter() -> PodFilter {
     PodFilter {
@@ -34,81 +28,6 @@ fn filter() -> PodFilter {
         name_contains: None,
         self_pod_ip: String::new(),
         grpc_port: GRPC_PORT,
-    }
-}
-
-/// A discovery backend running on its own, publishing into a channel the
-/// test reads; nothing dials the peers it finds.
-struct Running {
-    peers_rx: watch::Receiver<PeerSet>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-fn run(discovery: impl Discovery, self_ip: &str) -> Running {
-    let (peers_tx, peers_rx) = watch::channel(PeerSet::pending());
-    let cancel = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
-    let ctx = DiscoveryContext {
-        self_grpc_addr: format!("{self_ip}:{GRPC_PORT}"),
-        self_pod_ip: self_ip.to_owned(),
-        peers_tx,
-        cancel: cancel.clone(),
-        metrics: metrics.clone(),
-    };
-    tokio::spawn(Box::new(discovery).run(ctx));
-    Running {
-        peers_rx,
-        metrics,
-        cancel,
-    }
-}
-
-fn addrs(set: &PeerSet) -> Vec<String> {
-    set.peers.iter().map(|p| p.grpc_addr.clone()).collect()
-}
-
-impl Running {
-    /// Waits until the published peers are exactly `want` (addresses).
-    async fn wait_peers(&mut self, want: &[&str], within: Duration) -> PeerSet {
-        let mut want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
-        want.sort();
-        let result = tokio::time::timeout(
-            within,
-            self.peers_rx.wait_for(|s| s.answered() && addrs(s) == want),
-        )
-        .await
-        .map(|r| r.map(|set| set.clone()));
-        match result {
-            Ok(Ok(set)) => set,
-            _ => panic!(
-                "peers {:?} within {within:?}; last published: {:?}",
-                want,
-                *self.peers_rx.borrow()
-            ),
-        }
-    }
-
-    async fn wait_state(&mut self, stale: bool, within: Duration) {
-        let ok = tokio::time::timeout(
-            within,
-            self.peers_rx.wait_for(|s| {
-                matches!(s.state, DiscoveryState::Stale { .. }) == stale && s.answered()
-            }),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        assert!(
-            ok,
-            "stale={stale} within {within:?}: {:?}",
-            *self.peers_rx.borrow()
-        );
     }
 }
 
@@ -803,4 +722,115 @@ async fn v3_over_client_mtls_on_a_three_member_cluster() {
             Duration::from_secs(15),
         )
         .await;
+}
+
+/// Three nodes on etcd-lease discovery: they register, find each other,
+/// replicate; a node that shuts down leaves at once (its lease is revoked,
+/// long before it would expire); and after etcd comes back with no data at
+/// all, every node registers again by itself.
+#[tokio::test]
+async fn lease_nodes_register_find_each_other_leave_on_shutdown_and_reregister_after_etcd_lost() {
+    let mut etcd = LocalEtcd::start().await.expect("etcd");
+    let block = next_block();
+    let prefix = format!("/podcache-test/{block}/");
+    let lease = EtcdLeaseDiscovery {
+        settings: etcd.settings(),
+        prefix: prefix.clone(),
+        // Long enough that an expiry cannot explain a prompt departure.
+        lease_ttl: Duration::from_secs(60),
+    };
+    let grpc_port = free_low_port(Ipv4Addr::from(block | 2)).expect("port");
+    let mut nodes = Vec::new();
+    for host in 2..=4 {
+        let ip = Ipv4Addr::from(block | host);
+        let mut config = NodeConfig::for_test(ip);
+        config.pod_name = format!("lease-{host}");
+        config.grpc_addr = std::net::SocketAddr::new(ip.into(), grpc_port);
+        let node = NodeBuilder::new(config)
+            .discovery(lease.clone())
+            .start()
+            .await
+            .expect("node");
+        node.wait_ready().await;
+        nodes.push(node);
+    }
+    let etcd_settings = etcd.settings();
+    let registered = || {
+        let client = EtcdClient::connect(&etcd_settings).expect("client");
+        let prefix = prefix.clone();
+        async move {
+            let (kvs, _) = client
+                .range_prefix(prefix.as_bytes())
+                .await
+                .unwrap_or_default();
+            kvs.len()
+        }
+    };
+    let peers_seen = |node: &NodeHandle| {
+        let client =
+            podcache::client::RestClient::new(&node.http_addr().expect("http").to_string())
+                .expect("client");
+        async move {
+            let view = client.get("/v1/cluster").await.expect("cluster").json();
+            (
+                view["peers"].as_array().map_or(0, Vec::len),
+                view["discovery"]["state"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    for node in &nodes {
+        wait_until("two peers each", Duration::from_secs(5), || async {
+            peers_seen(node).await == (2, "fresh".to_owned())
+        })
+        .await;
+    }
+    assert_eq!(registered().await, 3);
+    nodes[0].set(1, "flag", "on", None).await.expect("set");
+    for node in &nodes {
+        wait_until("write spreads", Duration::from_secs(5), || async {
+            node.get(1, "flag").as_deref() == Some("on")
+        })
+        .await;
+    }
+
+    let leaving = nodes.pop().expect("three nodes");
+    leaving.shutdown().await;
+    wait_until(
+        "deregistered well before the 60 s lease ends",
+        Duration::from_secs(3),
+        || async { registered().await == 2 },
+    )
+    .await;
+    for node in &nodes {
+        wait_until("one peer left", Duration::from_secs(3), || async {
+            peers_seen(node).await.0 == 1
+        })
+        .await;
+    }
+
+    etcd.restart_empty().expect("etcd restarts empty");
+    etcd.wait_healthy(Duration::from_secs(20))
+        .await
+        .expect("etcd back");
+    wait_until(
+        "both nodes registered again",
+        Duration::from_secs(20),
+        || async { registered().await == 2 },
+    )
+    .await;
+    for node in &nodes {
+        wait_until(
+            "fresh again with one peer",
+            Duration::from_secs(10),
+            || async { peers_seen(node).await == (1, "fresh".to_owned()) },
+        )
+        .await;
+    }
+    assert!(
+        nodes[0].render_metrics().contains("reason=\"error\""),
+        "the lost registration went through the relist path"
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
 }

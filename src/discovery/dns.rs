@@ -27,14 +27,14 @@ impl Discovery for DnsDiscovery {
     }
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
-        let port = grpc_port(&ctx.self_grpc_addr);
+        let port = grpc_port(&ctx.identity.grpc_addr);
         let mut publisher = Publisher::new();
         loop {
             match tokio::net::lookup_host((self.name.as_str(), port)).await {
                 Ok(addrs) => {
                     let ips: BTreeSet<_> = addrs
                         .map(|a| a.ip())
-                        .filter(|ip| ip.to_string() != ctx.self_pod_ip)
+                        .filter(|ip| ip.to_string() != ctx.identity.pod_ip)
                         .collect();
                     let peers = ips
                         .into_iter()
@@ -63,8 +63,7 @@ mod tests {
         let (peers_tx, mut peers_rx) = watch::channel(PeerSet::pending());
         let cancel = CancellationToken::new();
         let ctx = DiscoveryContext {
-            self_grpc_addr: "10.9.9.9:7000".into(),
-            self_pod_ip: "10.9.9.9".into(),
+            identity: crate::node::NodeIdentity::for_test("me", "10.9.9.9:7000"),
             peers_tx,
             cancel: cancel.clone(),
             metrics: Default::default(),

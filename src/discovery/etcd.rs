@@ -62,8 +62,8 @@ impl Discovery for EtcdDiscovery {
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let mut filter = self.filter.clone();
-        filter.self_pod_ip = ctx.self_pod_ip.clone();
-        filter.grpc_port = grpc_port(&ctx.self_grpc_addr);
+        filter.self_pod_ip = ctx.identity.pod_ip.clone();
+        filter.grpc_port = grpc_port(&ctx.identity.grpc_addr);
         let prefix = pods_prefix(&filter.namespace);
         let mut table = PodTable::new(filter);
         let mut publisher = Publisher::new();
@@ -133,24 +133,8 @@ async fn session(
     }
     let mut watch = client.watch_prefix(prefix, revision + 1).await?;
     loop {
-        let Some(response) = watch.next().await? else {
-            return Err(EtcdError::WatchEnded("etcd closed the stream".into()));
-        };
-        if response.compact_revision > 0 {
-            return Err(EtcdError::Compacted {
-                compact_revision: response.compact_revision,
-            });
-        }
-        if response.canceled {
-            return Err(EtcdError::WatchEnded(
-                if response.cancel_reason.is_empty() {
-                    "cancelled by etcd".into()
-                } else {
-                    response.cancel_reason
-                },
-            ));
-        }
-        for event in &response.events {
+        let events = watch.next_events().await?;
+        for event in &events {
             let Some(kv) = &event.kv else { continue };
             let key = String::from_utf8_lossy(&kv.key).into_owned();
             if event.r#type == EventType::Delete as i32 {

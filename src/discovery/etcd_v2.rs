@@ -94,8 +94,8 @@ impl Discovery for EtcdV2Discovery {
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let mut filter = self.filter.clone();
-        filter.self_pod_ip = ctx.self_pod_ip.clone();
-        filter.grpc_port = grpc_port(&ctx.self_grpc_addr);
+        filter.self_pod_ip = ctx.identity.pod_ip.clone();
+        filter.grpc_port = grpc_port(&ctx.identity.grpc_addr);
         let path = format!("/v2/keys/registry/pods/{}", filter.namespace);
         let mut table = PodTable::new(filter);
         let mut publisher = Publisher::new();

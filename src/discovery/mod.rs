@@ -7,7 +7,10 @@
 
 pub mod dns;
 pub mod etcd;
+pub mod etcd_lease;
 pub mod etcd_v2;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod pod;
 mod pod_table;
 pub mod static_list;
@@ -20,7 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use dns::DnsDiscovery;
 pub use etcd::EtcdDiscovery;
+pub use etcd_lease::EtcdLeaseDiscovery;
 pub use etcd_v2::EtcdV2Discovery;
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::KubernetesDiscovery;
 pub use static_list::{StaticList, StaticPeers};
 
 /// One peer as discovery sees it.
@@ -114,10 +120,9 @@ impl PeerSet {
 /// What a backend is given to run.
 #[derive(Debug)]
 pub struct DiscoveryContext {
-    /// This node's own dial address, which must never appear as a peer.
-    pub self_grpc_addr: String,
-    /// This node's pod IP (backends that read pods exclude it by IP).
-    pub self_pod_ip: String,
+    /// This node: its dial address and pod IP must never appear as a peer;
+    /// backends that register the node (etcd-lease) publish the rest.
+    pub identity: crate::node::NodeIdentity,
     /// Where the backend publishes every new peer set.
     pub peers_tx: watch::Sender<PeerSet>,
     /// Fires when the node shuts down.

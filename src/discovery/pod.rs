@@ -209,6 +209,24 @@ pub enum LabelTerm {
     NotEquals(String, String),
 }
 
+impl std::fmt::Display for LabelTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LabelTerm::Equals(k, v) => write!(f, "{k}={v}"),
+            LabelTerm::NotEquals(k, v) => write!(f, "{k}!={v}"),
+        }
+    }
+}
+
+/// A selector in the API server's syntax, the inverse of [`parse_selector`].
+pub fn selector_string(terms: &[LabelTerm]) -> String {
+    terms
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Parses an equality-based label selector: terms joined by commas.
 pub fn parse_selector(text: &str) -> Result<Vec<LabelTerm>, String> {
     let mut terms = Vec::new();

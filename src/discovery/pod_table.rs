@@ -117,7 +117,7 @@ impl Publisher {
             self.stale = false;
         }
         ctx.metrics.discovery_stale.set(0);
-        let set = PeerSet::fresh(peers, &ctx.self_grpc_addr);
+        let set = PeerSet::fresh(peers, &ctx.identity.grpc_addr);
         if let DiscoveryState::Fresh { at } = set.state {
             self.last_good = Some(at);
         }

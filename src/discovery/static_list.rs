@@ -91,7 +91,7 @@ impl Discovery for StaticList {
                 .map(Peer::at)
                 .collect();
             ctx.peers_tx
-                .send_replace(PeerSet::fresh(peers, &ctx.self_grpc_addr));
+                .send_replace(PeerSet::fresh(peers, &ctx.identity.grpc_addr));
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return,
                 changed = self.addrs_rx.changed() => {
@@ -119,8 +119,7 @@ mod tests {
         let (peers_tx, mut peers_rx) = watch::channel(PeerSet::pending());
         let cancel = CancellationToken::new();
         let ctx = DiscoveryContext {
-            self_grpc_addr: "127.0.0.9:1".into(),
-            self_pod_ip: "127.0.0.9".into(),
+            identity: crate::node::NodeIdentity::for_test("me", "127.0.0.9:1"),
             peers_tx,
             cancel: cancel.clone(),
             metrics: Default::default(),

@@ -32,6 +32,8 @@ pub struct Slot {
     pub node: Option<NodeHandle>,
 }
 
+pub mod discovery_probe;
+
 pub struct Cluster {
     pub peers: StaticPeers,
     /// With [`Cluster::start_with_own_lists`], each node's own peer list.
