@@ -278,6 +278,16 @@ struct ServeArgs {
     /// Most entries in one batch write.
     #[arg(long, env = "PODCACHE_MAX_BATCH_ENTRIES", default_value_t = 10_000)]
     max_batch_entries: usize,
+    /// Most entries holding a value in one type; writes of new keys past it get 507.
+    #[arg(
+        long,
+        env = "PODCACHE_MAX_ENTRIES_PER_TYPE",
+        default_value_t = 5_000_000
+    )]
+    max_entries_per_type: usize,
+    /// Most bytes of keys and values held in all; writes past it get 507 (nothing is evicted).
+    #[arg(long, env = "PODCACHE_MAX_MEMORY_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    max_memory_bytes: usize,
     /// Largest REST request body in bytes.
     #[arg(long, env = "PODCACHE_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -485,6 +495,8 @@ fn node_config(args: &ServeArgs) -> Result<NodeConfig, Failure> {
     config.limits.max_value_bytes = args.max_value_bytes;
     config.limits.max_batch_entries = args.max_batch_entries;
     config.limits.max_clock_drift_ms = args.max_clock_drift_ms;
+    config.limits.max_entries_per_type = args.max_entries_per_type;
+    config.limits.max_total_bytes = args.max_memory_bytes;
     config.max_body_bytes = args.max_body_bytes;
     config.max_grpc_message_bytes = args.max_grpc_message_bytes;
     config.peer_queue_capacity = args.peer_queue_capacity;

@@ -99,6 +99,19 @@ pub struct Metrics {
     pub bootstrap_progress_entries: Gauge,
     /// Entries the bootstrap source announced in all.
     pub bootstrap_total_entries: Gauge,
+    /// Bytes of keys and values held.
+    pub held_bytes: Gauge,
+    /// The configured limit on held bytes.
+    pub capacity_bytes: Gauge,
+    /// REST requests refused for missing or wrong credentials, by reason.
+    pub auth_failures: Family<Labels, Counter>,
+    /// Requests and connections turned away because a concurrency limit was
+    /// reached, by what (requests, connections, watches).
+    pub overloaded: Family<Labels, Counter>,
+    /// Incoming gRPC connections whose TLS handshake failed or timed out.
+    pub tls_handshake_failures: Counter,
+    /// Certificate reloads after the files changed, by result.
+    pub tls_reloads: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -279,8 +292,50 @@ impl Metrics {
             "Entries the bootstrap source announced in all",
             bootstrap_total_entries.clone(),
         );
+        let held_bytes = Gauge::default();
+        registry.register(
+            "store_held_bytes",
+            "Bytes of keys and values held, tombstones' keys included",
+            held_bytes.clone(),
+        );
+        let capacity_bytes = Gauge::default();
+        registry.register(
+            "store_capacity_bytes",
+            "The limit on held bytes (--max-memory-bytes); local writes past it get 507",
+            capacity_bytes.clone(),
+        );
+        let auth_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "REST requests refused for missing or wrong credentials, by reason",
+            auth_failures.clone(),
+        );
+        let overloaded = Family::<Labels, Counter>::default();
+        registry.register(
+            "overloaded",
+            "Requests or connections turned away at a concurrency limit, by what",
+            overloaded.clone(),
+        );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Incoming gRPC connections whose TLS handshake failed or timed out",
+            tls_handshake_failures.clone(),
+        );
+        let tls_reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of the replica certificates after the files changed, by result",
+            tls_reloads.clone(),
+        );
         Self {
             registry,
+            held_bytes,
+            capacity_bytes,
+            auth_failures,
+            overloaded,
+            tls_handshake_failures,
+            tls_reloads,
             replication_lag,
             bootstrap_progress_entries,
             bootstrap_total_entries,

@@ -288,6 +288,7 @@ impl Shared {
         for err in &outcome.rejected {
             let reason = match err {
                 StoreError::ClockSkew(_) => "clock_skew",
+                StoreError::Full { .. } => "capacity",
                 _ => "limit",
             };
             m.remote_rejected

@@ -573,6 +573,9 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
             .get_or_create(&label("type", ty.to_string()))
             .set(stats.tombstones as i64);
     }
+    m.held_bytes.set(shared.store.held_bytes() as i64);
+    m.capacity_bytes
+        .set(shared.store.limits().max_total_bytes as i64);
     for peer in shared.replicator.peer_views() {
         m.queue_depth
             .get_or_create(&label("peer", peer.grpc_addr))

@@ -34,7 +34,10 @@ use crate::store::digest;
 
 impl From<StoreError> for Status {
     fn from(err: StoreError) -> Self {
-        Status::invalid_argument(err.to_string())
+        match err {
+            StoreError::Full { .. } => Status::resource_exhausted(err.to_string()),
+            _ => Status::invalid_argument(err.to_string()),
+        }
     }
 }
 

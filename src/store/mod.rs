@@ -94,6 +94,12 @@ pub struct Limits {
     pub max_clock_drift_ms: u64,
     /// Longest TTL a write may ask for, in seconds. Default ten years.
     pub max_ttl_secs: u64,
+    /// Most entries holding a value in one namespace (tombstones are not
+    /// counted). Default 5,000,000.
+    pub max_entries_per_type: usize,
+    /// Most bytes of keys and values held in all (tombstones count their
+    /// key). Default 1 GiB.
+    pub max_total_bytes: usize,
 }
 
 impl Default for Limits {
@@ -104,6 +110,8 @@ impl Default for Limits {
             max_batch_entries: 10_000,
             max_clock_drift_ms: 60_000,
             max_ttl_secs: 10 * 365 * 24 * 3600,
+            max_entries_per_type: 5_000_000,
+            max_total_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -154,7 +162,23 @@ pub enum StoreError {
     /// A remote version lies too far in the future.
     #[error(transparent)]
     ClockSkew(#[from] ClockSkewError),
+    /// Storing the write would pass [`Limits::max_entries_per_type`] or
+    /// [`Limits::max_total_bytes`]. Nothing is evicted to make room.
+    #[error("store is full: {what} would be {would_be}, the limit is {limit}")]
+    Full {
+        /// What would pass its limit, e.g. `entries of type 7`.
+        what: String,
+        /// The figure the write would reach.
+        would_be: usize,
+        /// The configured limit.
+        limit: usize,
+    },
 }
+
+/// How far past its own limits a store still takes records from peers: a
+/// write one replica accepted must not be refused by the others over writes
+/// in flight, but a peer cannot make a replica grow without bound either.
+pub const PEER_HEADROOM: usize = 2;
 
 /// What a merge of remote records did.
 #[derive(Debug, Default)]
@@ -184,9 +208,18 @@ type Namespace = HashMap<Arc<str>, Entry>;
 #[derive(Debug)]
 struct State {
     namespaces: HashMap<i32, Namespace>,
+    /// Entries holding a value, per namespace (for the entry limit).
+    values: HashMap<i32, usize>,
+    /// Bytes of every held key and value (for the byte limit).
+    bytes: usize,
     /// Per bucket, the XOR of the hashes of its entries (see [`digest`]):
     /// updated on every change, so a digest costs a copy, not a scan.
     buckets: Vec<u64>,
+}
+
+/// The bytes an entry holds for the byte limit: key and value.
+fn entry_bytes(key: &str, entry: &Entry) -> usize {
+    key.len() + entry.value.as_deref().map_or(0, str::len)
 }
 
 /// True for a tombstone written, or an entry expired, before `horizon_ms`:
@@ -203,17 +236,72 @@ impl State {
         let Some(ns) = self.namespaces.get_mut(&ty) else {
             return;
         };
-        if let Some((key, old)) = ns.remove_entry(key) {
-            self.buckets[digest::bucket_of(ty, &key)] ^= digest::entry_hash(ty, &key, &old);
-        }
+        let removed = ns.remove_entry(key);
         if ns.is_empty() {
             self.namespaces.remove(&ty);
         }
+        if let Some((key, old)) = removed {
+            self.buckets[digest::bucket_of(ty, &key)] ^= digest::entry_hash(ty, &key, &old);
+            self.bytes -= entry_bytes(&key, &old);
+            if old.value.is_some() {
+                self.count_values(ty, -1);
+            }
+        }
+    }
+
+    fn count_values(&mut self, ty: i32, delta: isize) {
+        let count = self.values.entry(ty).or_default();
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            self.values.remove(&ty);
+        }
+    }
+
+    /// Refuses `incoming` (new entries for `ty`) when storing them would
+    /// pass the limits times `headroom`.
+    fn check_room<'a>(
+        &self,
+        ty: i32,
+        incoming: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+        limits: &Limits,
+        headroom: usize,
+    ) -> Result<(), StoreError> {
+        let mut values = self.values.get(&ty).copied().unwrap_or(0);
+        let mut bytes = self.bytes;
+        let ns = self.namespaces.get(&ty);
+        for (key, value) in incoming {
+            let held = ns.and_then(|ns| ns.get(key));
+            bytes += key.len() + value.map_or(0, str::len);
+            values += usize::from(value.is_some());
+            if let Some(held) = held {
+                bytes = bytes.saturating_sub(entry_bytes(key, held));
+                values = values.saturating_sub(usize::from(held.value.is_some()));
+            }
+        }
+        let entry_limit = limits.max_entries_per_type.saturating_mul(headroom);
+        if values > entry_limit && values > self.values.get(&ty).copied().unwrap_or(0) {
+            return Err(StoreError::Full {
+                what: format!("entries of type {ty}"),
+                would_be: values,
+                limit: entry_limit,
+            });
+        }
+        let byte_limit = limits.max_total_bytes.saturating_mul(headroom);
+        if bytes > byte_limit && bytes > self.bytes {
+            return Err(StoreError::Full {
+                what: "bytes held".into(),
+                would_be: bytes,
+                limit: byte_limit,
+            });
+        }
+        Ok(())
     }
 
     fn new() -> Self {
         Self {
             namespaces: HashMap::new(),
+            values: HashMap::new(),
+            bytes: 0,
             buckets: vec![0; digest::BUCKETS],
         }
     }
@@ -222,9 +310,16 @@ impl State {
     fn put(&mut self, ty: i32, key: Arc<str>, entry: Entry) {
         let bucket = digest::bucket_of(ty, &key);
         self.buckets[bucket] ^= digest::entry_hash(ty, &key, &entry);
+        let mut values_delta = isize::from(entry.value.is_some());
+        self.bytes += entry_bytes(&key, &entry);
         let ns = self.namespaces.entry(ty).or_default();
         if let Some(old) = ns.insert(key.clone(), entry) {
             self.buckets[bucket] ^= digest::entry_hash(ty, &key, &old);
+            self.bytes -= entry_bytes(&key, &old);
+            values_delta -= isize::from(old.value.is_some());
+        }
+        if values_delta != 0 {
+            self.count_values(ty, values_delta);
         }
     }
 
@@ -360,6 +455,12 @@ impl Store {
         let expires_at_ms = self.expiry(ttl_secs, now_ms)?;
         let mut records = Vec::with_capacity(entries.len());
         let mut state = self.write_lock();
+        state.check_room(
+            ty,
+            entries.clone().map(|(k, v)| (k, Some(v))),
+            &self.limits,
+            1,
+        )?;
         for (key, value) in entries {
             let entry = Entry {
                 value: Some(Arc::from(value)),
@@ -435,7 +536,16 @@ impl Store {
                 },
             })
             .collect();
-        Ok(self.merge(records, now_ms))
+        // Not a peer's replication but a client's write: all or nothing
+        // within the limits, no headroom.
+        let mut state = self.write_lock();
+        state.check_room(
+            ty,
+            records.iter().map(|r| (&*r.key, r.entry.value.as_deref())),
+            &self.limits,
+            1,
+        )?;
+        Ok(self.merge_locked(&mut state, records, now_ms, 0, 1))
     }
 
     /// Merges records from a peer with the merge rule. Each record is checked
@@ -454,8 +564,31 @@ impl Store {
         now_ms: u64,
         purge_horizon_ms: u64,
     ) -> MergeOutcome {
-        let mut outcome = MergeOutcome::default();
+        self.merge_within(records, now_ms, purge_horizon_ms, PEER_HEADROOM)
+    }
+
+    /// The merge, refusing records that would pass the capacity limits
+    /// times `headroom`.
+    fn merge_within(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+        now_ms: u64,
+        purge_horizon_ms: u64,
+        headroom: usize,
+    ) -> MergeOutcome {
         let mut state = self.write_lock();
+        self.merge_locked(&mut state, records, now_ms, purge_horizon_ms, headroom)
+    }
+
+    fn merge_locked(
+        &self,
+        state: &mut State,
+        records: impl IntoIterator<Item = Record>,
+        now_ms: u64,
+        purge_horizon_ms: u64,
+        headroom: usize,
+    ) -> MergeOutcome {
+        let mut outcome = MergeOutcome::default();
         for record in records {
             if let Err(err) = self.check_remote(&record, now_ms) {
                 outcome.rejected.push(err);
@@ -469,6 +602,13 @@ impl Store {
             match state.get(record.ty, &record.key) {
                 Some(held) if held.version >= record.entry.version => outcome.stale += 1,
                 _ => {
+                    let incoming = [(&*record.key, record.entry.value.as_deref())];
+                    if let Err(err) =
+                        state.check_room(record.ty, incoming.into_iter(), &self.limits, headroom)
+                    {
+                        outcome.rejected.push(err);
+                        continue;
+                    }
                     state.put(record.ty, record.key.clone(), record.entry.clone());
                     outcome.applied.push(record);
                 }
@@ -599,6 +739,12 @@ impl Store {
             state.remove(*ty, key);
         }
         doomed.len()
+    }
+
+    /// Bytes of keys and values held (what [`Limits::max_total_bytes`]
+    /// caps).
+    pub fn held_bytes(&self) -> usize {
+        self.read_lock().bytes
     }
 
     /// Size figures per namespace.

@@ -321,3 +321,89 @@ proptest! {
         prop_assert_eq!(a.digest(), b.digest());
     }
 }
+
+fn small_store(entries: usize, bytes: usize) -> Store {
+    Store::new(
+        1,
+        Limits {
+            max_entries_per_type: entries,
+            max_total_bytes: bytes,
+            ..Limits::default()
+        },
+    )
+}
+
+#[test]
+fn a_local_write_past_the_entry_limit_is_refused_and_changes_nothing() {
+    let s = small_store(3, 1 << 20);
+    s.set_many(
+        1,
+        [("a", "1"), ("b", "2"), ("c", "3")].into_iter(),
+        None,
+        NOW,
+    )
+    .expect("fits exactly");
+    let before = s.snapshot();
+    let err = s.set(1, "d", "4", None, NOW).expect_err("a fourth key");
+    assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    let err = s
+        .set_many(1, [("a", "x"), ("e", "5")].into_iter(), None, NOW)
+        .expect_err("all or nothing");
+    assert!(matches!(err, StoreError::Full { .. }));
+    assert_eq!(sorted(s.snapshot()), sorted(before), "nothing changed");
+    // Overwriting held keys and other types still works; a delete frees a place.
+    s.set(1, "a", "updated", None, NOW).expect("overwrite");
+    s.set(2, "z", "other type", None, NOW).expect("other type");
+    s.delete(1, "b", NOW).expect("delete");
+    s.set(1, "d", "4", None, NOW + 1)
+        .expect("room after delete");
+}
+
+#[test]
+fn a_local_write_past_the_byte_limit_is_refused_and_peers_get_headroom() {
+    let s = small_store(1_000, 10);
+    s.set(1, "k", "12345", None, NOW).expect("6 bytes");
+    let err = s.set(1, "k2", "12345", None, NOW).expect_err("13 bytes");
+    assert!(
+        err.to_string()
+            .contains("bytes held would be 13, the limit is 10"),
+        "{err}"
+    );
+    assert_eq!(s.held_bytes(), 6);
+    // A shrinking overwrite is fine even when full.
+    s.set(1, "k", "1", None, NOW).expect("shrinks");
+    // A peer may take the store up to PEER_HEADROOM times the limit, no further.
+    let outcome = s.merge(
+        [
+            record(1, "p1", Some("123456789"), NOW, 9),
+            record(1, "p2", Some("123456789"), NOW, 9),
+        ],
+        NOW,
+    );
+    assert_eq!(outcome.applied.len(), 1, "{:?}", outcome.rejected);
+    assert!(matches!(outcome.rejected[0], StoreError::Full { .. }));
+    assert_eq!(s.held_bytes(), 2 + 11);
+    // The legacy Set is a client write: no headroom, all or nothing.
+    let err = s
+        .apply_unversioned(1, [("x", "y")].into_iter(), None, NOW)
+        .expect_err("over the limit");
+    assert!(matches!(err, StoreError::Full { .. }));
+}
+
+proptest! {
+    #[test]
+    fn held_bytes_always_equal_the_sum_over_held_entries(history in arb_history(), deletes in prop::collection::vec((0..3i32, prop::sample::select(vec!["a", "b", "c", "d"])), 0..8)) {
+        let s = store(100);
+        s.merge(history, NOW);
+        for (ty, key) in deletes {
+            let _ = s.delete(ty, key, NOW + 30);
+        }
+        s.purge(NOW + 25, 0);
+        let expected: usize = s
+            .snapshot()
+            .iter()
+            .map(|r| r.key.len() + r.entry.value.as_deref().map_or(0, str::len))
+            .sum();
+        prop_assert_eq!(s.held_bytes(), expected);
+    }
+}
