@@ -34,6 +34,9 @@ pub enum ClientError {
     /// The node did not answer in time.
     #[error("{0} did not answer within the timeout")]
     Timeout(String),
+    /// The token cannot be sent in a header (control characters).
+    #[error("the token holds characters that cannot go into an HTTP header")]
+    BadToken,
 }
 
 /// An answer: status, content type and body.
@@ -65,6 +68,8 @@ pub struct RestClient {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// `Authorization` header value, for nodes with `--auth-token-file`.
+    bearer: Option<hyper::header::HeaderValue>,
 }
 
 impl RestClient {
@@ -86,7 +91,17 @@ impl RestClient {
             base,
             client: Client::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(30),
+            bearer: None,
         })
+    }
+
+    /// The same client sending `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let mut value = hyper::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| ClientError::BadToken)?;
+        value.set_sensitive(true);
+        self.bearer = Some(value);
+        Ok(self)
     }
 
     /// The same client with another deadline for each request (default 30 s).
@@ -173,6 +188,9 @@ impl RestClient {
             .uri(format!("{}{}", self.base, path));
         if let Some(content_type) = content_type {
             request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        if let Some(bearer) = &self.bearer {
+            request = request.header(hyper::header::AUTHORIZATION, bearer.clone());
         }
         let request = request.body(Full::new(body))?;
         self.client

@@ -5,6 +5,7 @@
 //! or the environment.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::store::Limits;
@@ -56,6 +57,30 @@ pub struct NodeConfig {
     pub anti_entropy_interval: Duration,
     /// How long shutdown may take to drain queues. Default 10 s.
     pub shutdown_grace: Duration,
+    /// REST bearer tokens (see [`crate::api::auth`]); `None` leaves the REST
+    /// API open, as the original service was. Default none.
+    pub auth_token_file: Option<PathBuf>,
+    /// With tokens, whether `/metrics` stays open (for Prometheus). Default
+    /// true.
+    pub public_metrics: bool,
+    /// With tokens, whether the dashboard's data (`/v1/cluster`) stays open.
+    /// Default false: the page asks for a read token.
+    pub public_dashboard: bool,
+    /// Mutual TLS between replicas (see [`crate::tls`]); `None` is plain
+    /// text, which the node warns about at start. Default none.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// How often the token and certificate files are checked for changes.
+    /// Default 5 s.
+    pub secrets_reload_interval: Duration,
+    /// REST requests handled at once; more get 503 at once. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Open connections per listener (REST and gRPC each); more are closed
+    /// on accept. Default 4096.
+    pub max_connections: usize,
+    /// Open `/v1/watch` streams; more get 503. Default 256.
+    pub max_watch_streams: usize,
+    /// gRPC requests handled at once per connection. Default 256.
+    pub max_concurrent_rpcs_per_connection: usize,
 }
 
 /// Default REST port (the original service's container port).
@@ -85,6 +110,15 @@ impl NodeConfig {
             tombstone_grace: Duration::from_secs(24 * 3600),
             anti_entropy_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            auth_token_file: None,
+            public_metrics: true,
+            public_dashboard: false,
+            tls: None,
+            secrets_reload_interval: Duration::from_secs(5),
+            max_concurrent_requests: 1024,
+            max_connections: 4096,
+            max_watch_streams: 256,
+            max_concurrent_rpcs_per_connection: 256,
         }
     }
 
@@ -135,6 +169,21 @@ impl NodeConfig {
             return Err(ConfigError::Invalid(
                 "the gRPC message limit must hold twice the largest entry".into(),
             ));
+        }
+        for (name, value) in [
+            ("max concurrent requests", self.max_concurrent_requests),
+            ("max connections", self.max_connections),
+            ("max watch streams", self.max_watch_streams),
+            (
+                "max concurrent RPCs per connection",
+                self.max_concurrent_rpcs_per_connection,
+            ),
+            ("max entries per type", self.limits.max_entries_per_type),
+            ("max memory bytes", self.limits.max_total_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
         }
         Ok(())
     }

@@ -45,6 +45,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod conn_limit;
 pub mod demo;
 pub mod discovery;
 pub mod etcd;
@@ -53,9 +54,11 @@ pub mod local_etcd;
 pub mod metrics;
 pub mod node;
 pub mod proto;
+pub mod reload;
 pub mod replication;
 mod rpc;
 pub mod store;
+pub mod tls;
 
 pub use config::NodeConfig;
 pub use node::{NodeBuilder, NodeHandle};

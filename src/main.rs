@@ -288,6 +288,43 @@ struct ServeArgs {
     /// Most bytes of keys and values held in all; writes past it get 507 (nothing is evicted).
     #[arg(long, env = "PODCACHE_MAX_MEMORY_BYTES", default_value_t = 1024 * 1024 * 1024)]
     max_memory_bytes: usize,
+    /// REST requests handled at once; more get 503 at once (probes excepted).
+    #[arg(long, env = "PODCACHE_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    max_concurrent_requests: usize,
+    /// Open connections per listener (REST and gRPC each); more are closed on accept.
+    #[arg(long, env = "PODCACHE_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Open /v1/watch streams; more get 503.
+    #[arg(long, env = "PODCACHE_MAX_WATCH_STREAMS", default_value_t = 256)]
+    max_watch_streams: usize,
+    /// gRPC requests handled at once per connection.
+    #[arg(long, env = "PODCACHE_MAX_CONCURRENT_RPCS", default_value_t = 256)]
+    max_concurrent_rpcs: usize,
+    /// REST bearer tokens, one per line: `read:<token>`, `write:<token>` or a bare (write) token.
+    #[arg(long, env = "PODCACHE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<std::path::PathBuf>,
+    /// With --auth-token-file: leave /metrics open for Prometheus.
+    #[arg(long, env = "PODCACHE_PUBLIC_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    public_metrics: bool,
+    /// With --auth-token-file: leave the dashboard's data (/v1/cluster, /metrics) open.
+    #[arg(long, env = "PODCACHE_PUBLIC_DASHBOARD", default_value_t = false, action = clap::ArgAction::Set)]
+    public_dashboard: bool,
+    /// This replica's certificate (PEM) for mutual TLS between replicas.
+    #[arg(long, env = "PODCACHE_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "PODCACHE_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA that signs every replica's certificate (PEM).
+    #[arg(long, env = "PODCACHE_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// How often the token and certificate files are checked for changes, in milliseconds.
+    #[arg(
+        long,
+        env = "PODCACHE_SECRETS_RELOAD_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    secrets_reload_interval_ms: u64,
     /// Largest REST request body in bytes.
     #[arg(long, env = "PODCACHE_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -327,6 +364,9 @@ struct CtlArgs {
     /// The node's REST address.
     #[arg(long, env = "PODCACHE_ADDR", default_value = "http://127.0.0.1:8087")]
     addr: String,
+    /// A file holding the bearer token for a node with --auth-token-file.
+    #[arg(long, env = "PODCACHE_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// Print the node's JSON answers as they are.
     #[arg(long)]
     json: bool,
@@ -496,6 +536,28 @@ fn node_config(args: &ServeArgs) -> Result<NodeConfig, Failure> {
     config.limits.max_batch_entries = args.max_batch_entries;
     config.limits.max_clock_drift_ms = args.max_clock_drift_ms;
     config.limits.max_entries_per_type = args.max_entries_per_type;
+    config.max_concurrent_requests = args.max_concurrent_requests;
+    config.max_connections = args.max_connections;
+    config.max_watch_streams = args.max_watch_streams;
+    config.max_concurrent_rpcs_per_connection = args.max_concurrent_rpcs;
+    config.auth_token_file = args.auth_token_file.clone();
+    config.public_metrics = args.public_metrics;
+    config.public_dashboard = args.public_dashboard;
+    config.secrets_reload_interval =
+        Duration::from_millis(args.secrets_reload_interval_ms.max(100));
+    config.tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => Some(podcache::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        }),
+        _ => {
+            return Err(Failure::Config(
+                "--tls-cert, --tls-key and --tls-ca go together".into(),
+            ));
+        }
+    };
     config.limits.max_total_bytes = args.max_memory_bytes;
     config.max_body_bytes = args.max_body_bytes;
     config.max_grpc_message_bytes = args.max_grpc_message_bytes;
@@ -648,7 +710,9 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         .start()
         .await
         .map_err(|e| match e {
-            podcache::node::NodeError::Config(e) => Failure::Config(e.to_string()),
+            podcache::node::NodeError::Config(_)
+            | podcache::node::NodeError::Tokens(_)
+            | podcache::node::NodeError::Tls(_) => Failure::Config(e.to_string()),
             other => Failure::Run(other.into()),
         })?;
     shutdown_signal().await;
@@ -701,7 +765,14 @@ async fn demo(args: DemoArgs) -> Result<(), Failure> {
 }
 
 async fn ctl(args: CtlArgs) -> Result<(), Failure> {
-    let client = RestClient::new(&args.addr).map_err(|e| Failure::Config(e.to_string()))?;
+    let mut client = RestClient::new(&args.addr).map_err(|e| Failure::Config(e.to_string()))?;
+    if let Some(path) = &args.token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Config(format!("--token-file {}: {e}", path.display())))?;
+        client = client
+            .with_token(token.trim())
+            .map_err(|e| Failure::Config(e.to_string()))?;
+    }
     if let CtlOp::Watch { r#type, key } = &args.op {
         return ctl_watch(&client, *r#type, key.as_deref(), args.json).await;
     }

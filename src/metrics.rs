@@ -110,8 +110,9 @@ pub struct Metrics {
     pub overloaded: Family<Labels, Counter>,
     /// Incoming gRPC connections whose TLS handshake failed or timed out.
     pub tls_handshake_failures: Counter,
-    /// Certificate reloads after the files changed, by result.
-    pub tls_reloads: Family<Labels, Counter>,
+    /// Reloads of secret files (token file, certificates) after they
+    /// changed, by file and result.
+    pub secret_reloads: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -322,11 +323,11 @@ impl Metrics {
             "Incoming gRPC connections whose TLS handshake failed or timed out",
             tls_handshake_failures.clone(),
         );
-        let tls_reloads = Family::<Labels, Counter>::default();
+        let secret_reloads = Family::<Labels, Counter>::default();
         registry.register(
-            "tls_reloads",
-            "Reloads of the replica certificates after the files changed, by result",
-            tls_reloads.clone(),
+            "secret_reloads",
+            "Reloads of the token file or the replica certificates after they changed, by file and result",
+            secret_reloads.clone(),
         );
         Self {
             registry,
@@ -335,7 +336,7 @@ impl Metrics {
             auth_failures,
             overloaded,
             tls_handshake_failures,
-            tls_reloads,
+            secret_reloads,
             replication_lag,
             bootstrap_progress_entries,
             bootstrap_total_entries,
@@ -384,7 +385,12 @@ impl Default for Metrics {
     }
 }
 
-/// Labels with one pair.
+/// The labels of [`Metrics::secret_reloads`].
+pub fn reload_label(file: &'static str, result: &'static str) -> Labels {
+    vec![("file", file.into()), ("result", result.into())]
+}
+
+/// A label set of one label.
 pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
     vec![(name, value.into())]
 }

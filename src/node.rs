@@ -159,6 +159,12 @@ pub enum NodeError {
     /// The write broke a limit; nothing was changed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The REST token file is missing or invalid.
+    #[error(transparent)]
+    Tokens(#[from] crate::api::auth::TokenFileError),
+    /// The TLS files are missing or invalid.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// State shared by the REST API, the gRPC services and the background loops
@@ -192,6 +198,12 @@ pub(crate) struct Shared {
     /// Fires when the node stops serving, first step of shutdown (ends
     /// watch streams so graceful HTTP shutdown is not held open).
     pub(crate) shutdown: CancellationToken,
+    /// REST credentials, when a token file is configured.
+    pub(crate) auth: Option<Arc<crate::api::auth::Auth>>,
+    /// Certificates for mutual TLS between replicas, when configured.
+    pub(crate) tls: Option<Arc<crate::tls::PeerTls>>,
+    /// One permit per open `/v1/watch` stream.
+    pub(crate) watch_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -389,6 +401,23 @@ impl NodeBuilder {
             None => None,
         };
         let identity = NodeIdentity::new(&config, grpc_local.port());
+        let auth = match &config.auth_token_file {
+            Some(path) => Some(Arc::new(crate::api::auth::Auth::load(
+                path,
+                config.public_metrics,
+                config.public_dashboard,
+            )?)),
+            None => None,
+        };
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(crate::tls::PeerTls::load(files.clone())?)),
+            None => {
+                warn!(
+                    "replication between replicas is plain text: anyone who can reach the gRPC port can read and write the cache; configure --tls-cert, --tls-key and --tls-ca for mutual TLS"
+                );
+                None
+            }
+        };
         let discovery = self
             .discovery
             .unwrap_or_else(|| Box::new(crate::discovery::StaticList::new(Vec::<String>::new())));
@@ -404,6 +433,7 @@ impl NodeBuilder {
         let replicator = Replicator::new(
             &config,
             &identity,
+            tls.clone(),
             metrics.clone(),
             repair_tx,
             cancel.child_token(),
@@ -420,6 +450,9 @@ impl NodeBuilder {
             bootstrap: Mutex::new(None),
             last_full_sync_ms: AtomicU64::new(0),
             shutdown: stop_serving.clone(),
+            auth,
+            tls,
+            watch_permits: Arc::new(tokio::sync::Semaphore::new(config.max_watch_streams)),
             config,
         });
         info!(
@@ -463,6 +496,11 @@ impl NodeBuilder {
             cancel.clone(),
         ));
         tracker.spawn(expiry_loop(shared.clone(), cancel.clone()));
+        tracker.spawn(crate::api::auth::reload_loop(
+            shared.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(crate::tls::reload_loop(shared.clone(), cancel.clone()));
         tracker.spawn(crate::replication::anti_entropy::anti_entropy_loop(
             shared.clone(),
             repair_rx,

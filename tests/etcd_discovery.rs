@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use common::discovery_probe::{GRPC_PORT, addrs, run};
+use common::pki::Pki;
 use common::{next_block, wait_until};
 use podcache::discovery::pod::{PodFilter, parse_selector};
 use podcache::discovery::{EtcdDiscovery, EtcdLeaseDiscovery, EtcdV2Discovery};
@@ -546,88 +547,11 @@ async fn v2_keeps_the_last_membership_while_etcd_is_down_and_recovers() {
 
 // ---- client mTLS on a 3-member cluster ------------------------------------
 
-struct Pki {
-    dir: std::path::PathBuf,
-}
-
-impl Pki {
-    /// A CA, a serving certificate for `ips`, and a client certificate,
-    /// written as PEM files.
-    fn generate(ips: &[Ipv4Addr]) -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-            KeyPair, KeyUsagePurpose, SanType,
-        };
-        let dir = std::env::temp_dir().join(format!(
-            "podcache-pki-{}-{}",
-            std::process::id(),
-            next_block()
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "podcache test etcd CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = KeyPair::generate().expect("key");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-        let issuer = Issuer::new(ca_params, ca_key);
-        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).expect("write");
-        write("ca.pem", ca_cert.pem());
-
-        let mut server = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
-        for ip in ips {
-            server
-                .subject_alt_names
-                .push(SanType::IpAddress((*ip).into()));
-        }
-        server.distinguished_name.push(DnType::CommonName, "etcd");
-        server.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let server_key = KeyPair::generate().expect("key");
-        write(
-            "server.pem",
-            server.signed_by(&server_key, &issuer).expect("sign").pem(),
-        );
-        write("server-key.pem", server_key.serialize_pem());
-
-        let mut client = CertificateParams::new(Vec::<String>::new()).expect("params");
-        client
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver-etcd-client");
-        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_key = KeyPair::generate().expect("key");
-        write(
-            "client.pem",
-            client.signed_by(&client_key, &issuer).expect("sign").pem(),
-        );
-        write("client-key.pem", client_key.serialize_pem());
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.join(name)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn v3_over_client_mtls_on_a_three_member_cluster() {
     let block = next_block();
     let ips: Vec<Ipv4Addr> = (2..5).map(|h| Ipv4Addr::from(block | h)).collect();
-    let pki = Pki::generate(&ips);
+    let pki = Pki::generate("podcache test etcd CA", &ips);
     let ports: Vec<(u16, u16)> = ips
         .iter()
         .map(|ip| {

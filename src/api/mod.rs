@@ -6,6 +6,7 @@
 //! uses. Must not touch: the merge rule or fan-out internals; it calls the
 //! node's write paths and reads the store.
 
+pub mod auth;
 mod error;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,11 @@ use crate::store::Record;
 /// Serves REST on `listener` until `stop` fires, then lets in-flight
 /// requests finish.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    let listener = crate::conn_limit::LimitedListener {
+        listener,
+        permits: Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections)),
+        metrics: shared.metrics.clone(),
+    };
     let app = router(shared);
     if let Err(err) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
@@ -67,6 +73,15 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            (
+                shared.clone(),
+                Arc::new(tokio::sync::Semaphore::new(
+                    shared.config.max_concurrent_requests,
+                )),
+            ),
+            auth::gate,
+        ))
         .with_state(shared)
 }
 
@@ -422,6 +437,18 @@ async fn watch(
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Ok(permit) = shared.watch_permits.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .overloaded
+            .get_or_create(&label("what", "watches"))
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many watch streams are open on this node; retry later",
+        ));
+    };
     count(&shared, "watch");
     let events = BroadcastStream::new(shared.events_tx.subscribe());
     let key = params.key;
@@ -445,6 +472,8 @@ async fn watch(
                         .data(json!({ "missed": missed }).to_string()),
                 ),
             };
+            // The stream holds its permit until the client goes away.
+            let _held = &permit;
             std::future::ready(event.map(Ok::<_, Infallible>))
         })
         .take_until(shared.shutdown.clone().cancelled_owned());

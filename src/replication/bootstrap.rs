@@ -151,7 +151,8 @@ pub(crate) async fn run_bootstrap(shared: &Shared, peers: &[Peer]) -> BootstrapR
 
 async fn probe(shared: &Shared, peer: &Peer) -> Result<Candidate, (String, String)> {
     let addr = peer.grpc_addr.clone();
-    let channel = peer_channel(&addr, &shared.config).map_err(|e| (addr.clone(), e))?;
+    let channel =
+        peer_channel(&addr, &shared.config, shared.tls.as_ref()).map_err(|e| (addr.clone(), e))?;
     let mut client = ReplicaClient::new(channel.clone());
     let request = HelloRequest {
         sender: Some(node_info(&shared.identity)),

@@ -129,22 +129,39 @@ pub(crate) fn node_info(identity: &NodeIdentity) -> pb::NodeInfo {
 
 /// A lazily connecting channel to a peer: one per peer, reused for every
 /// call, reconnecting by itself.
-pub(crate) fn peer_channel(addr: &str, config: &NodeConfig) -> Result<Channel, String> {
+/// With `tls`, every connection is mutual TLS with the certificates in use
+/// when it is (re)dialled.
+pub(crate) fn peer_channel(
+    addr: &str,
+    config: &NodeConfig,
+    tls: Option<&Arc<crate::tls::PeerTls>>,
+) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
-    Ok(endpoint
+        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
         .connect_timeout(config.rpc_timeout.min(Duration::from_secs(2)))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+        .keep_alive_while_idle(true);
+    Ok(match tls {
+        None => endpoint.connect_lazy(),
+        Some(tls) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| format!("peer address {addr:?} is not ip:port"))?;
+            endpoint.connect_with_connector_lazy(crate::tls::TlsConnect {
+                tls: tls.clone(),
+                addr,
+            })
+        }
+    })
 }
 
 impl Replicator {
     pub(crate) fn new(
         config: &NodeConfig,
         identity: &NodeIdentity,
+        tls: Option<Arc<crate::tls::PeerTls>>,
         metrics: Arc<Metrics>,
         repair_tx: mpsc::Sender<String>,
         cancel: CancellationToken,
@@ -153,6 +170,7 @@ impl Replicator {
             links: Mutex::new(BTreeMap::new()),
             ctx: Arc::new(LinkContext {
                 me: node_info(identity),
+                tls,
                 metrics,
                 config: config.clone(),
                 repair_tx,
@@ -210,7 +228,7 @@ impl Replicator {
             if self.cancel.is_cancelled() {
                 continue;
             }
-            let channel = match peer_channel(addr, &self.ctx.config) {
+            let channel = match peer_channel(addr, &self.ctx.config, self.ctx.tls.as_ref()) {
                 Ok(channel) => channel,
                 Err(error) => {
                     warn!(peer = %addr, %error, "cannot open a link to this peer");

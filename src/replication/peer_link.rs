@@ -27,6 +27,8 @@ use crate::store::Record;
 pub(crate) struct LinkContext {
     /// This node, named in every request.
     pub(crate) me: pb::NodeInfo,
+    /// Mutual TLS for every peer channel, when configured.
+    pub(crate) tls: Option<Arc<crate::tls::PeerTls>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: NodeConfig,
     /// Asks anti-entropy for a repair of a peer (after a queue overflow).

@@ -6,6 +6,8 @@
 //! errors to status codes. Must not touch: the merge rule, fan-out (a write
 //! received here is never forwarded), membership.
 
+mod incoming;
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error};
 
@@ -65,10 +66,11 @@ pub(crate) async fn serve(
             None
         }
     };
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)));
+    let incoming = incoming::incoming(shared.clone(), listener, stop.clone());
+    let per_connection = shared.config.max_concurrent_rpcs_per_connection;
     let router = Server::builder()
+        .concurrency_limit_per_connection(per_connection)
+        .max_concurrent_streams(Some(u32::try_from(per_connection).unwrap_or(u32::MAX)))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health)

@@ -33,6 +33,10 @@ pub struct Slot {
 }
 
 pub mod discovery_probe;
+pub mod pki;
+
+/// A tweak applied to every node's config before it starts.
+pub type Configure = std::sync::Arc<dyn Fn(&mut NodeConfig) + Send + Sync>;
 
 pub struct Cluster {
     pub peers: StaticPeers,
@@ -40,7 +44,7 @@ pub struct Cluster {
     pub lists: Vec<StaticPeers>,
     pub slots: Vec<Slot>,
     block: u32,
-    configure: fn(&mut NodeConfig),
+    configure: Configure,
 }
 
 impl Cluster {
@@ -51,18 +55,21 @@ impl Cluster {
     }
 
     /// No nodes yet, on a fresh address block.
-    fn empty(configure: fn(&mut NodeConfig)) -> Self {
+    fn empty(configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static) -> Self {
         Self {
             peers: StaticPeers::new(Vec::<String>::new()),
             lists: Vec::new(),
             slots: Vec::new(),
             block: next_block(),
-            configure,
+            configure: std::sync::Arc::new(configure),
         }
     }
 
     /// Like [`Cluster::start`], with a config tweak applied to every node.
-    pub async fn start_with(n: usize, configure: fn(&mut NodeConfig)) -> Self {
+    pub async fn start_with(
+        n: usize,
+        configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+    ) -> Self {
         let mut cluster = Self::empty(configure);
         for _ in 0..n {
             cluster.add_node().await;
@@ -73,7 +80,10 @@ impl Cluster {
     /// `n` nodes, each with its own peer list (so a test can cut some
     /// nodes off from others, one direction or both); all lists name every
     /// node once all are started.
-    pub async fn start_with_own_lists(n: usize, configure: fn(&mut NodeConfig)) -> Self {
+    pub async fn start_with_own_lists(
+        n: usize,
+        configure: impl Fn(&mut NodeConfig) + Send + Sync + 'static,
+    ) -> Self {
         let mut cluster = Self::empty(configure);
         for _ in 0..n {
             // Each node starts knowing the nodes before it, as discovery

@@ -1,0 +1,42 @@
+//! Noticing that secret files changed (cert-manager rotating a
+//! certificate, an operator replacing the token file in a Secret).
+//!
+//! Owns only the comparison of file stamps; what a change means is up to
+//! the caller ([`crate::tls`], [`crate::api::auth`]). Polling, not inotify:
+//! Kubernetes updates a mounted Secret by swapping a symlink, which a poll of
+//! the resolved file sees the same way everywhere.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+/// The modification time and length of a set of files, as last seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamps {
+    paths: Vec<PathBuf>,
+    seen: Vec<Option<(SystemTime, u64)>>,
+}
+
+impl FileStamps {
+    /// The files' stamps as they are now.
+    pub fn of(paths: Vec<PathBuf>) -> Self {
+        let seen = paths.iter().map(|p| stamp(p)).collect();
+        Self { paths, seen }
+    }
+
+    /// True (and remembers the new stamps) when any file changed since the
+    /// last call; a file that cannot be read counts as a change only once it
+    /// is readable again, so a half-written rotation is not picked up.
+    pub fn changed(&mut self) -> bool {
+        let now: Vec<_> = self.paths.iter().map(|p| stamp(p)).collect();
+        if now.iter().any(Option::is_none) || now == self.seen {
+            return false;
+        }
+        self.seen = now;
+        true
+    }
+}
+
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
