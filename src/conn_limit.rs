@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
-use crate::metrics::{Metrics, label};
+use crate::metrics::{Metrics, refused_label};
 
 /// A connection that holds one permit of its listener's cap until dropped.
 #[derive(Debug)]
@@ -83,12 +83,15 @@ impl tonic::transport::server::Connected for Limited<TcpStream> {
 }
 
 /// Accepts the next connection within the cap: connections past it are
-/// closed and counted under `podcache_overloaded_total{what=<what>}`.
+/// closed and counted under
+/// `podcache_connections_refused_total{listener, reason="cap"}`. Accepted
+/// sockets get TCP keep-alive, so a peer that vanished without a word is
+/// noticed within a minute even on an idle connection.
 pub(crate) async fn accept_limited(
     listener: &TcpListener,
     permits: &Arc<Semaphore>,
     metrics: &Metrics,
-    what: &'static str,
+    listener_name: &'static str,
 ) -> (Limited<TcpStream>, std::net::SocketAddr) {
     loop {
         let (stream, addr) = match listener.accept().await {
@@ -104,6 +107,10 @@ pub(crate) async fn accept_limited(
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let _ = stream.set_nodelay(true);
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(10));
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
                 return (
                     Limited {
                         io: stream,
@@ -113,7 +120,10 @@ pub(crate) async fn accept_limited(
                 );
             }
             Err(_) => {
-                metrics.overloaded.get_or_create(&label("what", what)).inc();
+                metrics
+                    .connections_refused
+                    .get_or_create(&refused_label(listener_name, "cap"))
+                    .inc();
                 drop(stream);
             }
         }
@@ -132,13 +142,7 @@ impl axum::serve::Listener for LimitedListener {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        accept_limited(
-            &self.listener,
-            &self.permits,
-            &self.metrics,
-            "http_connections",
-        )
-        .await
+        accept_limited(&self.listener, &self.permits, &self.metrics, "http").await
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {

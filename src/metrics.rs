@@ -105,11 +105,13 @@ pub struct Metrics {
     pub capacity_bytes: Gauge,
     /// REST requests refused for missing or wrong credentials, by reason.
     pub auth_failures: Family<Labels, Counter>,
-    /// Requests and connections turned away because a concurrency limit was
-    /// reached, by what (requests, connections, watches).
+    /// Requests turned away because a concurrency limit was reached, by
+    /// what (requests, watches).
     pub overloaded: Family<Labels, Counter>,
-    /// Incoming gRPC connections whose TLS handshake failed or timed out.
-    pub tls_handshake_failures: Counter,
+    /// Connections closed on arrival, by listener and reason (cap: past
+    /// the connection cap; silent: sent nothing in time; tls: handshake
+    /// failed or timed out).
+    pub connections_refused: Family<Labels, Counter>,
     /// Reloads of secret files (token file, certificates) after they
     /// changed, by file and result.
     pub secret_reloads: Family<Labels, Counter>,
@@ -314,14 +316,14 @@ impl Metrics {
         let overloaded = Family::<Labels, Counter>::default();
         registry.register(
             "overloaded",
-            "Requests or connections turned away at a concurrency limit, by what",
+            "Requests turned away at a concurrency limit, by what",
             overloaded.clone(),
         );
-        let tls_handshake_failures = Counter::default();
+        let connections_refused = Family::<Labels, Counter>::default();
         registry.register(
-            "tls_handshake_failures",
-            "Incoming gRPC connections whose TLS handshake failed or timed out",
-            tls_handshake_failures.clone(),
+            "connections_refused",
+            "Connections closed on arrival, by listener and reason (cap, silent, tls)",
+            connections_refused.clone(),
         );
         let secret_reloads = Family::<Labels, Counter>::default();
         registry.register(
@@ -335,7 +337,7 @@ impl Metrics {
             capacity_bytes,
             auth_failures,
             overloaded,
-            tls_handshake_failures,
+            connections_refused,
             secret_reloads,
             replication_lag,
             bootstrap_progress_entries,
@@ -383,6 +385,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The labels of [`Metrics::connections_refused`].
+pub fn refused_label(listener: &'static str, reason: &'static str) -> Labels {
+    vec![("listener", listener.into()), ("reason", reason.into())]
 }
 
 /// The labels of [`Metrics::secret_reloads`].

@@ -123,7 +123,10 @@ async fn replicas_speak_mutual_tls_refuse_strangers_and_reload_certificates() {
     assert!(get_all_works(ours).await, "the cluster's client is served");
     let metrics = cluster.node(0).render_metrics();
     assert!(
-        metric(&metrics, "podcache_tls_handshake_failures_total") >= 2.0,
+        metric(
+            &metrics,
+            "podcache_connections_refused_total{listener=\"grpc\",reason=\"tls\"}"
+        ) >= 2.0,
         "{metrics}"
     );
 
@@ -463,7 +466,7 @@ async fn connections_past_the_cap_are_closed_on_accept() {
     .await;
     let metrics = cluster.node(0).render_metrics();
     assert!(
-        metrics.contains("podcache_overloaded_total{what=\"http_connections\"}"),
+        metrics.contains("podcache_connections_refused_total{listener=\"http\",reason=\"cap\"}"),
         "{metrics}"
     );
     cluster.shutdown().await;

@@ -1,8 +1,9 @@
 //! The gRPC listener's connections: capped in number
-//! ([`crate::conn_limit`]), and with mutual TLS when configured, each
-//! handshake done off the accept loop and bounded in time, so a client that
-//! opens a connection and says nothing holds one slot for a few seconds at
-//! most and never delays anyone else.
+//! ([`crate::conn_limit`]), and with mutual TLS when configured. A
+//! connection must start talking (plain text) or finish its handshake (TLS)
+//! within [`HANDSHAKE_TIMEOUT`], checked off the accept loop, so a client
+//! that opens connections and says nothing holds each slot for a few
+//! seconds at most and never delays anyone else.
 
 use std::io;
 use std::pin::Pin;
@@ -18,6 +19,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::debug;
 
 use crate::conn_limit::{Limited, accept_limited};
+use crate::metrics::refused_label;
 use crate::node::Shared;
 use crate::tls::HANDSHAKE_TIMEOUT;
 
@@ -42,29 +44,43 @@ pub(crate) fn incoming(
             let (conn, addr) = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = conn_tx.closed() => return,
-                accepted = accept_limited(&listener, &permits, &shared.metrics, "grpc_connections") => accepted,
+                accepted = accept_limited(&listener, &permits, &shared.metrics, "grpc") => accepted,
             };
-            let Some(tls) = &shared.tls else {
-                if conn_tx.send(Ok(PeerConn::Plain(conn))).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let acceptor = tls.acceptor();
+            let acceptor = shared.tls.as_ref().map(|tls| tls.acceptor());
             let conn_tx = conn_tx.clone();
             let metrics = shared.metrics.clone();
             // Ends by itself within the handshake timeout.
             tokio::spawn(async move {
+                let refused = |reason| {
+                    metrics
+                        .connections_refused
+                        .get_or_create(&refused_label("grpc", reason))
+                        .inc();
+                };
+                let Some(acceptor) = acceptor else {
+                    let mut first = [0u8; 1];
+                    let talking = conn.get_ref().peek(&mut first);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, talking).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            let _ = conn_tx.send(Ok(PeerConn::Plain(conn))).await;
+                        }
+                        _ => {
+                            refused("silent");
+                            debug!(%addr, "connection sent nothing in time");
+                        }
+                    }
+                    return;
+                };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok(PeerConn::Tls(Box::new(stream)))).await;
                     }
                     Ok(Err(err)) => {
-                        metrics.tls_handshake_failures.inc();
+                        refused("tls");
                         debug!(%addr, %err, "TLS handshake refused");
                     }
                     Err(_) => {
-                        metrics.tls_handshake_failures.inc();
+                        refused("tls");
                         debug!(%addr, "TLS handshake timed out");
                     }
                 }
