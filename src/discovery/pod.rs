@@ -240,15 +240,61 @@ pub fn parse_selector(text: &str) -> Result<Vec<LabelTerm>, String> {
                 "selector term {raw:?} is not key=value, key==value or key!=value"
             ));
         };
-        let key = match &term {
-            LabelTerm::Equals(k, _) | LabelTerm::NotEquals(k, _) => k,
+        let (key, value) = match &term {
+            LabelTerm::Equals(k, v) | LabelTerm::NotEquals(k, v) => (k, v),
         };
         if key.is_empty() {
             return Err(format!("selector term {raw:?} has an empty label name"));
         }
+        if !valid_label_key(key) {
+            return Err(format!(
+                "selector term {raw:?}: {key:?} is not a Kubernetes label name"
+            ));
+        }
+        if !valid_label_value(value) {
+            return Err(format!(
+                "selector term {raw:?}: {value:?} is not a Kubernetes label value"
+            ));
+        }
         terms.push(term);
     }
     Ok(terms)
+}
+
+/// A label name as Kubernetes accepts it: an optional DNS-subdomain prefix
+/// and `/`, then 1 to 63 alphanumerics, `-`, `_`, `.`, starting and ending
+/// alphanumeric.
+pub fn valid_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part.len() <= 63
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    prefix_ok && !name.is_empty() && valid_label_value(name)
+}
+
+/// A label value as Kubernetes accepts it: empty, or up to 63
+/// alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
+pub fn valid_label_value(value: &str) -> bool {
+    let b = value.as_bytes();
+    value.is_empty()
+        || (b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric())
 }
 
 /// Which pods are peers of this node.
@@ -532,6 +578,18 @@ mod tests {
         );
         assert!(parse_selector("app").is_err());
         assert!(parse_selector("=x").is_err());
+        // Found by tests/fuzz.rs: a name holding '=' went through.
+        assert!(parse_selector("=ዂ==").is_err());
+        assert!(parse_selector("app=-bad").is_err());
+        assert!(parse_selector(&format!("app={}", "v".repeat(64))).is_err());
+        assert_eq!(
+            parse_selector("app.kubernetes.io/name=podcache,empty=").expect("valid"),
+            vec![
+                LabelTerm::Equals("app.kubernetes.io/name".into(), "podcache".into()),
+                LabelTerm::Equals("empty".into(), String::new()),
+            ]
+        );
+        assert!(parse_selector("Bad.Prefix/name=x").is_err());
     }
 
     #[test]
