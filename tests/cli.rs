@@ -41,6 +41,16 @@ impl Drop for Server {
 }
 
 fn spawn_serve(ip: Ipv4Addr, grpc_port: u16, peers: &[String], name: &str) -> Server {
+    spawn_serve_with(ip, grpc_port, peers, name, &[])
+}
+
+fn spawn_serve_with(
+    ip: Ipv4Addr,
+    grpc_port: u16,
+    peers: &[String],
+    name: &str,
+    extra: &[&str],
+) -> Server {
     let http_port = free_port(ip);
     let child = Command::new(BIN)
         .args([
@@ -56,6 +66,7 @@ fn spawn_serve(ip: Ipv4Addr, grpc_port: u16, peers: &[String], name: &str) -> Se
             "--peers",
             &peers.join(","),
         ])
+        .args(extra)
         .env("PODCACHE_SHUTDOWN_GRACE_MS", "3000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -373,4 +384,93 @@ fn discovery_without_a_selector_endpoints_or_files_is_a_configuration_error() {
             "{args:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn ctl_sends_the_token_of_its_token_file() {
+    let dir = std::env::temp_dir().join(format!(
+        "podcache-cli-tokens-{}-{}",
+        std::process::id(),
+        next_block()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "write:cli-write-token-0123456789\n").expect("tokens");
+    let mine = dir.join("my-token");
+    std::fs::write(&mine, "cli-write-token-0123456789\n").expect("token");
+    let ip = Ipv4Addr::from(next_block() | 2);
+    let (grpc, _) = two_free_ports(ip);
+    let server = spawn_serve_with(
+        ip,
+        grpc,
+        &[],
+        "secured",
+        &["--auth-token-file", &tokens.to_string_lossy()],
+    );
+    wait_ready(&server.http).await;
+    let without = ctl(&server.http, &["set", "1", "k", "v"]);
+    assert_ne!(without.status.code(), Some(0), "no token, no write");
+    assert!(
+        String::from_utf8_lossy(&without.stderr).contains("bearer token"),
+        "{}",
+        String::from_utf8_lossy(&without.stderr)
+    );
+    let token_file = mine.to_string_lossy().into_owned();
+    let with = ctl(
+        &server.http,
+        &["--token-file", &token_file, "set", "1", "k", "v"],
+    );
+    assert_eq!(
+        with.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let read = ctl(
+        &server.http,
+        &["--token-file", &token_file, "get", "1", "k"],
+    );
+    assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "v");
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_security_files_are_configuration_errors() {
+    let dir = std::env::temp_dir().join(format!("podcache-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let weak = dir.join("weak");
+    std::fs::write(&weak, "read:short\n").expect("write");
+    let weak = weak.to_string_lossy().into_owned();
+    for args in [
+        vec!["--auth-token-file", weak.as_str()],
+        vec!["--auth-token-file", "/nonexistent/tokens"],
+        vec!["--tls-cert", "/nonexistent/cert"],
+        vec![
+            "--tls-cert",
+            weak.as_str(),
+            "--tls-key",
+            weak.as_str(),
+            "--tls-ca",
+            weak.as_str(),
+        ],
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--pod-ip",
+                "127.0.0.1",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+            ])
+            .args(&args)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(!err.contains("short"), "the token is never shown: {err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

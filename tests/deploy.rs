@@ -62,23 +62,30 @@ fn the_validator_rejects_a_broken_manifest() {
 }
 
 #[test]
-fn the_manifest_only_uses_flags_the_binary_has() {
-    let manifest = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/podcache.yaml"),
-    )
-    .expect("manifest");
+fn the_manifests_only_use_flags_the_binary_has() {
     let help = Command::new(env!("CARGO_BIN_EXE_podcache"))
         .args(["serve", "--help"])
         .output()
         .expect("help");
     let help = String::from_utf8_lossy(&help.stdout);
-    for line in manifest.lines().map(str::trim) {
-        if let Some(flag) = line.strip_prefix("- --") {
-            let name = flag.split('=').next().unwrap_or_default();
-            assert!(
-                help.contains(&format!("--{name}")),
-                "--{name} is not a flag of podcache serve"
-            );
+    let mut flags = 0;
+    for name in ["podcache.yaml", "etcd-discovery.yaml", "secure.yaml"] {
+        let manifest = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy")
+                .join(name),
+        )
+        .expect("manifest");
+        for line in manifest.lines().map(str::trim) {
+            if let Some(flag) = line.strip_prefix("- --") {
+                let flag = flag.split('=').next().unwrap_or_default();
+                assert!(
+                    help.contains(&format!("--{flag} ")) || help.contains(&format!("--{flag}\n")),
+                    "{name}: --{flag} is not a flag of podcache serve"
+                );
+                flags += 1;
+            }
         }
     }
+    assert!(flags >= 10, "flags were found");
 }
