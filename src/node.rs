@@ -496,11 +496,25 @@ impl NodeBuilder {
             cancel.clone(),
         ));
         tracker.spawn(expiry_loop(shared.clone(), cancel.clone()));
-        tracker.spawn(crate::api::auth::reload_loop(
-            shared.clone(),
-            cancel.clone(),
-        ));
-        tracker.spawn(crate::tls::reload_loop(shared.clone(), cancel.clone()));
+        let interval = shared.config.secrets_reload_interval;
+        if let Some(auth) = shared.auth.clone() {
+            tracker.spawn(crate::reload::reload_loop(
+                "tokens",
+                interval,
+                shared.metrics.clone(),
+                cancel.clone(),
+                move || auth.reload_if_changed(),
+            ));
+        }
+        if let Some(tls) = shared.tls.clone() {
+            tracker.spawn(crate::reload::reload_loop(
+                "tls",
+                interval,
+                shared.metrics.clone(),
+                cancel.clone(),
+                move || tls.reload_if_changed(),
+            ));
+        }
         tracker.spawn(crate::replication::anti_entropy::anti_entropy_loop(
             shared.clone(),
             repair_rx,

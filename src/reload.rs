@@ -7,7 +7,13 @@
 //! the resolved file sees the same way everywhere.
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::{Metrics, reload_label};
 
 /// The modification time and length of a set of files, as last seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,4 +45,38 @@ impl FileStamps {
 fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Calls `reload` every `interval` until `cancel` fires, logging and
+/// counting what it did (`podcache_secret_reloads_total{file, result}`):
+/// `None` when nothing changed, `Some(Err)` when the changed files were
+/// refused and the material in use stays.
+pub(crate) async fn reload_loop<E: std::fmt::Display>(
+    file: &'static str,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    reload: impl Fn() -> Option<Result<(), E>>,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let result = match reload() {
+            None => continue,
+            Some(Ok(())) => {
+                info!(file, "reloaded after the files changed");
+                "ok"
+            }
+            Some(Err(err)) => {
+                warn!(file, %err, "the files changed but do not load; keeping what is in use");
+                "error"
+            }
+        };
+        metrics
+            .secret_reloads
+            .get_or_create(&reload_label(file, result))
+            .inc();
+    }
 }

@@ -38,11 +38,7 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
-use crate::metrics::reload_label;
-use crate::node::Shared;
 use crate::reload::FileStamps;
 
 /// The three files of a replica's identity.
@@ -302,36 +298,3 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsConnect {
 
 /// How long an incoming connection may take to finish its TLS handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Checks the files every reload interval and swaps the configurations
-/// when they changed, logging and counting the result.
-pub(crate) async fn reload_loop(shared: Arc<Shared>, cancel: CancellationToken) {
-    let Some(tls) = shared.tls.clone() else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(shared.config.secrets_reload_interval) => {}
-        }
-        match tls.reload_if_changed() {
-            None => {}
-            Some(Ok(())) => {
-                info!(cert = %tls.files.cert.display(), "TLS certificates reloaded");
-                shared
-                    .metrics
-                    .secret_reloads
-                    .get_or_create(&reload_label("tls", "ok"))
-                    .inc();
-            }
-            Some(Err(err)) => {
-                warn!(%err, "TLS files changed but do not load; keeping the certificates in use");
-                shared
-                    .metrics
-                    .secret_reloads
-                    .get_or_create(&reload_label("tls", "error"))
-                    .inc();
-            }
-        }
-    }
-}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::discovery_probe::{GRPC_PORT, addrs, run};
 use common::pki::Pki;
-use common::{next_block, wait_until};
+use common::{next_block, peers_seen, wait_for_peers, wait_until};
 use podcache::discovery::pod::{PodFilter, parse_selector};
 use podcache::discovery::{EtcdDiscovery, EtcdLeaseDiscovery, EtcdV2Discovery};
 use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
@@ -325,17 +325,7 @@ async fn nodes_find_each_other_only_through_etcd_and_a_newcomer_pulls_from_the_o
     }
     // Everyone learns everyone through the watch.
     for node in &nodes {
-        let client =
-            podcache::client::RestClient::new(&node.http_addr().expect("http").to_string())
-                .expect("client");
-        wait_until("three members", Duration::from_secs(5), || {
-            let client = client.clone();
-            async move {
-                let view = client.get("/v1/cluster").await.expect("cluster").json();
-                view["peers"].as_array().is_some_and(|p| p.len() == 2)
-            }
-        })
-        .await;
+        wait_for_peers(node, 2, Duration::from_secs(5)).await;
     }
     let outcome = nodes[1].set(1, "flag", "on", None).await.expect("set");
     assert_eq!(outcome.records.len(), 1);
@@ -690,23 +680,8 @@ async fn lease_nodes_register_find_each_other_leave_on_shutdown_and_reregister_a
             kvs.len()
         }
     };
-    let peers_seen = |node: &NodeHandle| {
-        let client =
-            podcache::client::RestClient::new(&node.http_addr().expect("http").to_string())
-                .expect("client");
-        async move {
-            let view = client.get("/v1/cluster").await.expect("cluster").json();
-            (
-                view["peers"].as_array().map_or(0, Vec::len),
-                view["discovery"]["state"].as_str().unwrap_or("").to_owned(),
-            )
-        }
-    };
     for node in &nodes {
-        wait_until("two peers each", Duration::from_secs(5), || async {
-            peers_seen(node).await == (2, "fresh".to_owned())
-        })
-        .await;
+        wait_for_peers(node, 2, Duration::from_secs(5)).await;
     }
     assert_eq!(registered().await, 3);
     nodes[0].set(1, "flag", "on", None).await.expect("set");

@@ -24,7 +24,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use common::discovery_probe::{GRPC_PORT, run};
-use common::{next_block, wait_until};
+use common::{next_block, wait_for_peers, wait_until};
 use futures_util::StreamExt;
 use podcache::discovery::KubernetesDiscovery;
 use podcache::discovery::pod::{PodFilter, parse_selector};
@@ -398,19 +398,15 @@ async fn nodes_find_each_other_through_the_api_server_and_replicate() {
         nodes.push(node);
     }
     for node in &nodes {
-        let client =
-            podcache::client::RestClient::new(&node.http_addr().expect("http").to_string())
-                .expect("client");
-        wait_until("two peers each", Duration::from_secs(10), || {
-            let client = client.clone();
-            async move {
-                let view = client.get("/v1/cluster").await.expect("cluster").json();
-                view["peers"].as_array().is_some_and(|p| p.len() == 2)
-                    && view["discovery"]["source"] == "kubernetes"
-            }
-        })
-        .await;
+        wait_for_peers(node, 2, Duration::from_secs(10)).await;
     }
+    let view = podcache::client::RestClient::new(&nodes[0].http_addr().expect("http").to_string())
+        .expect("client")
+        .get("/v1/cluster")
+        .await
+        .expect("cluster")
+        .json();
+    assert_eq!(view["discovery"]["source"], "kubernetes");
     nodes[2].set(7, "route", "eu", None).await.expect("set");
     for node in &nodes {
         wait_until("write spreads", Duration::from_secs(5), || async {

@@ -19,10 +19,9 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
 
 use super::error::ApiError;
-use crate::metrics::{label, reload_label};
+use crate::metrics::label;
 use crate::node::Shared;
 use crate::reload::FileStamps;
 
@@ -176,6 +175,11 @@ impl Auth {
         })
     }
 
+    /// The token file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Reloads the file if it changed. A file that no longer parses is
     /// refused and the tokens in use stay; the result says which happened.
     pub fn reload_if_changed(&self) -> Option<Result<(), TokenFileError>> {
@@ -211,39 +215,6 @@ impl Auth {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .grant(presented)
-    }
-}
-
-/// Checks the reload of the token file every `interval`, logging and
-/// counting the result.
-pub(crate) async fn reload_loop(shared: Arc<Shared>, cancel: tokio_util::sync::CancellationToken) {
-    let Some(auth) = shared.auth.clone() else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(shared.config.secrets_reload_interval) => {}
-        }
-        match auth.reload_if_changed() {
-            None => {}
-            Some(Ok(())) => {
-                info!(path = %auth.path.display(), "token file reloaded");
-                shared
-                    .metrics
-                    .secret_reloads
-                    .get_or_create(&reload_label("tokens", "ok"))
-                    .inc();
-            }
-            Some(Err(err)) => {
-                warn!(%err, "token file changed but is invalid; keeping the tokens in use");
-                shared
-                    .metrics
-                    .secret_reloads
-                    .get_or_create(&reload_label("tokens", "error"))
-                    .inc();
-            }
-        }
     }
 }
 

@@ -294,3 +294,22 @@ pub async fn wait_everywhere(cluster: &Cluster, ty: i32, key: &str, value: Optio
         .await;
     }
 }
+
+/// How many peers `node` lists in its `/v1/cluster` view, and its
+/// discovery state (`fresh`, `stale`, `pending`), read over REST.
+pub async fn peers_seen(node: &NodeHandle) -> (usize, String) {
+    let client = RestClient::new(&node.http_addr().expect("http").to_string()).expect("client");
+    let view = client.get("/v1/cluster").await.expect("cluster").json();
+    (
+        view["peers"].as_array().map_or(0, Vec::len),
+        view["discovery"]["state"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// Waits until `node` lists `n` peers with its discovery fresh.
+pub async fn wait_for_peers(node: &NodeHandle, n: usize, within: Duration) {
+    wait_until(&format!("{n} peers, discovery fresh"), within, || async {
+        peers_seen(node).await == (n, "fresh".to_owned())
+    })
+    .await;
+}
