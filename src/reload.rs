@@ -16,28 +16,35 @@ use tracing::{info, warn};
 use crate::metrics::{Metrics, reload_label};
 
 /// The modification time and length of a set of files, as last seen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct FileStamps {
     paths: Vec<PathBuf>,
-    seen: Vec<Option<(SystemTime, u64)>>,
+    seen: std::sync::Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
 
 impl FileStamps {
     /// The files' stamps as they are now.
     pub fn of(paths: Vec<PathBuf>) -> Self {
         let seen = paths.iter().map(|p| stamp(p)).collect();
-        Self { paths, seen }
+        Self {
+            paths,
+            seen: std::sync::Mutex::new(seen),
+        }
     }
 
     /// True (and remembers the new stamps) when any file changed since the
     /// last call; a file that cannot be read counts as a change only once it
     /// is readable again, so a half-written rotation is not picked up.
-    pub fn changed(&mut self) -> bool {
+    pub fn changed(&self) -> bool {
         let now: Vec<_> = self.paths.iter().map(|p| stamp(p)).collect();
-        if now.iter().any(Option::is_none) || now == self.seen {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now.iter().any(Option::is_none) || now == *seen {
             return false;
         }
-        self.seen = now;
+        *seen = now;
         true
     }
 }

@@ -21,7 +21,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,7 +78,7 @@ struct Configs {
 pub struct PeerTls {
     files: TlsFiles,
     configs: RwLock<Arc<Configs>>,
-    stamps: Mutex<FileStamps>,
+    stamps: FileStamps,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -164,7 +164,7 @@ impl PeerTls {
         Ok(Self {
             files,
             configs: RwLock::new(Arc::new(configs)),
-            stamps: Mutex::new(stamps),
+            stamps,
         })
     }
 
@@ -188,12 +188,7 @@ impl PeerTls {
     /// Rebuilds the configurations if a file changed. `None` when nothing
     /// changed; an error leaves the configurations in use.
     pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
-        if !self
-            .stamps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .changed()
-        {
+        if !self.stamps.changed() {
             return None;
         }
         Some(build(&self.files).map(|configs| {

@@ -9,10 +9,9 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::discovery_probe::{GRPC_PORT, addrs, run};
+use common::discovery_probe::{addrs, hello_filter, run};
 use common::pki::Pki;
 use common::{next_block, peers_seen, wait_for_peers, wait_until};
-use podcache::discovery::pod::{PodFilter, parse_selector};
 use podcache::discovery::{EtcdDiscovery, EtcdLeaseDiscovery, EtcdV2Discovery};
 use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
 use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
@@ -21,16 +20,6 @@ use podcache::{NodeBuilder, NodeConfig, NodeHandle};
 
 const ARTICLE_POD: &str = include_str!("fixtures/article_pod.json");
 const ARTICLE_POD_NAME: &str = "hello-web-29a74e26ea3c2138e1727f35a111f4c6-dknwh";
-
-fn filter() -> PodFilter {
-    PodFilter {
-        namespace: "default".into(),
-        selector: parse_selector("app=hello").expect("selector"),
-        name_contains: None,
-        self_pod_ip: String::new(),
-        grpc_port: GRPC_PORT,
-    }
-}
 
 fn pod(name: &str, ip: &str, started_ms: i64) -> SimPod {
     SimPod::pending(name, "default", "hello", started_ms - 1000).running(
@@ -58,7 +47,10 @@ async fn v3_finds_the_article_pod_and_a_node_with_its_ip_excludes_itself() {
     )
     .await
     .expect("put");
-    let mut other = run(EtcdDiscovery::new(etcd.settings(), filter()), "127.0.0.9");
+    let mut other = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "127.0.0.9",
+    );
     let set = other
         .wait_peers(&["172.80.13.4:9090"], Duration::from_secs(10))
         .await;
@@ -68,7 +60,10 @@ async fn v3_finds_the_article_pod_and_a_node_with_its_ip_excludes_itself() {
         set.peers[0].started_at_ms,
         podcache::discovery::pod::parse_rfc3339_ms("2017-05-23T10:10:29Z")
     );
-    let mut itself = run(EtcdDiscovery::new(etcd.settings(), filter()), "172.80.13.4");
+    let mut itself = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "172.80.13.4",
+    );
     itself.wait_peers(&[], Duration::from_secs(10)).await;
 }
 
@@ -103,7 +98,10 @@ async fn v3_ignores_pods_that_are_not_peers_and_reads_protobuf_and_json_alike() 
     other_app.labels.insert("app".into(), "nginx".into());
     pb.put(&other_app).await.expect("put");
 
-    let mut running = run(EtcdDiscovery::new(etcd.settings(), filter()), "127.0.0.1");
+    let mut running = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "127.0.0.1",
+    );
     running
         .wait_peers(
             &["127.0.0.2:9090", "127.0.0.3:9090"],
@@ -119,7 +117,10 @@ async fn v3_membership_follows_deletes_and_additions_within_a_second() {
     let now = podcache::node::unix_ms() as i64;
     sim.put(&pod("a", "127.0.0.2", now)).await.expect("put");
     sim.put(&pod("b", "127.0.0.3", now)).await.expect("put");
-    let mut running = run(EtcdDiscovery::new(etcd.settings(), filter()), "127.0.0.1");
+    let mut running = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "127.0.0.1",
+    );
     running
         .wait_peers(
             &["127.0.0.2:9090", "127.0.0.3:9090"],
@@ -152,7 +153,10 @@ async fn v3_skips_garbage_truncated_and_encrypted_values_and_goes_on() {
     let sim = v3_sim(&etcd, PodEncoding::Protobuf);
     let now = podcache::node::unix_ms() as i64;
     sim.put(&pod("good", "127.0.0.2", now)).await.expect("put");
-    let mut running = run(EtcdDiscovery::new(etcd.settings(), filter()), "127.0.0.1");
+    let mut running = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "127.0.0.1",
+    );
     running
         .wait_peers(&["127.0.0.2:9090"], Duration::from_secs(10))
         .await;
@@ -190,7 +194,10 @@ async fn v3_skips_garbage_truncated_and_encrypted_values_and_goes_on() {
         "{metrics}"
     );
     // A re-list (a fresh discovery) skips them the same way.
-    let mut again = run(EtcdDiscovery::new(etcd.settings(), filter()), "127.0.0.1");
+    let mut again = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "127.0.0.1",
+    );
     again
         .wait_peers(
             &["127.0.0.2:9090", "127.0.0.4:9090"],
@@ -206,8 +213,8 @@ async fn v3_recovers_when_etcd_compacts_past_the_watch_revision() {
     let client = EtcdClient::connect(&etcd.settings()).expect("client");
     let now = podcache::node::unix_ms() as i64;
     sim.put(&pod("a", "127.0.0.2", now)).await.expect("put");
-    let discovery =
-        EtcdDiscovery::new(etcd.settings(), filter()).with_list_watch_gap(Duration::from_secs(2));
+    let discovery = EtcdDiscovery::new(etcd.settings(), hello_filter())
+        .with_list_watch_gap(Duration::from_secs(2));
     let mut running = run(discovery, "127.0.0.1");
     running
         .wait_peers(&["127.0.0.2:9090"], Duration::from_secs(10))
@@ -233,7 +240,10 @@ async fn v3_keeps_the_last_membership_while_etcd_is_down_and_recovers() {
     let sim = v3_sim(&etcd, PodEncoding::Protobuf);
     let now = podcache::node::unix_ms() as i64;
     sim.put(&pod("a", "127.0.0.2", now)).await.expect("put");
-    let mut running = run(EtcdDiscovery::new(etcd.settings(), filter()), "127.0.0.1");
+    let mut running = run(
+        EtcdDiscovery::new(etcd.settings(), hello_filter()),
+        "127.0.0.1",
+    );
     running
         .wait_peers(&["127.0.0.2:9090"], Duration::from_secs(10))
         .await;
@@ -287,7 +297,7 @@ async fn start_node(
     let mut config = NodeConfig::for_test(ip);
     config.pod_name = name.into();
     config.grpc_addr = std::net::SocketAddr::new(ip.into(), port);
-    let mut filter = filter();
+    let mut filter = hello_filter();
     filter.grpc_port = port;
     let node = NodeBuilder::new(config)
         .discovery(EtcdDiscovery::new(etcd.settings(), filter))
@@ -376,7 +386,7 @@ async fn a_node_started_while_etcd_is_down_serves_reads_and_gets_ready_when_etcd
     let mut config = NodeConfig::for_test(ip);
     config.grpc_addr = std::net::SocketAddr::new(ip.into(), free_low_port(ip).expect("port"));
     let node = NodeBuilder::new(config)
-        .discovery(EtcdDiscovery::new(etcd.settings(), filter()))
+        .discovery(EtcdDiscovery::new(etcd.settings(), hello_filter()))
         .start()
         .await
         .expect("starts without etcd");
@@ -417,7 +427,11 @@ async fn a_node_started_while_etcd_is_down_serves_reads_and_gets_ready_when_etcd
 // ---- the v2 keys API -------------------------------------------------------
 
 fn v2(etcd: &LocalEtcd) -> EtcdV2Discovery {
-    EtcdV2Discovery::new(vec![etcd.client_url()], filter(), Duration::from_secs(3))
+    EtcdV2Discovery::new(
+        vec![etcd.client_url()],
+        hello_filter(),
+        Duration::from_secs(3),
+    )
 }
 
 #[tokio::test]
@@ -615,7 +629,10 @@ async fn v3_over_client_mtls_on_a_three_member_cluster() {
     let sim = PodSimulator::new(client, PodEncoding::Protobuf);
     let now = podcache::node::unix_ms() as i64;
     sim.put(&pod("a", "127.0.0.2", now)).await.expect("put");
-    let mut running = run(EtcdDiscovery::new(settings.clone(), filter()), "127.0.0.1");
+    let mut running = run(
+        EtcdDiscovery::new(settings.clone(), hello_filter()),
+        "127.0.0.1",
+    );
     running
         .wait_peers(&["127.0.0.2:9090"], Duration::from_secs(10))
         .await;

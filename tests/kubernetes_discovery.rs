@@ -23,11 +23,10 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::discovery_probe::{GRPC_PORT, run};
+use common::discovery_probe::{hello_filter, run};
 use common::{next_block, wait_for_peers, wait_until};
 use futures_util::StreamExt;
 use podcache::discovery::KubernetesDiscovery;
-use podcache::discovery::pod::{PodFilter, parse_selector};
 use podcache::local_etcd::free_low_port;
 use podcache::{NodeBuilder, NodeConfig, NodeHandle};
 use serde_json::{Value, json};
@@ -240,16 +239,6 @@ async fn pods(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-fn filter() -> PodFilter {
-    PodFilter {
-        namespace: "default".into(),
-        selector: parse_selector("app=hello").expect("selector"),
-        name_contains: None,
-        self_pod_ip: String::new(),
-        grpc_port: GRPC_PORT,
-    }
-}
-
 fn temp_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "podcache-k8s-{}-{tag}-{}",
@@ -279,7 +268,7 @@ async fn lists_watches_follows_changes_and_lists_again_after_410_gone() {
     let dir = temp_dir("watch");
     let mut running = run(
         KubernetesDiscovery {
-            filter: filter(),
+            filter: hello_filter(),
             kubeconfig: Some(api.kubeconfig(&dir)),
         },
         "10.1.0.9",
@@ -345,7 +334,7 @@ async fn an_api_server_that_refuses_us_leaves_the_node_stale_not_dead() {
     std::fs::write(&path, text).expect("write");
     let mut running = run(
         KubernetesDiscovery {
-            filter: filter(),
+            filter: hello_filter(),
             kubeconfig: Some(path),
         },
         "10.1.0.9",
@@ -384,7 +373,7 @@ async fn nodes_find_each_other_through_the_api_server_and_replicate() {
         let mut config = NodeConfig::for_test(ip(host));
         config.pod_name = name;
         config.grpc_addr = std::net::SocketAddr::new(ip(host).into(), port);
-        let mut filter = filter();
+        let mut filter = hello_filter();
         filter.grpc_port = port;
         let node = NodeBuilder::new(config)
             .discovery(KubernetesDiscovery {
@@ -426,7 +415,7 @@ async fn nodes_find_each_other_through_the_api_server_and_replicate() {
     let mut config = NodeConfig::for_test(ip(5));
     config.pod_name = "pod-5".into();
     config.grpc_addr = std::net::SocketAddr::new(ip(5).into(), port);
-    let mut filter = filter();
+    let mut filter = hello_filter();
     filter.grpc_port = port;
     let newcomer = NodeBuilder::new(config)
         .discovery(KubernetesDiscovery {

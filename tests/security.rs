@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::pki::Pki;
-use common::{Cluster, wait_until};
+use common::{Cluster, wait_everywhere, wait_until};
 use hyper::StatusCode;
 use podcache::proto::hellorpc::{SyncData, SyncRequest, sync_client::SyncClient};
 use podcache::tls::TlsFiles;
@@ -77,12 +77,7 @@ async fn replicas_speak_mutual_tls_refuse_strangers_and_reload_certificates() {
         .put(1, "flag", "on", "wait=all")
         .await
         .expect("put");
-    for i in 0..3 {
-        wait_until("write spreads over TLS", Duration::from_secs(5), || async {
-            cluster.node(i).get(1, "flag").as_deref() == Some("on")
-        })
-        .await;
-    }
+    wait_everywhere(&cluster, 1, "flag", Some("on")).await;
     let addr = cluster.grpc_addr(0);
 
     // Plain text, no certificate, and a certificate of another CA: refused.
@@ -167,12 +162,7 @@ async fn replicas_speak_mutual_tls_refuse_strangers_and_reload_certificates() {
         .put(1, "after", "rotation", "wait=all")
         .await
         .expect("put");
-    for i in 0..3 {
-        wait_until("replication goes on", Duration::from_secs(5), || async {
-            cluster.node(i).get(1, "after").as_deref() == Some("rotation")
-        })
-        .await;
-    }
+    wait_everywhere(&cluster, 1, "after", Some("rotation")).await;
     cluster.shutdown().await;
 }
 

@@ -12,7 +12,7 @@
 //! characters with no white space.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -152,7 +152,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Auth {
     path: PathBuf,
     tokens: RwLock<Arc<Tokens>>,
-    stamps: Mutex<FileStamps>,
+    stamps: FileStamps,
     public_metrics: bool,
     public_dashboard: bool,
 }
@@ -169,7 +169,7 @@ impl Auth {
         Ok(Self {
             path: path.to_owned(),
             tokens: RwLock::new(Arc::new(tokens)),
-            stamps: Mutex::new(stamps),
+            stamps,
             public_metrics,
             public_dashboard,
         })
@@ -183,12 +183,7 @@ impl Auth {
     /// Reloads the file if it changed. A file that no longer parses is
     /// refused and the tokens in use stay; the result says which happened.
     pub fn reload_if_changed(&self) -> Option<Result<(), TokenFileError>> {
-        if !self
-            .stamps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .changed()
-        {
+        if !self.stamps.changed() {
             return None;
         }
         Some(Tokens::load(&self.path).map(|tokens| {

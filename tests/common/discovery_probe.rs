@@ -13,6 +13,18 @@ use tokio_util::sync::CancellationToken;
 /// The gRPC port every probed "node" claims.
 pub const GRPC_PORT: u16 = 9090;
 
+/// The peer rule the discovery tests use: pods labelled `app=hello` in
+/// `default`.
+pub fn hello_filter() -> podcache::discovery::pod::PodFilter {
+    podcache::discovery::pod::PodFilter {
+        namespace: "default".into(),
+        selector: podcache::discovery::pod::parse_selector("app=hello").expect("selector"),
+        name_contains: None,
+        self_pod_ip: String::new(),
+        grpc_port: GRPC_PORT,
+    }
+}
+
 /// A discovery backend running on its own, publishing into a channel the
 /// test reads; nothing dials the peers it finds.
 pub struct Running {
