@@ -13,9 +13,10 @@
 //! - `lag`: writes probe keys to the first target at `--probe-rate` per
 //!   second (plus `--rate` background writes), and measures the time from a
 //!   write's acknowledgement to its arrival on every other target (podcache:
-//!   the `/v1/watch` event stream; Redis: a tight loop of GETs on each
-//!   replica, since replicas emit no keyspace notifications for replicated
-//!   writes; etcd: a watch on each follower).
+//!   the `/v1/watch` event stream, or with `--observe poll` a tight loop of
+//!   GETs on each replica, the same method as Redis's; Redis: a tight loop
+//!   of GETs on each replica, since replicas emit no keyspace notifications
+//!   for replicated writes; etcd: a watch on each follower).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +49,12 @@ enum Workload {
     Read,
     Fill,
     Lag,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Observe {
+    Watch,
+    Poll,
 }
 
 #[derive(Debug, Parser)]
@@ -86,6 +93,10 @@ struct Args {
     /// Total operations per second across workers (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// How the lag workload sees podcache probes arrive: the watch stream,
+    /// or polling each replica in a tight loop (as for Redis).
+    #[arg(long, default_value = "watch")]
+    observe: Observe,
     /// Probe writes per second for the lag workload.
     #[arg(long, default_value_t = 200)]
     probe_rate: u64,
@@ -437,13 +448,47 @@ async fn fill(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
 /// Follows probe keys arriving on one node, recording when each arrived.
+/// Probe keys are `probe:<run>:<seq>`: `run` differs per lag run, so a
+/// poller never mistakes an earlier run's probe for a new arrival.
 async fn observe(
     system: System,
+    how: Observe,
+    run: u64,
     target: String,
     arrivals: Arrivals,
     ready: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     match system {
+        System::Podcache if how == Observe::Poll => {
+            // The same method as for Redis: wait for probe N, then N + 1
+            // (one fan-out queue per peer keeps them in order).
+            let mut conn = connect(system, &target).await?;
+            let Conn::Http { sender, host } = &mut conn else {
+                unreachable!()
+            };
+            ready.fetch_add(1, Ordering::SeqCst);
+            let mut seq = 1u64;
+            loop {
+                let k = format!("probe:{run}:{seq:08}");
+                sender.ready().await?;
+                let request = hyper::Request::builder()
+                    .uri(format!("/v1/cache/2/{k}"))
+                    .header(hyper::header::HOST, host.as_str())
+                    .body(Full::new(Bytes::new()))?;
+                let response = sender.send_request(request).await?;
+                let found = response.status() == hyper::StatusCode::OK;
+                response.into_body().collect().await?;
+                if found {
+                    let now = Instant::now();
+                    arrivals
+                        .lock()
+                        .await
+                        .entry(format!("{target}|{k}"))
+                        .or_insert(now);
+                    seq += 1;
+                }
+            }
+        }
         System::Podcache => {
             let mut conn = connect(system, &target).await?;
             let Conn::Http { sender, host } = &mut conn else {
@@ -492,7 +537,7 @@ async fn observe(
             ready.fetch_add(1, Ordering::SeqCst);
             let mut seq = 1u64;
             loop {
-                let k = format!("probe:{seq:08}");
+                let k = format!("probe:{run}:{seq:08}");
                 let mut out = Vec::new();
                 resp_command(&mut out, &[b"GET", k.as_bytes()]);
                 reader.get_mut().write_all(&out).await?;
@@ -511,7 +556,8 @@ async fn observe(
             let Conn::Etcd(client) = connect(system, &target).await? else {
                 unreachable!()
             };
-            let mut watch = client.watch_prefix(b"probe:", 0).await?;
+            let prefix = format!("probe:{run}:");
+            let mut watch = client.watch_prefix(prefix.as_bytes(), 0).await?;
             ready.fetch_add(1, Ordering::SeqCst);
             while let Some(response) = watch.next().await? {
                 let now = Instant::now();
@@ -535,11 +581,17 @@ async fn observe(
 async fn lag(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
     let arrivals: Arrivals = Arc::new(Mutex::new(HashMap::new()));
     let ready = Arc::new(AtomicU64::new(0));
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     let observers: Vec<_> = args.targets[1..]
         .iter()
         .map(|t| {
             tokio::spawn(observe(
                 args.system,
+                args.observe,
+                run,
                 t.clone(),
                 arrivals.clone(),
                 ready.clone(),
@@ -576,7 +628,7 @@ async fn lag(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
             tokio::time::sleep(wait).await;
         }
         seq += 1;
-        let k = format!("probe:{seq:08}");
+        let k = format!("probe:{run}:{seq:08}");
         match &mut conn {
             c @ Conn::Http { .. } => {
                 http(

@@ -74,17 +74,28 @@ async fn the_load_tool_runs_every_workload_against_podcache() {
             "{workload}: {result}"
         );
     }
-    let lag = tokio::task::block_in_place(|| {
-        run(
-            &targets,
-            &["--workload", "lag", "--probe-rate", "50", "--keys", "1000"],
-        )
-    });
-    assert!(lag["probes"].as_u64().is_some_and(|n| n > 10), "{lag}");
-    assert_eq!(
-        lag["missing"], 0,
-        "every probe arrived on every replica: {lag}"
-    );
+    for observe in ["watch", "poll"] {
+        let lag = tokio::task::block_in_place(|| {
+            run(
+                &targets,
+                &[
+                    "--workload",
+                    "lag",
+                    "--observe",
+                    observe,
+                    "--probe-rate",
+                    "50",
+                    "--keys",
+                    "1000",
+                ],
+            )
+        });
+        assert!(lag["probes"].as_u64().is_some_and(|n| n > 10), "{lag}");
+        assert_eq!(
+            lag["missing"], 0,
+            "{observe}: every probe arrived on every replica: {lag}"
+        );
+    }
     let fill =
         tokio::task::block_in_place(|| run(&targets, &["--workload", "fill", "--keys", "5000"]));
     assert_eq!(fill["entries"], 5000);
