@@ -79,6 +79,9 @@ pub(crate) struct PeerState {
     /// Set when a write found the queue full: the link then drops its whole
     /// backlog and asks for a repair.
     overflow: std::sync::atomic::AtomicBool,
+    /// Anti-entropy rounds in a row that left busy buckets unrepaired (see
+    /// `anti_entropy::exchange`).
+    pub(crate) busy_rounds: std::sync::atomic::AtomicU32,
 }
 
 /// A peer's replication state as shown in `/v1/cluster`.
@@ -140,6 +143,7 @@ impl PeerState {
             }),
             queued: AtomicU64::new(0),
             overflow: std::sync::atomic::AtomicBool::new(false),
+            busy_rounds: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
