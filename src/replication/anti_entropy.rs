@@ -226,17 +226,14 @@ async fn exchange(
         mine_before.get(i) == mine.get(i) && theirs_before.get(i) == theirs.get(i)
     };
     let busy = both.iter().filter(|b| !quiet(b)).count();
-    let (differing, left_busy) = if busy == 0 {
-        busy_rounds.store(0, Ordering::Relaxed);
-        (both, false)
-    } else if busy_rounds.fetch_add(1, Ordering::Relaxed) + 1 >= BUSY_ROUNDS_BEFORE_REPAIRING_ALL {
+    // Counted only when something is busy (the `||` short-circuits).
+    let (differing, left_busy) = if busy == 0
+        || busy_rounds.fetch_add(1, Ordering::Relaxed) + 1 >= BUSY_ROUNDS_BEFORE_REPAIRING_ALL
+    {
         busy_rounds.store(0, Ordering::Relaxed);
         (both, false)
     } else {
-        debug!(
-            busy,
-            "anti-entropy: leaving buckets that are being written to fan-out"
-        );
+        debug!(busy, "anti-entropy: leaving buckets that are being written to fan-out");
         (both.into_iter().filter(quiet).collect(), true)
     };
     let done = |repaired| {
