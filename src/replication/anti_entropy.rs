@@ -233,7 +233,10 @@ async fn exchange(
         busy_rounds.store(0, Ordering::Relaxed);
         (both, false)
     } else {
-        debug!(busy, "anti-entropy: leaving buckets that are being written to fan-out");
+        debug!(
+            busy,
+            "anti-entropy: leaving buckets that are being written to fan-out"
+        );
         (both.into_iter().filter(quiet).collect(), true)
     };
     let done = |repaired| {
