@@ -447,6 +447,15 @@ async fn fill(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// Records that probe `k` was first seen on `target` at `now`.
+async fn arrived(arrivals: &Arrivals, target: &str, k: &str, now: Instant) {
+    arrivals
+        .lock()
+        .await
+        .entry(format!("{target}|{k}"))
+        .or_insert(now);
+}
+
 /// Follows probe keys arriving on one node, recording when each arrived.
 /// Probe keys are `probe:<run>:<seq>`: `run` differs per lag run, so a
 /// poller never mistakes an earlier run's probe for a new arrival.
@@ -480,11 +489,7 @@ async fn observe(
                 response.into_body().collect().await?;
                 if found {
                     let now = Instant::now();
-                    arrivals
-                        .lock()
-                        .await
-                        .entry(format!("{target}|{k}"))
-                        .or_insert(now);
+                    arrived(&arrivals, &target, &k, now).await;
                     seq += 1;
                 }
             }
@@ -515,11 +520,7 @@ async fn observe(
                         if let Ok(event) = serde_json::from_str::<serde_json::Value>(line.trim())
                             && let Some(k) = event["key"].as_str()
                         {
-                            arrivals
-                                .lock()
-                                .await
-                                .entry(format!("{target}|{k}"))
-                                .or_insert(now);
+                            arrived(&arrivals, &target, k, now).await;
                         }
                     }
                 }
@@ -543,11 +544,7 @@ async fn observe(
                 reader.get_mut().write_all(&out).await?;
                 if resp_reply(&mut reader).await?.is_some() {
                     let now = Instant::now();
-                    arrivals
-                        .lock()
-                        .await
-                        .entry(format!("{target}|{k}"))
-                        .or_insert(now);
+                    arrived(&arrivals, &target, &k, now).await;
                     seq += 1;
                 }
             }
@@ -564,11 +561,7 @@ async fn observe(
                 for event in response.events {
                     if let Some(kv) = event.kv {
                         let k = String::from_utf8_lossy(&kv.key).into_owned();
-                        arrivals
-                            .lock()
-                            .await
-                            .entry(format!("{target}|{k}"))
-                            .or_insert(now);
+                        arrived(&arrivals, &target, &k, now).await;
                     }
                 }
             }
