@@ -175,11 +175,6 @@ impl Auth {
         })
     }
 
-    /// The token file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reloads the file if it changed. A file that no longer parses is
     /// refused and the tokens in use stay; the result says which happened.
     pub fn reload_if_changed(&self) -> Option<Result<(), TokenFileError>> {
