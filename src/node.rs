@@ -277,7 +277,7 @@ impl Shared {
         self.count_remote(&outcome, source);
         if source == "replicate" {
             for record in &outcome.applied {
-                let written = crate::store::clock::hlc_ms(record.entry.version.hlc);
+                let written = crate::store::clock::hlc_ms(record.entry.version().hlc);
                 let lag_ms = now.saturating_sub(written);
                 self.metrics.replication_lag.observe(lag_ms as f64 / 1000.0);
             }
@@ -700,7 +700,7 @@ impl NodeHandle {
         self.shared
             .store
             .get(ty, key, unix_ms())
-            .and_then(|e| e.value.map(|v| v.to_string()))
+            .and_then(|e| e.value().map(str::to_owned))
     }
 
     /// Sets one entry here and fans it out to every peer.
@@ -736,7 +736,7 @@ impl NodeHandle {
                     .store
                     .namespace(ty, now)
                     .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
                     .collect::<BTreeMap<_, _>>();
                 (ty, entries)
             })

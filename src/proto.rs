@@ -7,9 +7,8 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
-use std::sync::Arc;
 
-use crate::store::{Entry, Record, Version};
+use crate::store::{Record, Version};
 
 /// The original `hellorpc` package, generated from `proto/hellorpc.proto`.
 pub mod hellorpc {
@@ -40,41 +39,30 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("podc
 pub fn record_to_wire(record: &Record) -> podcache::Entry {
     podcache::Entry {
         r#type: record.ty,
-        key: record.key.to_string(),
-        value: record
-            .entry
-            .value
-            .as_deref()
-            .map(str::to_owned)
-            .unwrap_or_default(),
-        deleted: record.entry.value.is_none(),
-        hlc: record.entry.version.hlc,
-        node: record.entry.version.node,
-        expires_at_ms: record.entry.expires_at_ms,
+        key: record.key().to_owned(),
+        value: record.entry.value().unwrap_or_default().to_owned(),
+        deleted: record.entry.is_tombstone(),
+        hlc: record.entry.version().hlc,
+        node: record.entry.version().node,
+        expires_at_ms: record.entry.expires_at_ms(),
     }
 }
 
 /// A wire entry as a record. Limits are checked by the store when it merges.
 pub fn record_from_wire(entry: podcache::Entry) -> Record {
-    Record {
-        ty: entry.r#type,
-        key: Arc::from(entry.key),
-        entry: Entry {
-            value: if entry.deleted {
-                None
-            } else {
-                Some(Arc::from(entry.value))
-            },
-            version: Version {
-                hlc: entry.hlc,
-                node: entry.node,
-            },
-            expires_at_ms: entry.expires_at_ms,
+    Record::new(
+        entry.r#type,
+        &entry.key,
+        (!entry.deleted).then_some(entry.value.as_str()),
+        Version {
+            hlc: entry.hlc,
+            node: entry.node,
         },
-    }
+        entry.expires_at_ms,
+    )
 }
 
 /// Rough encoded size of a record, used to cut batches and chunks.
 pub fn wire_size(record: &Record) -> usize {
-    record.key.len() + record.entry.value.as_deref().map_or(0, str::len) + 40
+    record.entry.size() + 40
 }

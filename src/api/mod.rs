@@ -226,10 +226,10 @@ impl<'a> EntryAnswer<'a> {
     fn of(record: &'a Record) -> Self {
         Self {
             r#type: record.ty,
-            key: &record.key,
-            value: record.entry.value.as_deref(),
-            version: record.entry.version.to_string(),
-            expires_at_ms: (record.entry.expires_at_ms != 0).then_some(record.entry.expires_at_ms),
+            key: record.key(),
+            value: record.entry.value(),
+            version: record.entry.version().to_string(),
+            expires_at_ms: Some(record.entry.expires_at_ms()).filter(|&at| at != 0),
             replication: None,
         }
     }
@@ -254,12 +254,12 @@ fn replication_json(reports: &[DeliveryReport]) -> Value {
 fn entry_json(record: &Record) -> Value {
     let mut body = json!({
         "type": record.ty,
-        "key": record.key.as_ref(),
-        "value": record.entry.value.as_deref(),
-        "version": record.entry.version.to_string(),
+        "key": record.key(),
+        "value": record.entry.value(),
+        "version": record.entry.version().to_string(),
     });
-    if record.entry.expires_at_ms != 0 {
-        body["expires_at_ms"] = json!(record.entry.expires_at_ms);
+    if record.entry.expires_at_ms() != 0 {
+        body["expires_at_ms"] = json!(record.entry.expires_at_ms());
     }
     body
 }
@@ -281,11 +281,7 @@ async fn get_entry(
         .store
         .get(ty, &key, unix_ms())
         .ok_or_else(|| ApiError::absent(ty, &key))?;
-    let record = Record {
-        ty,
-        key: key.into(),
-        entry,
-    };
+    let record = Record { ty, entry };
     Ok(Json(EntryAnswer::of(&record)).into_response())
 }
 
@@ -345,9 +341,9 @@ async fn delete_entry(
     let record = &outcome.records[0];
     let body = json!({
         "type": ty,
-        "key": record.key.as_ref(),
+        "key": record.key(),
         "deleted": true,
-        "version": record.entry.version.to_string(),
+        "version": record.entry.version().to_string(),
     });
     Ok(Json(with_replication(body, &outcome)))
 }
@@ -359,6 +355,10 @@ async fn get_namespace(
     let ty = type_path(path)?;
     count(&shared, "list");
     let entries = shared.store.namespace(ty, unix_ms());
+    let entries: BTreeMap<&str, &str> = entries
+        .iter()
+        .filter_map(|e| Some((e.key(), e.value()?)))
+        .collect();
     Ok(Json(json!({ "type": ty, "entries": entries })))
 }
 
@@ -403,7 +403,7 @@ async fn post_batch(
     let versions: BTreeMap<&str, String> = outcome
         .records
         .iter()
-        .map(|r| (r.key.as_ref(), r.entry.version.to_string()))
+        .map(|r| (r.key(), r.entry.version().to_string()))
         .collect();
     let body = json!({
         "type": ty,
@@ -457,11 +457,11 @@ async fn watch(
             let event = match item {
                 Ok(change) => {
                     let record = &change.record;
-                    if record.ty != ty || key.as_deref().is_some_and(|k| k != record.key.as_ref()) {
+                    if record.ty != ty || key.as_deref().is_some_and(|k| k != record.key()) {
                         None
                     } else {
                         let mut body = entry_json(record);
-                        body["deleted"] = json!(record.entry.value.is_none());
+                        body["deleted"] = json!(record.entry.is_tombstone());
                         body["origin"] = json!(change.origin.as_str());
                         Some(Event::default().event("change").data(body.to_string()))
                     }

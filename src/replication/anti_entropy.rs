@@ -384,13 +384,13 @@ async fn full_resync(
             Err(_) => return Err("snapshot stream: no chunk within the timeout".into()),
         }
     }
-    let keep: HashSet<_> = records.iter().map(|r| (r.ty, r.key.clone())).collect();
+    let keep: HashSet<_> = records.iter().map(|r| (r.ty, r.key())).collect();
     let last_sync = shared
         .last_full_sync_ms
         .load(std::sync::atomic::Ordering::Acquire);
     let me = shared.identity.node_id;
     let dropped = shared.store.drop_absent(&keep, |entry| {
-        entry.version.node == me && crate::store::clock::hlc_ms(entry.version.hlc) >= last_sync
+        entry.version().node == me && crate::store::clock::hlc_ms(entry.version().hlc) >= last_sync
     });
     let applied = shared.apply_remote(records, "anti_entropy").applied.len();
     Ok((dropped, applied))

@@ -7,7 +7,6 @@
 //! already serving, and every chunk is merged by version, so a newer entry
 //! received meanwhile is never overwritten by the older copy in the chunk.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -22,7 +21,7 @@ use crate::proto::podcache::{
     self as pb, HelloRequest, SnapshotRequest, replica_client::ReplicaClient,
 };
 use crate::proto::{record_from_wire, wire_size};
-use crate::store::{Entry, Record, Version};
+use crate::store::{Record, Version};
 
 /// What the bootstrap pull did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -278,14 +277,14 @@ async fn pull_get_all(
         let records: Vec<Record> = data
             .data
             .into_iter()
-            .map(|(key, value)| Record {
-                ty: data.r#type,
-                key: Arc::from(key),
-                entry: Entry {
-                    value: Some(Arc::from(value)),
-                    version: Version { hlc: 0, node },
-                    expires_at_ms: 0,
-                },
+            .map(|(key, value)| {
+                Record::new(
+                    data.r#type,
+                    &key,
+                    Some(&value),
+                    Version { hlc: 0, node },
+                    0,
+                )
             })
             .collect();
         report.entries += records.len() as u64;

@@ -116,8 +116,9 @@ impl SyncRpc for SyncService {
                     .data
                     .into_keys()
                     .filter_map(|key| {
-                        let value = self.shared.store.get(asked.r#type, &key, now)?.value?;
-                        Some((key, value.to_string()))
+                        let entry = self.shared.store.get(asked.r#type, &key, now)?;
+                        let value = entry.value()?.to_owned();
+                        Some((key, value))
                     })
                     .collect();
                 SyncData {
@@ -157,7 +158,7 @@ impl SyncRpc for SyncService {
             let applied = outcome
                 .applied
                 .iter()
-                .filter_map(|r| Some((r.key.to_string(), r.entry.value.as_deref()?.to_owned())))
+                .filter_map(|r| Some((r.key().to_owned(), r.entry.value()?.to_owned())))
                 .collect();
             self.shared.publish_remote(&outcome.applied);
             answer.push(SyncData {
@@ -188,8 +189,8 @@ impl SyncRpc for SyncService {
                 r#type: ty,
                 data: store
                     .namespace(ty, now)
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .iter()
+                    .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
                     .collect(),
             })
             .collect();
@@ -301,19 +302,23 @@ impl Replica for ReplicaService {
             )));
         }
         let buckets: std::collections::HashSet<u32> = request.buckets.iter().copied().collect();
-        let mut theirs: HashMap<(i32, Arc<str>), crate::store::Version> = HashMap::new();
         let mut records = Vec::with_capacity(request.entries.len());
         for entry in request.entries {
             let record = record_from_wire(entry);
             // Entries outside the named buckets have no business here.
-            if !buckets.contains(&(digest::bucket_of(record.ty, &record.key) as u32)) {
+            if !buckets.contains(&(digest::bucket_of(record.ty, record.key().as_bytes()) as u32)) {
                 return Err(Status::invalid_argument(
                     "repair: an entry lies outside the buckets being repaired",
                 ));
             }
-            theirs.insert((record.ty, record.key.clone()), record.entry.version);
             records.push(record);
         }
+        // What the peer sent (shared with the merge below, not copied).
+        let sent = records.clone();
+        let theirs: HashMap<(i32, &str), crate::store::Version> = sent
+            .iter()
+            .map(|r| ((r.ty, r.key()), r.entry.version()))
+            .collect();
         let outcome = self.shared.apply_remote(records, "anti_entropy");
         let mine = self.shared.store.bucket_records(&request.buckets);
         let horizon = self.shared.purge_horizon(unix_ms());
@@ -321,8 +326,8 @@ impl Replica for ReplicaService {
             .iter()
             .filter(|r| {
                 theirs
-                    .get(&(r.ty, r.key.clone()))
-                    .is_none_or(|v| *v < r.entry.version)
+                    .get(&(r.ty, r.key()))
+                    .is_none_or(|v| *v < r.entry.version())
             })
             .filter(|r| !crate::store::is_purgeable(&r.entry, horizon))
             .map(record_to_wire)

@@ -16,10 +16,17 @@
 
 pub mod clock;
 pub mod digest;
+mod entry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::hash::BuildHasher;
+use std::sync::{PoisonError, RwLock};
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
+
+pub use self::entry::Entry;
 
 use self::clock::{ClockSkewError, HybridClock, hlc_logical, hlc_ms};
 
@@ -45,38 +52,36 @@ impl fmt::Display for Version {
     }
 }
 
-/// One stored entry: a value or a tombstone, with its version and expiry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// `None` is a tombstone: the key was deleted at `version`.
-    pub value: Option<Arc<str>>,
-    /// When and by whom this entry was written.
-    pub version: Version,
-    /// Absolute expiry in Unix milliseconds, set by the writer so that every
-    /// replica expires the entry at the same moment; 0 means never.
-    pub expires_at_ms: u64,
-}
-
-impl Entry {
-    /// The value, if the entry is neither a tombstone nor expired at `now_ms`.
-    pub fn live_value(&self, now_ms: u64) -> Option<&Arc<str>> {
-        if self.expires_at_ms != 0 && self.expires_at_ms <= now_ms {
-            return None;
-        }
-        self.value.as_ref()
-    }
-}
-
 /// A full versioned entry with its address: what travels between nodes
 /// (fan-out, snapshot, merge) and what a change notification carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Namespace (`SyncData.type`).
     pub ty: i32,
-    /// Key within the namespace.
-    pub key: Arc<str>,
-    /// Value or tombstone, version, expiry.
+    /// Key, value or tombstone, version, expiry.
     pub entry: Entry,
+}
+
+impl Record {
+    /// A record of `key` in namespace `ty` holding `value`, or a tombstone
+    /// when `value` is `None`.
+    pub fn new(
+        ty: i32,
+        key: &str,
+        value: Option<&str>,
+        version: Version,
+        expires_at_ms: u64,
+    ) -> Self {
+        Self {
+            ty,
+            entry: Entry::new(key, value, version, expires_at_ms),
+        }
+    }
+
+    /// The key within the namespace.
+    pub fn key(&self) -> &str {
+        self.entry.key()
+    }
 }
 
 /// Limits that every write, local or remote, is checked against before
@@ -202,7 +207,9 @@ pub struct NamespaceStats {
     pub bytes: usize,
 }
 
-type Namespace = HashMap<Arc<str>, Entry>;
+/// One namespace: entries found by their key. The table holds one pointer
+/// per entry; the key lives in the entry itself.
+type Namespace = HashTable<Entry>;
 
 /// Entries plus the digest kept up to date with them.
 #[derive(Debug)]
@@ -215,35 +222,37 @@ struct State {
     /// Per bucket, the XOR of the hashes of its entries (see [`digest`]):
     /// updated on every change, so a digest costs a copy, not a scan.
     buckets: Vec<u64>,
-}
-
-/// The bytes an entry holds for the byte limit: key and value.
-fn entry_bytes(key: &str, entry: &Entry) -> usize {
-    key.len() + entry.value.as_deref().map_or(0, str::len)
+    /// Hashes keys for the namespace tables (foldhash, seeded per process).
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 /// True for a tombstone written, or an entry expired, before `horizon_ms`:
 /// safe to drop, and not to be taken back in.
 pub fn is_purgeable(entry: &Entry, horizon_ms: u64) -> bool {
-    if entry.expires_at_ms != 0 && entry.expires_at_ms < horizon_ms {
+    let expires = entry.expires_at_ms();
+    if expires != 0 && expires < horizon_ms {
         return true;
     }
-    entry.value.is_none() && clock::hlc_ms(entry.version.hlc) < horizon_ms
+    entry.is_tombstone() && clock::hlc_ms(entry.version().hlc) < horizon_ms
 }
 
 impl State {
     fn remove(&mut self, ty: i32, key: &str) {
+        let hash = self.hasher.hash_one(key.as_bytes());
         let Some(ns) = self.namespaces.get_mut(&ty) else {
             return;
         };
-        let removed = ns.remove_entry(key);
+        let removed = ns
+            .find_entry(hash, |e| e.key_bytes() == key.as_bytes())
+            .ok()
+            .map(|slot| slot.remove().0);
         if ns.is_empty() {
             self.namespaces.remove(&ty);
         }
-        if let Some((key, old)) = removed {
-            self.buckets[digest::bucket_of(ty, &key)] ^= digest::entry_hash(ty, &key, &old);
-            self.bytes -= entry_bytes(&key, &old);
-            if old.value.is_some() {
+        if let Some(old) = removed {
+            self.buckets[digest::bucket_of(ty, old.key_bytes())] ^= digest::entry_hash(ty, &old);
+            self.bytes -= old.size();
+            if !old.is_tombstone() {
                 self.count_values(ty, -1);
             }
         }
@@ -268,14 +277,12 @@ impl State {
     ) -> Result<(), StoreError> {
         let mut values = self.values.get(&ty).copied().unwrap_or(0);
         let mut bytes = self.bytes;
-        let ns = self.namespaces.get(&ty);
         for (key, value) in incoming {
-            let held = ns.and_then(|ns| ns.get(key));
             bytes += key.len() + value.map_or(0, str::len);
             values += usize::from(value.is_some());
-            if let Some(held) = held {
-                bytes = bytes.saturating_sub(entry_bytes(key, held));
-                values = values.saturating_sub(usize::from(held.value.is_some()));
+            if let Some(held) = self.get(ty, key) {
+                bytes = bytes.saturating_sub(held.size());
+                values = values.saturating_sub(usize::from(!held.is_tombstone()));
             }
         }
         let entry_limit = limits.max_entries_per_type.saturating_mul(headroom);
@@ -303,20 +310,35 @@ impl State {
             values: HashMap::new(),
             bytes: 0,
             buckets: vec![0; digest::BUCKETS],
+            hasher: hashbrown::DefaultHashBuilder::default(),
         }
     }
 
-    /// Stores `entry` under (`ty`, `key`), keeping the digest current.
-    fn put(&mut self, ty: i32, key: Arc<str>, entry: Entry) {
-        let bucket = digest::bucket_of(ty, &key);
-        self.buckets[bucket] ^= digest::entry_hash(ty, &key, &entry);
-        let mut values_delta = isize::from(entry.value.is_some());
-        self.bytes += entry_bytes(&key, &entry);
+    /// Stores `entry` in namespace `ty` (replacing what its key held),
+    /// keeping the digest current.
+    fn put(&mut self, ty: i32, entry: Entry) {
+        let bucket = digest::bucket_of(ty, entry.key_bytes());
+        self.buckets[bucket] ^= digest::entry_hash(ty, &entry);
+        let mut values_delta = isize::from(!entry.is_tombstone());
+        self.bytes += entry.size();
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(entry.key_bytes());
         let ns = self.namespaces.entry(ty).or_default();
-        if let Some(old) = ns.insert(key.clone(), entry) {
-            self.buckets[bucket] ^= digest::entry_hash(ty, &key, &old);
-            self.bytes -= entry_bytes(&key, &old);
-            values_delta -= isize::from(old.value.is_some());
+        let old = match ns.entry(
+            hash,
+            |held| held.key_bytes() == entry.key_bytes(),
+            |held| hasher.hash_one(held.key_bytes()),
+        ) {
+            Slot::Occupied(mut slot) => Some(std::mem::replace(slot.get_mut(), entry)),
+            Slot::Vacant(slot) => {
+                slot.insert(entry);
+                None
+            }
+        };
+        if let Some(old) = old {
+            self.buckets[bucket] ^= digest::entry_hash(ty, &old);
+            self.bytes -= old.size();
+            values_delta -= isize::from(!old.is_tombstone());
         }
         if values_delta != 0 {
             self.count_values(ty, values_delta);
@@ -324,7 +346,10 @@ impl State {
     }
 
     fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
-        self.namespaces.get(&ty)?.get(key)
+        let hash = self.hasher.hash_one(key.as_bytes());
+        self.namespaces
+            .get(&ty)?
+            .find(hash, |e| e.key_bytes() == key.as_bytes())
     }
 }
 
@@ -462,17 +487,13 @@ impl Store {
             1,
         )?;
         for (key, value) in entries {
-            let entry = Entry {
-                value: Some(Arc::from(value)),
-                version: Version {
-                    hlc: self.clock.tick(now_ms),
-                    node: self.node_id,
-                },
-                expires_at_ms,
+            let version = Version {
+                hlc: self.clock.tick(now_ms),
+                node: self.node_id,
             };
-            let key: Arc<str> = Arc::from(key);
-            state.put(ty, key.clone(), entry.clone());
-            records.push(Record { ty, key, entry });
+            let entry = Entry::new(key, Some(value), version, expires_at_ms);
+            state.put(ty, entry.clone());
+            records.push(Record { ty, entry });
         }
         Ok(records)
     }
@@ -482,29 +503,21 @@ impl Store {
     pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
         self.check_key(key)?;
         let mut state = self.write_lock();
-        let Some((key, entry)) = state
-            .namespaces
-            .get(&ty)
-            .and_then(|ns| ns.get_key_value(key))
-        else {
-            return Ok(None);
-        };
-        if entry.live_value(now_ms).is_none() {
+        if state
+            .get(ty, key)
+            .and_then(|e| e.live_value(now_ms))
+            .is_none()
+        {
             return Ok(None);
         }
-        let key = key.clone();
-        let tombstone = Entry {
-            value: None,
-            version: Version {
-                hlc: self.clock.tick(now_ms),
-                node: self.node_id,
-            },
-            expires_at_ms: 0,
+        let version = Version {
+            hlc: self.clock.tick(now_ms),
+            node: self.node_id,
         };
-        state.put(ty, key.clone(), tombstone.clone());
+        let tombstone = Entry::new(key, None, version, 0);
+        state.put(ty, tombstone.clone());
         Ok(Some(Record {
             ty,
-            key,
             entry: tombstone,
         }))
     }
@@ -523,17 +536,12 @@ impl Store {
     ) -> Result<MergeOutcome, StoreError> {
         self.check_batch(entries.clone(), None)?;
         let records: Vec<Record> = entries
-            .map(|(key, value)| Record {
-                ty,
-                key: Arc::from(key),
-                entry: Entry {
-                    value: Some(Arc::from(value)),
-                    version: Version {
-                        hlc: version_hlc.unwrap_or_else(|| self.clock.tick(now_ms)),
-                        node: self.node_id,
-                    },
-                    expires_at_ms: 0,
-                },
+            .map(|(key, value)| {
+                let version = Version {
+                    hlc: version_hlc.unwrap_or_else(|| self.clock.tick(now_ms)),
+                    node: self.node_id,
+                };
+                Record::new(ty, key, Some(value), version, 0)
             })
             .collect();
         // Not a peer's replication but a client's write: all or nothing
@@ -541,7 +549,7 @@ impl Store {
         let mut state = self.write_lock();
         state.check_room(
             ty,
-            records.iter().map(|r| (&*r.key, r.entry.value.as_deref())),
+            records.iter().map(|r| (r.key(), r.entry.value())),
             &self.limits,
             1,
         )?;
@@ -598,18 +606,19 @@ impl Store {
                 outcome.stale += 1;
                 continue;
             }
-            let _ = self.clock.observe(record.entry.version.hlc, now_ms);
-            match state.get(record.ty, &record.key) {
-                Some(held) if held.version >= record.entry.version => outcome.stale += 1,
+            let version = record.entry.version();
+            let _ = self.clock.observe(version.hlc, now_ms);
+            match state.get(record.ty, record.key()) {
+                Some(held) if held.version() >= version => outcome.stale += 1,
                 _ => {
-                    let incoming = [(&*record.key, record.entry.value.as_deref())];
+                    let incoming = [(record.key(), record.entry.value())];
                     if let Err(err) =
                         state.check_room(record.ty, incoming.into_iter(), &self.limits, headroom)
                     {
                         outcome.rejected.push(err);
                         continue;
                     }
-                    state.put(record.ty, record.key.clone(), record.entry.clone());
+                    state.put(record.ty, record.entry.clone());
                     outcome.applied.push(record);
                 }
             }
@@ -618,15 +627,15 @@ impl Store {
     }
 
     fn check_remote(&self, record: &Record, now_ms: u64) -> Result<(), StoreError> {
-        self.check_key(&record.key)?;
-        if let Some(value) = &record.entry.value {
-            self.check_value(&record.key, value)?;
+        self.check_key(record.key())?;
+        if let Some(value) = record.entry.value() {
+            self.check_value(record.key(), value)?;
         }
-        self.clock.check(record.entry.version.hlc, now_ms)?;
+        self.clock.check(record.entry.version().hlc, now_ms)?;
         Ok(())
     }
 
-    /// The live value of one key with its entry.
+    /// The entry of one key, if it holds a live value (shared, not copied).
     pub fn get(&self, ty: i32, key: &str, now_ms: u64) -> Option<Entry> {
         let state = self.read_lock();
         let entry = state.get(ty, key)?;
@@ -635,17 +644,22 @@ impl Store {
     }
 
     /// Every live entry of one namespace, sorted by key.
-    pub fn namespace(&self, ty: i32, now_ms: u64) -> BTreeMap<Arc<str>, Arc<str>> {
-        let state = self.read_lock();
-        state
-            .namespaces
-            .get(&ty)
-            .map(|ns| {
-                ns.iter()
-                    .filter_map(|(k, e)| e.live_value(now_ms).map(|v| (k.clone(), v.clone())))
-                    .collect()
-            })
-            .unwrap_or_default()
+    pub fn namespace(&self, ty: i32, now_ms: u64) -> Vec<Entry> {
+        let mut entries: Vec<Entry> = {
+            let state = self.read_lock();
+            state
+                .namespaces
+                .get(&ty)
+                .map(|ns| {
+                    ns.iter()
+                        .filter(|e| e.live_value(now_ms).is_some())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        entries.sort_unstable_by(|a, b| a.key_bytes().cmp(b.key_bytes()));
+        entries
     }
 
     /// The namespaces that exist, sorted.
@@ -662,20 +676,15 @@ impl Store {
         self.records_where(|_, _| true)
     }
 
-    /// Every record (tombstones included) whose (type, key) passes `keep`.
-    fn records_where(&self, keep: impl Fn(i32, &str) -> bool) -> Vec<Record> {
+    /// Every record (tombstones included) whose type and entry pass `keep`.
+    fn records_where(&self, keep: impl Fn(i32, &Entry) -> bool) -> Vec<Record> {
         let state = self.read_lock();
         let mut out = Vec::new();
         for (&ty, ns) in state.namespaces.iter() {
-            out.extend(
-                ns.iter()
-                    .filter(|(key, _)| keep(ty, key))
-                    .map(|(key, entry)| Record {
-                        ty,
-                        key: key.clone(),
-                        entry: entry.clone(),
-                    }),
-            );
+            out.extend(ns.iter().filter(|e| keep(ty, e)).map(|entry| Record {
+                ty,
+                entry: entry.clone(),
+            }));
         }
         out
     }
@@ -690,7 +699,7 @@ impl Store {
     pub fn bucket_records(&self, buckets: &[u32]) -> Vec<Record> {
         let wanted: std::collections::HashSet<usize> =
             buckets.iter().map(|b| *b as usize).collect();
-        self.records_where(|ty, key| wanted.contains(&digest::bucket_of(ty, key)))
+        self.records_where(|ty, e| wanted.contains(&digest::bucket_of(ty, e.key_bytes())))
     }
 
     /// Every record in the given buckets, grouped by bucket, in one pass.
@@ -704,12 +713,11 @@ impl Store {
         let state = self.read_lock();
         let mut out: HashMap<u32, Vec<Record>> = HashMap::new();
         for (&ty, ns) in state.namespaces.iter() {
-            for (key, entry) in ns {
-                let bucket = digest::bucket_of(ty, key);
+            for entry in ns {
+                let bucket = digest::bucket_of(ty, entry.key_bytes());
                 if wanted[bucket] {
                     out.entry(bucket as u32).or_default().push(Record {
                         ty,
-                        key: key.clone(),
                         entry: entry.clone(),
                     });
                 }
@@ -723,22 +731,23 @@ impl Store {
     /// truth about what was deleted (and purged) while this node was away.
     pub fn drop_absent(
         &self,
-        keep: &std::collections::HashSet<(i32, Arc<str>)>,
+        keep: &std::collections::HashSet<(i32, &str)>,
         spare: impl Fn(&Entry) -> bool,
     ) -> usize {
+        self.remove_where(|ty, entry| !spare(entry) && !keep.contains(&(ty, entry.key())))
+    }
+
+    /// Removes every entry for which `doomed` is true; returns how many.
+    fn remove_where(&self, doomed: impl Fn(i32, &Entry) -> bool) -> usize {
         let mut state = self.write_lock();
-        let mut doomed = Vec::new();
+        let mut found = Vec::new();
         for (&ty, ns) in state.namespaces.iter() {
-            for (key, entry) in ns {
-                if !spare(entry) && !keep.contains(&(ty, key.clone())) {
-                    doomed.push((ty, key.clone()));
-                }
-            }
+            found.extend(ns.iter().filter(|e| doomed(ty, e)).map(|e| (ty, e.clone())));
         }
-        for (ty, key) in &doomed {
-            state.remove(*ty, key);
+        for (ty, entry) in &found {
+            state.remove(*ty, entry.key());
         }
-        doomed.len()
+        found.len()
     }
 
     /// Bytes of keys and values held (what [`Limits::max_total_bytes`]
@@ -755,11 +764,11 @@ impl Store {
             .iter()
             .map(|(&ty, ns)| {
                 let mut stats = NamespaceStats::default();
-                for (key, entry) in ns {
+                for entry in ns {
                     match entry.live_value(now_ms) {
-                        Some(value) => {
+                        Some(_) => {
                             stats.entries += 1;
-                            stats.bytes += key.len() + value.len();
+                            stats.bytes += entry.size();
                         }
                         None => stats.tombstones += 1,
                     }
@@ -775,19 +784,7 @@ impl Store {
     /// replication (it must be longer than any repair window).
     pub fn purge(&self, now_ms: u64, grace_ms: u64) -> usize {
         let horizon = now_ms.saturating_sub(grace_ms);
-        let mut state = self.write_lock();
-        let mut doomed = Vec::new();
-        for (&ty, ns) in state.namespaces.iter() {
-            for (key, entry) in ns {
-                if is_purgeable(entry, horizon) {
-                    doomed.push((ty, key.clone()));
-                }
-            }
-        }
-        for (ty, key) in &doomed {
-            state.remove(*ty, key);
-        }
-        doomed.len()
+        self.remove_where(|_, entry| is_purgeable(entry, horizon))
     }
 
     fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, State> {

@@ -11,22 +11,28 @@ fn store(node: u64) -> Store {
 }
 
 fn record(ty: i32, key: &str, value: Option<&str>, hlc_ms: u64, node: u64) -> Record {
-    Record {
+    Record::new(
         ty,
-        key: Arc::from(key),
-        entry: Entry {
-            value: value.map(Arc::from),
-            version: Version {
-                hlc: hlc_from_ms(hlc_ms),
-                node,
-            },
-            expires_at_ms: 0,
+        key,
+        value,
+        Version {
+            hlc: hlc_from_ms(hlc_ms),
+            node,
         },
-    }
+        0,
+    )
+}
+
+/// The live entries of one namespace as key → value.
+fn listing(s: &Store, ty: i32, now_ms: u64) -> std::collections::BTreeMap<String, String> {
+    s.namespace(ty, now_ms)
+        .iter()
+        .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
+        .collect()
 }
 
 fn sorted(mut records: Vec<Record>) -> Vec<Record> {
-    records.sort_by(|a, b| (a.ty, &a.key).cmp(&(b.ty, &b.key)));
+    records.sort_by(|a, b| (a.ty, a.key()).cmp(&(b.ty, b.key())));
     records
 }
 
@@ -34,10 +40,10 @@ fn sorted(mut records: Vec<Record>) -> Vec<Record> {
 fn a_local_write_is_readable_and_versioned_by_this_node() {
     let s = store(7);
     let r = s.set(1, "k", "v", None, NOW).expect("valid write");
-    assert_eq!(r.entry.version.node, 7);
+    assert_eq!(r.entry.version().node, 7);
     let got = s.get(1, "k", NOW).expect("present");
-    assert_eq!(got.value.as_deref(), Some("v"));
-    assert_eq!(got.version, r.entry.version);
+    assert_eq!(got.value(), Some("v"));
+    assert_eq!(got.version(), r.entry.version());
     assert!(s.get(2, "k", NOW).is_none(), "other namespace is separate");
 }
 
@@ -46,9 +52,9 @@ fn later_local_writes_get_larger_versions() {
     let s = store(1);
     let a = s.set(1, "k", "a", None, NOW).expect("write");
     let b = s.set(1, "k", "b", None, NOW).expect("write");
-    assert!(b.entry.version > a.entry.version);
+    assert!(b.entry.version() > a.entry.version());
     assert_eq!(
-        s.get(1, "k", NOW).and_then(|e| e.value).as_deref(),
+        s.get(1, "k", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
         Some("b")
     );
 }
@@ -65,7 +71,7 @@ fn merge_keeps_the_higher_version_and_ties_break_on_node_id() {
     let out = s.merge([record(1, "k", Some("tie-lower-node"), 10, 3)], NOW);
     assert_eq!(out.stale, 1);
     assert_eq!(
-        s.get(1, "k", NOW).and_then(|e| e.value).as_deref(),
+        s.get(1, "k", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
         Some("tie-higher-node")
     );
 }
@@ -75,7 +81,7 @@ fn delete_writes_a_tombstone_that_beats_older_writes() {
     let s = store(1);
     s.set(1, "k", "v", None, NOW).expect("write");
     let tomb = s.delete(1, "k", NOW).expect("valid").expect("was present");
-    assert!(tomb.entry.value.is_none());
+    assert!(tomb.entry.is_tombstone());
     assert!(s.get(1, "k", NOW).is_none());
     assert!(
         s.delete(1, "k", NOW).expect("valid").is_none(),
@@ -89,7 +95,7 @@ fn delete_writes_a_tombstone_that_beats_older_writes() {
     assert!(
         s.snapshot()
             .iter()
-            .any(|r| r.key.as_ref() == "k" && r.entry.value.is_none())
+            .any(|r| r.key() == "k" && r.entry.is_tombstone())
     );
 }
 
@@ -98,12 +104,12 @@ fn ttl_entries_vanish_at_their_expiry_on_every_replica() {
     let a = store(1);
     let b = store(2);
     let r = a.set(1, "k", "v", Some(5), NOW).expect("write");
-    assert_eq!(r.entry.expires_at_ms, NOW + 5_000);
+    assert_eq!(r.entry.expires_at_ms(), NOW + 5_000);
     b.merge([r], NOW + 1);
     for s in [&a, &b] {
         assert!(s.get(1, "k", NOW + 4_999).is_some());
         assert!(s.get(1, "k", NOW + 5_000).is_none());
-        assert!(s.namespace(1, NOW + 5_000).is_empty());
+        assert!(listing(&s, 1, NOW + 5_000).is_empty());
     }
     assert!(a.delete(1, "k", NOW + 6_000).expect("valid").is_none());
     assert_eq!(a.purge(NOW + 6_000, 10_000), 0, "kept during grace");
@@ -143,9 +149,9 @@ fn limits_refuse_bad_writes_and_change_nothing() {
         s.set_many(1, too_many.into_iter(), None, NOW),
         Err(StoreError::BatchTooLarge { len: 3, limit: 2 })
     ));
-    let ns = s.namespace(1, NOW);
+    let ns = listing(&s, 1, NOW);
     assert_eq!(ns.len(), 1);
-    assert_eq!(ns.get("keep").map(|v| v.as_ref()), Some("kept"));
+    assert_eq!(ns.get("keep").map(String::as_str), Some("kept"));
 }
 
 #[test]
@@ -164,7 +170,7 @@ fn remote_records_over_a_limit_or_from_the_far_future_are_rejected_alone() {
         s.set(1, "n", "v", None, NOW)
             .expect("write")
             .entry
-            .version
+            .version()
             .hlc
             < hlc_from_ms(NOW + 1)
     );
@@ -184,11 +190,11 @@ fn unversioned_writes_never_overwrite_newer_entries() {
         .expect("valid");
     assert_eq!(out.applied.len(), 1);
     assert_eq!(
-        s.get(1, "k", NOW).and_then(|e| e.value).as_deref(),
+        s.get(1, "k", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
         Some("new")
     );
     assert_eq!(
-        s.get(1, "j", NOW).and_then(|e| e.value).as_deref(),
+        s.get(1, "j", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
         Some("legacy")
     );
 }
@@ -210,7 +216,7 @@ fn arb_history() -> impl Strategy<Value = Vec<Record>> {
         let mut seen = std::collections::HashSet::new();
         records
             .into_iter()
-            .filter(|r| seen.insert((r.ty, r.key.clone(), r.entry.version)))
+            .filter(|r| seen.insert((r.ty, r.key().to_owned(), r.entry.version())))
             .collect()
     })
 }
@@ -237,10 +243,10 @@ proptest! {
         for r in s.snapshot() {
             let max = history
                 .iter()
-                .filter(|h| h.ty == r.ty && h.key == r.key)
-                .map(|h| h.entry.version)
+                .filter(|h| h.ty == r.ty && h.key() == r.key())
+                .map(|h| h.entry.version())
                 .max();
-            prop_assert_eq!(Some(r.entry.version), max);
+            prop_assert_eq!(Some(r.entry.version()), max);
         }
     }
 }
@@ -253,7 +259,7 @@ fn digests_match_exactly_when_states_match() {
     let r = a.set(1, "k", "v", None, NOW).expect("write");
     assert_ne!(a.digest(), b.digest());
     let differing = digest::differing(&a.digest(), &b.digest());
-    assert_eq!(differing, vec![digest::bucket_of(1, "k") as u32]);
+    assert_eq!(differing, vec![digest::bucket_of(1, b"k") as u32]);
     assert_eq!(a.bucket_records(&differing), vec![r.clone()]);
     b.merge([r], NOW);
     assert_eq!(a.digest(), b.digest());
@@ -301,10 +307,10 @@ fn a_full_resync_drops_old_entries_the_peer_no_longer_has() {
         [record(1, "written-while-away", Some("new"), NOW - 10, 2)],
         NOW,
     );
-    let keep: std::collections::HashSet<(i32, Arc<str>)> = [(1, Arc::from("kept"))].into();
-    let spare = |e: &Entry| e.version.hlc >= hlc_from_ms(NOW - 50_000);
+    let keep: std::collections::HashSet<(i32, &str)> = [(1, "kept")].into();
+    let spare = |e: &Entry| e.version().hlc >= hlc_from_ms(NOW - 50_000);
     assert_eq!(s.drop_absent(&keep, spare), 1);
-    let ns = s.namespace(1, NOW);
+    let ns = listing(&s, 1, NOW);
     assert!(ns.contains_key("kept") && ns.contains_key("written-while-away"));
     assert!(!ns.contains_key("deleted-elsewhere"));
 }
@@ -402,7 +408,7 @@ proptest! {
         let expected: usize = s
             .snapshot()
             .iter()
-            .map(|r| r.key.len() + r.entry.value.as_deref().map_or(0, str::len))
+            .map(|r| r.key().len() + r.entry.value().map_or(0, str::len))
             .sum();
         prop_assert_eq!(s.held_bytes(), expected);
     }
