@@ -33,7 +33,10 @@ async fn hello(State(node): State<Arc<NodeHandle>>) -> String {
 
 async fn set_theme(State(node): State<Arc<NodeHandle>>, body: String) -> String {
     match node.set(SETTINGS, "theme", body.trim(), None).await {
-        Ok(outcome) => format!("theme set, version {}\n", outcome.records[0].entry.version()),
+        Ok(outcome) => format!(
+            "theme set, version {}\n",
+            outcome.records[0].entry.version()
+        ),
         Err(err) => format!("refused: {err}\n"),
     }
 }

@@ -22,7 +22,11 @@ use serde_json::Value;
 
 /// mimalloc instead of the system allocator: the profile of the write path
 /// showed glibc malloc/free as the largest cost (about a fifth of the
-/// samples); see bench/RESULTS.md.
+/// samples); see bench/RESULTS.md. Its v2 line (cargo feature `v2`): the
+/// Rust wrapper asks for every block through `mi_malloc_aligned`, which in
+/// v3 takes an over-allocating slow path for any block size that is not a
+/// power of two (a 160-byte entry landed in a 192-byte block), while v2
+/// serves alignments up to 16 from the plain size classes.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -7,7 +7,6 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all)]
 
-
 use crate::store::{Record, Version};
 
 /// The original `hellorpc` package, generated from `proto/hellorpc.proto`.

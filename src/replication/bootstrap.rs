@@ -278,13 +278,7 @@ async fn pull_get_all(
             .data
             .into_iter()
             .map(|(key, value)| {
-                Record::new(
-                    data.r#type,
-                    &key,
-                    Some(&value),
-                    Version { hlc: 0, node },
-                    0,
-                )
+                Record::new(data.r#type, &key, Some(&value), Version { hlc: 0, node }, 0)
             })
             .collect();
         report.entries += records.len() as u64;

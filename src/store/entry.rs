@@ -184,7 +184,10 @@ mod tests {
         let e = Entry::new("k", Some("v"), version(1), 100);
         assert_eq!(e.live_value(99), Some("v"));
         assert_eq!(e.live_value(100), None);
-        assert_eq!(Entry::new("k", Some("v"), version(1), 0).live_value(u64::MAX), Some("v"));
+        assert_eq!(
+            Entry::new("k", Some("v"), version(1), 0).live_value(u64::MAX),
+            Some("v")
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ fn later_local_writes_get_larger_versions() {
     let b = s.set(1, "k", "b", None, NOW).expect("write");
     assert!(b.entry.version() > a.entry.version());
     assert_eq!(
-        s.get(1, "k", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
+        s.get(1, "k", NOW)
+            .and_then(|e| e.value().map(str::to_owned))
+            .as_deref(),
         Some("b")
     );
 }
@@ -71,7 +73,9 @@ fn merge_keeps_the_higher_version_and_ties_break_on_node_id() {
     let out = s.merge([record(1, "k", Some("tie-lower-node"), 10, 3)], NOW);
     assert_eq!(out.stale, 1);
     assert_eq!(
-        s.get(1, "k", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
+        s.get(1, "k", NOW)
+            .and_then(|e| e.value().map(str::to_owned))
+            .as_deref(),
         Some("tie-higher-node")
     );
 }
@@ -190,11 +194,15 @@ fn unversioned_writes_never_overwrite_newer_entries() {
         .expect("valid");
     assert_eq!(out.applied.len(), 1);
     assert_eq!(
-        s.get(1, "k", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
+        s.get(1, "k", NOW)
+            .and_then(|e| e.value().map(str::to_owned))
+            .as_deref(),
         Some("new")
     );
     assert_eq!(
-        s.get(1, "j", NOW).and_then(|e| e.value().map(str::to_owned)).as_deref(),
+        s.get(1, "j", NOW)
+            .and_then(|e| e.value().map(str::to_owned))
+            .as_deref(),
         Some("legacy")
     );
 }
