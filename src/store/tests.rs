@@ -113,7 +113,7 @@ fn ttl_entries_vanish_at_their_expiry_on_every_replica() {
     for s in [&a, &b] {
         assert!(s.get(1, "k", NOW + 4_999).is_some());
         assert!(s.get(1, "k", NOW + 5_000).is_none());
-        assert!(listing(&s, 1, NOW + 5_000).is_empty());
+        assert!(listing(s, 1, NOW + 5_000).is_empty());
     }
     assert!(a.delete(1, "k", NOW + 6_000).expect("valid").is_none());
     assert_eq!(a.purge(NOW + 6_000, 10_000), 0, "kept during grace");
