@@ -362,55 +362,91 @@ async fn get_namespace(
     Ok(Json(json!({ "type": ty, "entries": entries })))
 }
 
+/// A JSON string of a batch body, borrowed from the body when it holds no
+/// escapes (the common case), so a batch costs no allocation per entry.
+#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+
+/// Serializes as its `Display` text (versions in answers).
+struct AsText<T>(T);
+
+impl<T: std::fmt::Display> serde::Serialize for AsText<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// `versions` of a batch answer: key -> version, in key order.
+struct BatchVersions<'a>(&'a [Record]);
+
+impl serde::Serialize for BatchVersions<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|r| (r.key(), AsText(r.entry.version()))))
+    }
+}
+
+/// The answer to a batch write, serialized without an intermediate tree.
+#[derive(serde::Serialize)]
+struct BatchAnswer<'a> {
+    r#type: i32,
+    count: usize,
+    versions: BatchVersions<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<Value>,
+}
+
+/// Parses a batch body: a JSON object of string values. Duplicate keys keep
+/// the last value (as JSON parsers commonly do).
+fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Text<'_>>, ApiError> {
+    serde_json::from_slice(body).map_err(|fast_err| {
+        // Parse again as any JSON to say which value is not a string.
+        let detail = match serde_json::from_slice::<BTreeMap<String, Value>>(body) {
+            Ok(parsed) => parsed
+                .iter()
+                .find(|(_, v)| !v.is_string())
+                .map(|(key, value)| {
+                    format!(
+                        "the value of key {:?} must be a string, got {}",
+                        key.chars().take(64).collect::<String>(),
+                        json_kind(value)
+                    )
+                }),
+            Err(_) => None,
+        };
+        ApiError::bad_request(
+            "invalid_json",
+            detail.unwrap_or_else(|| {
+                format!("the body must be a JSON object of string values: {fast_err}")
+            }),
+        )
+    })
+}
+
 async fn post_batch(
     State(shared): State<Arc<Shared>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let options = write_options(query)?;
     let body = read_body(&shared, &headers, body).await?;
-    let parsed: BTreeMap<String, Value> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!("the body must be a JSON object of string values: {e}"),
-        )
-    })?;
-    let mut entries = Vec::with_capacity(parsed.len());
-    for (key, value) in &parsed {
-        match value {
-            Value::String(s) => entries.push((key.as_str(), s.as_str())),
-            other => {
-                return Err(ApiError::bad_request(
-                    "invalid_json",
-                    format!(
-                        "the value of key {:?} must be a string, got {}",
-                        key.chars().take(64).collect::<String>(),
-                        json_kind(other)
-                    ),
-                ));
-            }
-        }
-    }
+    let parsed = parse_batch(&body)?;
+    let entries: Vec<(&str, &str)> = parsed.iter().map(|(k, v)| (&*k.0, &*v.0)).collect();
     let records = shared
         .store
         .set_many(ty, entries.iter().copied(), options.ttl_secs, unix_ms())
         .inspect_err(|e| reject(&shared, e))?;
     count(&shared, "batch");
     let outcome = shared.write_local(records, options.wait_all).await;
-    let versions: BTreeMap<&str, String> = outcome
-        .records
-        .iter()
-        .map(|r| (r.key(), r.entry.version().to_string()))
-        .collect();
-    let body = json!({
-        "type": ty,
-        "count": outcome.records.len(),
-        "versions": versions,
-    });
-    Ok(Json(with_replication(body, &outcome)))
+    let answer = BatchAnswer {
+        r#type: ty,
+        count: outcome.records.len(),
+        versions: BatchVersions(&outcome.records),
+        replication: outcome.replication.as_deref().map(replication_json),
+    };
+    Ok(Json(answer).into_response())
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -611,4 +647,57 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
             .set(peer.queue_depth as i64);
     }
     m.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(body: &str) -> Result<Vec<(String, String)>, ApiError> {
+        Ok(parse_batch(body.as_bytes())?
+            .into_iter()
+            .map(|(k, v)| (k.0.into_owned(), v.0.into_owned()))
+            .collect())
+    }
+
+    #[test]
+    fn a_batch_body_is_read_with_and_without_escapes() {
+        let got = pairs(r#"{"b":"plain","a":"tab\there \"quoted\" \u00e9"}"#).expect("valid");
+        assert_eq!(
+            got,
+            vec![
+                ("a".into(), "tab\there \"quoted\" é".into()),
+                ("b".into(), "plain".into()),
+            ]
+        );
+        // A repeated key keeps its last value.
+        assert_eq!(
+            pairs(r#"{"k":"1","k":"2"}"#).expect("valid"),
+            vec![("k".into(), "2".into())]
+        );
+    }
+
+    #[test]
+    fn a_batch_body_that_is_not_an_object_of_strings_is_refused_with_the_reason() {
+        let err = pairs(r#"{"a":"ok","n":5}"#).expect_err("number");
+        assert_eq!(err.code, "invalid_json");
+        assert!(
+            err.message
+                .contains(r#"key "n" must be a string, got a number"#),
+            "{}",
+            err.message
+        );
+        let err = pairs(r#"["a"]"#).expect_err("array");
+        assert!(
+            err.message.contains("JSON object of string values"),
+            "{}",
+            err.message
+        );
+        let err = pairs(r#"{"a":"#).expect_err("truncated");
+        assert!(
+            err.message.contains("JSON object of string values"),
+            "{}",
+            err.message
+        );
+    }
 }

@@ -284,11 +284,22 @@ async fn op(
             } else {
                 args.batch
             };
-            let value = std::str::from_utf8(value)?;
-            let body: serde_json::Map<String, serde_json::Value> = (0..size as u64)
-                .map(|j| (key((n * size as u64 + j) % keys), json!(value)))
-                .collect();
-            http(c, "POST", "/v1/cache/1", &serde_json::to_vec(&body)?).await?;
+            // The keys and values need no JSON escaping: written as is,
+            // as the RESP backend writes its commands.
+            let mut body = Vec::with_capacity(size * (value.len() + 24) + 2);
+            body.push(b'{');
+            for j in 0..size as u64 {
+                if j > 0 {
+                    body.push(b',');
+                }
+                body.push(b'"');
+                body.extend_from_slice(key((n * size as u64 + j) % keys).as_bytes());
+                body.extend_from_slice(b"\":\"");
+                body.extend_from_slice(value);
+                body.push(b'"');
+            }
+            body.push(b'}');
+            http(c, "POST", "/v1/cache/1", &body).await?;
         }
         (Conn::Http(c), Workload::Read) => {
             http(c, "GET", &format!("/v1/cache/1/{}", key(n % keys)), b"").await?;
