@@ -215,7 +215,7 @@ struct EntryAnswer<'a> {
     r#type: i32,
     key: &'a str,
     value: Option<&'a str>,
-    version: String,
+    version: AsText<crate::store::Version>,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -228,7 +228,7 @@ impl<'a> EntryAnswer<'a> {
             r#type: record.ty,
             key: record.key(),
             value: record.entry.value(),
-            version: record.entry.version().to_string(),
+            version: AsText(record.entry.version()),
             expires_at_ms: Some(record.entry.expires_at_ms()).filter(|&at| at != 0),
             replication: None,
         }
