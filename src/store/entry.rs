@@ -37,8 +37,9 @@ impl Entry {
     /// An entry of `key` holding `value`, or a tombstone when `value` is
     /// `None`. `expires_at_ms` is an absolute Unix time, 0 for never.
     ///
-    /// Keys are limited far below 4 GiB (see `Limits::max_key_bytes`); a
-    /// longer key would be stored truncated, so callers check first.
+    /// Keys are limited far below 4 GiB (`Limits::max_key_bytes`, and the
+    /// gRPC message limit for entries from peers). A key of 4 GiB or more
+    /// would read back as the empty key, which every write path refuses.
     pub fn new(key: &str, value: Option<&str>, version: Version, expires_at_ms: u64) -> Self {
         let header = Header {
             version,
