@@ -734,9 +734,7 @@ impl NodeHandle {
                 let entries = self
                     .shared
                     .store
-                    .namespace(ty, now)
-                    .into_iter()
-                    .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
+                    .namespace_pairs(ty, now)
                     .collect::<BTreeMap<_, _>>();
                 (ty, entries)
             })

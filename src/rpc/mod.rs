@@ -187,11 +187,7 @@ impl SyncRpc for SyncService {
             .into_iter()
             .map(|ty| SyncData {
                 r#type: ty,
-                data: store
-                    .namespace(ty, now)
-                    .iter()
-                    .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
-                    .collect(),
+                data: store.namespace_pairs(ty, now).collect(),
             })
             .collect();
         Ok(Response::new(SyncResponse { data }))

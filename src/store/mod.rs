@@ -393,6 +393,14 @@ impl Store {
         &self.clock
     }
 
+    /// The version of a new local write: a fresh tick, this node's id.
+    fn next_version(&self, now_ms: u64) -> Version {
+        Version {
+            hlc: self.clock.tick(now_ms),
+            node: self.node_id,
+        }
+    }
+
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         if key.is_empty() {
             return Err(StoreError::EmptyKey);
@@ -487,11 +495,7 @@ impl Store {
             1,
         )?;
         for (key, value) in entries {
-            let version = Version {
-                hlc: self.clock.tick(now_ms),
-                node: self.node_id,
-            };
-            let entry = Entry::new(key, Some(value), version, expires_at_ms);
+            let entry = Entry::new(key, Some(value), self.next_version(now_ms), expires_at_ms);
             state.put(ty, entry.clone());
             records.push(Record { ty, entry });
         }
@@ -510,11 +514,7 @@ impl Store {
         {
             return Ok(None);
         }
-        let version = Version {
-            hlc: self.clock.tick(now_ms),
-            node: self.node_id,
-        };
-        let tombstone = Entry::new(key, None, version, 0);
+        let tombstone = Entry::new(key, None, self.next_version(now_ms), 0);
         state.put(ty, tombstone.clone());
         Ok(Some(Record {
             ty,
@@ -537,9 +537,12 @@ impl Store {
         self.check_batch(entries.clone(), None)?;
         let records: Vec<Record> = entries
             .map(|(key, value)| {
-                let version = Version {
-                    hlc: version_hlc.unwrap_or_else(|| self.clock.tick(now_ms)),
-                    node: self.node_id,
+                let version = match version_hlc {
+                    Some(hlc) => Version {
+                        hlc,
+                        node: self.node_id,
+                    },
+                    None => self.next_version(now_ms),
                 };
                 Record::new(ty, key, Some(value), version, 0)
             })
@@ -660,6 +663,14 @@ impl Store {
         };
         entries.sort_unstable_by(|a, b| a.key_bytes().cmp(b.key_bytes()));
         entries
+    }
+
+    /// [`Store::namespace`] as owned (key, value) pairs, sorted by key: what
+    /// whole-map answers (`Sync/GetAll`, snapshots for the library) hold.
+    pub fn namespace_pairs(&self, ty: i32, now_ms: u64) -> impl Iterator<Item = (String, String)> {
+        self.namespace(ty, now_ms)
+            .into_iter()
+            .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
     }
 
     /// The namespaces that exist, sorted.

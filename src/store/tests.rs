@@ -25,10 +25,7 @@ fn record(ty: i32, key: &str, value: Option<&str>, hlc_ms: u64, node: u64) -> Re
 
 /// The live entries of one namespace as key → value.
 fn listing(s: &Store, ty: i32, now_ms: u64) -> std::collections::BTreeMap<String, String> {
-    s.namespace(ty, now_ms)
-        .iter()
-        .filter_map(|e| Some((e.key().to_owned(), e.value()?.to_owned())))
-        .collect()
+    s.namespace_pairs(ty, now_ms).collect()
 }
 
 fn sorted(mut records: Vec<Record>) -> Vec<Record> {

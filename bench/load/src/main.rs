@@ -8,7 +8,7 @@
 //! the buffer), so the load tool, which shares the machine's cores with the
 //! system under test, costs about the same per request for both. A general
 //! HTTP client (hyper's, with its connection task and channels) cost the
-//! tool about three times the CPU per request of the RESP client and so
+//! tool several times the CPU per request of the RESP client and so
 //! took that CPU from podcache; it is still used for the watch stream.
 //!
 //! Each run prints one JSON object: operations, rate, latency percentiles
@@ -117,6 +117,16 @@ enum Conn {
     Etcd(EtcdClient),
 }
 
+/// A TCP connection to `target` with Nagle's algorithm off (every backend
+/// writes whole requests).
+async fn tcp_connect(target: &str) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("connect {target}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// A minimal HTTP/1.1 client on one keep-alive connection: one request at a
 /// time, answers framed by `Content-Length` (podcache frames every answer
 /// but the watch stream that way; anything else is an error).
@@ -129,12 +139,8 @@ struct HttpConn {
 
 impl HttpConn {
     async fn connect(target: &str) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(target)
-            .await
-            .with_context(|| format!("connect {target}"))?;
-        stream.set_nodelay(true)?;
         Ok(Self {
-            stream: BufReader::with_capacity(16 * 1024, stream),
+            stream: BufReader::with_capacity(16 * 1024, tcp_connect(target).await?),
             host: target.to_owned(),
             request: Vec::with_capacity(1024),
             body: Vec::with_capacity(1024),
@@ -195,13 +201,7 @@ impl HttpConn {
 async fn connect(system: System, target: &str) -> anyhow::Result<Conn> {
     Ok(match system {
         System::Podcache => Conn::Http(HttpConn::connect(target).await?),
-        System::Redis => {
-            let stream = TcpStream::connect(target)
-                .await
-                .with_context(|| format!("connect {target}"))?;
-            stream.set_nodelay(true)?;
-            Conn::Redis(BufReader::new(stream))
-        }
+        System::Redis => Conn::Redis(BufReader::new(tcp_connect(target).await?)),
         System::Etcd => Conn::Etcd(EtcdClient::connect(&EtcdSettings {
             endpoints: vec![format!("http://{target}")],
             tls: EtcdTls::default(),
@@ -532,10 +532,7 @@ async fn observe(
         }
         System::Podcache => {
             // The watch is a chunked event stream: hyper's client reads it.
-            let stream = TcpStream::connect(&target)
-                .await
-                .with_context(|| format!("connect {target}"))?;
-            stream.set_nodelay(true)?;
+            let stream = tcp_connect(&target).await?;
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(connection);
