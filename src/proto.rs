@@ -65,3 +65,218 @@ pub fn record_from_wire(entry: podcache::Entry) -> Record {
 pub fn wire_size(record: &Record) -> usize {
     record.entry.size() + 40
 }
+
+/// A `podcache.v1.ReplicateRequest` encoded straight from store records.
+///
+/// The fan-out sends every write to every peer; building `Entry` messages
+/// first cost two allocations and two copies per record and peer (key and
+/// value `String`s), plus the same again for each send attempt. This writes
+/// the same bytes from the records themselves (shared, never copied). It
+/// only encodes: the callee decodes a plain `ReplicateRequest` (the test
+/// below checks that both encodings are the same bytes).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicateBatch {
+    /// `ReplicateRequest.sender`.
+    pub sender: Option<podcache::NodeInfo>,
+    /// `ReplicateRequest.entries`, as records.
+    pub records: Vec<Record>,
+}
+
+mod replicate_batch {
+    use prost::bytes::{Buf, BufMut};
+    use prost::encoding::{
+        self, DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len,
+    };
+
+    use super::ReplicateBatch;
+    use crate::store::Record;
+
+    /// `ReplicateRequest` field numbers.
+    const SENDER: u32 = 1;
+    const ENTRIES: u32 = 2;
+
+    /// The encoded length of a string field (omitted when empty, as proto3
+    /// does for default values).
+    fn string_len(tag: u32, text: &str) -> usize {
+        if text.is_empty() {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(text.len() as u64) + text.len()
+        }
+    }
+
+    fn put_string(tag: u32, text: &str, buf: &mut impl BufMut) {
+        if !text.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(text.len() as u64, buf);
+            buf.put_slice(text.as_bytes());
+        }
+    }
+
+    fn varint_len(tag: u32, value: u64) -> usize {
+        if value == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(value)
+        }
+    }
+
+    fn put_varint(tag: u32, value: u64, buf: &mut impl BufMut) {
+        if value != 0 {
+            encode_key(tag, WireType::Varint, buf);
+            encode_varint(value, buf);
+        }
+    }
+
+    /// The `Entry` fields of a record, numbered as in `podcache.proto`:
+    /// type 1 (int32: negative numbers sign-extend to 64 bits), key 2,
+    /// value 3, deleted 4, hlc 5, node 6, expires_at_ms 7.
+    fn varints(record: &Record) -> [(u32, u64); 5] {
+        let version = record.entry.version();
+        [
+            (1, i64::from(record.ty) as u64),
+            (4, u64::from(record.entry.is_tombstone())),
+            (5, version.hlc),
+            (6, version.node),
+            (7, record.entry.expires_at_ms()),
+        ]
+    }
+
+    fn entry_len(record: &Record) -> usize {
+        let (key, value) = record.entry.key_value();
+        let numbers: usize = varints(record)
+            .iter()
+            .map(|&(tag, value)| varint_len(tag, value))
+            .sum();
+        numbers + string_len(2, key) + string_len(3, value.unwrap_or_default())
+    }
+
+    impl prost::Message for ReplicateBatch {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            if let Some(sender) = &self.sender {
+                encoding::message::encode(SENDER, sender, buf);
+            }
+            for record in &self.records {
+                encode_key(ENTRIES, WireType::LengthDelimited, buf);
+                encode_varint(entry_len(record) as u64, buf);
+                let (key, value) = record.entry.key_value();
+                let [ty, deleted, hlc, node, expires] = varints(record);
+                put_varint(ty.0, ty.1, buf);
+                put_string(2, key, buf);
+                put_string(3, value.unwrap_or_default(), buf);
+                for (tag, value) in [deleted, hlc, node, expires] {
+                    put_varint(tag, value, buf);
+                }
+            }
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: WireType,
+            buf: &mut impl Buf,
+            ctx: DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            // Never decoded (the callee decodes `ReplicateRequest`).
+            encoding::skip_field(wire_type, tag, buf, ctx)
+        }
+
+        fn encoded_len(&self) -> usize {
+            let sender = self
+                .sender
+                .as_ref()
+                .map_or(0, |s| encoding::message::encoded_len(SENDER, s));
+            let entries: usize = self
+                .records
+                .iter()
+                .map(|r| {
+                    let len = entry_len(r);
+                    key_len(ENTRIES) + encoded_len_varint(len as u64) + len
+                })
+                .sum();
+            sender + entries
+        }
+
+        fn clear(&mut self) {
+            self.sender = None;
+            self.records.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn a_replicate_batch_encodes_as_the_replicate_request_it_stands_for() {
+        let records = vec![
+            Record::new(
+                1,
+                "key",
+                Some("value"),
+                Version {
+                    hlc: 7 << 16,
+                    node: 9,
+                },
+                0,
+            ),
+            Record::new(
+                -5,
+                "gone",
+                None,
+                Version {
+                    hlc: 1,
+                    node: u64::MAX,
+                },
+                0,
+            ),
+            Record::new(
+                0,
+                "ключ",
+                Some(""),
+                Version { hlc: 0, node: 0 },
+                1_700_000_000_000,
+            ),
+            Record::new(
+                i32::MIN,
+                "k",
+                Some(&"v".repeat(300)),
+                Version {
+                    hlc: u64::MAX,
+                    node: 1,
+                },
+                u64::MAX,
+            ),
+        ];
+        let sender = podcache::NodeInfo {
+            node_id: 42,
+            name: "pod-a".into(),
+            grpc_addr: "10.0.0.1:9090".into(),
+            started_at_ms: 1,
+            pod_ip: "10.0.0.1".into(),
+            host_ip: String::new(),
+        };
+        for sender in [Some(sender), None] {
+            for n in 0..=records.len() {
+                let ours = ReplicateBatch {
+                    sender: sender.clone(),
+                    records: records[..n].to_vec(),
+                };
+                let theirs = podcache::ReplicateRequest {
+                    sender: sender.clone(),
+                    entries: records[..n].iter().map(record_to_wire).collect(),
+                };
+                let bytes = ours.encode_to_vec();
+                assert_eq!(bytes, theirs.encode_to_vec());
+                assert_eq!(bytes.len(), ours.encoded_len());
+                let decoded =
+                    podcache::ReplicateRequest::decode(bytes.as_slice()).expect("decodes");
+                let back: Vec<Record> = decoded.entries.into_iter().map(record_from_wire).collect();
+                assert_eq!(back, records[..n]);
+            }
+        }
+    }
+}

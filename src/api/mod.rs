@@ -6,6 +6,7 @@
 //! uses. Must not touch: the merge rule or fan-out internals; it calls the
 //! node's write paths and reads the store.
 
+mod answer;
 pub mod auth;
 mod error;
 
@@ -208,33 +209,6 @@ fn count(shared: &Shared, op: &'static str) {
     };
 }
 
-/// The answer to a single-entry read or write, serialized without an
-/// intermediate JSON tree.
-#[derive(serde::Serialize)]
-struct EntryAnswer<'a> {
-    r#type: i32,
-    key: &'a str,
-    value: Option<&'a str>,
-    version: AsText<crate::store::Version>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_at_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    replication: Option<Value>,
-}
-
-impl<'a> EntryAnswer<'a> {
-    fn of(record: &'a Record) -> Self {
-        Self {
-            r#type: record.ty,
-            key: record.key(),
-            value: record.entry.value(),
-            version: AsText(record.entry.version()),
-            expires_at_ms: Some(record.entry.expires_at_ms()).filter(|&at| at != 0),
-            replication: None,
-        }
-    }
-}
-
 fn replication_json(reports: &[DeliveryReport]) -> Value {
     Value::Array(
         reports
@@ -281,8 +255,7 @@ async fn get_entry(
         .store
         .get(ty, &key, unix_ms())
         .ok_or_else(|| ApiError::absent(ty, &key))?;
-    let record = Record { ty, entry };
-    Ok(Json(EntryAnswer::of(&record)).into_response())
+    Ok(answer::entry(&Record { ty, entry }, None))
 }
 
 async fn put_entry(
@@ -305,9 +278,10 @@ async fn put_entry(
     count(&shared, "set");
     debug!(ty, key = %key, "set");
     let outcome = shared.write_local(vec![record], options.wait_all).await;
-    let mut answer = EntryAnswer::of(&outcome.records[0]);
-    answer.replication = outcome.replication.as_deref().map(replication_json);
-    Ok(Json(answer).into_response())
+    Ok(answer::entry(
+        &outcome.records[0],
+        outcome.replication.as_deref(),
+    ))
 }
 
 fn reject(shared: &Shared, err: &crate::store::StoreError) {
@@ -367,34 +341,6 @@ async fn get_namespace(
 #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
-/// Serializes as its `Display` text (versions in answers).
-struct AsText<T>(T);
-
-impl<T: std::fmt::Display> serde::Serialize for AsText<T> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0)
-    }
-}
-
-/// `versions` of a batch answer: key -> version, in key order.
-struct BatchVersions<'a>(&'a [Record]);
-
-impl serde::Serialize for BatchVersions<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|r| (r.key(), AsText(r.entry.version()))))
-    }
-}
-
-/// The answer to a batch write, serialized without an intermediate tree.
-#[derive(serde::Serialize)]
-struct BatchAnswer<'a> {
-    r#type: i32,
-    count: usize,
-    versions: BatchVersions<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    replication: Option<Value>,
-}
-
 /// Parses a batch body: a JSON object of string values. Duplicate keys keep
 /// the last value (as JSON parsers commonly do).
 fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Text<'_>>, ApiError> {
@@ -440,13 +386,11 @@ async fn post_batch(
         .inspect_err(|e| reject(&shared, e))?;
     count(&shared, "batch");
     let outcome = shared.write_local(records, options.wait_all).await;
-    let answer = BatchAnswer {
-        r#type: ty,
-        count: outcome.records.len(),
-        versions: BatchVersions(&outcome.records),
-        replication: outcome.replication.as_deref().map(replication_json),
-    };
-    Ok(Json(answer).into_response())
+    Ok(answer::batch(
+        ty,
+        &outcome.records,
+        outcome.replication.as_deref(),
+    ))
 }
 
 fn json_kind(value: &Value) -> &'static str {

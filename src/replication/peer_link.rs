@@ -17,10 +17,8 @@ use crate::config::NodeConfig;
 use crate::discovery::Peer;
 use crate::metrics::{Metrics, label};
 use crate::proto::hellorpc::{SyncData, SyncRequest, sync_client::SyncClient};
-use crate::proto::podcache::{
-    self as pb, HelloRequest, ReplicateRequest, replica_client::ReplicaClient,
-};
-use crate::proto::{record_to_wire, wire_size};
+use crate::proto::podcache::{self as pb, HelloRequest, replica_client::ReplicaClient};
+use crate::proto::{ReplicateBatch, wire_size};
 use crate::store::Record;
 
 /// What every link needs, shared.
@@ -271,7 +269,29 @@ impl PeerState {
 
 struct Clients {
     replica: ReplicaClient<Channel>,
+    /// `Replica/Replicate` called with [`ReplicateBatch`] (the generated
+    /// client would take `Entry` messages, copies of every record).
+    replicate: tonic::client::Grpc<Channel>,
     sync: SyncClient<Channel>,
+}
+
+impl Clients {
+    async fn replicate(
+        &mut self,
+        batch: ReplicateBatch,
+    ) -> Result<tonic::Response<pb::ReplicateResponse>, tonic::Status> {
+        self.replicate
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+        let mut request = tonic::Request::new(batch);
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("podcache.v1.Replica", "Replicate"));
+        let path = axum::http::uri::PathAndQuery::from_static("/podcache.v1.Replica/Replicate");
+        let codec = tonic_prost::ProstCodec::<ReplicateBatch, pb::ReplicateResponse>::default();
+        self.replicate.unary(request, path, codec).await
+    }
 }
 
 /// The link task: drains the queue in batches until the queue is closed
@@ -286,6 +306,9 @@ pub(crate) async fn run(
     let max = ctx.config.max_grpc_message_bytes;
     let mut clients = Clients {
         replica: ReplicaClient::new(channel.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        replicate: tonic::client::Grpc::new(channel.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
         sync: SyncClient::new(channel)
@@ -445,7 +468,7 @@ async fn deliver(
     cancel: &CancellationToken,
     peer_label: &Vec<(&'static str, String)>,
 ) -> Delivered {
-    let mut batches: Vec<Vec<pb::Entry>> = vec![Vec::new()];
+    let mut batches: Vec<Vec<Record>> = vec![Vec::new()];
     let mut bytes = 0;
     for record in items.iter().flat_map(|i| i.records.iter()) {
         let size = wire_size(record);
@@ -455,15 +478,15 @@ async fn deliver(
         }
         bytes += size;
         let last = batches.len() - 1;
-        batches[last].push(record_to_wire(record));
+        batches[last].push(record.clone());
     }
-    for entries in batches {
+    for records in batches {
         let mut backoff = Duration::from_millis(20);
         loop {
             let started = tokio::time::Instant::now();
             let result = tokio::select! {
                 _ = cancel.cancelled() => return Delivered::Cancelled,
-                result = send_batch(ctx, clients, state, &entries) => result,
+                result = send_batch(ctx, clients, state, &records) => result,
             };
             match result {
                 Ok(()) => {
@@ -497,16 +520,15 @@ async fn send_batch(
     ctx: &LinkContext,
     clients: &mut Clients,
     state: &PeerState,
-    entries: &[pb::Entry],
+    records: &[Record],
 ) -> Result<(), String> {
     let legacy = state.status().legacy;
     if !legacy {
-        let request = tonic::Request::new(ReplicateRequest {
+        let batch = ReplicateBatch {
             sender: Some(ctx.me.clone()),
-            entries: entries.to_vec(),
-        });
-        match tokio::time::timeout(ctx.config.rpc_timeout, clients.replica.replicate(request)).await
-        {
+            records: records.to_vec(),
+        };
+        match tokio::time::timeout(ctx.config.rpc_timeout, clients.replicate(batch)).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
                 info!(peer = %state.view().grpc_addr, "peer speaks only hellorpc.Sync; sending Set");
@@ -516,7 +538,7 @@ async fn send_batch(
             Err(_) => return Err("replicate: timed out".into()),
         }
     }
-    send_legacy(ctx, clients, state, entries).await
+    send_legacy(ctx, clients, state, records).await
 }
 
 /// The original protocol has no versions, expiry or deletes: values go as
@@ -526,19 +548,19 @@ async fn send_legacy(
     ctx: &LinkContext,
     clients: &mut Clients,
     state: &PeerState,
-    entries: &[pb::Entry],
+    records: &[Record],
 ) -> Result<(), String> {
     let mut by_type: BTreeMap<i32, HashMap<String, String>> = BTreeMap::new();
     let mut tombstones = 0;
-    for entry in entries {
-        if entry.deleted {
+    for record in records {
+        let (key, Some(value)) = record.entry.key_value() else {
             tombstones += 1;
             continue;
-        }
+        };
         by_type
-            .entry(entry.r#type)
+            .entry(record.ty)
             .or_default()
-            .insert(entry.key.clone(), entry.value.clone());
+            .insert(key.to_owned(), value.to_owned());
     }
     if tombstones > 0 {
         state.dropped(tombstones);

@@ -48,11 +48,19 @@ impl Entry {
             deleted: value.is_none(),
         };
         let value = value.unwrap_or("");
-        let bytes = key.bytes().chain(value.bytes());
-        Self(ThinArc::from_header_and_iter(
-            header,
-            ExactLen(bytes, key.len() + value.len()),
-        ))
+        let len = key.len() + value.len();
+        // The block is filled from one slice (a copy) rather than from an
+        // iterator over both parts (a byte at a time, ~4x slower here).
+        const ON_STACK: usize = 512;
+        if len <= ON_STACK {
+            let mut joined = [0u8; ON_STACK];
+            joined[..key.len()].copy_from_slice(key.as_bytes());
+            joined[key.len()..len].copy_from_slice(value.as_bytes());
+            Self(ThinArc::from_header_and_slice(header, &joined[..len]))
+        } else {
+            let joined = [key.as_bytes(), value.as_bytes()].concat();
+            Self(ThinArc::from_header_and_slice(header, &joined))
+        }
     }
 
     fn header(&self) -> &Header {
@@ -88,6 +96,13 @@ impl Entry {
         (!self.header().deleted).then(|| self.parts().1)
     }
 
+    /// The key and [`Entry::value`] together, for one UTF-8 check instead
+    /// of two.
+    pub fn key_value(&self) -> (&str, Option<&str>) {
+        let (key, value) = self.parts();
+        (key, (!self.header().deleted).then_some(value))
+    }
+
     /// True for a tombstone.
     pub fn is_tombstone(&self) -> bool {
         self.header().deleted
@@ -104,13 +119,15 @@ impl Entry {
         self.header().expires_at_ms
     }
 
+    /// True if the entry is neither a tombstone nor expired at `now_ms`.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        let expires = self.expires_at_ms();
+        !self.header().deleted && (expires == 0 || expires > now_ms)
+    }
+
     /// The value, if the entry is neither a tombstone nor expired at `now_ms`.
     pub fn live_value(&self, now_ms: u64) -> Option<&str> {
-        let expires = self.expires_at_ms();
-        if expires != 0 && expires <= now_ms {
-            return None;
-        }
-        self.value()
+        self.is_live(now_ms).then(|| self.parts().1)
     }
 
     /// Bytes of key and value (what the store's byte limit counts).
@@ -129,26 +146,6 @@ impl fmt::Debug for Entry {
             .finish()
     }
 }
-
-/// An iterator with a known length: `Chain` does not implement
-/// `ExactSizeIterator`, which the single-allocation constructor needs.
-struct ExactLen<I>(I, usize);
-
-impl<I: Iterator<Item = u8>> Iterator for ExactLen<I> {
-    type Item = u8;
-
-    fn next(&mut self) -> Option<u8> {
-        let byte = self.0.next()?;
-        self.1 = self.1.saturating_sub(1);
-        Some(byte)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.1, Some(self.1))
-    }
-}
-
-impl<I: Iterator<Item = u8>> ExactSizeIterator for ExactLen<I> {}
 
 #[cfg(test)]
 mod tests {
@@ -171,6 +168,17 @@ mod tests {
     }
 
     #[test]
+    fn long_entries_are_held_whole() {
+        let key = "k".repeat(300);
+        let value = "é".repeat(400);
+        let e = Entry::new(&key, Some(&value), version(2), 0);
+        assert_eq!(e.key_value(), (key.as_str(), Some(value.as_str())));
+        assert_eq!(e.size(), key.len() + value.len());
+        let tomb = Entry::new(&key, None, version(3), 0);
+        assert_eq!(tomb.key_value(), (key.as_str(), None));
+    }
+
+    #[test]
     fn a_tombstone_and_an_empty_value_differ() {
         let tomb = Entry::new("k", None, version(1), 0);
         let empty = Entry::new("k", Some(""), version(1), 0);
@@ -184,7 +192,10 @@ mod tests {
     fn expiry_hides_the_value() {
         let e = Entry::new("k", Some("v"), version(1), 100);
         assert_eq!(e.live_value(99), Some("v"));
+        assert!(e.is_live(99));
         assert_eq!(e.live_value(100), None);
+        assert!(!e.is_live(100));
+        assert!(!Entry::new("k", None, version(1), 0).is_live(0));
         assert_eq!(
             Entry::new("k", Some("v"), version(1), 0).live_value(u64::MAX),
             Some("v")

@@ -39,16 +39,56 @@ pub struct Version {
     pub node: u64,
 }
 
+impl Version {
+    /// The text form, `<wall ms>.<logical>@<node id hex>`, e.g.
+    /// `1764222930123.0@9f3a...`, built on the stack: every answer carries
+    /// one, and `fmt` costs several times more.
+    pub fn text(&self) -> VersionText {
+        let mut text = VersionText {
+            bytes: [0; VersionText::CAPACITY],
+            len: 0,
+        };
+        let mut numbers = itoa::Buffer::new();
+        text.push(numbers.format(hlc_ms(self.hlc)).as_bytes());
+        text.push(b".");
+        text.push(numbers.format(hlc_logical(self.hlc)).as_bytes());
+        text.push(b"@");
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 16];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = HEX[((self.node >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        text.push(&hex);
+        text
+    }
+}
+
 impl fmt::Display for Version {
-    /// `<wall ms>.<logical>@<node id hex>`, e.g. `1764222930123.0@9f3a...`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{}@{:016x}",
-            hlc_ms(self.hlc),
-            hlc_logical(self.hlc),
-            self.node
-        )
+        f.write_str(self.text().as_str())
+    }
+}
+
+/// A [`Version`]'s text, held on the stack.
+#[derive(Clone, Copy)]
+pub struct VersionText {
+    bytes: [u8; Self::CAPACITY],
+    len: usize,
+}
+
+impl VersionText {
+    /// Two 20-digit numbers, `.`, `@` and 16 hex digits fit.
+    const CAPACITY: usize = 64;
+
+    fn push(&mut self, part: &[u8]) {
+        self.bytes[self.len..self.len + part.len()].copy_from_slice(part);
+        self.len += part.len();
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits, '.', '@' and hex digits are ever pushed.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
     }
 }
 
@@ -226,6 +266,37 @@ struct State {
     hasher: hashbrown::DefaultHashBuilder,
 }
 
+/// Refuses a change that takes a namespace's entries (`values`) or the
+/// bytes held from `now` to `after` past the limits times `headroom`. A
+/// change that does not grow a figure already past its limit is let
+/// through (limits lowered by a restart must not block deletes).
+fn room_for(
+    ty: i32,
+    now: (usize, usize),
+    after: (usize, usize),
+    limits: &Limits,
+    headroom: usize,
+) -> Result<(), StoreError> {
+    let (values, bytes) = after;
+    let entry_limit = limits.max_entries_per_type.saturating_mul(headroom);
+    if values > entry_limit && values > now.0 {
+        return Err(StoreError::Full {
+            what: format!("entries of type {ty}"),
+            would_be: values,
+            limit: entry_limit,
+        });
+    }
+    let byte_limit = limits.max_total_bytes.saturating_mul(headroom);
+    if bytes > byte_limit && bytes > now.1 {
+        return Err(StoreError::Full {
+            what: "bytes held".into(),
+            would_be: bytes,
+            limit: byte_limit,
+        });
+    }
+    Ok(())
+}
+
 /// True for a tombstone written, or an entry expired, before `horizon_ms`:
 /// safe to drop, and not to be taken back in.
 pub fn is_purgeable(entry: &Entry, horizon_ms: u64) -> bool {
@@ -285,23 +356,76 @@ impl State {
                 values = values.saturating_sub(usize::from(!held.is_tombstone()));
             }
         }
-        let entry_limit = limits.max_entries_per_type.saturating_mul(headroom);
-        if values > entry_limit && values > self.values.get(&ty).copied().unwrap_or(0) {
-            return Err(StoreError::Full {
-                what: format!("entries of type {ty}"),
-                would_be: values,
-                limit: entry_limit,
-            });
+        room_for(
+            ty,
+            (self.values.get(&ty).copied().unwrap_or(0), self.bytes),
+            (values, bytes),
+            limits,
+            headroom,
+        )
+    }
+
+    /// Stores a peer's `entry` in namespace `ty` unless the key holds one
+    /// as new or newer (then `Ok(false)`), or storing it would pass the
+    /// limits times `headroom`. One lookup of the key, where a check, a
+    /// room check and a store would make three.
+    fn put_if_newer(
+        &mut self,
+        ty: i32,
+        entry: &Entry,
+        limits: &Limits,
+        headroom: usize,
+    ) -> Result<bool, StoreError> {
+        let hasher = &self.hasher;
+        let hash = hasher.hash_one(entry.key_bytes());
+        let held_values = self.values.get(&ty).copied().unwrap_or(0);
+        let ns = self.namespaces.entry(ty).or_default();
+        let slot = ns.entry(
+            hash,
+            |held| held.key_bytes() == entry.key_bytes(),
+            |held| hasher.hash_one(held.key_bytes()),
+        );
+        let held = match &slot {
+            Slot::Occupied(slot) => Some(slot.get()),
+            Slot::Vacant(_) => None,
+        };
+        if held.is_some_and(|held| held.version() >= entry.version()) {
+            return Ok(false);
         }
-        let byte_limit = limits.max_total_bytes.saturating_mul(headroom);
-        if bytes > byte_limit && bytes > self.bytes {
-            return Err(StoreError::Full {
-                what: "bytes held".into(),
-                would_be: bytes,
-                limit: byte_limit,
-            });
+        let held_size = held.map_or(0, Entry::size);
+        let held_value = held.is_some_and(|held| !held.is_tombstone());
+        let values_after =
+            held_values + usize::from(!entry.is_tombstone()) - usize::from(held_value);
+        let bytes_after = self.bytes + entry.size() - held_size;
+        if let Err(err) = room_for(
+            ty,
+            (held_values, self.bytes),
+            (values_after, bytes_after),
+            limits,
+            headroom,
+        ) {
+            if ns.is_empty() {
+                self.namespaces.remove(&ty);
+            }
+            return Err(err);
         }
-        Ok(())
+        let old = match slot {
+            Slot::Occupied(mut slot) => Some(std::mem::replace(slot.get_mut(), entry.clone())),
+            Slot::Vacant(slot) => {
+                slot.insert(entry.clone());
+                None
+            }
+        };
+        let bucket = digest::bucket_of(ty, entry.key_bytes());
+        self.buckets[bucket] ^= digest::entry_hash(ty, entry);
+        if let Some(old) = &old {
+            self.buckets[bucket] ^= digest::entry_hash(ty, old);
+        }
+        self.bytes = bytes_after;
+        if values_after != held_values {
+            self.count_values(ty, values_after as isize - held_values as isize);
+        }
+        Ok(true)
     }
 
     fn new() -> Self {
@@ -507,11 +631,7 @@ impl Store {
     pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
         self.check_key(key)?;
         let mut state = self.write_lock();
-        if state
-            .get(ty, key)
-            .and_then(|e| e.live_value(now_ms))
-            .is_none()
-        {
+        if state.get(ty, key).is_none_or(|e| !e.is_live(now_ms)) {
             return Ok(None);
         }
         let tombstone = Entry::new(key, None, self.next_version(now_ms), 0);
@@ -609,21 +729,11 @@ impl Store {
                 outcome.stale += 1;
                 continue;
             }
-            let version = record.entry.version();
-            let _ = self.clock.observe(version.hlc, now_ms);
-            match state.get(record.ty, record.key()) {
-                Some(held) if held.version() >= version => outcome.stale += 1,
-                _ => {
-                    let incoming = [(record.key(), record.entry.value())];
-                    if let Err(err) =
-                        state.check_room(record.ty, incoming.into_iter(), &self.limits, headroom)
-                    {
-                        outcome.rejected.push(err);
-                        continue;
-                    }
-                    state.put(record.ty, record.entry.clone());
-                    outcome.applied.push(record);
-                }
+            let _ = self.clock.observe(record.entry.version().hlc, now_ms);
+            match state.put_if_newer(record.ty, &record.entry, &self.limits, headroom) {
+                Ok(true) => outcome.applied.push(record),
+                Ok(false) => outcome.stale += 1,
+                Err(err) => outcome.rejected.push(err),
             }
         }
         outcome
@@ -642,8 +752,7 @@ impl Store {
     pub fn get(&self, ty: i32, key: &str, now_ms: u64) -> Option<Entry> {
         let state = self.read_lock();
         let entry = state.get(ty, key)?;
-        entry.live_value(now_ms)?;
-        Some(entry.clone())
+        entry.is_live(now_ms).then(|| entry.clone())
     }
 
     /// Every live entry of one namespace, sorted by key.
@@ -653,12 +762,7 @@ impl Store {
             state
                 .namespaces
                 .get(&ty)
-                .map(|ns| {
-                    ns.iter()
-                        .filter(|e| e.live_value(now_ms).is_some())
-                        .cloned()
-                        .collect()
-                })
+                .map(|ns| ns.iter().filter(|e| e.is_live(now_ms)).cloned().collect())
                 .unwrap_or_default()
         };
         entries.sort_unstable_by(|a, b| a.key_bytes().cmp(b.key_bytes()));
@@ -776,12 +880,11 @@ impl Store {
             .map(|(&ty, ns)| {
                 let mut stats = NamespaceStats::default();
                 for entry in ns {
-                    match entry.live_value(now_ms) {
-                        Some(_) => {
-                            stats.entries += 1;
-                            stats.bytes += entry.size();
-                        }
-                        None => stats.tombstones += 1,
+                    if entry.is_live(now_ms) {
+                        stats.entries += 1;
+                        stats.bytes += entry.size();
+                    } else {
+                        stats.tombstones += 1;
                     }
                 }
                 (ty, stats)

@@ -418,3 +418,47 @@ proptest! {
         prop_assert_eq!(s.held_bytes(), expected);
     }
 }
+
+#[test]
+fn version_text_is_ms_dot_logical_at_sixteen_hex_digits() {
+    let samples = [
+        Version { hlc: 0, node: 0 },
+        Version {
+            hlc: 1_764_222_930_123 << 16 | 7,
+            node: 0x9f3a,
+        },
+        Version {
+            hlc: u64::MAX,
+            node: u64::MAX,
+        },
+        Version {
+            hlc: 65_535,
+            node: 1 << 63,
+        },
+    ];
+    for v in samples {
+        let expected = format!(
+            "{}.{}@{:016x}",
+            clock::hlc_ms(v.hlc),
+            clock::hlc_logical(v.hlc),
+            v.node
+        );
+        assert_eq!(v.text().as_str(), expected);
+        assert_eq!(v.to_string(), expected);
+    }
+}
+
+#[test]
+fn a_refused_merge_into_a_new_namespace_leaves_no_trace() {
+    let s = small_store(1_000, 10);
+    let outcome = s.merge(
+        [record(7, "big", Some("0123456789abcdefghij"), NOW, 9)],
+        NOW,
+    );
+    assert!(matches!(outcome.rejected[..], [StoreError::Full { .. }]));
+    assert!(outcome.applied.is_empty());
+    assert!(s.types().is_empty(), "{:?}", s.types());
+    assert_eq!(s.held_bytes(), 0);
+    let digest_of_empty = store(1).digest();
+    assert_eq!(s.digest(), digest_of_empty);
+}
