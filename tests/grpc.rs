@@ -183,12 +183,67 @@ async fn invalid_writes_from_peers_are_refused_and_change_nothing() {
     cluster.shutdown().await;
 }
 
+#[tokio::test]
+async fn replicate_stream_answers_each_batch_in_order_and_ends_at_a_bad_one() {
+    let cluster = Cluster::start(1).await;
+    let node = cluster.node(0);
+    node.set(1, "newer", "held", None).await.expect("seed");
+    let url = format!("http://{}", cluster.grpc_addr(0));
+    let mut replica = ReplicaClient::connect(url).await.expect("connect");
+    let now = podcache::node::unix_ms() << 16;
+    let entry = |key: &str, value: &str, hlc: u64| Entry {
+        r#type: 1,
+        key: key.into(),
+        value: value.into(),
+        deleted: false,
+        hlc,
+        node: 7,
+        expires_at_ms: 0,
+    };
+    let batch = |entries| ReplicateRequest {
+        sender: Some(sender()),
+        entries,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = replica
+        .replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("open")
+        .into_inner();
+    tx.send(batch(vec![entry("a", "1", now), entry("b", "2", now)]))
+        .await
+        .expect("send");
+    let first = answers.message().await.expect("answer").expect("open");
+    assert_eq!((first.applied, first.stale), (2, 0));
+    // Older than what the node holds: stale, nothing changes.
+    tx.send(batch(vec![entry("newer", "old", 1 << 16)]))
+        .await
+        .expect("send");
+    let second = answers.message().await.expect("answer").expect("open");
+    assert_eq!((second.applied, second.stale), (0, 1));
+    // A batch that does not name its sender ends the call with an error.
+    tx.send(ReplicateRequest {
+        sender: None,
+        entries: vec![entry("c", "3", now)],
+    })
+    .await
+    .expect("send");
+    let err = answers.message().await.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(node.get(1, "a").as_deref(), Some("1"));
+    assert_eq!(node.get(1, "b").as_deref(), Some("2"));
+    assert_eq!(node.get(1, "newer").as_deref(), Some("held"));
+    assert_eq!(node.get(1, "c"), None);
+    cluster.shutdown().await;
+}
+
 /// A stand-in peer that claims to be the oldest and then fails every
 /// snapshot: a real gRPC server speaking podcache.v1.Replica, used only to
 /// inject that failure.
 struct FailingOldest;
 
 type Chunks = Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk, Status>> + Send>>;
+type Answers = Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplicateResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Replica for FailingOldest {
@@ -210,6 +265,15 @@ impl Replica for FailingOldest {
     type SnapshotStream = Chunks;
     async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Chunks>, Status> {
         Err(Status::unavailable("disk on fire"))
+    }
+    type ReplicateStreamStream = Answers;
+    /// Like a podcache from before `ReplicateStream`: the nodes' links fall
+    /// back to `Replicate` calls.
+    async fn replicate_stream(
+        &self,
+        _: Request<tonic::Streaming<ReplicateRequest>>,
+    ) -> Result<Response<Answers>, Status> {
+        Err(Status::unimplemented("not in this version"))
     }
     async fn digest(&self, _: Request<DigestRequest>) -> Result<Response<DigestResponse>, Status> {
         Err(Status::unavailable("disk on fire"))
@@ -249,6 +313,21 @@ async fn bootstrap_falls_back_to_the_next_oldest_peer() {
         "{report:?}"
     );
     assert_eq!(cluster.node(new).get(3, "k").as_deref(), Some("v"));
+    // The stand-in has no ReplicateStream: writes still reach it, as
+    // Replicate calls.
+    cluster.node(0).set(3, "k2", "v2", None).await.expect("set");
+    let delivered = format!("podcache_replication_batches_sent_total{{peer=\"{fake_addr}\"}}");
+    let node = cluster.node(0);
+    wait_until(
+        "a batch delivered to the stand-in",
+        Duration::from_secs(10),
+        || {
+            let metrics = node.render_metrics();
+            let delivered = delivered.clone();
+            async move { metrics.contains(&delivered) }
+        },
+    )
+    .await;
     fake.abort();
     cluster.shutdown().await;
 }

@@ -269,28 +269,73 @@ impl PeerState {
 
 struct Clients {
     replica: ReplicaClient<Channel>,
-    /// `Replica/Replicate` called with [`ReplicateBatch`] (the generated
-    /// client would take `Entry` messages, copies of every record).
+    /// `Replica/Replicate` and `ReplicateStream` called with
+    /// [`ReplicateBatch`] (the generated client would take `Entry`
+    /// messages, copies of every record).
     replicate: tonic::client::Grpc<Channel>,
     sync: SyncClient<Channel>,
+    /// The open `ReplicateStream` call, if any.
+    session: Option<ReplicateSession>,
+    /// False once the peer answered UNIMPLEMENTED to `ReplicateStream` (a
+    /// podcache from before it): batches go as unary `Replicate` calls.
+    streams: bool,
+}
+
+/// An open `ReplicateStream` call: batches go in through `batches`, and the
+/// peer answers each, in order, on `answers`.
+struct ReplicateSession {
+    batches: mpsc::Sender<ReplicateBatch>,
+    answers: tonic::Streaming<pb::ReplicateResponse>,
+}
+
+fn codec() -> tonic_prost::ProstCodec<ReplicateBatch, pb::ReplicateResponse> {
+    tonic_prost::ProstCodec::default()
+}
+
+fn call<T>(message: T, method: &'static str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .extensions_mut()
+        .insert(tonic::GrpcMethod::new("podcache.v1.Replica", method));
+    request
 }
 
 impl Clients {
+    async fn ready(&mut self) -> Result<(), tonic::Status> {
+        self.replicate
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))
+    }
+
     async fn replicate(
         &mut self,
         batch: ReplicateBatch,
     ) -> Result<tonic::Response<pb::ReplicateResponse>, tonic::Status> {
-        self.replicate
-            .ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
-        let mut request = tonic::Request::new(batch);
-        request
-            .extensions_mut()
-            .insert(tonic::GrpcMethod::new("podcache.v1.Replica", "Replicate"));
+        self.ready().await?;
         let path = axum::http::uri::PathAndQuery::from_static("/podcache.v1.Replica/Replicate");
-        let codec = tonic_prost::ProstCodec::<ReplicateBatch, pb::ReplicateResponse>::default();
-        self.replicate.unary(request, path, codec).await
+        let request = call(batch, "Replicate");
+        self.replicate.unary(request, path, codec()).await
+    }
+
+    /// Opens a `ReplicateStream` call (returns once the peer answered its
+    /// headers).
+    async fn open_session(&mut self) -> Result<ReplicateSession, tonic::Status> {
+        self.ready().await?;
+        let path =
+            axum::http::uri::PathAndQuery::from_static("/podcache.v1.Replica/ReplicateStream");
+        // One batch in flight at a time: the link waits for each answer.
+        let (batches, outgoing) = mpsc::channel(1);
+        let request = call(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            "ReplicateStream",
+        );
+        let answers = self
+            .replicate
+            .streaming(request, path, codec())
+            .await?
+            .into_inner();
+        Ok(ReplicateSession { batches, answers })
     }
 }
 
@@ -314,6 +359,8 @@ pub(crate) async fn run(
         sync: SyncClient::new(channel)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
+        session: None,
+        streams: true,
     };
     let peer = state.view().grpc_addr;
     let peer_label = label("peer", peer.clone());
@@ -523,6 +570,16 @@ async fn send_batch(
     records: &[Record],
 ) -> Result<(), String> {
     let legacy = state.status().legacy;
+    if !legacy && clients.streams {
+        match send_on_stream(ctx, clients, records).await {
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                info!(peer = %state.view().grpc_addr, "peer has no ReplicateStream; sending Replicate calls");
+                clients.streams = false;
+            }
+            Err(status) => return Err(format!("replicate: {}", status.message())),
+            Ok(()) => return Ok(()),
+        }
+    }
     if !legacy {
         let batch = ReplicateBatch {
             sender: Some(ctx.me.clone()),
@@ -539,6 +596,44 @@ async fn send_batch(
         }
     }
     send_legacy(ctx, clients, state, records).await
+}
+
+/// Sends one batch on the open `ReplicateStream` call (opening one first if
+/// none is open) and waits for its answer. Any failure closes the call; the
+/// retry opens a new one. A batch whose answer was lost may be merged twice,
+/// which the merge rule makes harmless.
+async fn send_on_stream(
+    ctx: &LinkContext,
+    clients: &mut Clients,
+    records: &[Record],
+) -> Result<(), tonic::Status> {
+    let timeout = ctx.config.rpc_timeout;
+    let timed_out = || tonic::Status::deadline_exceeded("timed out");
+    let mut session = match clients.session.take() {
+        Some(session) => session,
+        None => tokio::time::timeout(timeout, clients.open_session())
+            .await
+            .map_err(|_| timed_out())??,
+    };
+    let batch = ReplicateBatch {
+        sender: Some(ctx.me.clone()),
+        records: records.to_vec(),
+    };
+    let exchange = async {
+        if session.batches.send(batch).await.is_err() {
+            return Err(tonic::Status::unavailable("the stream closed"));
+        }
+        match session.answers.message().await {
+            Ok(Some(_answer)) => Ok(()),
+            Ok(None) => Err(tonic::Status::unavailable("the peer ended the stream")),
+            Err(status) => Err(status),
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| timed_out())??;
+    clients.session = Some(session);
+    Ok(())
 }
 
 /// The original protocol has no versions, expiry or deletes: values go as

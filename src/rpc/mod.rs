@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -215,6 +216,29 @@ impl ReplicaService {
 
 type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk, Status>> + Send>>;
 
+type AnswerStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplicateResponse, Status>> + Send>>;
+
+/// Merges one fan-out batch from a peer (`Replicate`, `ReplicateStream`).
+fn replicate_batch(
+    shared: &Shared,
+    request: ReplicateRequest,
+) -> Result<ReplicateResponse, Status> {
+    let Some(sender) = request.sender else {
+        return Err(Status::invalid_argument(
+            "replicate: the sender must name itself",
+        ));
+    };
+    let records: Vec<_> = request.entries.into_iter().map(record_from_wire).collect();
+    debug!(peer = %sender.name, entries = records.len(), "replicate");
+    let outcome = shared.apply_remote(records, "replicate");
+    Ok(ReplicateResponse {
+        applied: outcome.applied.len() as u32,
+        stale: outcome.stale as u32,
+        rejected: outcome.rejected.len() as u32,
+    })
+}
+
 #[tonic::async_trait]
 impl Replica for ReplicaService {
     async fn hello(
@@ -235,20 +259,27 @@ impl Replica for ReplicaService {
         &self,
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
-        let request = request.into_inner();
-        let Some(sender) = request.sender else {
-            return Err(Status::invalid_argument(
-                "replicate: the sender must name itself",
-            ));
-        };
-        let records: Vec<_> = request.entries.into_iter().map(record_from_wire).collect();
-        debug!(peer = %sender.name, entries = records.len(), "replicate");
-        let outcome = self.shared.apply_remote(records, "replicate");
-        Ok(Response::new(ReplicateResponse {
-            applied: outcome.applied.len() as u32,
-            stale: outcome.stale as u32,
-            rejected: outcome.rejected.len() as u32,
-        }))
+        replicate_batch(&self.shared, request.into_inner()).map(Response::new)
+    }
+
+    type ReplicateStreamStream = AnswerStream;
+
+    /// [`Replica::replicate`] for every request of the call, answered in
+    /// order. Each batch is merged as it is read, on the call's own task.
+    /// The call ends when the caller closes it, at the first bad request,
+    /// or when this node shuts down (graceful shutdown waits for open
+    /// calls, and the caller's link would otherwise keep this one open).
+    async fn replicate_stream(
+        &self,
+        request: Request<tonic::Streaming<ReplicateRequest>>,
+    ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
+        let shared = self.shared.clone();
+        let stop = self.shared.shutdown.clone().cancelled_owned();
+        let answers = request
+            .into_inner()
+            .map(move |request| replicate_batch(&shared, request?))
+            .take_until(stop);
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn digest(
