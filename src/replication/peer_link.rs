@@ -1,6 +1,8 @@
 //! One peer link: a bounded queue of writes drained by one task that sends
-//! them in batches over one long-lived channel, retries with backoff while
-//! the peer is known, and keeps the peer's status for `/v1/cluster`.
+//! them in batches over one long-lived channel — as requests on one open
+//! `ReplicateStream` call, else as `Replicate` calls (a podcache from before
+//! the stream), else as `Sync/Set` (a legacy peer) — retries with backoff
+//! while the peer is known, and keeps the peer's status for `/v1/cluster`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
