@@ -5,28 +5,30 @@
 //! including validation of what arrives (a wire entry becomes a record only
 //! through [`record_from_wire`]).
 
-#![allow(missing_docs, unreachable_pub, clippy::all)]
-
 use crate::store::{Record, Version};
 
 /// The original `hellorpc` package, generated from `proto/hellorpc.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod hellorpc {
     tonic::include_proto!("hellorpc");
 }
 
 /// podcache's own additions, generated from `proto/podcache.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod podcache {
     tonic::include_proto!("podcache.v1");
 }
 
 /// The subset of etcd's v3 API that podcache calls (client only), generated
 /// from `proto/etcd/rpc.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
 /// The subset of Kubernetes' Pod storage encoding that podcache reads,
 /// generated from `proto/k8s/pod.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod k8s {
     tonic::include_proto!("k8s.podcache");
 }
@@ -212,7 +214,7 @@ mod tests {
 
     #[test]
     fn a_replicate_batch_encodes_as_the_replicate_request_it_stands_for() {
-        let records = vec![
+        let records = [
             Record::new(
                 1,
                 "key",

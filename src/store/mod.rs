@@ -321,11 +321,27 @@ impl State {
             self.namespaces.remove(&ty);
         }
         if let Some(old) = removed {
-            self.buckets[digest::bucket_of(ty, old.key_bytes())] ^= digest::entry_hash(ty, &old);
-            self.bytes -= old.size();
-            if !old.is_tombstone() {
-                self.count_values(ty, -1);
+            self.account(ty, None, Some(&old));
+        }
+    }
+
+    /// Keeps the digest, the bytes held and the namespace's count of values
+    /// in step with a change to namespace `ty`: `added` now stored,
+    /// `removed` no longer (the entry it replaced, or a removed one).
+    fn account(&mut self, ty: i32, added: Option<&Entry>, removed: Option<&Entry>) {
+        let mut values = 0;
+        for (entry, sign) in [(added, 1), (removed, -1)] {
+            let Some(entry) = entry else { continue };
+            self.buckets[digest::bucket_of(ty, entry.key_bytes())] ^= digest::entry_hash(ty, entry);
+            if sign > 0 {
+                self.bytes += entry.size();
+            } else {
+                self.bytes -= entry.size();
             }
+            values += sign * isize::from(!entry.is_tombstone());
+        }
+        if values != 0 {
+            self.count_values(ty, values);
         }
     }
 
@@ -416,15 +432,7 @@ impl State {
                 None
             }
         };
-        let bucket = digest::bucket_of(ty, entry.key_bytes());
-        self.buckets[bucket] ^= digest::entry_hash(ty, entry);
-        if let Some(old) = &old {
-            self.buckets[bucket] ^= digest::entry_hash(ty, old);
-        }
-        self.bytes = bytes_after;
-        if values_after != held_values {
-            self.count_values(ty, values_after as isize - held_values as isize);
-        }
+        self.account(ty, Some(entry), old.as_ref());
         Ok(true)
     }
 
@@ -441,10 +449,6 @@ impl State {
     /// Stores `entry` in namespace `ty` (replacing what its key held),
     /// keeping the digest current.
     fn put(&mut self, ty: i32, entry: Entry) {
-        let bucket = digest::bucket_of(ty, entry.key_bytes());
-        self.buckets[bucket] ^= digest::entry_hash(ty, &entry);
-        let mut values_delta = isize::from(!entry.is_tombstone());
-        self.bytes += entry.size();
         let hasher = &self.hasher;
         let hash = hasher.hash_one(entry.key_bytes());
         let ns = self.namespaces.entry(ty).or_default();
@@ -453,20 +457,13 @@ impl State {
             |held| held.key_bytes() == entry.key_bytes(),
             |held| hasher.hash_one(held.key_bytes()),
         ) {
-            Slot::Occupied(mut slot) => Some(std::mem::replace(slot.get_mut(), entry)),
+            Slot::Occupied(mut slot) => Some(std::mem::replace(slot.get_mut(), entry.clone())),
             Slot::Vacant(slot) => {
-                slot.insert(entry);
+                slot.insert(entry.clone());
                 None
             }
         };
-        if let Some(old) = old {
-            self.buckets[bucket] ^= digest::entry_hash(ty, &old);
-            self.bytes -= old.size();
-            values_delta -= isize::from(!old.is_tombstone());
-        }
-        if values_delta != 0 {
-            self.count_values(ty, values_delta);
-        }
+        self.account(ty, Some(&entry), old.as_ref());
     }
 
     fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
