@@ -14,11 +14,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 use crate::metrics::label;
@@ -209,17 +208,19 @@ impl Auth {
 }
 
 /// The gate every REST request passes: concurrency first (so a flood of
-/// bad credentials cannot tie up the node either), then credentials.
-pub(crate) async fn gate(
-    State((shared, permits)): State<(Arc<Shared>, Arc<Semaphore>)>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// bad credentials cannot tie up the node either), then credentials. An
+/// admitted request gets the permit it holds until its answer is ready
+/// (none for probes); a refused one gets its answer.
+pub(crate) fn admit(
+    shared: &Shared,
+    permits: &Arc<Semaphore>,
+    request: &Request,
+) -> Result<Option<OwnedSemaphorePermit>, Box<Response>> {
     let path = request.uri().path();
     let probe = path == "/healthz" || path == "/readyz";
     // Probes are never turned away: an overloaded node must not be killed
     // by its liveness probe for it.
-    let _permit = if probe {
+    let permit = if probe {
         None
     } else {
         match permits.clone().try_acquire_owned() {
@@ -239,7 +240,7 @@ pub(crate) async fn gate(
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
+                return Err(Box::new(response));
             }
         }
     };
@@ -284,11 +285,11 @@ pub(crate) async fn gate(
                         HeaderValue::from_static("Bearer realm=\"podcache\""),
                     );
                 }
-                return response;
+                return Err(Box::new(response));
             }
         }
     }
-    next.run(request).await
+    Ok(permit)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 mod answer;
 pub mod auth;
 mod error;
+mod front;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -48,7 +49,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
         permits: Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections)),
         metrics: shared.metrics.clone(),
     };
-    let app = router(shared);
+    let app =
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(front::Front::new(shared));
     if let Err(err) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -57,14 +59,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
     }
 }
 
-/// The REST API of one node.
+/// The REST API of one node, as a router to merge into a service's own.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new().fallback_service(front::Front::new(shared))
+}
+
+/// Every endpoint but `/v1/cache/{type}/{key}` (served by [`front`], which
+/// also runs the request gate before these).
+fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route(
-            "/v1/cache/{type}/{*key}",
-            get(get_entry).put(put_entry).delete(delete_entry),
-        )
-        .route("/v1/cache/{type}/", axum::routing::any(empty_key))
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
         .route("/v1/watch/{type}", get(watch))
         .route("/", get(dashboard))
@@ -73,16 +76,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            (
-                shared.clone(),
-                Arc::new(tokio::sync::Semaphore::new(
-                    shared.config.max_concurrent_requests,
-                )),
-            ),
-            auth::gate,
-        ))
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .with_state(shared)
 }
 
@@ -94,11 +88,11 @@ async fn not_found() -> ApiError {
     )
 }
 
-async fn empty_key() -> ApiError {
+fn empty_key() -> ApiError {
     ApiError::bad_request("invalid_key", "key must not be empty")
 }
 
-async fn method_not_allowed() -> ApiError {
+fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -117,13 +111,6 @@ fn parse_type(raw: &str) -> Result<i32, ApiError> {
             ),
         )
     })
-}
-
-fn entry_path(
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<(i32, String), ApiError> {
-    let Path((ty, key)) = path.map_err(ApiError::from_path)?;
-    Ok((parse_type(&ty)?, key))
 }
 
 fn type_path(path: Result<Path<String>, PathRejection>) -> Result<i32, ApiError> {
@@ -245,37 +232,32 @@ fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
     body
 }
 
-async fn get_entry(
-    State(shared): State<Arc<Shared>>,
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let (ty, key) = entry_path(path)?;
-    count(&shared, "get");
+fn get_entry(shared: &Shared, ty: i32, key: &str) -> Result<Response, ApiError> {
+    count(shared, "get");
     let entry = shared
         .store
-        .get(ty, &key, unix_ms())
-        .ok_or_else(|| ApiError::absent(ty, &key))?;
+        .get(ty, key, unix_ms())
+        .ok_or_else(|| ApiError::absent(ty, key))?;
     Ok(answer::entry(&Record { ty, entry }, None))
 }
 
 async fn put_entry(
-    State(shared): State<Arc<Shared>>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    query: Result<Query<WriteParams>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    shared: &Shared,
+    ty: i32,
+    key: String,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let (ty, key) = entry_path(path)?;
-    let options = write_options(query)?;
-    let body = read_body(&shared, &headers, body).await?;
+    let (parts, body) = request.into_parts();
+    let options = write_options(Query::try_from_uri(&parts.uri))?;
+    let body = read_body(shared, &parts.headers, body).await?;
     let value = std::str::from_utf8(&body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the value must be UTF-8 text: {e}"))
     })?;
     let record = shared
         .store
         .set(ty, &key, value, options.ttl_secs, unix_ms())
-        .inspect_err(|e| reject(&shared, e))?;
-    count(&shared, "set");
+        .inspect_err(|e| reject(shared, e))?;
+    count(shared, "set");
     debug!(ty, key = %key, "set");
     let outcome = shared.write_local(vec![record], options.wait_all).await;
     Ok(answer::entry(
@@ -293,12 +275,12 @@ fn reject(shared: &Shared, err: &crate::store::StoreError) {
 }
 
 async fn delete_entry(
-    State(shared): State<Arc<Shared>>,
-    path: Result<Path<(String, String)>, PathRejection>,
-    query: Result<Query<WriteParams>, QueryRejection>,
+    shared: &Shared,
+    ty: i32,
+    key: String,
+    uri: &axum::http::Uri,
 ) -> Result<Json<Value>, ApiError> {
-    let (ty, key) = entry_path(path)?;
-    let options = write_options(query)?;
+    let options = write_options(Query::try_from_uri(uri))?;
     if options.ttl_secs.is_some() {
         return Err(ApiError::bad_request(
             "invalid_query",
@@ -308,9 +290,9 @@ async fn delete_entry(
     let record = shared
         .store
         .delete(ty, &key, unix_ms())
-        .inspect_err(|e| reject(&shared, e))?
+        .inspect_err(|e| reject(shared, e))?
         .ok_or_else(|| ApiError::absent(ty, &key))?;
-    count(&shared, "delete");
+    count(shared, "delete");
     let outcome = shared.write_local(vec![record], options.wait_all).await;
     let record = &outcome.records[0];
     let body = json!({
