@@ -220,6 +220,36 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
         ),
+        (
+            Method::DELETE,
+            "/v1/cache/abc/keep".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_type",
+        ),
+        (
+            Method::GET,
+            "/v1/cache/1/%FF%FE".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            Method::DELETE,
+            "/v1/cache/1/keep?ttl=5".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        // A `%` without two hex digits after it stays as it is: a key
+        // that does not exist.
+        (
+            Method::GET,
+            "/v1/cache/1/keep%2".into(),
+            vec![],
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
     ];
     for (method, path, body, status, code) in cases {
         let answer = client
@@ -264,6 +294,28 @@ async fn answers_have_the_contract_shapes() {
         .expect("get")
         .json();
     assert_eq!(get, put, "GET answers the same shape as PUT");
+    // The type is percent-decoded too, and HEAD answers GET's status
+    // without a body.
+    let encoded_type = client
+        .get("/v1/cache/%2D3/%C3%BCn%C3%AF%2Fc%C3%B8d%C3%A9%20key")
+        .await
+        .expect("get")
+        .json();
+    assert_eq!(encoded_type, put);
+    let head = client
+        .request(
+            Method::HEAD,
+            "/v1/cache/-3/%C3%BCn%C3%AF%2Fc%C3%B8d%C3%A9%20key",
+            "",
+        )
+        .await
+        .expect("head");
+    assert_eq!((head.status, head.body.len()), (StatusCode::OK, 0));
+    let head = client
+        .request(Method::HEAD, "/v1/cache/-3/absent", "")
+        .await
+        .expect("head");
+    assert_eq!(head.status, StatusCode::NOT_FOUND);
     assert_eq!(
         state_of(&client, -3).await,
         json!({"ünï/cødé key": "välue ✓"})
