@@ -234,13 +234,6 @@ async fn bad_input_gets_a_clear_json_error_and_changes_nothing() {
             StatusCode::BAD_REQUEST,
             "invalid_path",
         ),
-        (
-            Method::DELETE,
-            "/v1/cache/1/keep?ttl=5".into(),
-            vec![],
-            StatusCode::BAD_REQUEST,
-            "invalid_query",
-        ),
         // A `%` without two hex digits after it stays as it is: a key
         // that does not exist.
         (
