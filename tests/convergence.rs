@@ -152,6 +152,27 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
         .json();
     let depth = view["peers"][0]["queue_depth"].as_u64().unwrap_or(u64::MAX);
     assert!(depth <= 8, "the queue stays bounded: {depth}; {metrics}");
+    // The peer was down when its queue overflowed: writes for it are no
+    // longer queued at all until it answers again.
+    assert_eq!(view["peers"][0]["suspended"], true, "{view}");
+    let answer = cluster
+        .client(0)
+        .put(2, "while-down", "v", "wait=all")
+        .await
+        .expect("put")
+        .json();
+    assert_eq!(
+        answer["replication"][0]["status"], "dropped_peer_down",
+        "{answer}"
+    );
+    let view = cluster
+        .client(0)
+        .get("/v1/cluster")
+        .await
+        .expect("cluster")
+        .json();
+    let depth = view["peers"][0]["queue_depth"].as_u64().unwrap_or(u64::MAX);
+    assert!(depth <= 1, "nothing more is queued for it: {view}");
     // Back, with no peers of its own (no bootstrap): repair alone fills it.
     cluster
         .restart_with_peers(
@@ -160,16 +181,34 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
         )
         .await;
     wait_until(
-        "the peer holds all 200",
+        "the peer holds all 201",
         Duration::from_secs(15),
         || async {
             entries(&cluster, 1, 2)
                 .await
                 .as_object()
-                .is_some_and(|m| m.len() == 200)
+                .is_some_and(|m| m.len() == 201)
         },
     )
     .await;
+    // ... and writes are queued for it again.
+    wait_until("writes queued again", Duration::from_secs(10), || async {
+        let view = cluster
+            .client(0)
+            .get("/v1/cluster")
+            .await
+            .expect("cluster")
+            .json();
+        view["peers"][0]["suspended"] == false
+    })
+    .await;
+    let answer = cluster
+        .client(0)
+        .put(2, "after", "v", "wait=all")
+        .await
+        .expect("put")
+        .json();
+    assert_eq!(answer["replication"][0]["status"], "acked", "{answer}");
     cluster.shutdown().await;
 }
 

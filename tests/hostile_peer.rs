@@ -132,7 +132,13 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
                 );
                 // While the silent connections hold the cap, a new
                 // connection is closed on accept: connect again shortly.
-                let Ok(mut sync) = SyncClient::connect(url.clone()).await else {
+                // Every call is bounded, so that a stalled connection is
+                // retried (and the deadline above can fail the test)
+                // instead of hanging it.
+                let Ok(Ok(mut sync)) =
+                    tokio::time::timeout(Duration::from_secs(5), SyncClient::connect(url.clone()))
+                        .await
+                else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
@@ -143,14 +149,15 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
                             data: HashMap::from([(format!("flood-{worker}-{i}"), "junk".into())]),
                         }],
                     };
-                    match sync.set(request).await {
-                        Ok(_) => i += 1,
-                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    let answer = tokio::time::timeout(Duration::from_secs(5), sync.set(request));
+                    match answer.await {
+                        Ok(Ok(_)) => i += 1,
+                        Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
                             full += 1;
                             i += 1;
                         }
-                        // The connection was closed on accept.
-                        Err(_) => {
+                        // The connection was closed on accept (or stalled).
+                        _ => {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             break;
                         }
@@ -227,5 +234,7 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
     assert_eq!(clock, 20.0);
     assert!(cap >= 20.0, "{metrics}");
     assert!(silent >= 1.0, "{metrics}");
-    cluster.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(30), cluster.shutdown())
+        .await
+        .expect("every node shut down within its grace period");
 }

@@ -40,6 +40,9 @@ pub enum DeliveryStatus {
     TimedOut,
     /// Not queued: the peer's queue was full.
     Dropped,
+    /// Not queued: the peer was down when its queue last overflowed, and
+    /// has not answered since (anti-entropy repairs it when it does).
+    PeerDown,
     /// The peer left the membership before acknowledging.
     PeerLeft,
 }
@@ -51,6 +54,7 @@ impl DeliveryStatus {
             DeliveryStatus::Acked => "acked",
             DeliveryStatus::TimedOut => "timeout",
             DeliveryStatus::Dropped => "dropped_queue_full",
+            DeliveryStatus::PeerDown => "dropped_peer_down",
             DeliveryStatus::PeerLeft => "peer_left",
         }
     }
@@ -274,7 +278,21 @@ impl Replicator {
                 records: records.clone(),
                 ack_tx,
             };
-            match link.queue_tx.try_send(item) {
+            let queued = if link.state.suspended() {
+                Err(DeliveryStatus::PeerDown)
+            } else {
+                link.queue_tx.try_send(item).map_err(|err| match err {
+                    mpsc::error::TrySendError::Full(_) => {
+                        // The link drops its whole backlog and asks for a
+                        // repair: memory stays bounded, nothing is lost for
+                        // good.
+                        link.state.overflowed();
+                        DeliveryStatus::Dropped
+                    }
+                    mpsc::error::TrySendError::Closed(_) => DeliveryStatus::PeerLeft,
+                })
+            };
+            match queued {
                 Ok(()) => {
                     link.state.queued(1);
                     if let Some(ack_rx) = ack_rx {
@@ -284,17 +302,7 @@ impl Replicator {
                         });
                     }
                 }
-                Err(err) => {
-                    let status = match err {
-                        mpsc::error::TrySendError::Full(_) => {
-                            // The link drops its whole backlog and asks for a
-                            // repair: memory stays bounded, nothing is lost
-                            // for good.
-                            link.state.overflowed();
-                            DeliveryStatus::Dropped
-                        }
-                        mpsc::error::TrySendError::Closed(_) => DeliveryStatus::PeerLeft,
-                    };
+                Err(status) => {
                     link.state.dropped(records.len() as u64);
                     self.ctx
                         .metrics

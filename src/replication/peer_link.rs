@@ -79,6 +79,11 @@ pub(crate) struct PeerState {
     /// Set when a write found the queue full: the link then drops its whole
     /// backlog and asks for a repair.
     overflow: std::sync::atomic::AtomicBool,
+    /// Set when the queue overflowed while the peer was down: writes are
+    /// then not queued for it at all (each one would only be dropped with
+    /// the next backlog) until it answers again, when anti-entropy is asked
+    /// to repair it.
+    suspended: std::sync::atomic::AtomicBool,
     /// Anti-entropy rounds in a row that left busy buckets unrepaired (see
     /// `anti_entropy::exchange`).
     pub(crate) busy_rounds: std::sync::atomic::AtomicU32,
@@ -107,6 +112,9 @@ pub struct PeerView {
     pub legacy: bool,
     /// Writes waiting in the queue.
     pub queue_depth: u64,
+    /// True while writes are not queued for this peer: it was down when its
+    /// queue overflowed. Cleared (and a repair asked for) when it answers.
+    pub suspended: bool,
     /// Batches delivered.
     pub sent_batches: u64,
     /// Failed attempts (each retried).
@@ -143,12 +151,18 @@ impl PeerState {
             }),
             queued: AtomicU64::new(0),
             overflow: std::sync::atomic::AtomicBool::new(false),
+            suspended: std::sync::atomic::AtomicBool::new(false),
             busy_rounds: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
     pub(crate) fn overflowed(&self) {
         self.overflow.store(true, Ordering::Release);
+    }
+
+    /// True while writes are not queued for this peer (see `suspended`).
+    pub(crate) fn suspended(&self) -> bool {
+        self.suspended.load(Ordering::Acquire)
     }
 
     /// Records a peer's hello answer (from the link or anti-entropy).
@@ -240,6 +254,7 @@ impl PeerState {
             ready: s.peer_ready,
             legacy: s.legacy,
             queue_depth: self.queued.load(Ordering::Relaxed),
+            suspended: self.suspended(),
             sent_batches: s.sent_batches,
             failed_attempts: s.failed_attempts,
             dropped_entries: s.dropped_entries,
@@ -248,7 +263,8 @@ impl PeerState {
         }
     }
 
-    fn succeeded(&self) {
+    /// The peer answered. True if writes were suspended for it until now.
+    fn succeeded(&self) -> bool {
         let mut s = self.status();
         if s.reachability != Reachability::Up {
             info!(peer = %s.discovered.grpc_addr, "peer is up");
@@ -256,6 +272,7 @@ impl PeerState {
         s.reachability = Reachability::Up;
         s.last_ok = Some(SystemTime::now());
         s.last_error = None;
+        self.suspended.swap(false, Ordering::AcqRel)
     }
 
     fn failed(&self, error: String) {
@@ -443,6 +460,12 @@ fn drop_backlog(
     items: Vec<Outgoing>,
     peer: &str,
 ) {
+    // A peer that is down would only fill the queue again: stop queueing
+    // for it until it answers (`answered`).
+    let suspend = state.status().reachability == Reachability::Down;
+    if suspend {
+        state.suspended.store(true, Ordering::Release);
+    }
     let mut dropped = items;
     let taken_from_queue = dropped.len();
     while let Ok(item) = queue_rx.try_recv() {
@@ -467,7 +490,11 @@ fn drop_backlog(
         .queue_overflows
         .get_or_create(&label("peer", peer.to_owned()))
         .inc();
-    warn!(%peer, entries, "peer queue overflowed; backlog dropped, repair requested");
+    if suspend {
+        warn!(%peer, entries, "peer queue overflowed while the peer is down; backlog dropped, writes for it not queued until it answers");
+    } else {
+        warn!(%peer, entries, "peer queue overflowed; backlog dropped, repair requested");
+    }
     for item in dropped {
         if let Some(ack_tx) = item.ack_tx {
             let _ = ack_tx.send(DeliveryStatus::Dropped);
@@ -487,6 +514,17 @@ enum Delivered {
     Overflowed,
 }
 
+/// The peer answered: marks it up, and if writes were suspended for it,
+/// queues them again from now on and asks anti-entropy to repair what it
+/// missed meanwhile.
+fn answered(ctx: &LinkContext, state: &PeerState) {
+    if state.succeeded() {
+        let peer = state.view().grpc_addr;
+        info!(%peer, "peer answers again; queueing writes for it, repair requested");
+        let _ = ctx.repair_tx.try_send(peer);
+    }
+}
+
 /// Asks the peer who it is; detects a legacy peer.
 async fn hello(ctx: &LinkContext, clients: &mut Clients, state: &PeerState) {
     let request = tonic::Request::new(HelloRequest {
@@ -496,11 +534,11 @@ async fn hello(ctx: &LinkContext, clients: &mut Clients, state: &PeerState) {
         Ok(Ok(response)) => {
             let response = response.into_inner();
             state.record_hello(response.node, response.ready, response.stale);
-            state.succeeded();
+            answered(ctx, state);
         }
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
             state.status().legacy = true;
-            state.succeeded();
+            answered(ctx, state);
         }
         Ok(Err(status)) => state.failed(format!("hello: {}", status.message())),
         Err(_) => state.failed("hello: timed out".into()),
@@ -539,7 +577,7 @@ async fn deliver(
             };
             match result {
                 Ok(()) => {
-                    state.succeeded();
+                    answered(ctx, state);
                     state.status().sent_batches += 1;
                     ctx.metrics.batches_sent.get_or_create(peer_label).inc();
                     ctx.metrics
