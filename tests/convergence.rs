@@ -25,6 +25,16 @@ async fn entries(cluster: &Cluster, i: usize, ty: i32) -> serde_json::Value {
         .clone()
 }
 
+/// Node `i`'s `/v1/cluster` answer.
+async fn cluster_view(cluster: &Cluster, i: usize) -> serde_json::Value {
+    cluster
+        .client(i)
+        .get("/v1/cluster")
+        .await
+        .expect("cluster")
+        .json()
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name))
@@ -144,12 +154,7 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
         metric(&text, "podcache_replication_queue_overflows_total") >= 1
     })
     .await;
-    let view = cluster
-        .client(0)
-        .get("/v1/cluster")
-        .await
-        .expect("cluster")
-        .json();
+    let view = cluster_view(&cluster, 0).await;
     let depth = view["peers"][0]["queue_depth"].as_u64().unwrap_or(u64::MAX);
     assert!(depth <= 8, "the queue stays bounded: {depth}; {metrics}");
     // The peer was down when its queue overflowed: writes for it are no
@@ -165,12 +170,7 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
         answer["replication"][0]["status"], "dropped_peer_down",
         "{answer}"
     );
-    let view = cluster
-        .client(0)
-        .get("/v1/cluster")
-        .await
-        .expect("cluster")
-        .json();
+    let view = cluster_view(&cluster, 0).await;
     let depth = view["peers"][0]["queue_depth"].as_u64().unwrap_or(u64::MAX);
     assert!(depth <= 1, "nothing more is queued for it: {view}");
     // Back, with no peers of its own (no bootstrap): repair alone fills it.
@@ -193,13 +193,7 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
     .await;
     // ... and writes are queued for it again.
     wait_until("writes queued again", Duration::from_secs(10), || async {
-        let view = cluster
-            .client(0)
-            .get("/v1/cluster")
-            .await
-            .expect("cluster")
-            .json();
-        view["peers"][0]["suspended"] == false
+        cluster_view(&cluster, 0).await["peers"][0]["suspended"] == false
     })
     .await;
     let answer = cluster
