@@ -25,6 +25,16 @@ async fn entries(cluster: &Cluster, i: usize, ty: i32) -> serde_json::Value {
         .clone()
 }
 
+/// Writes `key` in type 2 on node 0 with `?wait=all`; the answer.
+async fn put_waiting(cluster: &Cluster, key: &str) -> serde_json::Value {
+    cluster
+        .client(0)
+        .put(2, key, "v", "wait=all")
+        .await
+        .expect("put")
+        .json()
+}
+
 /// Node `i`'s `/v1/cluster` answer.
 async fn cluster_view(cluster: &Cluster, i: usize) -> serde_json::Value {
     cluster
@@ -160,12 +170,7 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
     // The peer was down when its queue overflowed: writes for it are no
     // longer queued at all until it answers again.
     assert_eq!(view["peers"][0]["suspended"], true, "{view}");
-    let answer = cluster
-        .client(0)
-        .put(2, "while-down", "v", "wait=all")
-        .await
-        .expect("put")
-        .json();
+    let answer = put_waiting(&cluster, "while-down").await;
     assert_eq!(
         answer["replication"][0]["status"], "dropped_peer_down",
         "{answer}"
@@ -196,12 +201,7 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
         cluster_view(&cluster, 0).await["peers"][0]["suspended"] == false
     })
     .await;
-    let answer = cluster
-        .client(0)
-        .put(2, "after", "v", "wait=all")
-        .await
-        .expect("put")
-        .json();
+    let answer = put_waiting(&cluster, "after").await;
     assert_eq!(answer["replication"][0]["status"], "acked", "{answer}");
     cluster.shutdown().await;
 }

@@ -519,7 +519,7 @@ enum Delivered {
 /// missed meanwhile.
 fn answered(ctx: &LinkContext, state: &PeerState) {
     if state.succeeded() {
-        let peer = state.view().grpc_addr;
+        let peer = state.status().discovered.grpc_addr.clone();
         info!(%peer, "peer answers again; queueing writes for it, repair requested");
         let _ = ctx.repair_tx.try_send(peer);
     }
