@@ -32,9 +32,12 @@ pub struct NodeConfig {
     /// Largest gRPC message this node accepts. Default 16 MiB. Fan-out
     /// batches and snapshot chunks are cut well below it.
     pub max_grpc_message_bytes: usize,
-    /// Writes waiting per peer before new ones are dropped (and counted).
-    /// Default 10,000.
-    pub peer_queue_capacity: usize,
+    /// How long a peer that answers no call keeps its pending writes held
+    /// for it; past it they are released (counted as dropped, reason
+    /// `peer_down_released`) and anti-entropy repairs the peer when it
+    /// answers again. A peer that answers, however slowly, is never
+    /// released. Default 10 minutes.
+    pub down_peer_retention: Duration,
     /// Most bytes of entries in one fan-out request. Default 1 MiB.
     pub max_batch_bytes: usize,
     /// How long `?wait=all` waits for every peer. Default 5 s.
@@ -100,7 +103,7 @@ impl NodeConfig {
             limits: Limits::default(),
             max_body_bytes: 8 * 1024 * 1024,
             max_grpc_message_bytes: 16 * 1024 * 1024,
-            peer_queue_capacity: 10_000,
+            down_peer_retention: Duration::from_secs(600),
             max_batch_bytes: 1024 * 1024,
             wait_timeout: Duration::from_secs(5),
             rpc_timeout: Duration::from_secs(5),
@@ -146,11 +149,6 @@ impl NodeConfig {
         if self.tombstone_grace < self.anti_entropy_interval * 10 {
             return Err(ConfigError::Invalid(
                 "the tombstone grace must be at least ten anti-entropy intervals".into(),
-            ));
-        }
-        if self.peer_queue_capacity == 0 {
-            return Err(ConfigError::Invalid(
-                "peer queue capacity must be at least 1".into(),
             ));
         }
         if self.max_batch_bytes > self.max_grpc_message_bytes / 2 {

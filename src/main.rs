@@ -335,9 +335,20 @@ struct ServeArgs {
     /// Largest gRPC message in bytes.
     #[arg(long, env = "PODCACHE_MAX_GRPC_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_grpc_message_bytes: usize,
-    /// Writes queued per peer before new ones are dropped.
-    #[arg(long, env = "PODCACHE_PEER_QUEUE_CAPACITY", default_value_t = 10_000)]
-    peer_queue_capacity: usize,
+    /// No longer used: fan-out holds every pending key for a live peer, with
+    /// no queue to overflow. Accepted (with a warning) so that existing
+    /// manifests keep starting.
+    #[arg(long, env = "PODCACHE_PEER_QUEUE_CAPACITY", hide = true)]
+    peer_queue_capacity: Option<usize>,
+    /// How long a peer that answers no call keeps its pending writes, in
+    /// milliseconds; then they are released and anti-entropy repairs it
+    /// when it returns.
+    #[arg(
+        long,
+        env = "PODCACHE_DOWN_PEER_RETENTION_MS",
+        default_value_t = 600_000
+    )]
+    down_peer_retention_ms: u64,
     /// How long ?wait=all waits, in milliseconds.
     #[arg(long, env = "PODCACHE_WAIT_TIMEOUT_MS", default_value_t = 5_000)]
     wait_timeout_ms: u64,
@@ -565,7 +576,12 @@ fn node_config(args: &ServeArgs) -> Result<NodeConfig, Failure> {
     config.limits.max_total_bytes = args.max_memory_bytes;
     config.max_body_bytes = args.max_body_bytes;
     config.max_grpc_message_bytes = args.max_grpc_message_bytes;
-    config.peer_queue_capacity = args.peer_queue_capacity;
+    if args.peer_queue_capacity.is_some() {
+        tracing::warn!(
+            "--peer-queue-capacity is no longer used: fan-out keeps every pending key for a live peer"
+        );
+    }
+    config.down_peer_retention = Duration::from_millis(args.down_peer_retention_ms);
     config.wait_timeout = Duration::from_millis(args.wait_timeout_ms);
     config.rpc_timeout = Duration::from_millis(args.rpc_timeout_ms);
     config.shutdown_grace = Duration::from_millis(args.shutdown_grace_ms);

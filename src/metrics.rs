@@ -53,7 +53,12 @@ pub struct Metrics {
     /// Entries dropped because a peer's queue was full or the peer left.
     pub entries_dropped: Family<Labels, Counter>,
     /// Writes waiting in each peer's queue.
-    pub queue_depth: Family<Labels, Gauge>,
+    pub pending_entries: Family<Labels, Gauge>,
+    /// Bytes of keys and values waiting for each peer.
+    pub pending_bytes: Family<Labels, Gauge>,
+    /// Epochs from a peer too large to hold back until their end, merged in
+    /// parts.
+    pub epochs_split: Counter,
     /// Live entries per namespace (`type`).
     pub entries: Family<Labels, Gauge>,
     /// Bytes of keys and values per namespace (`type`).
@@ -87,9 +92,6 @@ pub struct Metrics {
     pub anti_entropy_repaired: Counter,
     /// Full resyncs after being cut off longer than the tombstone grace.
     pub full_resyncs: Counter,
-    /// Times a peer's queue overflowed (its backlog was dropped and the peer
-    /// marked for repair).
-    pub queue_overflows: Family<Labels, Counter>,
     /// Tombstones and expired entries held, per namespace (`type`).
     pub tombstones: Family<Labels, Gauge>,
     /// Time from a write's acceptance on its origin node (its version's wall
@@ -169,11 +171,23 @@ impl Metrics {
             "Entries not delivered to a peer, by peer and reason",
             entries_dropped.clone(),
         );
-        let queue_depth = Family::<Labels, Gauge>::default();
+        let pending_entries = Family::<Labels, Gauge>::default();
         registry.register(
-            "replication_queue_depth",
-            "Writes waiting in each peer's queue",
-            queue_depth.clone(),
+            "replication_pending_entries",
+            "Entries of this node's writes waiting for each peer (a key counts once per epoch it is in)",
+            pending_entries.clone(),
+        );
+        let pending_bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "replication_pending_bytes",
+            "Bytes of keys and values of this node's writes waiting for each peer",
+            pending_bytes.clone(),
+        );
+        let epochs_split = Counter::default();
+        registry.register(
+            "replication_epochs_split",
+            "Epochs from a peer too large to hold back until their last request, merged in parts",
+            epochs_split.clone(),
         );
         let entries = Family::<Labels, Gauge>::default();
         registry.register("entries", "Live entries per namespace", entries.clone());
@@ -253,12 +267,6 @@ impl Metrics {
             "full_resyncs",
             "Full resyncs after being cut off longer than the tombstone grace",
             full_resyncs.clone(),
-        );
-        let queue_overflows = Family::<Labels, Counter>::default();
-        registry.register(
-            "replication_queue_overflows",
-            "Times a peer's queue overflowed and its backlog was dropped for a repair",
-            queue_overflows.clone(),
         );
         let tombstones = Family::<Labels, Gauge>::default();
         registry.register(
@@ -346,7 +354,6 @@ impl Metrics {
             anti_entropy_rounds,
             anti_entropy_repaired,
             full_resyncs,
-            queue_overflows,
             tombstones,
             discovery_relists,
             discovery_stale,
@@ -361,7 +368,9 @@ impl Metrics {
             batches_sent,
             batches_failed,
             entries_dropped,
-            queue_depth,
+            pending_entries,
+            pending_bytes,
+            epochs_split,
             entries,
             bytes,
             peers,

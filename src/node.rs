@@ -1,23 +1,24 @@
-//! One podcache node: the store, the gRPC and REST servers, discovery, fan-out
-//! and bootstrap, wired together and shut down in order.
+//! One podcache node, wired together: the replica, the gRPC and REST
+//! servers, discovery, the peer links, bootstrap and anti-entropy, started
+//! in order and shut down in order.
 //!
-//! Owns: start-up ([`NodeBuilder::start`]), the shared state every adapter
-//! works on ([`Shared`]), the two write paths (local and remote) and the
-//! shutdown order. Must not touch: wire formats (`rpc`, `api`) or the merge
-//! rule (`store`).
+//! Owns: start-up ([`NodeBuilder::start`]), the background loops that only
+//! connect parts (membership, bootstrap then ready, expiry, secret
+//! reloads), every task's owner, and the shutdown order. Must not touch:
+//! wire formats (`rpc`, `api`), the merge rule (`store`), the write path
+//! (`replica`); it hands each adapter what it uses.
 //!
 //! # How a write flows
-//! REST `PUT` → [`Shared::write_local`]: the store stamps and stores it, a
-//! change event goes to watchers, and the record is queued to every peer
-//! link ([`crate::replication`]). A peer's `Replicate` RPC →
-//! [`Shared::apply_remote`]: merged by version, published to watchers, never
-//! forwarded again.
+//! REST `PUT`, `Sync/Set` or [`NodeHandle::set`] → [`Replica::write`]: the
+//! store stamps and stores it, it becomes pending for every peer in the
+//! change index, watchers see it, and each peer's link sends it with the
+//! next epoch. A peer's `ReplicateStream` → [`Replica::apply_remote`]:
+//! merged by version, published to watchers, never forwarded again.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
@@ -25,122 +26,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use crate::identity::{NodeIdentity, unix_ms};
+pub use crate::replica::{
+    BootstrapReport, Change, ChangeEvent, DeliveryReport, DeliveryStatus, Origin, WriteOutcome,
+};
+
+use crate::api::Api;
 use crate::config::{ConfigError, NodeConfig};
 use crate::discovery::{Discovery, DiscoveryContext, DiscoveryState, PeerSet};
-use crate::metrics::{Metrics, label};
-use crate::replication::bootstrap::{BootstrapReport, run_bootstrap};
-use crate::replication::{DeliveryReport, Replicator};
-use crate::store::{Record, Store, StoreError};
-
-/// Milliseconds since the Unix epoch, from the wall clock.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Who this node is, as told to peers in every request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeIdentity {
-    /// Tie-break id stamped into every version this node creates; derived
-    /// from the name and start time, so a restarted pod gets a new one.
-    pub node_id: u64,
-    /// Pod name.
-    pub name: String,
-    /// The address peers dial: `<pod IP>:<gRPC port>`.
-    pub grpc_addr: String,
-    /// Process start, Unix milliseconds; the oldest node is the bootstrap
-    /// source for newcomers.
-    pub started_at_ms: i64,
-    /// Pod IP.
-    pub pod_ip: String,
-    /// Host IP, if known.
-    pub host_ip: Option<String>,
-}
-
-impl NodeIdentity {
-    /// An identity for unit tests of discovery backends: pod `name` at
-    /// `grpc_addr`, started now.
-    #[cfg(any(test, feature = "testsuite"))]
-    pub fn for_test(name: &str, grpc_addr: &str) -> Self {
-        let pod_ip = grpc_addr
-            .rsplit_once(':')
-            .map_or(grpc_addr, |(ip, _)| ip)
-            .to_owned();
-        Self {
-            node_id: 1,
-            name: name.to_owned(),
-            grpc_addr: grpc_addr.to_owned(),
-            started_at_ms: unix_ms() as i64,
-            pod_ip,
-            host_ip: None,
-        }
-    }
-
-    fn new(config: &NodeConfig, grpc_port: u16) -> Self {
-        let started = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let grpc_addr = SocketAddr::new(config.pod_ip, grpc_port).to_string();
-        // FNV-1a over name, address and start time: stable, cheap, and
-        // distinct across incarnations of the same pod.
-        let mut node_id: u64 = 0xcbf2_9ce4_8422_2325;
-        let seed = format!("{}|{}|{}", config.pod_name, grpc_addr, started.as_nanos());
-        for byte in seed.bytes() {
-            node_id ^= u64::from(byte);
-            node_id = node_id.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        Self {
-            node_id,
-            name: config.pod_name.clone(),
-            grpc_addr,
-            started_at_ms: started.as_millis() as i64,
-            pod_ip: config.pod_ip.to_string(),
-            host_ip: config.host_ip.clone(),
-        }
-    }
-}
-
-/// Where a change came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// A write on this node (REST or library).
-    Local,
-    /// A peer's fan-out or a legacy `Sync/Set`.
-    Peer,
-    /// The bootstrap pull.
-    Bootstrap,
-}
-
-impl Origin {
-    /// Lower-case name, as shown in watch events.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Origin::Local => "local",
-            Origin::Peer => "peer",
-            Origin::Bootstrap => "bootstrap",
-        }
-    }
-}
-
-/// One change to the store, as seen by watchers.
-#[derive(Debug, Clone)]
-pub struct ChangeEvent {
-    /// The new entry (a tombstone for deletes).
-    pub record: Record,
-    /// Where it came from.
-    pub origin: Origin,
-}
-
-/// What a local write did, and, with `wait`, what each peer said.
-#[derive(Debug, Clone)]
-pub struct WriteOutcome {
-    /// The stored records, in request order.
-    pub records: Vec<Record>,
-    /// Per peer delivery, when the write waited for acknowledgements.
-    pub replication: Option<Vec<DeliveryReport>>,
-}
+use crate::metrics::Metrics;
+use crate::replica::Replica;
+use crate::replication::Replicator;
+use crate::replication::bootstrap::run_bootstrap;
+use crate::rpc::RpcContext;
+use crate::store::StoreError;
 
 /// Why a node could not start or a write was refused.
 #[derive(Debug, thiserror::Error)]
@@ -165,157 +64,6 @@ pub enum NodeError {
     /// The TLS files are missing or invalid.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-}
-
-/// State shared by the REST API, the gRPC services and the background loops
-/// of one node.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    /// Settings, fixed at start.
-    pub(crate) config: NodeConfig,
-    /// Who this node is.
-    pub(crate) identity: NodeIdentity,
-    /// The replicated state.
-    pub(crate) store: Store,
-    /// This node's metrics (its own registry).
-    pub(crate) metrics: Arc<Metrics>,
-    /// Change notifications for `/v1/watch` and embedders.
-    pub(crate) events_tx: broadcast::Sender<Arc<ChangeEvent>>,
-    /// True once the bootstrap pull is done; `/readyz` answers from it.
-    pub(crate) ready: AtomicBool,
-    /// Peer links and fan-out queues.
-    pub(crate) replicator: Replicator,
-    /// The latest membership published by discovery.
-    pub(crate) peers_rx: watch::Receiver<PeerSet>,
-    /// Name of the discovery source.
-    pub(crate) discovery_name: &'static str,
-    /// What the bootstrap pull did, once it is done.
-    pub(crate) bootstrap: Mutex<Option<BootstrapReport>>,
-    /// When this node last completed anti-entropy with a peer (or had no
-    /// peer to sync with, or finished its bootstrap), Unix ms. Older than
-    /// the tombstone grace means the node is stale: see [`Shared::is_stale`].
-    pub(crate) last_full_sync_ms: AtomicU64,
-    /// Fires when the node stops serving, first step of shutdown (ends
-    /// watch streams so graceful HTTP shutdown is not held open).
-    pub(crate) shutdown: CancellationToken,
-    /// REST credentials, when a token file is configured.
-    pub(crate) auth: Option<Arc<crate::api::auth::Auth>>,
-    /// Certificates for mutual TLS between replicas, when configured.
-    pub(crate) tls: Option<Arc<crate::tls::PeerTls>>,
-    /// One permit per open `/v1/watch` stream.
-    pub(crate) watch_permits: Arc<tokio::sync::Semaphore>,
-}
-
-impl Shared {
-    pub(crate) fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// True when this node has not synced with any peer for longer than the
-    /// tombstone grace: it may hold entries whose tombstones the others have
-    /// purged, so it resyncs before anti-entropy trusts it.
-    pub(crate) fn is_stale(&self, now_ms: u64) -> bool {
-        let last = self.last_full_sync_ms.load(Ordering::Acquire);
-        last != 0 && now_ms.saturating_sub(last) > self.config.tombstone_grace.as_millis() as u64
-    }
-
-    /// Records a completed sync.
-    pub(crate) fn synced(&self, now_ms: u64) {
-        self.last_full_sync_ms.fetch_max(now_ms, Ordering::AcqRel);
-    }
-
-    fn publish(&self, records: &[Record], origin: Origin) {
-        if self.events_tx.receiver_count() == 0 {
-            return;
-        }
-        for record in records {
-            // An error only means nobody is listening right now.
-            let _ = self.events_tx.send(Arc::new(ChangeEvent {
-                record: record.clone(),
-                origin,
-            }));
-        }
-    }
-
-    /// The local write path: store, publish, fan out; with `wait`, waits for
-    /// every peer known now (bounded by the configured timeout).
-    pub(crate) async fn write_local(&self, records: Vec<Record>, wait: bool) -> WriteOutcome {
-        self.publish(&records, Origin::Local);
-        let pending = self.replicator.fan_out(Arc::from(records.as_slice()), wait);
-        let replication = if wait {
-            Some(Replicator::wait_all(pending, self.config.wait_timeout).await)
-        } else {
-            None
-        };
-        WriteOutcome {
-            records,
-            replication,
-        }
-    }
-
-    /// Tombstones and expired entries older than this are dropped here and
-    /// not taken back from peers.
-    pub(crate) fn purge_horizon(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.config.tombstone_grace.as_millis() as u64)
-    }
-
-    /// Publishes records a legacy `Sync/Set` applied.
-    pub(crate) fn publish_remote(&self, records: &[Record]) {
-        self.publish(records, Origin::Peer);
-    }
-
-    /// The remote write path: merge, count, publish. Never fans out again.
-    pub(crate) fn apply_remote(
-        &self,
-        records: Vec<Record>,
-        source: &'static str,
-    ) -> crate::store::MergeOutcome {
-        let now = unix_ms();
-        let outcome = self
-            .store
-            .merge_with_horizon(records, now, self.purge_horizon(now));
-        self.count_remote(&outcome, source);
-        if source == "replicate" {
-            for record in &outcome.applied {
-                let written = crate::store::clock::hlc_ms(record.entry.version().hlc);
-                let lag_ms = now.saturating_sub(written);
-                self.metrics.replication_lag.observe(lag_ms as f64 / 1000.0);
-            }
-        }
-        let origin = if source == "bootstrap" {
-            Origin::Bootstrap
-        } else {
-            Origin::Peer
-        };
-        self.publish(&outcome.applied, origin);
-        outcome
-    }
-
-    pub(crate) fn count_remote(&self, outcome: &crate::store::MergeOutcome, source: &'static str) {
-        let m = &self.metrics;
-        m.remote_applied
-            .get_or_create(&label("source", source))
-            .inc_by(outcome.applied.len() as u64);
-        m.remote_stale.inc_by(outcome.stale as u64);
-        for err in &outcome.rejected {
-            let reason = match err {
-                StoreError::ClockSkew(_) => "clock_skew",
-                StoreError::Full { .. } => "capacity",
-                _ => "limit",
-            };
-            m.remote_rejected
-                .get_or_create(&label("reason", reason))
-                .inc();
-        }
-        if let Some(first) = outcome.rejected.first() {
-            warn!(
-                count = outcome.rejected.len(),
-                source,
-                error = %first,
-                "refused entries from a peer"
-            );
-        }
-    }
 }
 
 /// Builds and starts a node.
@@ -421,6 +169,7 @@ impl NodeBuilder {
         let discovery = self
             .discovery
             .unwrap_or_else(|| Box::new(crate::discovery::StaticList::new(Vec::<String>::new())));
+        let discovery_name = discovery.name();
 
         let cancel = CancellationToken::new();
         // Serving stops before the rest, so it has its own token.
@@ -428,106 +177,105 @@ impl NodeBuilder {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let (peers_tx, peers_rx) = watch::channel(PeerSet::pending());
-        let (events_tx, _) = broadcast::channel(4096);
         let (repair_tx, repair_rx) = tokio::sync::mpsc::channel(64);
-        let replicator = Replicator::new(
-            &config,
-            &identity,
+        let watch_streams = config.max_watch_streams;
+        let replica = Arc::new(Replica::new(config, identity, metrics));
+        let replicator = Arc::new(Replicator::new(
+            replica.clone(),
             tls.clone(),
-            metrics.clone(),
             repair_tx,
             cancel.child_token(),
-        );
-        let shared = Arc::new(Shared {
-            store: Store::new(identity.node_id, config.limits.clone()),
-            identity,
-            metrics,
-            events_tx,
-            ready: AtomicBool::new(false),
-            replicator,
-            peers_rx: peers_rx.clone(),
-            discovery_name: discovery.name(),
-            bootstrap: Mutex::new(None),
-            last_full_sync_ms: AtomicU64::new(0),
-            shutdown: stop_serving.clone(),
-            auth,
-            tls,
-            watch_permits: Arc::new(tokio::sync::Semaphore::new(config.max_watch_streams)),
-            config,
-        });
+        ));
         info!(
-            name = %shared.identity.name,
-            node_id = format!("{:016x}", shared.identity.node_id),
+            name = %replica.identity.name,
+            node_id = format!("{:016x}", replica.identity.node_id),
             grpc = %grpc_local,
             http = ?http_local,
-            advertised = %shared.identity.grpc_addr,
-            discovery = shared.discovery_name,
+            advertised = %replica.identity.grpc_addr,
+            discovery = discovery_name,
             "node starting"
         );
+        let api = Arc::new(Api {
+            replica: replica.clone(),
+            replicator: replicator.clone(),
+            peers_rx: peers_rx.clone(),
+            discovery_name,
+            auth: auth.clone(),
+            watch_permits: Arc::new(tokio::sync::Semaphore::new(watch_streams)),
+            stop: stop_serving.clone(),
+        });
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
-        let grpc_task = tokio::spawn(crate::rpc::serve(
-            shared.clone(),
-            grpc_listener,
-            health_service,
-            stop_serving.clone(),
-        ));
-        let http_task = http_listener.map(|listener| {
-            tokio::spawn(crate::api::serve(
-                shared.clone(),
-                listener,
-                stop_serving.clone(),
-            ))
-        });
+        let serving = TaskTracker::new();
+        let rpc = RpcContext {
+            replica: replica.clone(),
+            tls: tls.clone(),
+            stop: stop_serving.clone(),
+            tasks: serving.clone(),
+        };
+        serving.spawn(crate::rpc::serve(rpc, grpc_listener, health_service));
+        if let Some(listener) = http_listener {
+            serving.spawn(crate::api::serve(api.clone(), listener));
+        }
+        serving.close();
 
         tracker.spawn(discovery.run(DiscoveryContext {
-            identity: shared.identity.clone(),
+            identity: replica.identity.clone(),
             peers_tx,
             cancel: cancel.clone(),
-            metrics: shared.metrics.clone(),
+            metrics: replica.metrics.clone(),
         }));
-        tracker.spawn(membership_loop(shared.clone(), peers_rx, cancel.clone()));
+        tracker.spawn(membership_loop(
+            replica.clone(),
+            replicator.clone(),
+            peers_rx.clone(),
+            cancel.clone(),
+        ));
         tracker.spawn(bootstrap_then_ready(
-            shared.clone(),
+            replica.clone(),
+            tls.clone(),
+            peers_rx,
             health.clone(),
             cancel.clone(),
         ));
-        tracker.spawn(expiry_loop(shared.clone(), cancel.clone()));
-        let interval = shared.config.secrets_reload_interval;
-        if let Some(auth) = shared.auth.clone() {
+        tracker.spawn(expiry_loop(replica.clone(), cancel.clone()));
+        let interval = replica.config.secrets_reload_interval;
+        if let Some(auth) = auth {
             tracker.spawn(crate::reload::reload_loop(
                 "tokens",
                 interval,
-                shared.metrics.clone(),
+                replica.metrics.clone(),
                 cancel.clone(),
                 move || auth.reload_if_changed(),
             ));
         }
-        if let Some(tls) = shared.tls.clone() {
+        if let Some(tls) = tls {
             tracker.spawn(crate::reload::reload_loop(
                 "tls",
                 interval,
-                shared.metrics.clone(),
+                replica.metrics.clone(),
                 cancel.clone(),
                 move || tls.reload_if_changed(),
             ));
         }
         tracker.spawn(crate::replication::anti_entropy::anti_entropy_loop(
-            shared.clone(),
+            replica.clone(),
+            replicator.clone(),
             repair_rx,
             cancel.clone(),
         ));
 
         Ok(NodeHandle {
-            shared,
+            replica,
+            replicator,
+            api,
             cancel,
             stop_serving,
             tracker,
-            grpc_task,
-            http_task,
+            serving,
             health,
             grpc_addr: grpc_local,
             http_addr: http_local,
@@ -549,7 +297,8 @@ fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, No
 
 /// Follows discovery: opens and closes peer links as membership changes.
 async fn membership_loop(
-    shared: Arc<Shared>,
+    replica: Arc<Replica>,
+    replicator: Arc<Replicator>,
     mut peers_rx: watch::Receiver<PeerSet>,
     cancel: CancellationToken,
 ) {
@@ -569,8 +318,8 @@ async fn membership_loop(
                 last_state_kind = Some(kind);
             }
             if set.state != DiscoveryState::Pending {
-                shared.replicator.update_peers(&set.peers);
-                shared.metrics.peers.set(set.peers.len() as i64);
+                replicator.update_peers(&set.peers);
+                replica.metrics.peers.set(set.peers.len() as i64);
             }
         }
         tokio::select! {
@@ -583,11 +332,12 @@ async fn membership_loop(
 /// Waits for discovery's first answer, pulls the state from the oldest peer,
 /// then reports ready.
 async fn bootstrap_then_ready(
-    shared: Arc<Shared>,
+    replica: Arc<Replica>,
+    tls: Option<Arc<crate::tls::PeerTls>>,
+    mut peers_rx: watch::Receiver<PeerSet>,
     health: tonic_health::server::HealthReporter,
     cancel: CancellationToken,
 ) {
-    let mut peers_rx = shared.peers_rx.clone();
     let peers = tokio::select! {
         _ = cancel.cancelled() => return,
         set = peers_rx.wait_for(PeerSet::answered) => match set {
@@ -597,20 +347,16 @@ async fn bootstrap_then_ready(
     };
     let report = tokio::select! {
         _ = cancel.cancelled() => return,
-        report = run_bootstrap(&shared, &peers) => report,
+        report = run_bootstrap(&replica, tls.as_ref(), &peers) => report,
     };
-    shared
+    replica
         .metrics
         .bootstrap_seconds
         .observe(report.duration.as_secs_f64());
-    shared.metrics.bootstrap_entries.inc_by(report.entries);
-    *shared
-        .bootstrap
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner) = Some(report);
-    shared.synced(unix_ms());
-    shared.ready.store(true, Ordering::Release);
-    shared.metrics.ready.set(1);
+    replica.metrics.bootstrap_entries.inc_by(report.entries);
+    replica.set_bootstrap_report(report);
+    replica.synced(unix_ms());
+    replica.set_ready(true);
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -618,16 +364,15 @@ async fn bootstrap_then_ready(
 }
 
 /// Drops entries whose expiry passed longer ago than the grace period.
-async fn expiry_loop(shared: Arc<Shared>, cancel: CancellationToken) {
-    let period =
-        Duration::from_secs(30).min(shared.config.tombstone_grace.max(Duration::from_secs(1)));
+async fn expiry_loop(replica: Arc<Replica>, cancel: CancellationToken) {
+    let grace = replica.config.tombstone_grace;
+    let period = Duration::from_secs(30).min(grace.max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let grace = shared.config.tombstone_grace.as_millis() as u64;
-        let purged = shared.store.purge(unix_ms(), grace);
+        let purged = replica.purge_expired();
         if purged > 0 {
             tracing::debug!(purged, "dropped expired entries");
         }
@@ -637,12 +382,15 @@ async fn expiry_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 /// A running node. Dropping it does not stop the node; call
 /// [`NodeHandle::shutdown`].
 pub struct NodeHandle {
-    shared: Arc<Shared>,
+    replica: Arc<Replica>,
+    replicator: Arc<Replicator>,
+    api: Arc<Api>,
     cancel: CancellationToken,
     stop_serving: CancellationToken,
+    /// Background loops: discovery, membership, bootstrap, anti-entropy...
     tracker: TaskTracker,
-    grpc_task: tokio::task::JoinHandle<()>,
-    http_task: Option<tokio::task::JoinHandle<()>>,
+    /// The servers and the tasks they spawn.
+    serving: TaskTracker,
     health: tonic_health::server::HealthReporter,
     grpc_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
@@ -651,7 +399,7 @@ pub struct NodeHandle {
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeHandle")
-            .field("name", &self.shared.identity.name)
+            .field("name", &self.replica.identity.name)
             .field("grpc_addr", &self.grpc_addr)
             .field("http_addr", &self.http_addr)
             .finish()
@@ -671,12 +419,12 @@ impl NodeHandle {
 
     /// This node's identity.
     pub fn identity(&self) -> &NodeIdentity {
-        &self.shared.identity
+        &self.replica.identity
     }
 
     /// True once the bootstrap pull is done.
     pub fn is_ready(&self) -> bool {
-        self.shared.is_ready()
+        self.replica.is_ready()
     }
 
     /// Waits until the node is ready.
@@ -688,19 +436,22 @@ impl NodeHandle {
 
     /// What the bootstrap pull did, once done.
     pub fn bootstrap_report(&self) -> Option<BootstrapReport> {
-        self.shared
-            .bootstrap
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.replica.bootstrap_report()
     }
 
     /// The live value of one key on this replica.
     pub fn get(&self, ty: i32, key: &str) -> Option<String> {
-        self.shared
+        self.replica
             .store
             .get(ty, key, unix_ms())
             .and_then(|e| e.value().map(str::to_owned))
+    }
+
+    /// Any local change through the one write path; with `wait`, answers
+    /// once every peer acknowledged it (or the wait timed out), saying per
+    /// peer what happened.
+    pub async fn write(&self, change: Change<'_>, wait: bool) -> Result<WriteOutcome, NodeError> {
+        Ok(self.replica.write(change, wait).await?)
     }
 
     /// Sets one entry here and fans it out to every peer.
@@ -711,32 +462,33 @@ impl NodeHandle {
         value: &str,
         ttl_secs: Option<u64>,
     ) -> Result<WriteOutcome, NodeError> {
-        let record = self.shared.store.set(ty, key, value, ttl_secs, unix_ms())?;
-        Ok(self.shared.write_local(vec![record], false).await)
+        let change = Change::Set {
+            ty,
+            key,
+            value,
+            ttl_secs,
+        };
+        self.write(change, false).await
     }
 
     /// Deletes one entry here and everywhere; `Ok(None)` when it was absent.
     pub async fn delete(&self, ty: i32, key: &str) -> Result<Option<WriteOutcome>, NodeError> {
-        match self.shared.store.delete(ty, key, unix_ms())? {
-            Some(record) => Ok(Some(self.shared.write_local(vec![record], false).await)),
-            None => Ok(None),
-        }
+        let outcome = self.write(Change::Delete { ty, key }, false).await?;
+        Ok((!outcome.records.is_empty()).then_some(outcome))
     }
 
     /// Every live entry, by namespace then key.
     pub fn snapshot(&self) -> BTreeMap<i32, BTreeMap<String, String>> {
         let now = unix_ms();
-        self.shared
-            .store
+        let store = &self.replica.store;
+        store
             .types()
             .into_iter()
             .map(|ty| {
-                let entries = self
-                    .shared
-                    .store
-                    .namespace_pairs(ty, now)
-                    .collect::<BTreeMap<_, _>>();
-                (ty, entries)
+                (
+                    ty,
+                    store.namespace_pairs(ty, now).collect::<BTreeMap<_, _>>(),
+                )
             })
             .filter(|(_, entries)| !entries.is_empty())
             .collect()
@@ -744,40 +496,42 @@ impl NodeHandle {
 
     /// Every change from now on, local or replicated.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
-        self.shared.events_tx.subscribe()
+        self.replica.subscribe()
     }
 
     /// The REST API as a router, for a service that embeds the node in its
     /// own HTTP server.
     pub fn router(&self) -> axum::Router {
-        crate::api::router(self.shared.clone())
+        crate::api::router(self.api.clone())
     }
 
     /// The node's metrics in Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        crate::api::render_metrics(&self.shared)
+        crate::api::render_metrics(&self.api)
     }
 
-    /// Graceful shutdown: not ready, stop accepting, let in-flight requests
-    /// finish, drain the fan-out queues, stop discovery, wait for every task
-    /// (all bounded by the configured grace period).
+    /// Graceful shutdown, in order: not ready, stop accepting, let
+    /// in-flight requests finish, send what is pending to every peer, stop
+    /// discovery and the loops, wait for every task (all bounded by the
+    /// configured grace period).
     pub async fn shutdown(self) {
-        let grace = self.shared.config.shutdown_grace;
-        info!(name = %self.shared.identity.name, "shutting down");
-        self.shared.ready.store(false, Ordering::Release);
-        self.shared.metrics.ready.set(0);
+        let grace = self.replica.config.shutdown_grace;
+        info!(name = %self.replica.identity.name, "shutting down");
+        self.replica.set_ready(false);
         self.health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         // Watch streams end now so that graceful HTTP shutdown is not held
-        // open by them; the loops keep running until the queues drained.
+        // open by them; the loops keep running until fan-out drained.
         self.stop_serving.cancel();
         let deadline = tokio::time::Instant::now() + grace;
-        let _ = tokio::time::timeout_at(deadline, self.grpc_task).await;
-        if let Some(http) = self.http_task {
-            let _ = tokio::time::timeout_at(deadline, http).await;
+        if tokio::time::timeout_at(deadline, self.serving.wait())
+            .await
+            .is_err()
+        {
+            warn!("requests still in flight at the end of the grace period");
         }
-        self.shared.replicator.drain(deadline).await;
+        self.replicator.drain(deadline).await;
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout_at(deadline + Duration::from_secs(1), self.tracker.wait())
@@ -788,17 +542,15 @@ impl NodeHandle {
         }
     }
 
-    /// Stops at once, as a crash would: no draining, queued writes are lost.
-    /// For tests that need a node to vanish.
+    /// Stops at once, as a crash would: no draining, pending writes are
+    /// lost. For tests that need a node to vanish.
     #[cfg(any(test, feature = "testsuite"))]
     pub async fn kill(self) {
-        self.shared.ready.store(false, Ordering::Release);
+        self.replica.set_ready(false);
         self.stop_serving.cancel();
         self.cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.grpc_task).await;
-        if let Some(http) = self.http_task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.serving.wait()).await;
+        self.replicator.drain(tokio::time::Instant::now()).await;
         self.tracker.close();
         self.tracker.wait().await;
     }

@@ -76,12 +76,35 @@ pub fn wire_size(record: &Record) -> usize {
 /// the same bytes from the records themselves (shared, never copied). It
 /// only encodes: the callee decodes a plain `ReplicateRequest` (the test
 /// below checks that both encodings are the same bytes).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReplicateBatch {
     /// `ReplicateRequest.sender`.
     pub sender: Option<podcache::NodeInfo>,
-    /// `ReplicateRequest.entries`, as records.
-    pub records: Vec<Record>,
+    /// The records `range` of which are `ReplicateRequest.entries`: an
+    /// epoch shared by every peer's send, never copied.
+    pub records: std::sync::Arc<[Record]>,
+    /// Which of `records` this request carries.
+    pub range: std::ops::Range<usize>,
+    /// `ReplicateRequest.more`.
+    pub more: bool,
+}
+
+impl ReplicateBatch {
+    /// The records this request carries.
+    pub fn entries(&self) -> &[Record] {
+        self.records.get(self.range.clone()).unwrap_or_default()
+    }
+}
+
+impl Default for ReplicateBatch {
+    fn default() -> Self {
+        Self {
+            sender: None,
+            records: std::sync::Arc::from(Vec::new()),
+            range: 0..0,
+            more: false,
+        }
+    }
 }
 
 mod replicate_batch {
@@ -96,6 +119,7 @@ mod replicate_batch {
     /// `ReplicateRequest` field numbers.
     const SENDER: u32 = 1;
     const ENTRIES: u32 = 2;
+    const MORE: u32 = 3;
 
     /// The encoded length of a string field (omitted when empty, as proto3
     /// does for default values).
@@ -158,7 +182,7 @@ mod replicate_batch {
             if let Some(sender) = &self.sender {
                 encoding::message::encode(SENDER, sender, buf);
             }
-            for record in &self.records {
+            for record in self.entries() {
                 encode_key(ENTRIES, WireType::LengthDelimited, buf);
                 encode_varint(entry_len(record) as u64, buf);
                 let (key, value) = record.entry.key_value();
@@ -170,6 +194,7 @@ mod replicate_batch {
                     put_varint(tag, value, buf);
                 }
             }
+            put_varint(MORE, u64::from(self.more), buf);
         }
 
         fn merge_field(
@@ -189,19 +214,18 @@ mod replicate_batch {
                 .as_ref()
                 .map_or(0, |s| encoding::message::encoded_len(SENDER, s));
             let entries: usize = self
-                .records
+                .entries()
                 .iter()
                 .map(|r| {
                     let len = entry_len(r);
                     key_len(ENTRIES) + encoded_len_varint(len as u64) + len
                 })
                 .sum();
-            sender + entries
+            sender + entries + varint_len(MORE, u64::from(self.more))
         }
 
         fn clear(&mut self) {
-            self.sender = None;
-            self.records.clear();
+            *self = Self::default();
         }
     }
 }
@@ -261,15 +285,19 @@ mod tests {
             pod_ip: "10.0.0.1".into(),
             host_ip: String::new(),
         };
-        for sender in [Some(sender), None] {
+        let shared: std::sync::Arc<[Record]> = records.to_vec().into();
+        for (sender, more) in [(Some(sender), false), (None, true)] {
             for n in 0..=records.len() {
                 let ours = ReplicateBatch {
                     sender: sender.clone(),
-                    records: records[..n].to_vec(),
+                    records: shared.clone(),
+                    range: 0..n,
+                    more,
                 };
                 let theirs = podcache::ReplicateRequest {
                     sender: sender.clone(),
                     entries: records[..n].iter().map(record_to_wire).collect(),
+                    more,
                 };
                 let bytes = ours.encode_to_vec();
                 assert_eq!(bytes, theirs.encode_to_vec());

@@ -1,6 +1,6 @@
 //! Anti-entropy over real sockets: nodes converge on writes fan-out never
-//! delivered, an overflowing queue drops its backlog and the peer is
-//! repaired, and a node cut off longer than the tombstone grace resyncs
+//! delivered, a peer down past the retention is released and repaired when
+//! it returns, and a node cut off longer than the tombstone grace resyncs
 //! instead of bringing deleted keys back.
 
 mod common;
@@ -133,14 +133,14 @@ async fn anti_entropy_repairs_writes_that_fan_out_never_delivered_both_ways() {
 }
 
 #[tokio::test]
-async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
+async fn a_peer_down_past_the_retention_is_released_and_repaired_when_it_returns() {
     let mut cluster = Cluster::start_with(2, |c| {
         fast(c);
-        c.peer_queue_capacity = 8;
+        c.down_peer_retention = Duration::from_secs(1);
     })
     .await;
     cluster.kill(1).await;
-    // Node 1 is down: node 0's queue to it fills, overflows, is dropped.
+    // Node 1 is down: node 0 holds its writes for it, for the retention.
     for i in 0..200 {
         cluster
             .client(0)
@@ -148,36 +148,34 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
             .await
             .expect("put");
     }
-    let metrics = cluster
+    let view = cluster_view(&cluster, 0).await;
+    assert_eq!(view["peers"][0]["released"], false, "{view}");
+    assert_eq!(view["peers"][0]["pending_entries"], 200, "{view}");
+    wait_until(
+        "the down peer is released",
+        Duration::from_secs(10),
+        || async { cluster_view(&cluster, 0).await["peers"][0]["released"] == true },
+    )
+    .await;
+    let view = cluster_view(&cluster, 0).await;
+    assert_eq!(view["peers"][0]["pending_entries"], 0, "{view}");
+    let text = cluster
         .client(0)
         .get("/metrics")
         .await
         .expect("metrics")
         .text();
-    wait_until("overflow counted", Duration::from_secs(5), || async {
-        let text = cluster
-            .client(0)
-            .get("/metrics")
-            .await
-            .expect("metrics")
-            .text();
-        metric(&text, "podcache_replication_queue_overflows_total") >= 1
-    })
-    .await;
-    let view = cluster_view(&cluster, 0).await;
-    let depth = view["peers"][0]["queue_depth"].as_u64().unwrap_or(u64::MAX);
-    assert!(depth <= 8, "the queue stays bounded: {depth}; {metrics}");
-    // The peer was down when its queue overflowed: writes for it are no
-    // longer queued at all until it answers again.
-    assert_eq!(view["peers"][0]["suspended"], true, "{view}");
+    assert_eq!(
+        metric(&text, "podcache_replication_entries_dropped_total{peer=\""),
+        200,
+        "{text}"
+    );
+    // Released: writes are not held for it, and waiting says so.
     let answer = put_waiting(&cluster, "while-down").await;
     assert_eq!(
         answer["replication"][0]["status"], "dropped_peer_down",
         "{answer}"
     );
-    let view = cluster_view(&cluster, 0).await;
-    let depth = view["peers"][0]["queue_depth"].as_u64().unwrap_or(u64::MAX);
-    assert!(depth <= 1, "nothing more is queued for it: {view}");
     // Back, with no peers of its own (no bootstrap): repair alone fills it.
     cluster
         .restart_with_peers(
@@ -196,9 +194,9 @@ async fn an_overflowing_queue_drops_its_backlog_and_the_peer_is_repaired() {
         },
     )
     .await;
-    // ... and writes are queued for it again.
-    wait_until("writes queued again", Duration::from_secs(10), || async {
-        cluster_view(&cluster, 0).await["peers"][0]["suspended"] == false
+    // ... and writes are held for it again.
+    wait_until("taken back", Duration::from_secs(10), || async {
+        cluster_view(&cluster, 0).await["peers"][0]["released"] == false
     })
     .await;
     let answer = put_waiting(&cluster, "after").await;

@@ -413,6 +413,7 @@ fn fuzz_grpc_messages_into_the_store() {
                 .replicate(ReplicateRequest {
                     sender: Some(sender()),
                     entries: entries.clone(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|e| TestCaseError::fail(e.to_string()))?

@@ -120,6 +120,7 @@ async fn invalid_writes_from_peers_are_refused_and_change_nothing() {
         .replicate(ReplicateRequest {
             sender: None,
             entries: vec![],
+            ..Default::default()
         })
         .await
         .expect_err("refused");
@@ -147,6 +148,7 @@ async fn invalid_writes_from_peers_are_refused_and_change_nothing() {
                 entry("", "empty".into(), now),
                 entry("good", "yes".into(), now),
             ],
+            ..Default::default()
         })
         .await
         .expect("partially applied")
@@ -163,6 +165,7 @@ async fn invalid_writes_from_peers_are_refused_and_change_nothing() {
         .replicate(ReplicateRequest {
             sender: Some(sender()),
             entries: vec![huge],
+            ..Default::default()
         })
         .await
         .expect_err("too large");
@@ -203,6 +206,7 @@ async fn replicate_stream_answers_each_batch_in_order_and_ends_at_a_bad_one() {
     let batch = |entries| ReplicateRequest {
         sender: Some(sender()),
         entries,
+        ..Default::default()
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut answers = replica
@@ -225,6 +229,7 @@ async fn replicate_stream_answers_each_batch_in_order_and_ends_at_a_bad_one() {
     tx.send(ReplicateRequest {
         sender: None,
         entries: vec![entry("c", "3", now)],
+        ..Default::default()
     })
     .await
     .expect("send");

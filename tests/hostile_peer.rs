@@ -78,6 +78,7 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
         .replicate(ReplicateRequest {
             sender: Some(impostor()),
             entries,
+            ..Default::default()
         })
         .await
         .expect("answered")
@@ -102,6 +103,7 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
         big.replicate(ReplicateRequest {
             sender: Some(impostor()),
             entries: vec![huge],
+            ..Default::default()
         })
         .await
         .is_err()

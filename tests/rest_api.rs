@@ -490,7 +490,8 @@ async fn cluster_view_names_every_member_and_the_oldest() {
     for peer in view["peers"].as_array().expect("peers") {
         assert!(peer["started_at_ms"].as_i64().is_some_and(|t| t > 0));
         assert!(peer["pod_ip"].as_str().is_some());
-        assert_eq!(peer["queue_depth"], 0);
+        assert_eq!(peer["pending_entries"], 0);
+        assert_eq!(peer["released"], false);
     }
     cluster.shutdown().await;
 }

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 
-use crate::replication::DeliveryReport;
+use crate::replica::DeliveryReport;
 use crate::store::{Record, Version};
 
 /// A JSON document being written.

@@ -19,9 +19,9 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::Api;
 use super::error::ApiError;
 use crate::metrics::label;
-use crate::node::Shared;
 use crate::reload::FileStamps;
 
 /// Shortest token accepted.
@@ -212,7 +212,7 @@ impl Auth {
 /// admitted request gets the permit it holds until its answer is ready
 /// (none for probes); a refused one gets its answer.
 pub(crate) fn admit(
-    shared: &Shared,
+    api: &Api,
     permits: &Arc<Semaphore>,
     request: &Request,
 ) -> Result<Option<OwnedSemaphorePermit>, Box<Response>> {
@@ -226,7 +226,7 @@ pub(crate) fn admit(
         match permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {
-                shared
+                api.replica
                     .metrics
                     .overloaded
                     .get_or_create(&label("what", "requests"))
@@ -244,7 +244,7 @@ pub(crate) fn admit(
             }
         }
     };
-    if let Some(auth) = &shared.auth {
+    if let Some(auth) = &api.auth {
         let needed = auth.required(request.method(), path);
         if needed != Access::Open {
             let presented = request
@@ -273,7 +273,7 @@ pub(crate) fn admit(
                 Some(Some(_)) => None,
             };
             if let Some((reason, status, code, message)) = refusal {
-                shared
+                api.replica
                     .metrics
                     .auth_failures
                     .get_or_create(&label("reason", reason))

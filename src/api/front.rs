@@ -27,13 +27,13 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::{BoxFuture, Either};
 use tokio::sync::Semaphore;
 
+use super::Api;
 use super::ApiError;
-use crate::node::Shared;
 
 /// The REST service of one node: [`tower::Service`] over every request.
 #[derive(Clone)]
 pub(crate) struct Front {
-    shared: Arc<Shared>,
+    api: Arc<Api>,
     /// Requests in progress (`max_concurrent_requests`).
     permits: Arc<Semaphore>,
     /// Every endpoint but the entry one.
@@ -43,11 +43,11 @@ pub(crate) struct Front {
 type Answer = Result<Response, Infallible>;
 
 impl Front {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(api: Arc<Api>) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(shared.config.max_concurrent_requests)),
-            routes: super::routes(shared.clone()),
-            shared,
+            permits: Arc::new(Semaphore::new(api.replica.config.max_concurrent_requests)),
+            routes: super::routes(api.clone()),
+            api,
         }
     }
 }
@@ -62,7 +62,7 @@ impl tower::Service<Request> for Front {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let permit = match super::auth::admit(&self.shared, &self.permits, &request) {
+        let permit = match super::auth::admit(&self.api, &self.permits, &request) {
             Ok(permit) => permit,
             Err(refusal) => return Either::Left(ready(Ok(*refusal))),
         };
@@ -100,17 +100,17 @@ impl tower::Service<Request> for Front {
             Err(error) => return Either::Left(ready(Ok(error.into_response()))),
         };
         if method == Method::GET || method == Method::HEAD {
-            let answer = super::get_entry(&self.shared, ty, &key);
+            let answer = super::get_entry(&self.api, ty, &key);
             return Either::Left(ready(Ok(answer.into_response())));
         }
-        let shared = self.shared.clone();
+        let api = self.api.clone();
         Either::Right(Box::pin(async move {
             let answer = if method == Method::PUT {
-                super::put_entry(&shared, ty, key, request)
+                super::put_entry(&api, ty, key, request)
                     .await
                     .into_response()
             } else {
-                super::delete_entry(&shared, ty, key, request.uri())
+                super::delete_entry(&api, ty, key, request.uri())
                     .await
                     .into_response()
             };

@@ -36,21 +36,45 @@ use tracing::{debug, error};
 pub use error::ApiError;
 
 use crate::discovery::DiscoveryState;
+use crate::discovery::PeerSet;
+use crate::identity::unix_ms;
 use crate::metrics::label;
-use crate::node::{Shared, WriteOutcome, unix_ms};
-use crate::replication::DeliveryReport;
+use crate::replica::{Change, DeliveryReport, Replica, WriteOutcome};
+use crate::replication::Replicator;
+use crate::replication::oldest::{self, Age};
 use crate::store::Record;
+
+/// What the REST API uses of the node.
+#[derive(Debug)]
+pub(crate) struct Api {
+    pub(crate) replica: Arc<Replica>,
+    /// The peer links, for `/v1/cluster` and the per-peer gauges.
+    pub(crate) replicator: Arc<Replicator>,
+    /// The latest membership published by discovery.
+    pub(crate) peers_rx: tokio::sync::watch::Receiver<PeerSet>,
+    /// Name of the discovery source.
+    pub(crate) discovery_name: &'static str,
+    /// REST credentials, when a token file is configured.
+    pub(crate) auth: Option<Arc<auth::Auth>>,
+    /// One permit per open `/v1/watch` stream.
+    pub(crate) watch_permits: Arc<tokio::sync::Semaphore>,
+    /// Fires when the node stops serving (ends watch streams, so graceful
+    /// HTTP shutdown is not held open by them).
+    pub(crate) stop: CancellationToken,
+}
 
 /// Serves REST on `listener` until `stop` fires, then lets in-flight
 /// requests finish.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn serve(api: Arc<Api>, listener: TcpListener) {
+    let stop = api.stop.clone();
     let listener = crate::conn_limit::LimitedListener {
         listener,
-        permits: Arc::new(tokio::sync::Semaphore::new(shared.config.max_connections)),
-        metrics: shared.metrics.clone(),
+        permits: Arc::new(tokio::sync::Semaphore::new(
+            api.replica.config.max_connections,
+        )),
+        metrics: api.replica.metrics.clone(),
     };
-    let app =
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(front::Front::new(shared));
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(front::Front::new(api));
     if let Err(err) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
@@ -60,13 +84,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
 }
 
 /// The REST API of one node, as a router to merge into a service's own.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new().fallback_service(front::Front::new(shared))
+pub(crate) fn router(api: Arc<Api>) -> Router {
+    Router::new().fallback_service(front::Front::new(api))
 }
 
 /// Every endpoint but `/v1/cache/{type}/{key}` (served by [`front`], which
 /// also runs the request gate before these).
-fn routes(shared: Arc<Shared>) -> Router {
+fn routes(api: Arc<Api>) -> Router {
     Router::new()
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
         .route("/v1/watch/{type}", get(watch))
@@ -77,7 +101,7 @@ fn routes(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { method_not_allowed() })
-        .with_state(shared)
+        .with_state(api)
 }
 
 async fn not_found() -> ApiError {
@@ -157,12 +181,8 @@ fn write_options(
 }
 
 /// Reads the body, refusing more than the configured limit.
-async fn read_body(
-    shared: &Shared,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<bytes::Bytes, ApiError> {
-    let limit = shared.config.max_body_bytes;
+async fn read_body(api: &Api, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let limit = api.replica.config.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -184,8 +204,8 @@ async fn read_body(
     })
 }
 
-fn count(shared: &Shared, op: &'static str) {
-    let ops = &shared.metrics.ops;
+fn count(api: &Api, op: &'static str) {
+    let ops = &api.replica.metrics.ops;
     match op {
         "get" => ops.get.inc(),
         "set" => ops.set.inc(),
@@ -232,9 +252,10 @@ fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
     body
 }
 
-fn get_entry(shared: &Shared, ty: i32, key: &str) -> Result<Response, ApiError> {
-    count(shared, "get");
-    let entry = shared
+fn get_entry(api: &Api, ty: i32, key: &str) -> Result<Response, ApiError> {
+    count(api, "get");
+    let entry = api
+        .replica
         .store
         .get(ty, key, unix_ms())
         .ok_or_else(|| ApiError::absent(ty, key))?;
@@ -242,32 +263,38 @@ fn get_entry(shared: &Shared, ty: i32, key: &str) -> Result<Response, ApiError> 
 }
 
 async fn put_entry(
-    shared: &Shared,
+    api: &Api,
     ty: i32,
     key: String,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let options = write_options(Query::try_from_uri(&parts.uri))?;
-    let body = read_body(shared, &parts.headers, body).await?;
+    let body = read_body(api, &parts.headers, body).await?;
     let value = std::str::from_utf8(&body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the value must be UTF-8 text: {e}"))
     })?;
-    let record = shared
-        .store
-        .set(ty, &key, value, options.ttl_secs, unix_ms())
-        .inspect_err(|e| reject(shared, e))?;
-    count(shared, "set");
+    let change = Change::Set {
+        ty,
+        key: &key,
+        value,
+        ttl_secs: options.ttl_secs,
+    };
+    let outcome = api
+        .replica
+        .write(change, options.wait_all)
+        .await
+        .inspect_err(|e| reject(api, e))?;
+    count(api, "set");
     debug!(ty, key = %key, "set");
-    let outcome = shared.write_local(vec![record], options.wait_all).await;
     Ok(answer::entry(
         &outcome.records[0],
         outcome.replication.as_deref(),
     ))
 }
 
-fn reject(shared: &Shared, err: &crate::store::StoreError) {
-    shared
+fn reject(api: &Api, err: &crate::store::StoreError) {
+    api.replica
         .metrics
         .rejected
         .get_or_create(&label("reason", ApiError::from(err.clone()).code))
@@ -275,7 +302,7 @@ fn reject(shared: &Shared, err: &crate::store::StoreError) {
 }
 
 async fn delete_entry(
-    shared: &Shared,
+    api: &Api,
     ty: i32,
     key: String,
     uri: &axum::http::Uri,
@@ -287,14 +314,15 @@ async fn delete_entry(
             "ttl has no meaning on a delete",
         ));
     }
-    let record = shared
-        .store
-        .delete(ty, &key, unix_ms())
-        .inspect_err(|e| reject(shared, e))?
-        .ok_or_else(|| ApiError::absent(ty, &key))?;
-    count(shared, "delete");
-    let outcome = shared.write_local(vec![record], options.wait_all).await;
-    let record = &outcome.records[0];
+    let outcome = api
+        .replica
+        .write(Change::Delete { ty, key: &key }, options.wait_all)
+        .await
+        .inspect_err(|e| reject(api, e))?;
+    let Some(record) = outcome.records.first() else {
+        return Err(ApiError::absent(ty, &key));
+    };
+    count(api, "delete");
     let body = json!({
         "type": ty,
         "key": record.key(),
@@ -305,12 +333,12 @@ async fn delete_entry(
 }
 
 async fn get_namespace(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<Api>>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let ty = type_path(path)?;
-    count(&shared, "list");
-    let entries = shared.store.namespace(ty, unix_ms());
+    count(&api, "list");
+    let entries = api.replica.store.namespace(ty, unix_ms());
     let entries: BTreeMap<&str, &str> = entries
         .iter()
         .filter_map(|e| Some((e.key(), e.value()?)))
@@ -351,7 +379,7 @@ fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Text<'_>>, ApiError> {
 }
 
 async fn post_batch(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<Api>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
@@ -359,15 +387,20 @@ async fn post_batch(
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let options = write_options(query)?;
-    let body = read_body(&shared, &headers, body).await?;
+    let body = read_body(&api, &headers, body).await?;
     let parsed = parse_batch(&body)?;
     let entries: Vec<(&str, &str)> = parsed.iter().map(|(k, v)| (&*k.0, &*v.0)).collect();
-    let records = shared
-        .store
-        .set_many(ty, entries.iter().copied(), options.ttl_secs, unix_ms())
-        .inspect_err(|e| reject(&shared, e))?;
-    count(&shared, "batch");
-    let outcome = shared.write_local(records, options.wait_all).await;
+    let change = Change::Batch {
+        ty,
+        entries: &entries,
+        ttl_secs: options.ttl_secs,
+    };
+    let outcome = api
+        .replica
+        .write(change, options.wait_all)
+        .await
+        .inspect_err(|e| reject(&api, e))?;
+    count(&api, "batch");
     Ok(answer::batch(
         ty,
         &outcome.records,
@@ -393,14 +426,14 @@ struct WatchParams {
 
 /// A live Server-Sent Events stream of every change to one namespace.
 async fn watch(
-    State(shared): State<Arc<Shared>>,
+    State(api): State<Arc<Api>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<WatchParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let Ok(permit) = shared.watch_permits.clone().try_acquire_owned() else {
-        shared
+    let Ok(permit) = api.watch_permits.clone().try_acquire_owned() else {
+        api.replica
             .metrics
             .overloaded
             .get_or_create(&label("what", "watches"))
@@ -411,8 +444,8 @@ async fn watch(
             "too many watch streams are open on this node; retry later",
         ));
     };
-    count(&shared, "watch");
-    let events = BroadcastStream::new(shared.events_tx.subscribe());
+    count(&api, "watch");
+    let events = BroadcastStream::new(api.replica.subscribe());
     let key = params.key;
     let stream = events
         .filter_map(move |item| {
@@ -438,36 +471,49 @@ async fn watch(
             let _held = &permit;
             std::future::ready(event.map(Ok::<_, Infallible>))
         })
-        .take_until(shared.shutdown.clone().cancelled_owned());
+        .take_until(api.stop.clone().cancelled_owned());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
 }
 
-async fn cluster(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(cluster_json(&shared))
+async fn cluster(State(api): State<Arc<Api>>) -> Json<Value> {
+    Json(cluster_json(&api))
 }
 
 /// The `/v1/cluster` document.
-pub(crate) fn cluster_json(shared: &Shared) -> Value {
-    let me = &shared.identity;
-    let peers = shared.replicator.peer_views();
-    let set = shared.peers_rx.borrow().clone();
-    // The oldest member, this node included: smallest (start time, node id).
-    let mut oldest = (me.started_at_ms, me.node_id, me.grpc_addr.clone());
-    for p in &peers {
-        if let (Some(started), Some(id)) = (p.started_at_ms, p.node_id.as_deref()) {
-            let id = u64::from_str_radix(id, 16).unwrap_or(u64::MAX);
-            if (started, id) < (oldest.0, oldest.1) {
-                oldest = (started, id, p.grpc_addr.clone());
-            }
-        }
-    }
+pub(crate) fn cluster_json(api: &Api) -> Value {
+    let me = &api.replica.identity;
+    let peers = api.replicator.peer_views();
+    let set = api.peers_rx.borrow().clone();
+    // The oldest member, this node included, by the one seniority rule.
+    let node_ids: Vec<Option<u64>> = peers
+        .iter()
+        .map(|p| {
+            p.node_id
+                .as_deref()
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+        })
+        .collect();
+    let mut members = vec![Age {
+        discovered_ms: None,
+        own_ms: Some(me.started_at_ms),
+        node_id: Some(me.node_id),
+        addr: &me.grpc_addr,
+    }];
+    members.extend(peers.iter().zip(&node_ids).map(|(p, id)| Age {
+        discovered_ms: p.started_at_ms,
+        own_ms: None,
+        node_id: *id,
+        addr: &p.grpc_addr,
+    }));
+    let oldest = oldest::oldest(&members)
+        .map_or_else(|| me.grpc_addr.clone(), |i| members[i].addr.to_owned());
     let peers_json: Vec<Value> = peers
         .iter()
         .map(|p| {
             let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-            v["oldest"] = json!(p.grpc_addr == oldest.2);
+            v["oldest"] = json!(p.grpc_addr == oldest);
             v
         })
         .collect();
@@ -478,11 +524,7 @@ pub(crate) fn cluster_json(shared: &Shared) -> Value {
             ("stale", last_good.map(system_ms), Some(error.clone()))
         }
     };
-    let bootstrap = shared
-        .bootstrap
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let bootstrap = api.replica.bootstrap_report();
     json!({
         "node": {
             "name": me.name,
@@ -491,13 +533,13 @@ pub(crate) fn cluster_json(shared: &Shared) -> Value {
             "host_ip": me.host_ip,
             "grpc_addr": me.grpc_addr,
             "started_at_ms": me.started_at_ms,
-            "ready": shared.is_ready(),
-            "oldest": oldest.2 == me.grpc_addr,
+            "ready": api.replica.is_ready(),
+            "oldest": oldest == me.grpc_addr,
         },
-        "oldest": oldest.2,
+        "oldest": oldest,
         "peers": peers_json,
         "discovery": {
-            "source": shared.discovery_name,
+            "source": api.discovery_name,
             "state": state,
             "last_good_ms": last_good_ms,
             "error": error,
@@ -527,8 +569,8 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "alive" }))
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    if shared.is_ready() {
+async fn readyz(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
+    if api.replica.is_ready() {
         Ok(Json(json!({ "status": "ready" })))
     } else {
         Err(ApiError::new(
@@ -539,21 +581,21 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiErr
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        render_metrics(&shared),
+        render_metrics(&api),
     )
         .into_response()
 }
 
 /// Refreshes the gauges computed from state, then renders every metric.
-pub(crate) fn render_metrics(shared: &Shared) -> String {
-    let m = &shared.metrics;
-    for (ty, stats) in shared.store.stats(unix_ms()) {
+pub(crate) fn render_metrics(api: &Api) -> String {
+    let m = &api.replica.metrics;
+    for (ty, stats) in api.replica.store.stats(unix_ms()) {
         m.entries
             .get_or_create(&label("type", ty.to_string()))
             .set(stats.entries as i64);
@@ -564,13 +606,17 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
             .get_or_create(&label("type", ty.to_string()))
             .set(stats.tombstones as i64);
     }
-    m.held_bytes.set(shared.store.held_bytes() as i64);
+    m.held_bytes.set(api.replica.store.held_bytes() as i64);
     m.capacity_bytes
-        .set(shared.store.limits().max_total_bytes as i64);
-    for peer in shared.replicator.peer_views() {
-        m.queue_depth
-            .get_or_create(&label("peer", peer.grpc_addr))
-            .set(peer.queue_depth as i64);
+        .set(api.replica.store.limits().max_total_bytes as i64);
+    for peer in api.replicator.peer_views() {
+        let peer_label = label("peer", peer.grpc_addr);
+        m.pending_entries
+            .get_or_create(&peer_label)
+            .set(peer.pending_entries as i64);
+        m.pending_bytes
+            .get_or_create(&peer_label)
+            .set(peer.pending_bytes as i64);
     }
     m.render()
 }

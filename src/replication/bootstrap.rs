@@ -1,52 +1,31 @@
 //! The bootstrap pull: a starting node asks every peer who it is, picks the
-//! one that has run longest, and pulls its whole state in streamed chunks,
-//! falling back to the next oldest when one fails and to `Sync/GetAll` for a
-//! peer that speaks only the original protocol.
+//! one that has run longest ([`super::oldest`]), and pulls its whole state
+//! in streamed chunks, falling back to the next oldest when one fails and to
+//! `Sync/GetAll` for a peer that speaks only the original protocol.
 //!
 //! Writes that arrive while the pull runs are not lost: the gRPC service is
 //! already serving, and every chunk is merged by version, so a newer entry
 //! received meanwhile is never overwritten by the older copy in the chunk.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use super::{node_info, peer_channel};
+use super::error::{Call, ReplicationError, within};
+use super::oldest::{Age, seniority};
+use super::peer_channel;
 use crate::discovery::Peer;
-use crate::node::Shared;
 use crate::proto::hellorpc::{SyncRequest, sync_client::SyncClient};
 use crate::proto::podcache::{
     self as pb, HelloRequest, SnapshotRequest, replica_client::ReplicaClient,
 };
 use crate::proto::{record_from_wire, wire_size};
+pub use crate::replica::BootstrapReport;
+use crate::replica::Replica;
 use crate::store::{Record, Version};
-
-/// What the bootstrap pull did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BootstrapReport {
-    /// The peer the state came from (its dial address), if any.
-    pub source: Option<String>,
-    /// That peer's name, if known.
-    pub source_name: Option<String>,
-    /// `snapshot` (podcache.v1), `getall` (original protocol) or `none`.
-    pub method: &'static str,
-    /// Entries received.
-    pub entries: u64,
-    /// Approximate bytes received.
-    pub bytes: u64,
-    /// Time from the first hello to the last chunk merged.
-    #[serde(serialize_with = "as_millis")]
-    pub duration: Duration,
-    /// Peers tried before the one that worked (or all of them), with why
-    /// they failed.
-    pub failed_attempts: Vec<(String, String)>,
-}
-
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
 
 /// A peer considered as bootstrap source.
 #[derive(Debug)]
@@ -59,31 +38,32 @@ struct Candidate {
 }
 
 impl Candidate {
-    /// Sort key: ready podcache peers first, oldest first (start time then
-    /// node id); then podcache peers still bootstrapping; then legacy peers,
-    /// whose age is unknown unless discovery knew it. The start time is the
-    /// one discovery reports (a pod's running container `startedAt`) when it
-    /// has one, else the peer's own.
-    fn order(&self) -> (u8, i64, u64, String) {
-        match &self.info {
-            Some(info) => (
-                if self.ready { 0 } else { 1 },
-                self.peer.started_at_ms.unwrap_or(info.started_at_ms),
-                info.node_id,
-                self.peer.grpc_addr.clone(),
-            ),
-            None => (
-                2,
-                self.peer.started_at_ms.unwrap_or(i64::MAX),
-                0,
-                self.peer.grpc_addr.clone(),
-            ),
-        }
+    /// Sort key: ready podcache peers first, then podcache peers still
+    /// bootstrapping, then legacy peers (whose age is unknown unless
+    /// discovery knew it); within each, oldest first by the one seniority
+    /// rule.
+    fn order(&self) -> (u8, (i64, u64, String)) {
+        let rank = match (&self.info, self.ready) {
+            (Some(_), true) => 0,
+            (Some(_), false) => 1,
+            (None, _) => 2,
+        };
+        let age = Age {
+            discovered_ms: self.peer.started_at_ms,
+            own_ms: self.info.as_ref().map(|i| i.started_at_ms),
+            node_id: self.info.as_ref().map(|i| i.node_id),
+            addr: &self.peer.grpc_addr,
+        };
+        (rank, seniority(&age))
     }
 }
 
 /// Pulls the whole state from the longest-running reachable peer.
-pub(crate) async fn run_bootstrap(shared: &Shared, peers: &[Peer]) -> BootstrapReport {
+pub(crate) async fn run_bootstrap(
+    replica: &Replica,
+    tls: Option<&Arc<crate::tls::PeerTls>>,
+    peers: &[Peer],
+) -> BootstrapReport {
     let started = Instant::now();
     let mut report = BootstrapReport {
         source: None,
@@ -94,13 +74,13 @@ pub(crate) async fn run_bootstrap(shared: &Shared, peers: &[Peer]) -> BootstrapR
         duration: Duration::ZERO,
         failed_attempts: Vec::new(),
     };
-    let candidates = join_all(peers.iter().map(|peer| probe(shared, peer))).await;
+    let candidates = join_all(peers.iter().map(|peer| probe(replica, tls, peer))).await;
     let mut candidates: Vec<Candidate> = candidates
         .into_iter()
         .filter_map(|c| match c {
             Ok(c) => Some(c),
             Err((addr, error)) => {
-                report.failed_attempts.push((addr, error));
+                report.failed_attempts.push((addr, error.to_string()));
                 None
             }
         })
@@ -115,12 +95,14 @@ pub(crate) async fn run_bootstrap(shared: &Shared, peers: &[Peer]) -> BootstrapR
             .or_else(|| candidate.peer.name.clone());
         info!(peer = %addr, name = ?name, "bootstrapping from peer");
         let result = match candidate.info {
-            Some(_) => pull_snapshot(shared, candidate.channel.clone(), &mut report).await,
-            None => Err("legacy".to_owned()),
+            Some(_) => pull_snapshot(replica, candidate.channel.clone(), &mut report).await,
+            None => Err(ReplicationError::Unimplemented {
+                call: Call::Snapshot,
+            }),
         };
         let result = match result {
-            Err(e) if e == "legacy" || e.starts_with("unimplemented") => {
-                pull_get_all(shared, candidate.channel, &mut report).await
+            Err(e) if e.is_unimplemented() => {
+                pull_get_all(replica, candidate.channel, &mut report).await
             }
             other => other,
         };
@@ -133,7 +115,7 @@ pub(crate) async fn run_bootstrap(shared: &Shared, peers: &[Peer]) -> BootstrapR
             }
             Err(error) => {
                 warn!(peer = %addr, %error, "bootstrap from this peer failed; trying the next oldest");
-                report.failed_attempts.push((addr, error));
+                report.failed_attempts.push((addr, error.to_string()));
             }
         }
     }
@@ -148,16 +130,25 @@ pub(crate) async fn run_bootstrap(shared: &Shared, peers: &[Peer]) -> BootstrapR
     report
 }
 
-async fn probe(shared: &Shared, peer: &Peer) -> Result<Candidate, (String, String)> {
+async fn probe(
+    replica: &Replica,
+    tls: Option<&Arc<crate::tls::PeerTls>>,
+    peer: &Peer,
+) -> Result<Candidate, (String, ReplicationError)> {
     let addr = peer.grpc_addr.clone();
-    let channel =
-        peer_channel(&addr, &shared.config, shared.tls.as_ref()).map_err(|e| (addr.clone(), e))?;
+    let channel = peer_channel(&addr, &replica.config, tls).map_err(|e| (addr.clone(), e))?;
     let mut client = ReplicaClient::new(channel.clone());
     let request = HelloRequest {
-        sender: Some(node_info(&shared.identity)),
+        sender: Some(replica.identity.to_wire()),
     };
-    match tokio::time::timeout(shared.config.rpc_timeout, client.hello(request)).await {
-        Ok(Ok(response)) => {
+    match within(
+        Call::Hello,
+        replica.config.rpc_timeout,
+        client.hello(request),
+    )
+    .await
+    {
+        Ok(response) => {
             let response = response.into_inner();
             Ok(Candidate {
                 peer: peer.clone(),
@@ -166,62 +157,48 @@ async fn probe(shared: &Shared, peer: &Peer) -> Result<Candidate, (String, Strin
                 ready: response.ready,
             })
         }
-        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => Ok(Candidate {
+        Err(e) if e.is_unimplemented() => Ok(Candidate {
             peer: peer.clone(),
             channel,
             info: None,
             ready: true,
         }),
-        Ok(Err(status)) => Err((addr, format!("hello: {}", status.message()))),
-        Err(_) => Err((addr, "hello: timed out".into())),
+        Err(e) => Err((addr, e)),
     }
 }
 
 async fn pull_snapshot(
-    shared: &Shared,
+    replica: &Replica,
     channel: Channel,
     report: &mut BootstrapReport,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, ReplicationError> {
+    let config = &replica.config;
     let mut client =
-        ReplicaClient::new(channel).max_decoding_message_size(shared.config.max_grpc_message_bytes);
+        ReplicaClient::new(channel).max_decoding_message_size(config.max_grpc_message_bytes);
     let request = SnapshotRequest {
-        sender: Some(node_info(&shared.identity)),
-        max_chunk_bytes: shared.config.snapshot_chunk_bytes as u32,
+        sender: Some(replica.identity.to_wire()),
+        max_chunk_bytes: config.snapshot_chunk_bytes as u32,
     };
-    let timeout = shared.config.rpc_timeout;
-    let mut stream = match tokio::time::timeout(timeout, client.snapshot(request)).await {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-            return Err("unimplemented".into());
-        }
-        Ok(Err(status)) => return Err(format!("snapshot: {}", status.message())),
-        Err(_) => return Err("snapshot: timed out".into()),
-    };
+    let timeout = config.rpc_timeout;
+    let mut stream = within(Call::Snapshot, timeout, client.snapshot(request))
+        .await?
+        .into_inner();
+    let metrics = &replica.metrics;
     let mut total = None;
     let mut received = 0u64;
     let started = Instant::now();
     let mut last_log = Instant::now();
-    loop {
-        // Each chunk must arrive within the RPC timeout; the whole stream
-        // may take as long as the state needs.
-        let chunk = match tokio::time::timeout(timeout, stream.message()).await {
-            Ok(Ok(Some(chunk))) => chunk,
-            Ok(Ok(None)) => break,
-            Ok(Err(status)) => return Err(format!("snapshot stream: {}", status.message())),
-            Err(_) => return Err("snapshot stream: no chunk within the timeout".into()),
-        };
+    // Each chunk must arrive within the RPC timeout; the whole stream may
+    // take as long as the state needs.
+    while let Some(chunk) = within(Call::Snapshot, timeout, stream.message()).await? {
         if total.is_none() {
             total = Some(chunk.total_entries);
-            shared
-                .metrics
+            metrics
                 .bootstrap_total_entries
                 .set(chunk.total_entries as i64);
         }
         received += chunk.entries.len() as u64;
-        shared
-            .metrics
-            .bootstrap_progress_entries
-            .set(received as i64);
+        metrics.bootstrap_progress_entries.set(received as i64);
         if last_log.elapsed() >= Duration::from_secs(2) {
             last_log = Instant::now();
             let secs = started.elapsed().as_secs_f64().max(0.001);
@@ -240,14 +217,16 @@ async fn pull_snapshot(
         let records: Vec<_> = chunk.entries.into_iter().map(record_from_wire).collect();
         report.bytes += records.iter().map(wire_size).sum::<usize>() as u64;
         report.entries += records.len() as u64;
-        shared.apply_remote(records, "bootstrap");
+        replica.apply_remote(records, "bootstrap");
     }
     if let Some(total) = total
         && received != total
     {
-        return Err(format!(
-            "snapshot stream ended after {received} of {total} entries"
-        ));
+        return Err(ReplicationError::Incomplete {
+            call: Call::Snapshot,
+            received,
+            expected: total,
+        });
     }
     Ok("snapshot")
 }
@@ -256,23 +235,20 @@ async fn pull_snapshot(
 /// carry no version: they are stored with the lowest possible timestamp, so
 /// any versioned write (received meanwhile or later) wins over them.
 async fn pull_get_all(
-    shared: &Shared,
+    replica: &Replica,
     channel: Channel,
     report: &mut BootstrapReport,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, ReplicationError> {
     let mut client =
-        SyncClient::new(channel).max_decoding_message_size(shared.config.max_grpc_message_bytes);
-    let response = match tokio::time::timeout(
-        shared.config.rpc_timeout,
+        SyncClient::new(channel).max_decoding_message_size(replica.config.max_grpc_message_bytes);
+    let response = within(
+        Call::GetAll,
+        replica.config.rpc_timeout,
         client.get_all(SyncRequest { data: Vec::new() }),
     )
-    .await
-    {
-        Ok(Ok(response)) => response.into_inner(),
-        Ok(Err(status)) => return Err(format!("getall: {}", status.message())),
-        Err(_) => return Err("getall: timed out".into()),
-    };
-    let node = shared.identity.node_id;
+    .await?
+    .into_inner();
+    let node = replica.identity.node_id;
     for data in response.data {
         let records: Vec<Record> = data
             .data
@@ -285,7 +261,7 @@ async fn pull_get_all(
         report.bytes += records.iter().map(wire_size).sum::<usize>() as u64;
         // Merged entry by entry: one value over a limit does not stop the
         // rest (it is counted and logged).
-        shared.apply_remote(records, "bootstrap");
+        replica.apply_remote(records, "bootstrap");
     }
     Ok("getall")
 }

@@ -14,13 +14,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::debug;
 
+use super::RpcContext;
 use crate::conn_limit::{Limited, accept_limited};
 use crate::metrics::refused_label;
-use crate::node::Shared;
 use crate::tls::HANDSHAKE_TIMEOUT;
 
 /// One accepted replica connection.
@@ -33,24 +32,27 @@ pub(crate) enum PeerConn {
 
 /// The connections of `listener`, until `stop` fires.
 pub(crate) fn incoming(
-    shared: Arc<Shared>,
+    ctx: &RpcContext,
     listener: TcpListener,
-    stop: CancellationToken,
 ) -> ReceiverStream<io::Result<PeerConn>> {
     let (conn_tx, conn_rx) = mpsc::channel(64);
-    let permits = Arc::new(Semaphore::new(shared.config.max_connections));
-    tokio::spawn(async move {
+    let permits = Arc::new(Semaphore::new(ctx.replica.config.max_connections));
+    let metrics = ctx.replica.metrics.clone();
+    let tls = ctx.tls.clone();
+    let stop = ctx.stop.clone();
+    let tasks = ctx.tasks.clone();
+    ctx.tasks.spawn(async move {
         loop {
             let (conn, addr) = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = conn_tx.closed() => return,
-                accepted = accept_limited(&listener, &permits, &shared.metrics, "grpc") => accepted,
+                accepted = accept_limited(&listener, &permits, &metrics, "grpc") => accepted,
             };
-            let acceptor = shared.tls.as_ref().map(|tls| tls.acceptor());
+            let acceptor = tls.as_ref().map(|tls| tls.acceptor());
             let conn_tx = conn_tx.clone();
-            let metrics = shared.metrics.clone();
+            let metrics = metrics.clone();
             // Ends by itself within the handshake timeout.
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let refused = |reason| {
                     metrics
                         .connections_refused

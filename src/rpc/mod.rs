@@ -2,9 +2,12 @@
 //! plain meaning, podcache's `podcache.v1.Replica` additions, the standard
 //! health service and server reflection.
 //!
-//! Owns: turning gRPC messages into store calls and back, and mapping
-//! errors to status codes. Must not touch: the merge rule, fan-out (a write
-//! received here is never forwarded), membership.
+//! Owns: turning gRPC messages into calls on the replica and back, holding
+//! an epoch that comes in several `ReplicateStream` requests until its
+//! last, and mapping errors to status codes. Must not touch: the merge
+//! rule, fan-out (a peer's write received here is never forwarded; only the
+//! original `Sync/Set`, a client's write, takes the local write path),
+//! membership.
 
 mod incoming;
 
@@ -21,7 +24,7 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error};
 
-use crate::node::{Shared, unix_ms};
+use crate::identity::unix_ms;
 use crate::proto::hellorpc::sync_server::{Sync as SyncRpc, SyncServer};
 use crate::proto::hellorpc::{SyncData, SyncRequest, SyncResponse};
 use crate::proto::podcache::replica_server::{Replica, ReplicaServer};
@@ -30,9 +33,22 @@ use crate::proto::podcache::{
     ReplicateRequest, ReplicateResponse, SnapshotChunk, SnapshotRequest,
 };
 use crate::proto::{FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, wire_size};
-use crate::replication::node_info;
-use crate::store::StoreError;
+use crate::replica::Change;
+use crate::replica::Replica as Node;
 use crate::store::digest;
+use crate::store::{PEER_HEADROOM, Record, StoreError};
+
+/// What the gRPC services use of the node.
+#[derive(Debug, Clone)]
+pub(crate) struct RpcContext {
+    pub(crate) replica: Arc<Node>,
+    /// Mutual TLS for incoming connections, when configured.
+    pub(crate) tls: Option<Arc<crate::tls::PeerTls>>,
+    /// Fires when the node stops serving: open `ReplicateStream` calls end.
+    pub(crate) stop: CancellationToken,
+    /// Owns the tasks the services spawn (accepting, snapshot streams).
+    pub(crate) tasks: tokio_util::task::TaskTracker,
+}
 
 impl From<StoreError> for Status {
     fn from(err: StoreError) -> Self {
@@ -46,14 +62,14 @@ impl From<StoreError> for Status {
 /// Serves gRPC on `listener` until `stop` fires, then finishes in-flight
 /// calls and returns.
 pub(crate) async fn serve(
-    shared: Arc<Shared>,
+    ctx: RpcContext,
     listener: TcpListener,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    stop: CancellationToken,
 ) {
-    let max = shared.config.max_grpc_message_bytes;
+    let config = &ctx.replica.config;
+    let max = config.max_grpc_message_bytes;
     let reflection = match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -67,8 +83,9 @@ pub(crate) async fn serve(
             None
         }
     };
-    let incoming = incoming::incoming(shared.clone(), listener, stop.clone());
-    let per_connection = shared.config.max_concurrent_rpcs_per_connection;
+    let incoming = incoming::incoming(&ctx, listener);
+    let per_connection = config.max_concurrent_rpcs_per_connection;
+    let stop = ctx.stop.clone();
     let router = Server::builder()
         .concurrency_limit_per_connection(per_connection)
         .max_concurrent_streams(Some(u32::try_from(per_connection).unwrap_or(u32::MAX)))
@@ -78,13 +95,13 @@ pub(crate) async fn serve(
         .add_optional_service(reflection)
         .add_service(
             SyncServer::new(SyncService {
-                shared: shared.clone(),
+                replica: ctx.replica.clone(),
             })
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX),
         )
         .add_service(
-            ReplicaServer::new(ReplicaService { shared })
+            ReplicaServer::new(ReplicaService { ctx })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         );
@@ -99,7 +116,7 @@ pub(crate) async fn serve(
 /// `hellorpc.Sync` with the meaning a node built from the original file
 /// expects.
 struct SyncService {
-    shared: Arc<Shared>,
+    replica: Arc<Node>,
 }
 
 #[tonic::async_trait]
@@ -117,7 +134,7 @@ impl SyncRpc for SyncService {
                     .data
                     .into_keys()
                     .filter_map(|key| {
-                        let entry = self.shared.store.get(asked.r#type, &key, now)?;
+                        let entry = self.replica.store.get(asked.r#type, &key, now)?;
                         let value = entry.value()?.to_owned();
                         Some((key, value))
                     })
@@ -133,35 +150,37 @@ impl SyncRpc for SyncService {
 
     /// Merges each `SyncData.data` into namespace `type` and answers with
     /// what it applied. Every entry is checked first: one bad entry refuses
-    /// the whole request and nothing changes.
+    /// the whole request and nothing changes. A client's write, so it takes
+    /// the local write path and reaches every peer.
     async fn set(&self, request: Request<SyncRequest>) -> Result<Response<SyncResponse>, Status> {
         let request = request.into_inner();
-        let store = &self.shared.store;
+        let store = &self.replica.store;
         for data in request.data.iter().filter(|d| !d.data.is_empty()) {
             store.check_batch(
                 data.data.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 None,
             )?;
         }
-        let now = unix_ms();
         let mut answer = Vec::with_capacity(request.data.len());
         for data in request.data {
             if data.data.is_empty() {
                 continue;
             }
-            let outcome = store.apply_unversioned(
-                data.r#type,
-                data.data.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                None,
-                now,
-            )?;
-            self.shared.count_remote(&outcome, "set");
+            let entries: Vec<(&str, &str)> = data
+                .data
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let change = Change::Unversioned {
+                ty: data.r#type,
+                entries: &entries,
+            };
+            let outcome = self.replica.write(change, false).await?;
             let applied = outcome
-                .applied
+                .records
                 .iter()
                 .filter_map(|r| Some((r.key().to_owned(), r.entry.value()?.to_owned())))
                 .collect();
-            self.shared.publish_remote(&outcome.applied);
             answer.push(SyncData {
                 r#type: data.r#type,
                 data: applied,
@@ -177,7 +196,7 @@ impl SyncRpc for SyncService {
         request: Request<SyncRequest>,
     ) -> Result<Response<SyncResponse>, Status> {
         let now = unix_ms();
-        let store = &self.shared.store;
+        let store = &self.replica.store;
         let request = request.into_inner();
         let types: Vec<i32> = if request.data.is_empty() {
             store.types()
@@ -197,7 +216,7 @@ impl SyncRpc for SyncService {
 
 /// `podcache.v1.Replica`: versioned replication between podcache nodes.
 struct ReplicaService {
-    shared: Arc<Shared>,
+    ctx: RpcContext,
 }
 
 impl ReplicaService {
@@ -205,7 +224,7 @@ impl ReplicaService {
     /// deleted (and purged) elsewhere: it takes no part in anti-entropy
     /// until it has resynced, so it cannot spread them back.
     fn refuse_while_stale(&self) -> Result<(), Status> {
-        if self.shared.is_stale(unix_ms()) {
+        if self.ctx.replica.is_stale(unix_ms()) {
             return Err(Status::failed_precondition(
                 "this node was cut off longer than the tombstone grace and is resyncing",
             ));
@@ -219,19 +238,44 @@ type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<SnapshotChunk,
 type AnswerStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplicateResponse, Status>> + Send>>;
 
-/// Merges one fan-out batch from a peer (`Replicate`, `ReplicateStream`).
+/// Merges one fan-out request from a peer (`Replicate`, `ReplicateStream`).
+/// On a stream (`held` is some), a request marked `more` is held with the
+/// ones before it and the epoch is merged at once when its last request
+/// arrives, so this node never shows part of a peer's epoch; the answers to
+/// held requests count nothing. Past twice the store's byte limit (what the
+/// store could take anyway) what is held is merged early, counted and
+/// logged, rather than held without bound.
 fn replicate_batch(
-    shared: &Shared,
+    replica: &Node,
     request: ReplicateRequest,
+    held: Option<&mut Vec<Record>>,
 ) -> Result<ReplicateResponse, Status> {
     let Some(sender) = request.sender else {
         return Err(Status::invalid_argument(
             "replicate: the sender must name itself",
         ));
     };
-    let records: Vec<_> = request.entries.into_iter().map(record_from_wire).collect();
-    debug!(peer = %sender.name, entries = records.len(), "replicate");
-    let outcome = shared.apply_remote(records, "replicate");
+    let mut records: Vec<_> = request.entries.into_iter().map(record_from_wire).collect();
+    debug!(peer = %sender.name, entries = records.len(), more = request.more, "replicate");
+    if let Some(held) = held {
+        if request.more {
+            held.append(&mut records);
+            let bytes: usize = held.iter().map(|r| r.entry.size()).sum();
+            let limit = replica
+                .store
+                .limits()
+                .max_total_bytes
+                .saturating_mul(PEER_HEADROOM);
+            if bytes <= limit {
+                return Ok(ReplicateResponse::default());
+            }
+            replica.metrics.epochs_split.inc();
+            tracing::warn!(peer = %sender.name, bytes, "an epoch from a peer is larger than this node can hold back; merging it in parts");
+        }
+        held.append(&mut records);
+        records = std::mem::take(held);
+    }
+    let outcome = replica.apply_remote(records, "replicate");
     Ok(ReplicateResponse {
         applied: outcome.applied.len() as u32,
         stale: outcome.stale as u32,
@@ -248,10 +292,11 @@ impl Replica for ReplicaService {
         if let Some(sender) = request.into_inner().sender {
             debug!(peer = %sender.name, addr = %sender.grpc_addr, "hello");
         }
+        let replica = &self.ctx.replica;
         Ok(Response::new(HelloResponse {
-            node: Some(node_info(&self.shared.identity)),
-            ready: self.shared.is_ready(),
-            stale: self.shared.is_stale(unix_ms()),
+            node: Some(replica.identity.to_wire()),
+            ready: replica.is_ready(),
+            stale: replica.is_stale(unix_ms()),
         }))
     }
 
@@ -259,25 +304,31 @@ impl Replica for ReplicaService {
         &self,
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
-        replicate_batch(&self.shared, request.into_inner()).map(Response::new)
+        replicate_batch(&self.ctx.replica, request.into_inner(), None).map(Response::new)
     }
 
     type ReplicateStreamStream = AnswerStream;
 
     /// [`Replica::replicate`] for every request of the call, answered in
-    /// order. Each batch is merged as it is read, on the call's own task.
-    /// The call ends when the caller closes it, at the first bad request,
-    /// or when this node shuts down (graceful shutdown waits for open
-    /// calls, and the caller's link would otherwise keep this one open).
+    /// order, with an epoch held until its last request (see
+    /// [`replicate_batch`]). Each request is merged as it is read, on the
+    /// call's own task. The call ends when the caller closes it (what is
+    /// held of an unfinished epoch is dropped: the caller sends it again),
+    /// at the first bad request, or when this node shuts down (graceful
+    /// shutdown waits for open calls, and the caller's link would otherwise
+    /// keep this one open).
     async fn replicate_stream(
         &self,
         request: Request<tonic::Streaming<ReplicateRequest>>,
     ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
-        let shared = self.shared.clone();
-        let stop = self.shared.shutdown.clone().cancelled_owned();
+        let replica = self.ctx.replica.clone();
+        let stop = self.ctx.stop.clone().cancelled_owned();
         let answers = request
             .into_inner()
-            .map(move |request| replicate_batch(&shared, request?))
+            .scan(Vec::new(), move |held, request| {
+                let answer = request.and_then(|r| replicate_batch(&replica, r, Some(held)));
+                std::future::ready(Some(answer))
+            })
             .take_until(stop);
         Ok(Response::new(Box::pin(answers)))
     }
@@ -293,7 +344,7 @@ impl Replica for ReplicaService {
             ));
         }
         self.refuse_while_stale()?;
-        let buckets = self.shared.store.digest();
+        let buckets = self.ctx.replica.store.digest();
         if digest::root(&buckets) == request.root {
             return Ok(Response::new(DigestResponse {
                 equal: true,
@@ -346,9 +397,10 @@ impl Replica for ReplicaService {
             .iter()
             .map(|r| ((r.ty, r.key()), r.entry.version()))
             .collect();
-        let outcome = self.shared.apply_remote(records, "anti_entropy");
-        let mine = self.shared.store.bucket_records(&request.buckets);
-        let horizon = self.shared.purge_horizon(unix_ms());
+        let replica = &self.ctx.replica;
+        let outcome = replica.apply_remote(records, "anti_entropy");
+        let mine = replica.store.bucket_records(&request.buckets);
+        let horizon = replica.purge_horizon(unix_ms());
         let entries: Vec<_> = mine
             .iter()
             .filter(|r| {
@@ -376,17 +428,18 @@ impl Replica for ReplicaService {
         request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let request = request.into_inner();
-        let config = &self.shared.config;
+        let config = &self.ctx.replica.config;
         let chunk_bytes = match request.max_chunk_bytes as usize {
             0 => config.snapshot_chunk_bytes,
             asked => asked.clamp(64 * 1024, config.max_grpc_message_bytes / 2),
         };
-        let records = self.shared.store.snapshot();
+        let records = self.ctx.replica.store.snapshot();
         if let Some(sender) = &request.sender {
             tracing::info!(peer = %sender.name, entries = records.len(), "serving a snapshot");
         }
         let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
+        // Ends when the snapshot is sent or the caller goes away.
+        self.ctx.tasks.spawn(async move {
             let total = records.len() as u64;
             let mut chunk = SnapshotChunk {
                 entries: Vec::new(),

@@ -1,0 +1,274 @@
+//! The replica: what every adapter of a node shares, below all of them —
+//! the store, the change stream to watchers, the change index of fan-out,
+//! readiness, and the two ways state changes: the one local write path
+//! ([`Replica::write`]) and the merge of what peers send
+//! ([`Replica::apply_remote`]).
+//!
+//! Owns: the order of a local write (version, store, pending for every
+//! peer, publish, acknowledgements), the remote merge and its counters,
+//! readiness and staleness. Must not touch: sockets, wire formats, peer
+//! links (`crate::replication` takes epochs out of [`changes`] and reports
+//! acknowledgements back), HTTP (`crate::api`), gRPC (`crate::rpc`).
+
+pub(crate) mod changes;
+mod write;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast};
+use tracing::warn;
+
+pub use write::{Change, DeliveryReport, DeliveryStatus, WriteOutcome};
+
+use self::changes::ChangeLog;
+use crate::config::NodeConfig;
+use crate::identity::{NodeIdentity, unix_ms};
+use crate::metrics::{Metrics, label};
+use crate::store::{MergeOutcome, Record, Store, StoreError};
+
+/// Where a change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A write on this node (REST, library, or the original `Sync/Set`).
+    Local,
+    /// A peer's fan-out or anti-entropy.
+    Peer,
+    /// The bootstrap pull.
+    Bootstrap,
+}
+
+impl Origin {
+    /// Lower-case name, as shown in watch events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Local => "local",
+            Origin::Peer => "peer",
+            Origin::Bootstrap => "bootstrap",
+        }
+    }
+}
+
+/// One change to the store, as seen by watchers.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    /// The new entry (a tombstone for deletes).
+    pub record: Record,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// What the bootstrap pull did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BootstrapReport {
+    /// The peer the state came from (its dial address), if any.
+    pub source: Option<String>,
+    /// That peer's name, if known.
+    pub source_name: Option<String>,
+    /// `snapshot` (podcache.v1), `getall` (original protocol) or `none`.
+    pub method: &'static str,
+    /// Entries received.
+    pub entries: u64,
+    /// Approximate bytes received.
+    pub bytes: u64,
+    /// Time from the first hello to the last chunk merged.
+    #[serde(serialize_with = "as_millis")]
+    pub duration: Duration,
+    /// Peers tried before the one that worked (or all of them), with why
+    /// they failed.
+    pub failed_attempts: Vec<(String, String)>,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// The state of one node that its adapters share.
+#[derive(Debug)]
+pub struct Replica {
+    /// Settings, fixed at start.
+    pub(crate) config: NodeConfig,
+    /// Who this node is.
+    pub(crate) identity: NodeIdentity,
+    /// The replicated state.
+    pub(crate) store: Store,
+    /// This node's metrics (its own registry).
+    pub(crate) metrics: Arc<Metrics>,
+    /// Change notifications for `/v1/watch` and embedders.
+    events_tx: broadcast::Sender<Arc<ChangeEvent>>,
+    /// What every peer still has to receive of this node's writes. Locked
+    /// around each local store write, so writes enter it in version order.
+    changes: Mutex<ChangeLog>,
+    /// Wakes the peer links when a local write made something pending.
+    changed: Notify,
+    /// True once the bootstrap pull is done; `/readyz` answers from it.
+    ready: AtomicBool,
+    /// When this node last completed anti-entropy with a peer (or had no
+    /// peer to sync with, or finished its bootstrap), Unix ms. Older than
+    /// the tombstone grace means the node is stale: see
+    /// [`Replica::is_stale`].
+    last_full_sync_ms: AtomicU64,
+    /// What the bootstrap pull did, once it is done.
+    bootstrap: Mutex<Option<BootstrapReport>>,
+}
+
+impl Replica {
+    /// A replica of `identity` with an empty store.
+    pub(crate) fn new(config: NodeConfig, identity: NodeIdentity, metrics: Arc<Metrics>) -> Self {
+        let (events_tx, _) = broadcast::channel(4096);
+        Self {
+            store: Store::new(identity.node_id, config.limits.clone()),
+            config,
+            identity,
+            metrics,
+            events_tx,
+            changes: Mutex::new(ChangeLog::new()),
+            changed: Notify::new(),
+            ready: AtomicBool::new(false),
+            last_full_sync_ms: AtomicU64::new(0),
+            bootstrap: Mutex::new(None),
+        }
+    }
+
+    /// The change index, for the peer links.
+    pub(crate) fn changes(&self) -> MutexGuard<'_, ChangeLog> {
+        // Every critical section is a plain update of the index (and the
+        // store write inside it); a panic cannot leave it half-done in a
+        // way the next user could not handle.
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves when a local write made something pending after the call.
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Every change from now on, local or replicated.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
+        self.events_tx.subscribe()
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the node ready (after the bootstrap), or not (at shutdown).
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+        self.metrics.ready.set(i64::from(ready));
+    }
+
+    /// True when this node has not synced with any peer for longer than the
+    /// tombstone grace: it may hold entries whose tombstones the others have
+    /// purged, so it resyncs before anti-entropy trusts it.
+    pub(crate) fn is_stale(&self, now_ms: u64) -> bool {
+        let last = self.last_full_sync_ms.load(Ordering::Acquire);
+        last != 0 && now_ms.saturating_sub(last) > self.config.tombstone_grace.as_millis() as u64
+    }
+
+    /// When the last full sync was, Unix ms (0: never).
+    pub(crate) fn last_full_sync_ms(&self) -> u64 {
+        self.last_full_sync_ms.load(Ordering::Acquire)
+    }
+
+    /// Records a completed sync.
+    pub(crate) fn synced(&self, now_ms: u64) {
+        self.last_full_sync_ms.fetch_max(now_ms, Ordering::AcqRel);
+    }
+
+    /// Keeps what the bootstrap pull did.
+    pub(crate) fn set_bootstrap_report(&self, report: BootstrapReport) {
+        *self
+            .bootstrap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(report);
+    }
+
+    /// What the bootstrap pull did, once done.
+    pub(crate) fn bootstrap_report(&self) -> Option<BootstrapReport> {
+        self.bootstrap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Tombstones and expired entries older than this are dropped here and
+    /// not taken back from peers.
+    pub(crate) fn purge_horizon(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.config.tombstone_grace.as_millis() as u64)
+    }
+
+    fn publish(&self, records: &[Record], origin: Origin) {
+        if self.events_tx.receiver_count() == 0 {
+            return;
+        }
+        for record in records {
+            // An error only means nobody is listening right now.
+            let _ = self.events_tx.send(Arc::new(ChangeEvent {
+                record: record.clone(),
+                origin,
+            }));
+        }
+    }
+
+    /// The remote write path: merge by version, count, publish. What peers
+    /// send is never forwarded again (its writer sends it to everyone).
+    /// `source` names the way it came for the metrics: `replicate`,
+    /// `bootstrap` or `anti_entropy`.
+    pub(crate) fn apply_remote(&self, records: Vec<Record>, source: &'static str) -> MergeOutcome {
+        let now = unix_ms();
+        let outcome = self
+            .store
+            .merge_with_horizon(records, now, self.purge_horizon(now));
+        self.count_remote(&outcome, source);
+        if source == "replicate" {
+            for record in &outcome.applied {
+                let written = crate::store::clock::hlc_ms(record.entry.version().hlc);
+                let lag_ms = now.saturating_sub(written);
+                self.metrics.replication_lag.observe(lag_ms as f64 / 1000.0);
+            }
+        }
+        let origin = if source == "bootstrap" {
+            Origin::Bootstrap
+        } else {
+            Origin::Peer
+        };
+        self.publish(&outcome.applied, origin);
+        outcome
+    }
+
+    /// Counts what a merge (or an original `Sync/Set`) did.
+    pub(crate) fn count_remote(&self, outcome: &MergeOutcome, source: &'static str) {
+        let m = &self.metrics;
+        m.remote_applied
+            .get_or_create(&label("source", source))
+            .inc_by(outcome.applied.len() as u64);
+        m.remote_stale.inc_by(outcome.stale as u64);
+        for err in &outcome.rejected {
+            let reason = match err {
+                StoreError::ClockSkew(_) => "clock_skew",
+                StoreError::Full { .. } => "capacity",
+                _ => "limit",
+            };
+            m.remote_rejected
+                .get_or_create(&label("reason", reason))
+                .inc();
+        }
+        if let Some(first) = outcome.rejected.first() {
+            warn!(
+                count = outcome.rejected.len(),
+                source,
+                error = %first,
+                "refused entries from a peer"
+            );
+        }
+    }
+
+    /// Drops entries whose expiry passed (or tombstones written) longer ago
+    /// than the grace period; returns how many.
+    pub(crate) fn purge_expired(&self) -> usize {
+        let grace = self.config.tombstone_grace.as_millis() as u64;
+        self.store.purge(unix_ms(), grace)
+    }
+}

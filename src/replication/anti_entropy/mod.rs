@@ -1,0 +1,375 @@
+//! Anti-entropy: what makes replicas converge whatever fan-out could not
+//! deliver (a peer released after being down past the retention, writes a
+//! crashed node made that reached only some, partitions healed).
+//!
+//! Every interval, and at once when a released peer answers again, a node
+//! compares its digest with every peer: one small message when the states
+//! are equal; otherwise, for the buckets that differ, both sides send their
+//! entries and each merges what is newer ([`plan`] decides which buckets).
+//! A node that has not synced with anyone for longer than the tombstone
+//! grace first resyncs in full from a peer that was there all along,
+//! dropping old entries the peer no longer has, instead of spreading keys
+//! that were deleted (and whose tombstones were purged) while it was away.
+//!
+//! Owns: the exchanges of anti-entropy and full resync. Must not touch:
+//! fan-out, the merge rule.
+
+pub(crate) mod plan;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use self::plan::{Comparison, Plan};
+use super::error::{Call, ReplicationError, within};
+use super::oldest::{Age, seniority};
+use super::{Replicator, Target};
+use crate::identity::unix_ms;
+use crate::metrics::label;
+use crate::proto::podcache::{
+    DigestRequest, HelloRequest, RepairRequest, SnapshotRequest, replica_client::ReplicaClient,
+};
+use crate::proto::{record_from_wire, record_to_wire, wire_size};
+use crate::replica::Replica;
+use crate::store::digest;
+
+/// What an exchange did.
+enum Exchanged {
+    /// Entries changed on both sides (0: the states were equal, or only
+    /// differed by writes in flight that landed).
+    Repaired(u64),
+    /// Buckets that kept changing during the exchange were left to fan-out
+    /// and a later round; the rest was repaired.
+    LeftBusy(u64),
+}
+
+/// Runs anti-entropy until cancelled.
+pub(crate) async fn anti_entropy_loop(
+    replica: Arc<Replica>,
+    replicator: Arc<Replicator>,
+    mut repair_rx: mpsc::Receiver<String>,
+    cancel: CancellationToken,
+) {
+    let interval = replica.config.anti_entropy_interval;
+    // Spread nodes over the interval so they do not all sync at once.
+    let offset =
+        Duration::from_millis(replica.identity.node_id % (interval.as_millis() as u64).max(1));
+    let mut next = tokio::time::Instant::now() + offset;
+    loop {
+        let only = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {
+                next = tokio::time::Instant::now() + interval;
+                None
+            }
+            Some(addr) = repair_rx.recv() => Some(addr),
+        };
+        if !replica.is_ready() {
+            continue;
+        }
+        let targets: Vec<Target> = replicator
+            .targets()
+            .into_iter()
+            .filter(|t| only.as_ref().is_none_or(|addr| *addr == t.addr))
+            .collect();
+        if targets.is_empty() {
+            if only.is_none() {
+                // No peer: this node is the whole cluster, trivially in sync.
+                replica.synced(unix_ms());
+            }
+            continue;
+        }
+        if replica.is_stale(unix_ms()) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = resync(&replica, &targets) => {}
+            }
+            continue;
+        }
+        // Everything this node held when the round began is on a peer once
+        // a round succeeds: that start is the time of the last full sync.
+        let started = unix_ms();
+        let results = tokio::select! {
+            _ = cancel.cancelled() => return,
+            results = join_all(targets.iter().map(|t| round(&replica, t))) => results,
+        };
+        if results.iter().any(|ok| *ok) {
+            replica.synced(started);
+        }
+    }
+}
+
+fn client(replica: &Replica, channel: &Channel) -> ReplicaClient<Channel> {
+    let max = replica.config.max_grpc_message_bytes;
+    ReplicaClient::new(channel.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+}
+
+/// One exchange with one peer; true when the two are known to be in sync
+/// afterwards (as of the exchange).
+async fn round(replica: &Replica, target: &Target) -> bool {
+    let mut client = client(replica, &target.channel);
+    let timeout = replica.config.rpc_timeout;
+    // Who is the peer now (and is it stale itself)?
+    let request = HelloRequest {
+        sender: Some(replica.identity.to_wire()),
+    };
+    let hello = match within(Call::Hello, timeout, client.hello(request)).await {
+        Ok(response) => response.into_inner(),
+        // A peer that speaks only the original protocol has no digest.
+        Err(e) if e.is_unimplemented() => return count(replica, "skipped", false),
+        Err(error) => {
+            debug!(peer = %target.addr, %error, "anti-entropy: hello failed");
+            return count(replica, "failed", false);
+        }
+    };
+    target
+        .state
+        .record_hello(hello.node.clone(), hello.ready, hello.stale);
+    if hello.stale || !hello.ready {
+        // It resyncs (or bootstraps) first; its state is not to be trusted.
+        return count(replica, "skipped", false);
+    }
+    match exchange(replica, &mut client, target).await {
+        Ok(Exchanged::Repaired(0)) => count(replica, "equal", true),
+        Ok(Exchanged::Repaired(repaired)) => {
+            replica.metrics.anti_entropy_repaired.inc_by(repaired);
+            debug!(peer = %target.addr, repaired, "anti-entropy repaired entries");
+            count(replica, "repaired", true)
+        }
+        Ok(Exchanged::LeftBusy(repaired)) => {
+            replica.metrics.anti_entropy_repaired.inc_by(repaired);
+            // Not known to be in sync: busy buckets were not compared.
+            count(replica, "busy", false)
+        }
+        Err(error) => {
+            debug!(peer = %target.addr, %error, "anti-entropy exchange failed");
+            count(replica, "failed", false)
+        }
+    }
+}
+
+fn count(replica: &Replica, result: &'static str, ok: bool) -> bool {
+    replica
+        .metrics
+        .anti_entropy_rounds
+        .get_or_create(&label("result", result))
+        .inc();
+    ok
+}
+
+/// Both digests at one moment; the peer's is `None` when it says the roots
+/// are equal.
+async fn compare(
+    replica: &Replica,
+    client: &mut ReplicaClient<Channel>,
+) -> Result<(Vec<u64>, Option<Vec<u64>>), ReplicationError> {
+    let mine = replica.store.digest();
+    let request = DigestRequest {
+        sender: Some(replica.identity.to_wire()),
+        root: digest::root(&mine),
+    };
+    let answer = within(
+        Call::Digest,
+        replica.config.rpc_timeout,
+        client.digest(request),
+    )
+    .await?
+    .into_inner();
+    Ok((mine, (!answer.equal).then_some(answer.buckets)))
+}
+
+/// Digest twice, a settle time apart, then repair of the buckets the plan
+/// names.
+async fn exchange(
+    replica: &Replica,
+    client: &mut ReplicaClient<Channel>,
+    target: &Target,
+) -> Result<Exchanged, ReplicationError> {
+    let busy_rounds = &target.state.busy_rounds;
+    let (mine_before, Some(theirs_before)) = compare(replica, client).await? else {
+        busy_rounds.store(0, Ordering::Relaxed);
+        return Ok(Exchanged::Repaired(0));
+    };
+    let settle = (replica.config.anti_entropy_interval / 4).min(Duration::from_millis(500));
+    tokio::time::sleep(settle).await;
+    let (mine, Some(theirs)) = compare(replica, client).await? else {
+        busy_rounds.store(0, Ordering::Relaxed);
+        return Ok(Exchanged::Repaired(0));
+    };
+    let Plan {
+        repair,
+        left_busy,
+        busy_rounds: rounds,
+    } = plan::plan(
+        Comparison {
+            mine: &mine_before,
+            theirs: &theirs_before,
+        },
+        Comparison {
+            mine: &mine,
+            theirs: &theirs,
+        },
+        busy_rounds.load(Ordering::Relaxed),
+    );
+    busy_rounds.store(rounds, Ordering::Relaxed);
+    if left_busy {
+        debug!(peer = %target.addr, "anti-entropy: leaving buckets that are being written to fan-out");
+    }
+    let done = |repaired| {
+        if left_busy {
+            Exchanged::LeftBusy(repaired)
+        } else {
+            Exchanged::Repaired(repaired)
+        }
+    };
+    if repair.is_empty() {
+        return Ok(done(0));
+    }
+    let mut by_bucket = replica.store.records_by_bucket(&repair);
+    let sizes: Vec<usize> = repair
+        .iter()
+        .map(|b| {
+            by_bucket
+                .get(b)
+                .map_or(0, |records| records.iter().map(wire_size).sum())
+        })
+        .collect();
+    let mut repaired = 0u64;
+    for group in plan::group(&sizes, replica.config.max_batch_bytes) {
+        let buckets = repair[group].to_vec();
+        let records: Vec<_> = buckets
+            .iter()
+            .flat_map(|b| by_bucket.remove(b).unwrap_or_default())
+            .collect();
+        let request = RepairRequest {
+            sender: Some(replica.identity.to_wire()),
+            buckets,
+            entries: records.iter().map(record_to_wire).collect(),
+        };
+        let response = within(
+            Call::Repair,
+            replica.config.rpc_timeout,
+            client.repair(request),
+        )
+        .await?
+        .into_inner();
+        repaired += u64::from(response.applied);
+        let theirs: Vec<_> = response.entries.into_iter().map(record_from_wire).collect();
+        repaired += replica.apply_remote(theirs, "anti_entropy").applied.len() as u64;
+    }
+    Ok(done(repaired))
+}
+
+/// This node has been cut off longer than the tombstone grace. Resync once,
+/// in full, from the oldest peer that was running before this node lost
+/// contact (it saw every delete since) and is not stale itself. If no peer
+/// qualifies and none is older than this node, this node vouches for its
+/// own state (logged): someone has to be the reference.
+async fn resync(replica: &Replica, targets: &[Target]) {
+    let last_sync = replica.last_full_sync_ms() as i64;
+    let timeout = replica.config.rpc_timeout;
+    let hellos = join_all(targets.iter().map(|t| {
+        let mut client = ReplicaClient::new(t.channel.clone());
+        let request = HelloRequest {
+            sender: Some(replica.identity.to_wire()),
+        };
+        async move {
+            match within(Call::Hello, timeout, client.hello(request)).await {
+                Ok(answer) => Some((t, answer.into_inner())),
+                Err(_) => None,
+            }
+        }
+    }))
+    .await;
+    let answered: Vec<_> = hellos.into_iter().flatten().collect();
+    let age = |t: &Target, node: &crate::proto::podcache::NodeInfo| {
+        let (discovered, _) = t.state.ages();
+        seniority(&Age {
+            discovered_ms: discovered,
+            own_ms: Some(node.started_at_ms),
+            node_id: Some(node.node_id),
+            addr: &t.addr,
+        })
+    };
+    let mut sources: Vec<_> = answered
+        .iter()
+        .filter(|(_, hello)| hello.ready && !hello.stale)
+        .filter_map(|(t, hello)| Some((*t, hello.node.as_ref()?)))
+        .filter(|(t, node)| age(t, node).0 < last_sync)
+        .collect();
+    sources.sort_by_key(|(t, node)| age(t, node));
+    let Some((target, _)) = sources.first() else {
+        let me = seniority(&Age {
+            discovered_ms: None,
+            own_ms: Some(replica.identity.started_at_ms),
+            node_id: Some(replica.identity.node_id),
+            addr: &replica.identity.grpc_addr,
+        });
+        let older_exists = answered
+            .iter()
+            .any(|(t, hello)| hello.node.as_ref().is_some_and(|n| age(t, n) < me));
+        if !answered.is_empty() && !older_exists {
+            warn!(
+                "cut off past the tombstone grace and no peer saw the whole time; keeping this node's state as the reference"
+            );
+            replica.synced(unix_ms());
+        }
+        count(replica, "skipped", false);
+        return;
+    };
+    info!(peer = %target.addr, "cut off past the tombstone grace; resyncing in full");
+    let mut client = client(replica, &target.channel);
+    let resync_started = unix_ms();
+    match full_resync(replica, &mut client).await {
+        Ok((dropped, applied)) => {
+            replica.metrics.full_resyncs.inc();
+            info!(peer = %target.addr, dropped, applied, "full resync done");
+            replica.synced(resync_started);
+            count(replica, "repaired", true);
+        }
+        Err(error) => {
+            warn!(peer = %target.addr, %error, "full resync failed");
+            count(replica, "failed", false);
+        }
+    }
+}
+
+/// Pulls the peer's whole state and drops local entries the peer no longer
+/// has: they were deleted while this node was away, and the tombstones
+/// purged. Spared are the entries this node wrote itself since its last full
+/// sync, which no peer can have seen; they stay, and reach the peer through
+/// the next anti-entropy round.
+async fn full_resync(
+    replica: &Replica,
+    client: &mut ReplicaClient<Channel>,
+) -> Result<(usize, usize), ReplicationError> {
+    let timeout = replica.config.rpc_timeout;
+    let request = SnapshotRequest {
+        sender: Some(replica.identity.to_wire()),
+        max_chunk_bytes: replica.config.snapshot_chunk_bytes as u32,
+    };
+    let mut stream = within(Call::Snapshot, timeout, client.snapshot(request))
+        .await?
+        .into_inner();
+    let mut records = Vec::new();
+    while let Some(chunk) = within(Call::Snapshot, timeout, stream.message()).await? {
+        records.extend(chunk.entries.into_iter().map(record_from_wire));
+    }
+    let keep: HashSet<_> = records.iter().map(|r| (r.ty, r.key())).collect();
+    let last_sync = replica.last_full_sync_ms();
+    let me = replica.identity.node_id;
+    let dropped = replica.store.drop_absent(&keep, |entry| {
+        entry.version().node == me && crate::store::clock::hlc_ms(entry.version().hlc) >= last_sync
+    });
+    let applied = replica.apply_remote(records, "anti_entropy").applied.len();
+    Ok((dropped, applied))
+}
