@@ -48,6 +48,8 @@ pub struct Metrics {
     pub remote_rejected: Family<Labels, Counter>,
     /// Fan-out batches delivered, per peer.
     pub batches_sent: Family<Labels, Counter>,
+    /// Epochs delivered per peer (each in one request or more).
+    pub epochs_sent: Family<Labels, Counter>,
     /// Fan-out attempts that failed (and were retried), per peer.
     pub batches_failed: Family<Labels, Counter>,
     /// Entries dropped because a peer's queue was full or the peer left.
@@ -158,6 +160,12 @@ impl Metrics {
             "replication_batches_sent",
             "Fan-out batches delivered, per peer",
             batches_sent.clone(),
+        );
+        let epochs_sent = Family::<Labels, Counter>::default();
+        registry.register(
+            "replication_epochs_sent",
+            "Epochs of this node's writes delivered to each peer (one request or several each)",
+            epochs_sent.clone(),
         );
         let batches_failed = Family::<Labels, Counter>::default();
         registry.register(
@@ -366,6 +374,7 @@ impl Metrics {
             remote_stale,
             remote_rejected,
             batches_sent,
+            epochs_sent,
             batches_failed,
             entries_dropped,
             pending_entries,

@@ -341,6 +341,7 @@ pub(crate) async fn run(
                             .batches_sent
                             .get_or_create(&peer_label)
                             .inc_by(sent.requests);
+                        metrics.epochs_sent.get_or_create(&peer_label).inc();
                         metrics
                             .replication_seconds
                             .observe(started.elapsed().as_secs_f64());
