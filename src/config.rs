@@ -1,88 +1,157 @@
-//! The configuration of one node, already parsed and validated.
+//! The configuration of one node: one [`NodeConfig`], read by clap from
+//! flags and `PODCACHE_*` environment variables (`podcache serve`), or
+//! built in code by an embedding service ([`NodeConfig::new`]).
 //!
-//! Owns: typed settings and their defaults. The command line (`main.rs`)
-//! and embedding services build a [`NodeConfig`]; nothing else reads flags
-//! or the environment.
+//! Owns: typed settings, their defaults (written once, in
+//! [`NodeConfig::defaults`] and [`Limits::default`]; clap shows and applies
+//! those same values), their flags and their validation. Must not touch:
+//! anything that runs; nothing else reads flags or the environment for
+//! these settings.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::store::Limits;
+use crate::units::{format_duration, parse_duration};
 
 /// Everything a node needs to run, besides its discovery source.
-#[derive(Debug, Clone)]
+///
+/// Every field but the node's own name and addresses is a flag of
+/// `podcache serve`; the defaults are those of [`NodeConfig::defaults`].
+#[derive(Debug, Clone, clap::Args)]
 pub struct NodeConfig {
-    /// Where the REST API listens. Default `0.0.0.0:8087`.
+    /// Where the REST API listens.
+    #[arg(long, env = "PODCACHE_HTTP_ADDR", help_heading = "Network",
+          default_value_t = NodeConfig::defaults().http_addr)]
     pub http_addr: SocketAddr,
-    /// Where the gRPC service listens. Default `0.0.0.0:9090`. Every replica
-    /// uses the same port, as pods of one Deployment do.
+    /// Where the gRPC service listens. Every replica uses the same port, as
+    /// pods of one Deployment do.
+    #[arg(long, env = "PODCACHE_GRPC_ADDR", help_heading = "Network",
+          default_value_t = NodeConfig::defaults().grpc_addr)]
     pub grpc_addr: SocketAddr,
-    /// The address peers reach this node at (its pod IP). Default: `POD_IP`,
-    /// else the first non-loopback IPv4 of the host.
+    /// The address peers reach this node at (its pod IP). The binary takes
+    /// it from `--pod-ip`, else `POD_IP`, else the first non-loopback IPv4
+    /// of the host.
+    #[arg(skip = NodeConfig::defaults().pod_ip)]
     pub pod_ip: IpAddr,
-    /// This node's name (pod name). Default: `POD_NAME`, else the host name.
+    /// This node's name (pod name). The binary takes it from `--pod-name`,
+    /// else `POD_NAME`, else the host name.
+    #[arg(skip)]
     pub pod_name: String,
-    /// The node's host IP, shown in `/v1/cluster`. Default: `HOST_IP`, or none.
+    /// The node's host IP, shown in `/v1/cluster`. Default: none (the
+    /// binary reads `--host-ip`, else `HOST_IP`).
+    #[arg(skip)]
     pub host_ip: Option<String>,
-    /// Key, value, batch, TTL and clock limits.
+    /// Key, value, batch, TTL, clock and capacity limits.
+    #[command(flatten)]
     pub limits: Limits,
-    /// Largest accepted REST request body. Default 8 MiB.
+    /// Largest accepted REST request body in bytes (413 above).
+    #[arg(long, env = "PODCACHE_MAX_BODY_BYTES", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_body_bytes)]
     pub max_body_bytes: usize,
-    /// Largest gRPC message this node accepts. Default 16 MiB. Fan-out
-    /// batches and snapshot chunks are cut well below it.
+    /// Largest gRPC message this node accepts, in bytes. Fan-out batches
+    /// and snapshot chunks are cut well below it.
+    #[arg(long, env = "PODCACHE_MAX_GRPC_MESSAGE_BYTES", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_grpc_message_bytes)]
     pub max_grpc_message_bytes: usize,
-    /// How long a peer that answers no call keeps its pending writes held
-    /// for it; past it they are released (counted as dropped, reason
+    /// How long a peer that answers no call keeps its pending writes; past
+    /// it they are released (counted as dropped, reason
     /// `peer_down_released`) and anti-entropy repairs the peer when it
     /// answers again. A peer that answers, however slowly, is never
-    /// released. Default 10 minutes.
+    /// released.
+    #[arg(long, env = "PODCACHE_DOWN_PEER_RETENTION", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().down_peer_retention))]
     pub down_peer_retention: Duration,
-    /// Most bytes of entries in one fan-out request. Default 1 MiB.
+    /// Most bytes of entries in one fan-out request (an epoch larger than
+    /// this goes in several, applied together by the peer).
+    #[arg(long, env = "PODCACHE_MAX_BATCH_BYTES", help_heading = "Replication",
+          default_value_t = NodeConfig::defaults().max_batch_bytes)]
     pub max_batch_bytes: usize,
-    /// How long `?wait=all` waits for every peer. Default 5 s.
+    /// How long `?wait=all` waits for every peer.
+    #[arg(long, env = "PODCACHE_WAIT_TIMEOUT", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().wait_timeout))]
     pub wait_timeout: Duration,
-    /// Deadline of one peer RPC (not of a whole snapshot). Default 5 s.
+    /// Deadline of one peer call (of one chunk, for a snapshot).
+    #[arg(long, env = "PODCACHE_RPC_TIMEOUT", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().rpc_timeout))]
     pub rpc_timeout: Duration,
-    /// How often an idle peer link checks that its peer is up. Default 2 s.
+    /// How often an idle peer link checks that its peer is up.
+    #[arg(long, env = "PODCACHE_HEARTBEAT_INTERVAL", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().heartbeat_interval))]
     pub heartbeat_interval: Duration,
-    /// Longest pause between retries to a failing peer. Default 2 s.
+    /// Longest pause between retries to a failing peer.
+    #[arg(long, env = "PODCACHE_MAX_RETRY_BACKOFF", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().max_retry_backoff))]
     pub max_retry_backoff: Duration,
-    /// Target size of one snapshot chunk. Default 1 MiB.
+    /// Target size of one snapshot chunk, in bytes.
+    #[arg(long, env = "PODCACHE_SNAPSHOT_CHUNK_BYTES", help_heading = "Replication",
+          default_value_t = NodeConfig::defaults().snapshot_chunk_bytes)]
     pub snapshot_chunk_bytes: usize,
     /// How long tombstones and expired entries are kept (so that no older
-    /// copy can come back through replication) before being dropped. Must
-    /// be longer than any repair window; a node cut off from its peers for
-    /// longer does a full resync when it returns. Default 24 hours.
+    /// copy can come back through replication) before being dropped; at
+    /// least ten anti-entropy intervals. A node cut off from its peers for
+    /// longer resyncs in full when it returns.
+    #[arg(long, env = "PODCACHE_TOMBSTONE_GRACE", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().tombstone_grace))]
     pub tombstone_grace: Duration,
     /// How often a node compares its digest with every peer and repairs
-    /// what differs. Default 10 s.
+    /// what differs.
+    #[arg(long, env = "PODCACHE_ANTI_ENTROPY_INTERVAL", help_heading = "Replication",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().anti_entropy_interval))]
     pub anti_entropy_interval: Duration,
-    /// How long shutdown may take to drain queues. Default 10 s.
+    /// How long shutdown may take to finish requests and send what is
+    /// pending to peers.
+    #[arg(long, env = "PODCACHE_SHUTDOWN_GRACE", help_heading = "Network",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().shutdown_grace))]
     pub shutdown_grace: Duration,
-    /// REST bearer tokens (see [`crate::api::auth`]); `None` leaves the REST
-    /// API open, as the original service was. Default none.
+    /// REST bearer tokens, one per line: `read:<token>`, `write:<token>`
+    /// or a bare (write) token; re-read when it changes. Unset: the REST
+    /// API is open, as the original service was.
+    #[arg(long, env = "PODCACHE_AUTH_TOKEN_FILE", help_heading = "Security")]
     pub auth_token_file: Option<PathBuf>,
-    /// With tokens, whether `/metrics` stays open (for Prometheus). Default
-    /// true.
+    /// With --auth-token-file: leave /metrics open for Prometheus.
+    #[arg(long, env = "PODCACHE_PUBLIC_METRICS", help_heading = "Security",
+          default_value_t = NodeConfig::defaults().public_metrics, action = clap::ArgAction::Set)]
     pub public_metrics: bool,
-    /// With tokens, whether the dashboard's data (`/v1/cluster`) stays open.
-    /// Default false: the page asks for a read token.
+    /// With --auth-token-file: leave the dashboard's data (/v1/cluster,
+    /// /metrics) open; otherwise the page asks for a read token.
+    #[arg(long, env = "PODCACHE_PUBLIC_DASHBOARD", help_heading = "Security",
+          default_value_t = NodeConfig::defaults().public_dashboard, action = clap::ArgAction::Set)]
     pub public_dashboard: bool,
-    /// Mutual TLS between replicas (see [`crate::tls`]); `None` is plain
-    /// text, which the node warns about at start. Default none.
+    /// Mutual TLS between replicas (see [`crate::tls`]); unset is plain
+    /// text, which the node warns about at start.
+    #[command(flatten)]
     pub tls: Option<crate::tls::TlsFiles>,
     /// How often the token and certificate files are checked for changes.
-    /// Default 5 s.
+    #[arg(long, env = "PODCACHE_SECRETS_RELOAD_INTERVAL", help_heading = "Security",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().secrets_reload_interval))]
     pub secrets_reload_interval: Duration,
-    /// REST requests handled at once; more get 503 at once. Default 1024.
+    /// REST requests handled at once; more get 503 at once (probes never).
+    #[arg(long, env = "PODCACHE_MAX_CONCURRENT_REQUESTS", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_concurrent_requests)]
     pub max_concurrent_requests: usize,
     /// Open connections per listener (REST and gRPC each); more are closed
-    /// on accept. Default 4096.
+    /// on accept.
+    #[arg(long, env = "PODCACHE_MAX_CONNECTIONS", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_connections)]
     pub max_connections: usize,
-    /// Open `/v1/watch` streams; more get 503. Default 256.
+    /// Open /v1/watch streams; more get 503.
+    #[arg(long, env = "PODCACHE_MAX_WATCH_STREAMS", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_watch_streams)]
     pub max_watch_streams: usize,
-    /// gRPC requests handled at once per connection. Default 256.
+    /// gRPC requests handled at once per connection.
+    #[arg(long = "max-concurrent-rpcs", env = "PODCACHE_MAX_CONCURRENT_RPCS", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_concurrent_rpcs_per_connection)]
     pub max_concurrent_rpcs_per_connection: usize,
 }
 
@@ -91,14 +160,29 @@ pub const DEFAULT_HTTP_PORT: u16 = 8087;
 /// Default gRPC port.
 pub const DEFAULT_GRPC_PORT: u16 = 9090;
 
+/// The smallest value each duration setting may take: below it a node
+/// would spin (or refuse everything); a smaller value is an error, never
+/// silently raised.
+const MINIMUMS: [(&str, Duration); 7] = [
+    ("--anti-entropy-interval", Duration::from_millis(10)),
+    ("--secrets-reload-interval", Duration::from_millis(100)),
+    ("--heartbeat-interval", Duration::from_millis(10)),
+    ("--max-retry-backoff", Duration::from_millis(1)),
+    ("--rpc-timeout", Duration::from_millis(1)),
+    ("--wait-timeout", Duration::from_millis(1)),
+    ("--down-peer-retention", Duration::from_millis(1)),
+];
+
 impl NodeConfig {
-    /// Defaults for a node known as `pod_name` at `pod_ip`.
-    pub fn new(pod_name: impl Into<String>, pod_ip: IpAddr) -> Self {
+    /// The defaults, written once: clap shows and applies these, and
+    /// [`NodeConfig::new`] starts from them. The name and pod IP here are
+    /// placeholders that `new` replaces.
+    pub fn defaults() -> Self {
         Self {
             http_addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_HTTP_PORT),
             grpc_addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_GRPC_PORT),
-            pod_ip,
-            pod_name: pod_name.into(),
+            pod_ip: Ipv4Addr::UNSPECIFIED.into(),
+            pod_name: String::new(),
             host_ip: None,
             limits: Limits::default(),
             max_body_bytes: 8 * 1024 * 1024,
@@ -125,6 +209,15 @@ impl NodeConfig {
         }
     }
 
+    /// Defaults for a node known as `pod_name` at `pod_ip`.
+    pub fn new(pod_name: impl Into<String>, pod_ip: IpAddr) -> Self {
+        Self {
+            pod_name: pod_name.into(),
+            pod_ip,
+            ..Self::defaults()
+        }
+    }
+
     /// A node on loopback address `ip` with both listeners on port 0 and fast
     /// timers, for tests.
     #[cfg(any(test, feature = "testsuite"))]
@@ -141,10 +234,28 @@ impl NodeConfig {
         config
     }
 
-    /// Checks settings that cannot work together.
+    /// Checks settings that cannot work, alone or together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.pod_name.is_empty() {
             return Err(ConfigError::Invalid("pod name must not be empty".into()));
+        }
+        let durations = [
+            self.anti_entropy_interval,
+            self.secrets_reload_interval,
+            self.heartbeat_interval,
+            self.max_retry_backoff,
+            self.rpc_timeout,
+            self.wait_timeout,
+            self.down_peer_retention,
+        ];
+        for ((flag, minimum), value) in MINIMUMS.iter().zip(durations) {
+            if value < *minimum {
+                return Err(ConfigError::Invalid(format!(
+                    "{flag} must be at least {}, got {}",
+                    format_duration(*minimum),
+                    format_duration(value)
+                )));
+            }
         }
         if self.tombstone_grace < self.anti_entropy_interval * 10 {
             return Err(ConfigError::Invalid(
@@ -178,6 +289,8 @@ impl NodeConfig {
             ),
             ("max entries per type", self.limits.max_entries_per_type),
             ("max memory bytes", self.limits.max_total_bytes),
+            ("max batch bytes", self.max_batch_bytes),
+            ("snapshot chunk bytes", self.snapshot_chunk_bytes),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
@@ -224,6 +337,8 @@ fn local_ipv4s_from_fib_trie(text: &str) -> Vec<Ipv4Addr> {
 
 #[cfg(test)]
 mod tests {
+    use clap::{Args, FromArgMatches};
+
     use super::*;
 
     #[test]
@@ -244,5 +359,48 @@ mod tests {
         config.max_batch_bytes = 1024;
         config.limits.max_value_bytes = config.max_grpc_message_bytes;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn values_below_a_minimum_are_refused_not_raised() {
+        let mut config = NodeConfig::new("a", Ipv4Addr::LOCALHOST.into());
+        config.anti_entropy_interval = Duration::from_millis(1);
+        let err = config.validate().expect_err("too small").to_string();
+        assert!(
+            err.contains("--anti-entropy-interval must be at least 10ms"),
+            "{err}"
+        );
+    }
+
+    /// Parses `args` as `podcache serve` would, with the environment out of
+    /// the way (each flag's variable removed).
+    fn parse(args: &[&str]) -> Result<NodeConfig, clap::Error> {
+        let command =
+            NodeConfig::augment_args(clap::Command::new("serve")).mut_args(|arg| arg.env(None));
+        let matches =
+            command.try_get_matches_from(std::iter::once("serve").chain(args.iter().copied()))?;
+        NodeConfig::from_arg_matches(&matches)
+    }
+
+    #[test]
+    fn clap_applies_the_same_defaults_the_library_starts_from() {
+        let parsed = parse(&[]).expect("no flags");
+        let defaults = NodeConfig::defaults();
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn durations_take_units_and_tls_files_go_together() {
+        let parsed = parse(&["--tombstone-grace", "2h", "--wait-timeout", "250ms"]).expect("valid");
+        assert_eq!(parsed.tombstone_grace, Duration::from_secs(7200));
+        assert_eq!(parsed.wait_timeout, Duration::from_millis(250));
+        assert!(
+            parse(&["--wait-timeout", "250"]).is_err(),
+            "a bare number has no unit"
+        );
+        let tls =
+            parse(&["--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"]).expect("all three");
+        assert_eq!(tls.tls.map(|t| t.ca), Some(PathBuf::from("a")));
+        assert!(parse(&["--tls-cert", "c"]).is_err(), "cert alone");
     }
 }

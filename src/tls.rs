@@ -41,14 +41,33 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::reload::FileStamps;
 
-/// The three files of a replica's identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The three files of a replica's identity: given together or not at all.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct TlsFiles {
-    /// This replica's certificate chain (PEM), leaf first.
+    /// This replica's certificate chain (PEM, leaf first) for mutual TLS
+    /// between replicas.
+    #[arg(
+        long = "tls-cert",
+        env = "PODCACHE_TLS_CERT",
+        help_heading = "Security",
+        required = false
+    )]
     pub cert: PathBuf,
-    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long = "tls-key",
+        env = "PODCACHE_TLS_KEY",
+        help_heading = "Security",
+        required = false
+    )]
     pub key: PathBuf,
     /// The CA that signs every replica's certificate (PEM).
+    #[arg(
+        long = "tls-ca",
+        env = "PODCACHE_TLS_CA",
+        help_heading = "Security",
+        required = false
+    )]
     pub ca: PathBuf,
 }
 

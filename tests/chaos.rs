@@ -19,12 +19,14 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+use common::k8s_sim::{PodEncoding, PodSimulator, SimPod};
+use common::local_etcd::{LocalEtcd, MemberSpec, free_low_port};
 use podcache::client::RestClient;
 use podcache::etcd::EtcdClient;
-use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
-use podcache::local_etcd::{LocalEtcd, MemberSpec, free_low_port};
 use podcache::proto::podcache::SnapshotRequest;
 use podcache::proto::podcache::replica_client::ReplicaClient;
 

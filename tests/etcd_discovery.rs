@@ -10,12 +10,12 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use common::discovery_probe::{addrs, hello_filter, run};
+use common::k8s_sim::{PodEncoding, PodSimulator, SimPod};
+use common::local_etcd::{LocalEtcd, MemberSpec, MemberTls, free_low_port};
 use common::pki::Pki;
 use common::{next_block, peers_seen, wait_for_peers, wait_until};
 use podcache::discovery::{EtcdDiscovery, EtcdLeaseDiscovery, EtcdV2Discovery};
 use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
-use podcache::k8s_sim::{PodEncoding, PodSimulator, SimPod};
-use podcache::local_etcd::{LocalEtcd, MemberSpec, MemberTls, free_low_port};
 use podcache::{NodeBuilder, NodeConfig, NodeHandle};
 
 const ARTICLE_POD: &str = include_str!("fixtures/article_pod.json");

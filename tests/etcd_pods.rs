@@ -5,11 +5,13 @@
 //! same record as its JSON form, and podcache's own simulated pods decode
 //! with the full types.
 
+mod common;
+
+use common::k8s_sim::SimPod;
 use k8s_pb::api::core::v1 as core;
 use k8s_pb::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_pb::apimachinery::pkg::runtime;
 use podcache::discovery::pod::{decode_pod, parse_rfc3339_ms};
-use podcache::k8s_sim::SimPod;
 use prost::Message;
 
 const ARTICLE_POD: &str = include_str!("fixtures/article_pod.json");
@@ -171,4 +173,39 @@ fn simulated_pods_decode_with_the_complete_types() {
         (started.seconds, started.nanos),
         (Some(1_700_000_005), Some(250_000_000))
     );
+}
+
+/// The simulator writes pods both ways kube-apiserver stores them, and both
+/// decode to the same record.
+#[test]
+fn both_encodings_decode_to_the_same_record() {
+    let pod = SimPod::pending("web-1", "default", "hello", 1_700_000_000_000).running(
+        "10.0.0.7",
+        "192.168.1.2",
+        1_700_000_005_000,
+    );
+    let from_json = decode_pod(&pod.to_json()).expect("json");
+    let from_pb = decode_pod(&pod.to_protobuf()).expect("protobuf");
+    assert_eq!(from_json, from_pb);
+    assert_eq!(from_json.started_at_ms, Some(1_700_000_005_000));
+    let precise = pod
+        .clone()
+        .running("10.0.0.7", "192.168.1.2", 1_700_000_005_123);
+    assert_eq!(
+        decode_pod(&precise.to_protobuf())
+            .expect("pb")
+            .started_at_ms,
+        Some(1_700_000_005_123)
+    );
+    assert_eq!(
+        decode_pod(&precise.to_json()).expect("json").started_at_ms,
+        Some(1_700_000_005_000)
+    );
+    assert_eq!(from_json.pod_ip.as_deref(), Some("10.0.0.7"));
+    assert_eq!(
+        from_json.labels.get("app").map(String::as_str),
+        Some("hello")
+    );
+    assert!(pod.to_protobuf().starts_with(b"k8s\0"));
+    assert_eq!(pod.key(), "/registry/pods/default/web-1");
 }

@@ -445,7 +445,7 @@ fn fuzz_grpc_messages_into_the_store() {
 const ARTICLE_POD: &[u8] = include_bytes!("fixtures/article_pod.json");
 
 fn article_pod_protobuf() -> Vec<u8> {
-    use podcache::k8s_sim::{PodEncoding, SimPod};
+    use common::k8s_sim::{PodEncoding, SimPod};
     let pod = SimPod::pending("hello-web-x", "default", "hello", 1_700_000_000_000).running(
         "172.17.0.5",
         "10.0.0.1",

@@ -63,7 +63,7 @@ mod tests {
         let (peers_tx, mut peers_rx) = watch::channel(PeerSet::pending());
         let cancel = CancellationToken::new();
         let ctx = DiscoveryContext {
-            identity: crate::node::NodeIdentity::for_test("me", "10.9.9.9:7000"),
+            identity: crate::identity::NodeIdentity::for_test("me", "10.9.9.9:7000"),
             peers_tx,
             cancel: cancel.clone(),
             metrics: Default::default(),

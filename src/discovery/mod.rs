@@ -122,7 +122,7 @@ impl PeerSet {
 pub struct DiscoveryContext {
     /// This node: its dial address and pod IP must never appear as a peer;
     /// backends that register the node (etcd-lease) publish the rest.
-    pub identity: crate::node::NodeIdentity,
+    pub identity: crate::identity::NodeIdentity,
     /// Where the backend publishes every new peer set.
     pub peers_tx: watch::Sender<PeerSet>,
     /// Fires when the node shuts down.

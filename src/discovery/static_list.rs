@@ -119,7 +119,7 @@ mod tests {
         let (peers_tx, mut peers_rx) = watch::channel(PeerSet::pending());
         let cancel = CancellationToken::new();
         let ctx = DiscoveryContext {
-            identity: crate::node::NodeIdentity::for_test("me", "127.0.0.9:1"),
+            identity: crate::identity::NodeIdentity::for_test("me", "127.0.0.9:1"),
             peers_tx,
             cancel: cancel.clone(),
             metrics: Default::default(),

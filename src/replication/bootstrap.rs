@@ -8,7 +8,9 @@
 //! received meanwhile is never overwritten by the older copy in the chunk.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::future::join_all;
 use tonic::transport::Channel;

@@ -125,29 +125,47 @@ impl Record {
 }
 
 /// Limits that every write, local or remote, is checked against before
-/// anything is changed.
-#[derive(Debug, Clone)]
+/// anything is changed. Each is a flag of `podcache serve` (the defaults
+/// below are the flags' defaults).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Limits {
-    /// Longest key, in bytes of UTF-8. Default 1 KiB.
+    /// Longest key in bytes.
+    #[arg(long, env = "PODCACHE_MAX_KEY_BYTES", help_heading = "Limits",
+          default_value_t = Limits::default().max_key_bytes)]
     pub max_key_bytes: usize,
-    /// Longest value, in bytes of UTF-8. Default 1 MiB.
+    /// Longest value in bytes.
+    #[arg(long, env = "PODCACHE_MAX_VALUE_BYTES", help_heading = "Limits",
+          default_value_t = Limits::default().max_value_bytes)]
     pub max_value_bytes: usize,
-    /// Most entries in one batch write. Default 10,000.
+    /// Most entries in one batch write.
+    #[arg(long, env = "PODCACHE_MAX_BATCH_ENTRIES", help_heading = "Limits",
+          default_value_t = Limits::default().max_batch_entries)]
     pub max_batch_entries: usize,
-    /// Remote timestamps further ahead of local wall time are refused.
-    /// Default 60 s.
+    /// Remote timestamps further ahead of local wall time than this are
+    /// refused (milliseconds here; the flag takes a duration).
+    #[arg(long = "max-clock-drift", env = "PODCACHE_MAX_CLOCK_DRIFT", help_heading = "Replication",
+          value_name = "DURATION", value_parser = crate::units::parse_duration_ms,
+          default_value = crate::units::format_duration(std::time::Duration::from_millis(Limits::default().max_clock_drift_ms)))]
     pub max_clock_drift_ms: u64,
-    /// Longest TTL a write may ask for, in seconds. Default ten years.
+    /// Longest TTL a write may ask for, in seconds.
+    #[arg(skip = Limits::default().max_ttl_secs)]
     pub max_ttl_secs: u64,
-    /// Most entries holding a value in one namespace (tombstones are not
-    /// counted). Default 5,000,000.
+    /// Most entries holding a value in one type; writes of new keys past it
+    /// get 507 (tombstones are not counted).
+    #[arg(long, env = "PODCACHE_MAX_ENTRIES_PER_TYPE", help_heading = "Limits",
+          default_value_t = Limits::default().max_entries_per_type)]
     pub max_entries_per_type: usize,
-    /// Most bytes of keys and values held in all (tombstones count their
-    /// key). Default 1 GiB.
+    /// Most bytes of keys and values held in all; writes past it get 507
+    /// (nothing is evicted; tombstones count their key).
+    #[arg(long = "max-memory-bytes", env = "PODCACHE_MAX_MEMORY_BYTES", help_heading = "Limits",
+          default_value_t = Limits::default().max_total_bytes)]
     pub max_total_bytes: usize,
 }
 
 impl Default for Limits {
+    /// The one place the defaults are written: 1 KiB keys, 1 MiB values,
+    /// 10,000 entries per batch, 60 s of clock drift, ten years of TTL,
+    /// 5,000,000 entries per type, 1 GiB held.
     fn default() -> Self {
         Self {
             max_key_bytes: 1024,

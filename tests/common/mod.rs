@@ -34,6 +34,12 @@ pub struct Slot {
 
 pub mod discovery_probe;
 pub mod pki;
+// The binary's own pod simulator and etcd launcher: the tests drive the
+// same code `podcache k8s-sim` and `podcache demo --etcd local` run.
+#[path = "../../src/bin/podcache/k8s_sim.rs"]
+pub mod k8s_sim;
+#[path = "../../src/bin/podcache/local_etcd.rs"]
+pub mod local_etcd;
 
 /// A tweak applied to every node's config before it starts.
 pub type Configure = std::sync::Arc<dyn Fn(&mut NodeConfig) + Send + Sync>;

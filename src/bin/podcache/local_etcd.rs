@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::etcd::{EtcdClient, EtcdSettings, EtcdTls};
+use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
 
 /// A port on `ip` that is free now, below 32768 (outside the ephemeral range
 /// the kernel hands out for outgoing connections, so no client socket can

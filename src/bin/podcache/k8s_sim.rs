@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use prost::Message;
 use serde_json::json;
 
-use crate::client::{RestClient, percent_encode};
-use crate::discovery::etcd::pods_prefix;
-use crate::discovery::pod::{PROTOBUF_MAGIC, format_rfc3339};
-use crate::etcd::{EtcdClient, EtcdError};
-use crate::proto::k8s;
+use podcache::client::{RestClient, percent_encode};
+use podcache::discovery::etcd::pods_prefix;
+use podcache::discovery::pod::{PROTOBUF_MAGIC, format_rfc3339};
+use podcache::etcd::{EtcdClient, EtcdError};
+use podcache::proto::k8s;
 
 /// How a pod is stored: kube-apiserver's default (protobuf) or JSON
 /// (`--storage-media-type=application/json`).
@@ -302,44 +302,5 @@ impl PodSimulator {
             Backend::V3(_) => "etcd v3".into(),
             Backend::V2 { base, .. } => format!("etcd v2 at {base}"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::discovery::pod::decode_pod;
-
-    #[test]
-    fn both_encodings_decode_to_the_same_record() {
-        let pod = SimPod::pending("web-1", "default", "hello", 1_700_000_000_000).running(
-            "10.0.0.7",
-            "192.168.1.2",
-            1_700_000_005_000,
-        );
-        let from_json = decode_pod(&pod.to_json()).expect("json");
-        let from_pb = decode_pod(&pod.to_protobuf()).expect("protobuf");
-        assert_eq!(from_json, from_pb);
-        assert_eq!(from_json.started_at_ms, Some(1_700_000_005_000));
-        let precise = pod
-            .clone()
-            .running("10.0.0.7", "192.168.1.2", 1_700_000_005_123);
-        assert_eq!(
-            decode_pod(&precise.to_protobuf())
-                .expect("pb")
-                .started_at_ms,
-            Some(1_700_000_005_123)
-        );
-        assert_eq!(
-            decode_pod(&precise.to_json()).expect("json").started_at_ms,
-            Some(1_700_000_005_000)
-        );
-        assert_eq!(from_json.pod_ip.as_deref(), Some("10.0.0.7"));
-        assert_eq!(
-            from_json.labels.get("app").map(String::as_str),
-            Some("hello")
-        );
-        assert!(pod.to_protobuf().starts_with(b"k8s\0"));
-        assert_eq!(pod.key(), "/registry/pods/default/web-1");
     }
 }

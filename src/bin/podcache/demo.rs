@@ -5,30 +5,37 @@
 //! `--etcd local`, Debian's `etcd`).
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
 
-use crate::NodeConfig;
-use crate::client::{ClientError, RestClient};
-use crate::discovery::pod::{LabelTerm, PodFilter};
-use crate::discovery::{EtcdDiscovery, StaticPeers};
-use crate::etcd::{EtcdClient, EtcdSettings, EtcdTls};
-use crate::k8s_sim::{PodEncoding, PodSimulator, SimPod};
-use crate::local_etcd::LocalEtcd;
-use crate::node::{NodeBuilder, NodeHandle};
+use anyhow::Context as _;
+use clap::Args;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::k8s_sim::{PodEncoding, PodSimulator, SimPod};
+use super::local_etcd::LocalEtcd;
+use podcache::NodeConfig;
+use podcache::client::{ClientError, RestClient};
+use podcache::discovery::pod::{LabelTerm, PodFilter};
+use podcache::discovery::{EtcdDiscovery, StaticPeers};
+use podcache::etcd::{EtcdClient, EtcdSettings, EtcdTls};
+use podcache::node::{NodeBuilder, NodeHandle};
+
+use crate::{Failure, shutdown_signal};
 
 /// Settings of the demo cluster.
 #[derive(Debug, Clone)]
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     /// Address of the first replica; the others follow (127.0.0.2, .3, ...).
-    pub first_ip: Ipv4Addr,
+    pub(crate) first_ip: Ipv4Addr,
     /// REST port of every replica.
-    pub http_port: u16,
+    pub(crate) http_port: u16,
     /// gRPC port of every replica.
-    pub grpc_port: u16,
+    pub(crate) grpc_port: u16,
     /// Discover replicas through pods in etcd instead of a static list:
     /// an endpoint URL, or `local` to run the `etcd` binary found on PATH.
-    pub etcd: Option<String>,
+    pub(crate) etcd: Option<String>,
 }
 
 /// How the demo's replicas find each other.
@@ -52,9 +59,9 @@ const NAMESPACE: &str = "default";
 const APP: &str = "hello";
 
 /// A running demo cluster.
-pub struct DemoCluster {
+pub(crate) struct DemoCluster {
     /// The replicas, oldest first.
-    pub nodes: Vec<NodeHandle>,
+    pub(crate) nodes: Vec<NodeHandle>,
     membership: Membership,
     options: DemoOptions,
 }
@@ -67,7 +74,7 @@ fn ip_of(options: &DemoOptions, index: usize) -> Ipv4Addr {
 impl DemoCluster {
     /// An empty cluster; replicas are added with [`DemoCluster::add_replica`].
     /// With `options.etcd`, connects to (or starts) etcd first.
-    pub async fn new(options: DemoOptions) -> anyhow::Result<Self> {
+    pub(crate) async fn new(options: DemoOptions) -> anyhow::Result<Self> {
         let membership = match options.etcd.as_deref() {
             None => Membership::Static(StaticPeers::new(Vec::<String>::new())),
             Some(which) => {
@@ -98,7 +105,7 @@ impl DemoCluster {
     }
 
     /// Where membership comes from, for the walk-through's first line.
-    pub fn membership(&self) -> String {
+    pub(crate) fn membership(&self) -> String {
         match &self.membership {
             Membership::Static(_) => "a static peer list".into(),
             Membership::Etcd(etcd) => format!(
@@ -110,7 +117,7 @@ impl DemoCluster {
 
     /// Starts the next replica, announces it to the others, and waits until
     /// it is ready.
-    pub async fn add_replica(&mut self) -> anyhow::Result<&NodeHandle> {
+    pub(crate) async fn add_replica(&mut self) -> anyhow::Result<&NodeHandle> {
         let index = self.nodes.len();
         let ip = ip_of(&self.options, index);
         let name = format!("hello-web-{index}");
@@ -131,7 +138,7 @@ impl DemoCluster {
             Membership::Etcd(etcd) => {
                 let (settings, sim) = (&etcd.settings, &etcd.sim);
                 // The pod exists (Pending, no IP) before its container runs.
-                let now = crate::node::unix_ms() as i64;
+                let now = podcache::identity::unix_ms() as i64;
                 sim.put(&SimPod::pending(&name, NAMESPACE, APP, now))
                     .await?;
                 let filter = PodFilter {
@@ -160,7 +167,7 @@ impl DemoCluster {
     }
 
     /// A REST client of replica `index`.
-    pub fn client(&self, index: usize) -> Result<RestClient, ClientError> {
+    pub(crate) fn client(&self, index: usize) -> Result<RestClient, ClientError> {
         let addr = self.nodes[index]
             .http_addr()
             .map(|a| a.to_string())
@@ -169,7 +176,7 @@ impl DemoCluster {
     }
 
     /// Shuts every replica down, all at once.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         let names: Vec<String> = self
             .nodes
             .iter()
@@ -237,7 +244,7 @@ fn ms(d: Option<Duration>) -> String {
 
 /// Runs the walk-through on a fresh cluster and returns it still running,
 /// with the report that was printed. Fails when a step does not happen.
-pub async fn walk_through(
+pub(crate) async fn walk_through(
     options: DemoOptions,
     out: &mut dyn FnMut(&str),
 ) -> anyhow::Result<DemoCluster> {
@@ -364,7 +371,7 @@ pub async fn walk_through(
 }
 
 /// A short guide to the running cluster.
-pub fn try_it(cluster: &DemoCluster) -> String {
+pub(crate) fn try_it(cluster: &DemoCluster) -> String {
     let first = cluster.nodes[0]
         .http_addr()
         .map(|a| a.to_string())
@@ -376,4 +383,45 @@ pub fn try_it(cluster: &DemoCluster) -> String {
     format!(
         "The cluster keeps running. Try, from another terminal:\n  curl -X PUT -d on http://{first}/v1/cache/2/feature.x\n  curl http://{second}/v1/cache/2\n  curl http://{second}/v1/cluster\n  podcache ctl --addr http://{second} list 2\nCtrl-C stops it."
     )
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Stop after the walk-through instead of running until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
+    /// Address of the first replica; the others take the next addresses.
+    #[arg(long, env = "PODCACHE_DEMO_FIRST_IP", default_value = "127.0.0.2")]
+    first_ip: std::net::Ipv4Addr,
+    /// REST port of every replica.
+    #[arg(long, env = "PODCACHE_DEMO_HTTP_PORT", default_value_t = 8087)]
+    http_port: u16,
+    /// gRPC port of every replica.
+    #[arg(long, env = "PODCACHE_DEMO_GRPC_PORT", default_value_t = 9090)]
+    grpc_port: u16,
+    /// Find replicas through pods in etcd: an endpoint URL, or "local" to
+    /// start the etcd binary on PATH (Debian etcd-server).
+    #[arg(long, env = "PODCACHE_DEMO_ETCD")]
+    etcd: Option<String>,
+}
+
+pub(crate) async fn run(args: DemoArgs) -> Result<(), Failure> {
+    let options = DemoOptions {
+        first_ip: args.first_ip,
+        http_port: args.http_port,
+        grpc_port: args.grpc_port,
+        etcd: args.etcd,
+    };
+    let cluster = walk_through(options, &mut |text| println!("{text}\n"))
+        .await
+        .context("the demo failed")?;
+    if args.exit {
+        println!("Done; stopping the replicas.");
+    } else {
+        println!("{}", try_it(&cluster));
+        shutdown_signal().await;
+        println!("Stopping the replicas.");
+    }
+    cluster.shutdown().await;
+    Ok(())
 }

@@ -1,0 +1,269 @@
+//! `podcache ctl`: a client for a running node's REST API (get, set,
+//! delete, list, watch, cluster).
+
+use clap::{Args, Subcommand};
+use hyper::Method;
+use podcache::client::{RestClient, entry_path};
+use serde_json::Value;
+
+use crate::{Failure, shutdown_signal};
+
+#[derive(Debug, Args)]
+pub(crate) struct CtlArgs {
+    /// The node's REST address.
+    #[arg(long, env = "PODCACHE_ADDR", default_value = "http://127.0.0.1:8087")]
+    addr: String,
+    /// A file holding the bearer token for a node with --auth-token-file.
+    #[arg(long, env = "PODCACHE_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Print the node's JSON answers as they are.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    op: CtlOp,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CtlOp {
+    /// Print one value.
+    Get { r#type: i32, key: String },
+    /// Set one value.
+    Set {
+        r#type: i32,
+        key: String,
+        value: String,
+        /// Expire after this many seconds, on every replica.
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Wait until every peer acknowledged, and show what each said.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete one entry everywhere.
+    Delete {
+        r#type: i32,
+        key: String,
+        /// Wait until every peer acknowledged.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List a whole namespace.
+    List { r#type: i32 },
+    /// Follow every change to a namespace (or one key) live, until Ctrl-C.
+    Watch {
+        r#type: i32,
+        /// Only this key.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Show this node, its peers and their replication state.
+    Cluster,
+}
+
+pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
+    let mut client = RestClient::new(&args.addr).map_err(|e| Failure::Config(e.to_string()))?;
+    if let Some(path) = &args.token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Config(format!("--token-file {}: {e}", path.display())))?;
+        client = client
+            .with_token(token.trim())
+            .map_err(|e| Failure::Config(e.to_string()))?;
+    }
+    if let CtlOp::Watch { r#type, key } = &args.op {
+        return ctl_watch(&client, *r#type, key.as_deref(), args.json).await;
+    }
+    let (method, path, body) = match &args.op {
+        CtlOp::Get { r#type, key } => (Method::GET, entry_path(*r#type, key), String::new()),
+        CtlOp::Set {
+            r#type,
+            key,
+            value,
+            ttl,
+            wait,
+        } => {
+            let mut query = Vec::new();
+            if let Some(ttl) = ttl {
+                query.push(format!("ttl={ttl}"));
+            }
+            if *wait {
+                query.push("wait=all".to_owned());
+            }
+            let mut path = entry_path(*r#type, key);
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            (Method::PUT, path, value.clone())
+        }
+        CtlOp::Delete { r#type, key, wait } => {
+            let mut path = entry_path(*r#type, key);
+            if *wait {
+                path.push_str("?wait=all");
+            }
+            (Method::DELETE, path, String::new())
+        }
+        CtlOp::List { r#type } => (Method::GET, format!("/v1/cache/{type}"), String::new()),
+        CtlOp::Watch { .. } => unreachable!("handled above"),
+        CtlOp::Cluster => (Method::GET, "/v1/cluster".to_owned(), String::new()),
+    };
+    let answer = client
+        .request(method, &path, body)
+        .await
+        .map_err(|e| Failure::Run(e.into()))?;
+    let json = answer.json();
+    if !answer.status.is_success() {
+        let message = json["message"].as_str().unwrap_or("request failed");
+        return Err(Failure::Run(anyhow::anyhow!(
+            "{} ({})",
+            message,
+            answer.status
+        )));
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    match &args.op {
+        CtlOp::Get { .. } => println!("{}", json["value"].as_str().unwrap_or_default()),
+        CtlOp::Set { .. } | CtlOp::Delete { .. } => {
+            println!("version {}", json["version"].as_str().unwrap_or("?"));
+            for report in json["replication"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<24} {:<22} {}",
+                    report["name"].as_str().unwrap_or("?"),
+                    report["peer"].as_str().unwrap_or("?"),
+                    report["status"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        CtlOp::List { .. } => {
+            if let Some(entries) = json["entries"].as_object() {
+                let width = entries.keys().map(|k| k.len()).max().unwrap_or(3).max(3);
+                println!("{:<width$}  VALUE", "KEY");
+                for (key, value) in entries {
+                    println!("{key:<width$}  {}", value.as_str().unwrap_or_default());
+                }
+            }
+        }
+        CtlOp::Cluster => print_cluster(&json),
+        CtlOp::Watch { .. } => {}
+    }
+    Ok(())
+}
+
+/// Prints every change event of a namespace as it arrives.
+async fn ctl_watch(
+    client: &RestClient,
+    ty: i32,
+    key: Option<&str>,
+    json: bool,
+) -> Result<(), Failure> {
+    use http_body_util::BodyExt;
+    let mut path = format!("/v1/watch/{ty}");
+    if let Some(key) = key {
+        path = format!("{path}?key={}", podcache::client::percent_encode(key));
+    }
+    let (status, mut body) = client
+        .stream(&path)
+        .await
+        .map_err(|e| Failure::Run(e.into()))?;
+    if !status.is_success() {
+        return Err(Failure::Run(anyhow::anyhow!("watch refused ({status})")));
+    }
+    if !json {
+        println!(
+            "{:<8} {:<24} {:<10} {:<34} VALUE",
+            "ORIGIN", "KEY", "CHANGE", "VERSION"
+        );
+    }
+    let mut buffer = String::new();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let frame = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            frame = body.frame() => frame,
+        };
+        let Some(frame) = frame else {
+            return Err(Failure::Run(anyhow::anyhow!("the node closed the watch")));
+        };
+        let frame = frame.map_err(|e| Failure::Run(e.into()))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        buffer.push_str(&String::from_utf8_lossy(data));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            for line in block.lines().filter_map(|l| l.strip_prefix("data:")) {
+                let Ok(event) = serde_json::from_str::<Value>(line.trim()) else {
+                    continue;
+                };
+                if json {
+                    println!("{event}");
+                } else {
+                    let change = if event["deleted"] == true {
+                        "delete"
+                    } else {
+                        "set"
+                    };
+                    println!(
+                        "{:<8} {:<24} {:<10} {:<34} {}",
+                        event["origin"].as_str().unwrap_or("?"),
+                        event["key"].as_str().unwrap_or("?"),
+                        change,
+                        event["version"].as_str().unwrap_or("?"),
+                        event["value"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn print_cluster(json: &Value) {
+    let node = &json["node"];
+    println!(
+        "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  LAST ERROR",
+        "NAME", "GRPC", "STATUS", "OLDEST", "QUEUE", "SENT"
+    );
+    println!(
+        "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  (this node)",
+        node["name"].as_str().unwrap_or("?"),
+        node["grpc_addr"].as_str().unwrap_or("?"),
+        if node["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "pulling"
+        },
+        if node["oldest"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            ""
+        },
+        "-",
+        "-",
+    );
+    for peer in json["peers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  {}",
+            peer["name"].as_str().unwrap_or("?"),
+            peer["grpc_addr"].as_str().unwrap_or("?"),
+            peer["status"].as_str().unwrap_or("?"),
+            if peer["oldest"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                ""
+            },
+            peer["queue_depth"].to_string(),
+            peer["sent_batches"].to_string(),
+            peer["last_error"].as_str().unwrap_or(""),
+        );
+    }
+    println!(
+        "discovery: {} ({})",
+        json["discovery"]["source"].as_str().unwrap_or("?"),
+        json["discovery"]["state"].as_str().unwrap_or("?")
+    );
+}
