@@ -7,23 +7,34 @@
 //! that has run longest before it reports ready.
 //!
 //! # Layout
+//! From the bottom up; no module imports one above it.
 //! - [`store`]: versioned entries (hybrid clock + node id), the merge rule,
 //!   tombstones, TTL, limits. No I/O.
+//! - [`identity`], [`config`], [`metrics`], [`proto`], [`tls`]: who the
+//!   node is, its settings (read by clap), its metrics registry, the wire
+//!   types, mutual TLS.
+//! - [`replica`]: what every adapter shares: the store, the change stream,
+//!   the change index of fan-out (epochs and a cursor per peer), readiness,
+//!   and the one local write path [`replica::Replica::write`].
 //! - [`discovery`]: the [`discovery::Discovery`] trait and its backends.
-//! - [`replication`]: peer links, fan-out queues, `?wait=all`, bootstrap.
+//! - [`replication`]: peer links (a state machine beside the calls),
+//!   bootstrap, anti-entropy.
 //! - `rpc`: the gRPC services (`hellorpc.Sync`, `podcache.v1.Replica`,
-//!   health, reflection).
-//! - [`api`]: the REST API, health, readiness, metrics.
+//!   health, reflection). [`api`]: REST, watch, health, metrics, dashboard.
 //! - [`node`]: wiring, start-up and shutdown order; [`NodeHandle`] is what
 //!   an embedding service holds.
 //! - [`client`]: a small REST client (used by `podcache ctl` and the demo).
 //!
 //! # How a write flows
-//! `PUT /v1/cache/1/k` → the store stamps a new version and stores it → a
-//! change event goes to watchers → the record is queued on every peer link →
-//! each link sends batches with `podcache.v1.Replica/Replicate` (or the
-//! original `hellorpc.Sync/Set` to a peer that only knows that) → the peer
-//! merges by version and does not forward it again.
+//! `PUT /v1/cache/1/k` → [`replica::Replica::write`]: the store stamps a
+//! new version and stores it, and under the same lock it goes into the
+//! open epoch of the change index → watchers see it → each peer link,
+//! woken, seals the epoch its cursor points at and sends it with
+//! `podcache.v1.Replica/ReplicateStream` (or the original
+//! `hellorpc.Sync/Set` to a peer that only knows that) → the peer applies
+//! the whole epoch at once, by version, and does not forward it again →
+//! the link acknowledges the epoch in the index, which answers
+//! `?wait=all`.
 //!
 //! # Embedding
 //! ```no_run

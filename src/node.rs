@@ -12,7 +12,7 @@
 //! REST `PUT`, `Sync/Set` or [`NodeHandle::set`] → [`Replica::write`]: the
 //! store stamps and stores it, it becomes pending for every peer in the
 //! change index, watchers see it, and each peer's link sends it with the
-//! next epoch. A peer's `ReplicateStream` → [`Replica::apply_remote`]:
+//! next epoch. A peer's `ReplicateStream` → `Replica::apply_remote`:
 //! merged by version, published to watchers, never forwarded again.
 
 use std::collections::BTreeMap;

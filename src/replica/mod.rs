@@ -2,12 +2,12 @@
 //! the store, the change stream to watchers, the change index of fan-out,
 //! readiness, and the two ways state changes: the one local write path
 //! ([`Replica::write`]) and the merge of what peers send
-//! ([`Replica::apply_remote`]).
+//! (`Replica::apply_remote`).
 //!
 //! Owns: the order of a local write (version, store, pending for every
 //! peer, publish, acknowledgements), the remote merge and its counters,
 //! readiness and staleness. Must not touch: sockets, wire formats, peer
-//! links (`crate::replication` takes epochs out of [`changes`] and reports
+//! links (`crate::replication` takes epochs out of `changes` and reports
 //! acknowledgements back), HTTP (`crate::api`), gRPC (`crate::rpc`).
 
 pub(crate) mod changes;

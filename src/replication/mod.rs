@@ -4,11 +4,11 @@
 //!
 //! Owns: peer links (their channels, tasks and status), the bootstrap and
 //! anti-entropy exchanges. The decisions are plain types beside the calls
-//! that carry them: [`link`] (a link's state machine), [`batch`] (cutting
-//! an epoch into requests), [`anti_entropy::plan`], [`oldest`] (which
+//! that carry them: `link` (a link's state machine), `batch` (cutting
+//! an epoch into requests), `anti_entropy::plan`, [`oldest`] (which
 //! member has run longest). Must not touch: the merge rule (the store
 //! decides), what is pending (the change index in [`crate::replica`]
-//! decides), membership (discovery decides; [`Replicator::update_peers`]
+//! decides), membership (discovery decides; `Replicator::update_peers`
 //! only follows it).
 
 pub mod anti_entropy;

@@ -226,7 +226,7 @@ fn print_cluster(json: &Value) {
     let node = &json["node"];
     println!(
         "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  LAST ERROR",
-        "NAME", "GRPC", "STATUS", "OLDEST", "QUEUE", "SENT"
+        "NAME", "GRPC", "STATUS", "OLDEST", "PENDING", "SENT"
     );
     println!(
         "{:<28} {:<22} {:<7} {:<6} {:>6} {:>8}  (this node)",
@@ -256,7 +256,7 @@ fn print_cluster(json: &Value) {
             } else {
                 ""
             },
-            peer["queue_depth"].to_string(),
+            peer["pending_entries"].to_string(),
             peer["sent_batches"].to_string(),
             peer["last_error"].as_str().unwrap_or(""),
         );

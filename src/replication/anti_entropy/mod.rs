@@ -5,7 +5,7 @@
 //! Every interval, and at once when a released peer answers again, a node
 //! compares its digest with every peer: one small message when the states
 //! are equal; otherwise, for the buckets that differ, both sides send their
-//! entries and each merges what is newer ([`plan`] decides which buckets).
+//! entries and each merges what is newer (`plan` decides which buckets).
 //! A node that has not synced with anyone for longer than the tombstone
 //! grace first resyncs in full from a peer that was there all along,
 //! dropping old entries the peer no longer has, instead of spreading keys
