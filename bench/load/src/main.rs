@@ -110,6 +110,9 @@ struct Args {
     /// Probe writes per second for the lag workload.
     #[arg(long, default_value_t = 200)]
     probe_rate: u64,
+    /// A query string for podcache's writes, e.g. `wait=all`.
+    #[arg(long, default_value = "")]
+    query: String,
 }
 
 /// One connection to one node.
@@ -278,7 +281,13 @@ async fn op(
     let keys = args.keys.max(1);
     match (conn, workload) {
         (Conn::Http(c), Workload::Write) => {
-            http(c, "PUT", &format!("/v1/cache/1/{}", key(n % keys)), value).await?;
+            let query = if args.query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", args.query)
+            };
+            let path = format!("/v1/cache/1/{}{query}", key(n % keys));
+            http(c, "PUT", &path, value).await?;
         }
         (Conn::Http(c), Workload::Batch | Workload::Fill) => {
             let size = if workload == Workload::Fill {
@@ -301,7 +310,12 @@ async fn op(
                 body.push(b'"');
             }
             body.push(b'}');
-            http(c, "POST", "/v1/cache/1", &body).await?;
+            let path = if args.query.is_empty() {
+                "/v1/cache/1".to_owned()
+            } else {
+                format!("/v1/cache/1?{}", args.query)
+            };
+            http(c, "POST", &path, &body).await?;
         }
         (Conn::Http(c), Workload::Read) => {
             http(c, "GET", &format!("/v1/cache/1/{}", key(n % keys)), b"").await?;
@@ -374,6 +388,7 @@ fn summary(
         "ops_per_sec": ops as f64 / seconds,
         "entries_per_sec": (ops * entries_per_op as u64) as f64 / seconds,
         "p50_us": hist.value_at_quantile(0.50),
+        "p95_us": hist.value_at_quantile(0.95),
         "p99_us": hist.value_at_quantile(0.99),
         "max_us": hist.max(),
         "errors": errors,
@@ -706,6 +721,7 @@ async fn lag(args: Arc<Args>) -> anyhow::Result<serde_json::Value> {
     Ok(json!({
         "probes": acks.len(),
         "p50_us": hist.value_at_quantile(0.50),
+        "p95_us": hist.value_at_quantile(0.95),
         "p99_us": hist.value_at_quantile(0.99),
         "max_us": hist.max(),
         "missing": missing,
