@@ -113,6 +113,23 @@ pub struct NodeConfig {
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().shutdown_grace))]
     pub shutdown_grace: Duration,
+    /// Where the node keeps its state on disk, to come back with it after a
+    /// restart (of itself or of the whole cluster). Unset: memory only.
+    #[arg(long, env = "PODCACHE_DATA_DIR", help_heading = "Storage")]
+    pub data_dir: Option<PathBuf>,
+    /// When the data directory's log is synced to disk: `always` answers a
+    /// write only once it is on disk (concurrent writes share one fsync),
+    /// `interval` once a second (a machine crash loses at most the last
+    /// second), `never` leaves it to the kernel.
+    #[arg(long, env = "PODCACHE_FSYNC", help_heading = "Storage", value_enum,
+          default_value_t = NodeConfig::defaults().fsync)]
+    pub fsync: crate::durability::Fsync,
+    /// The data directory's log is compacted (a snapshot of the whole
+    /// state written, older files removed) once it is larger than this and
+    /// than twice the last snapshot.
+    #[arg(long, env = "PODCACHE_COMPACT_LOG_BYTES", help_heading = "Storage",
+          default_value_t = NodeConfig::defaults().compact_log_bytes)]
+    pub compact_log_bytes: u64,
     /// REST bearer tokens, one per line: `read:<token>`, `write:<token>`
     /// or a bare (write) token; re-read when it changes. Unset: the REST
     /// API is open, as the original service was.
@@ -197,6 +214,9 @@ impl NodeConfig {
             tombstone_grace: Duration::from_secs(24 * 3600),
             anti_entropy_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            data_dir: None,
+            fsync: crate::durability::Fsync::Interval,
+            compact_log_bytes: 64 << 20,
             auth_token_file: None,
             public_metrics: true,
             public_dashboard: false,
@@ -256,6 +276,11 @@ impl NodeConfig {
                     format_duration(value)
                 )));
             }
+        }
+        if self.compact_log_bytes < 4096 {
+            return Err(ConfigError::Invalid(
+                "--compact-log-bytes must be at least 4096".into(),
+            ));
         }
         if self.tombstone_grace < self.anti_entropy_interval * 10 {
             return Err(ConfigError::Invalid(

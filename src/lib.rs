@@ -58,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod conn_limit;
 pub mod discovery;
+pub mod durability;
 pub mod etcd;
 pub mod identity;
 pub mod metrics;

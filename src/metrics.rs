@@ -61,6 +61,11 @@ pub struct Metrics {
     /// Epochs from a peer too large to hold back until their end, merged in
     /// parts.
     pub epochs_split: Counter,
+    /// Entries from peers applied while the data directory could not be
+    /// written (the snapshot that clears the failure writes them).
+    pub data_dir_unlogged: Counter,
+    /// Snapshots written by compaction (or after a disk failure).
+    pub data_dir_compactions: Counter,
     /// Live entries per namespace (`type`).
     pub entries: Family<Labels, Gauge>,
     /// Bytes of keys and values per namespace (`type`).
@@ -190,6 +195,18 @@ impl Metrics {
             "replication_pending_bytes",
             "Bytes of keys and values of this node's writes waiting for each peer",
             pending_bytes.clone(),
+        );
+        let data_dir_unlogged = Counter::default();
+        registry.register(
+            "data_dir_unlogged_entries",
+            "Entries from peers applied while the data directory could not be written (written by the snapshot that clears the failure)",
+            data_dir_unlogged.clone(),
+        );
+        let data_dir_compactions = Counter::default();
+        registry.register(
+            "data_dir_compactions",
+            "Snapshots the data directory wrote (compaction, or after a disk failure)",
+            data_dir_compactions.clone(),
         );
         let epochs_split = Counter::default();
         registry.register(
@@ -380,6 +397,8 @@ impl Metrics {
             pending_entries,
             pending_bytes,
             epochs_split,
+            data_dir_unlogged,
+            data_dir_compactions,
             entries,
             bytes,
             peers,

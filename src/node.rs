@@ -64,6 +64,12 @@ pub enum NodeError {
     /// The TLS files are missing or invalid.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The data directory cannot be used (in use, another format, damaged).
+    #[error(transparent)]
+    DataDir(#[from] crate::durability::DurabilityError),
+    /// A write was refused by the data directory.
+    #[error(transparent)]
+    Write(#[from] crate::replica::WriteError),
 }
 
 /// Builds and starts a node.
@@ -134,6 +140,17 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
         let config = self.config;
         config.validate()?;
+        // First, so that a directory in use or of another format is the one
+        // line a refused start prints.
+        let opened = match &config.data_dir {
+            Some(dir) => {
+                let started = tokio::time::Instant::now();
+                let (data, recovered) =
+                    crate::durability::DataDir::open(dir, config.fsync, config.compact_log_bytes)?;
+                Some((Arc::new(data), recovered, started))
+            }
+            None => None,
+        };
         let grpc_listener = match self.grpc_listener {
             Some(l) => l,
             None => bind(config.grpc_addr).await?,
@@ -179,7 +196,21 @@ impl NodeBuilder {
         let (peers_tx, peers_rx) = watch::channel(PeerSet::pending());
         let (repair_tx, repair_rx) = tokio::sync::mpsc::channel(64);
         let watch_streams = config.max_watch_streams;
-        let replica = Arc::new(Replica::new(config, identity, metrics));
+        let data = opened.as_ref().map(|(data, _, _)| data.clone());
+        let replica = Arc::new(Replica::new(config, identity, metrics, data.clone()));
+        if let Some((data, recovered, started)) = opened {
+            let (files, bytes) = (recovered.files, recovered.bytes);
+            let kept = replica.load(recovered);
+            info!(
+                dir = %data.path().display(),
+                entries = kept,
+                files,
+                bytes,
+                ms = started.elapsed().as_millis() as u64,
+                fsync = ?data.policy(),
+                "state loaded from the data directory"
+            );
+        }
         let replicator = Arc::new(Replicator::new(
             replica.clone(),
             tls.clone(),
@@ -236,11 +267,22 @@ impl NodeBuilder {
         ));
         tracker.spawn(bootstrap_then_ready(
             replica.clone(),
+            replicator.clone(),
             tls.clone(),
             peers_rx,
             health.clone(),
             cancel.clone(),
         ));
+        if let Some(data) = data {
+            let (for_snapshot, for_sync) = (replica.clone(), replica.clone());
+            tracker.spawn(crate::durability::durability_loop(
+                data,
+                replica.metrics.clone(),
+                move || for_snapshot.store.snapshot(),
+                move || for_sync.last_full_sync_ms(),
+                cancel.clone(),
+            ));
+        }
         tracker.spawn(expiry_loop(replica.clone(), cancel.clone()));
         let interval = replica.config.secrets_reload_interval;
         if let Some(auth) = auth {
@@ -329,10 +371,12 @@ async fn membership_loop(
     }
 }
 
-/// Waits for discovery's first answer, pulls the state from the oldest peer,
-/// then reports ready.
+/// Waits for discovery's first answer, gets the state (pulled whole from
+/// the oldest peer, or, for a node that loaded its own from the data
+/// directory, only what differs from every peer), then reports ready.
 async fn bootstrap_then_ready(
     replica: Arc<Replica>,
+    replicator: Arc<Replicator>,
     tls: Option<Arc<crate::tls::PeerTls>>,
     mut peers_rx: watch::Receiver<PeerSet>,
     health: tonic_health::server::HealthReporter,
@@ -345,17 +389,31 @@ async fn bootstrap_then_ready(
             Err(_) => return,
         },
     };
-    let report = tokio::select! {
-        _ = cancel.cancelled() => return,
-        report = run_bootstrap(&replica, tls.as_ref(), &peers) => report,
+    let report = if replica.loaded_from_disk() > 0 {
+        replicator.update_peers(&peers);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            report = crate::replication::anti_entropy::join(&replica, &replicator) => report,
+        }
+    } else {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            report = run_bootstrap(&replica, tls.as_ref(), &peers) => report,
+        }
     };
     replica
         .metrics
         .bootstrap_seconds
         .observe(report.duration.as_secs_f64());
     replica.metrics.bootstrap_entries.inc_by(report.entries);
+    // A node that came back with its own state and reached no peer keeps
+    // the time of its last sync as saved: if that is older than the
+    // tombstone grace it is stale, and resyncs before it is trusted.
+    let reached = report.source.is_some() || peers.is_empty();
     replica.set_bootstrap_report(report);
-    replica.synced(unix_ms());
+    if replica.loaded_from_disk() == 0 || reached {
+        replica.synced(unix_ms());
+    }
     replica.set_ready(true);
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)

@@ -63,6 +63,14 @@ pub fn record_from_wire(entry: podcache::Entry) -> Record {
     )
 }
 
+/// Appends `record` encoded as a `podcache.v1.Entry` message to `buf`
+/// (straight from the record, no intermediate message); decode it with
+/// `podcache::Entry::decode` and [`record_from_wire`].
+pub fn encode_entry(record: &Record, buf: &mut Vec<u8>) {
+    buf.reserve(replicate_batch::entry_len(record));
+    replicate_batch::encode_entry_fields(record, buf);
+}
+
 /// Rough encoded size of a record, used to cut batches and chunks.
 pub fn wire_size(record: &Record) -> usize {
     record.entry.size() + 40
@@ -168,7 +176,19 @@ mod replicate_batch {
         ]
     }
 
-    fn entry_len(record: &Record) -> usize {
+    /// The fields of a `podcache.v1.Entry` message for `record`.
+    pub(super) fn encode_entry_fields(record: &Record, buf: &mut impl BufMut) {
+        let (key, value) = record.entry.key_value();
+        let [ty, deleted, hlc, node, expires] = varints(record);
+        put_varint(ty.0, ty.1, buf);
+        put_string(2, key, buf);
+        put_string(3, value.unwrap_or_default(), buf);
+        for (tag, value) in [deleted, hlc, node, expires] {
+            put_varint(tag, value, buf);
+        }
+    }
+
+    pub(super) fn entry_len(record: &Record) -> usize {
         let (key, value) = record.entry.key_value();
         let numbers: usize = varints(record)
             .iter()
@@ -185,14 +205,7 @@ mod replicate_batch {
             for record in self.entries() {
                 encode_key(ENTRIES, WireType::LengthDelimited, buf);
                 encode_varint(entry_len(record) as u64, buf);
-                let (key, value) = record.entry.key_value();
-                let [ty, deleted, hlc, node, expires] = varints(record);
-                put_varint(ty.0, ty.1, buf);
-                put_string(2, key, buf);
-                put_string(3, value.unwrap_or_default(), buf);
-                for (tag, value) in [deleted, hlc, node, expires] {
-                    put_varint(tag, value, buf);
-                }
+                encode_entry_fields(record, buf);
             }
             put_varint(MORE, u64::from(self.more), buf);
         }
@@ -306,6 +319,11 @@ mod tests {
                     podcache::ReplicateRequest::decode(bytes.as_slice()).expect("decodes");
                 let back: Vec<Record> = decoded.entries.into_iter().map(record_from_wire).collect();
                 assert_eq!(back, records[..n]);
+                for record in &records[..n] {
+                    let mut bytes = Vec::new();
+                    encode_entry(record, &mut bytes);
+                    assert_eq!(bytes, record_to_wire(record).encode_to_vec());
+                }
             }
         }
     }

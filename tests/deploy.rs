@@ -69,7 +69,12 @@ fn the_manifests_only_use_flags_the_binary_has() {
         .expect("help");
     let help = String::from_utf8_lossy(&help.stdout);
     let mut flags = 0;
-    for name in ["podcache.yaml", "etcd-discovery.yaml", "secure.yaml"] {
+    for name in [
+        "podcache.yaml",
+        "etcd-discovery.yaml",
+        "secure.yaml",
+        "statefulset.yaml",
+    ] {
         let manifest = std::fs::read_to_string(
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("deploy")

@@ -7,6 +7,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::durability::DiskError;
+use crate::replica::WriteError;
 use crate::store::StoreError;
 
 /// A REST failure: a status, a stable machine code and a sentence for people.
@@ -76,6 +78,33 @@ impl From<StoreError> for ApiError {
             StoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "capacity_exhausted"),
         };
         Self::new(status, code, err.to_string())
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(err: WriteError) -> Self {
+        match err {
+            WriteError::Store(e) => e.into(),
+            WriteError::Disk(DiskError::Full(_)) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                format!(
+                    "{err}; nothing was written, reads go on, writes resume when there is room"
+                ),
+            ),
+            WriteError::Disk(DiskError::Failed(_)) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                format!(
+                    "{err}; nothing was written, reads go on, writes resume when the disk does"
+                ),
+            ),
+            WriteError::NotDurable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_durable",
+                format!("the write was applied and is being sent to the peers, but {err}"),
+            ),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod answer;
 pub mod auth;
+mod backup;
 mod error;
 mod front;
 
@@ -94,6 +95,8 @@ fn routes(api: Arc<Api>) -> Router {
     Router::new()
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
         .route("/v1/watch/{type}", get(watch))
+        .route("/v1/export", get(backup::export))
+        .route("/v1/import", axum::routing::post(backup::import))
         .route("/", get(dashboard))
         .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
@@ -293,7 +296,7 @@ async fn put_entry(
     ))
 }
 
-fn reject(api: &Api, err: &crate::store::StoreError) {
+fn reject(api: &Api, err: &crate::replica::WriteError) {
     api.replica
         .metrics
         .rejected
@@ -525,6 +528,23 @@ pub(crate) fn cluster_json(api: &Api) -> Value {
         }
     };
     let bootstrap = api.replica.bootstrap_report();
+    // Where this node's state came from: its data directory, its peers
+    // (a bootstrap pull, or what the join repaired), both, or neither.
+    let from_disk = api.replica.loaded_from_disk() > 0;
+    let from_peers = bootstrap.as_ref().is_some_and(|b| b.entries > 0);
+    let state_source = match (from_disk, from_peers) {
+        (true, true) => "disk+peers",
+        (true, false) => "disk",
+        (false, true) => "peers",
+        (false, false) => "none",
+    };
+    let data_dir = api.replica.data.as_ref().map(|d| {
+        json!({
+            "path": d.path().display().to_string(),
+            "fsync": format!("{:?}", d.policy()).to_lowercase(),
+            "healthy": d.healthy(),
+        })
+    });
     json!({
         "node": {
             "name": me.name,
@@ -546,6 +566,8 @@ pub(crate) fn cluster_json(api: &Api) -> Value {
             "peers": set.peers.len(),
         },
         "bootstrap": bootstrap,
+        "state_source": state_source,
+        "data_dir": data_dir,
     })
 }
 

@@ -147,7 +147,10 @@ struct Epoch {
     /// The highest local timestamp in the epoch (0 while empty).
     last_hlc: u64,
     /// The entries as sent, built when a link first takes the epoch and
-    /// shared by every link that sends it. Sealed epochs only.
+    /// shared by every link that sends it. Sealed epochs only. While it is
+    /// set, `entries` is empty: the table is dropped when the epoch is
+    /// frozen (a large backlog would otherwise be held twice), and built
+    /// again only if the epoch is merged later.
     frozen: Option<Arc<[Record]>>,
 }
 
@@ -162,8 +165,22 @@ impl Epoch {
         }
     }
 
+    fn len(&self) -> usize {
+        self.frozen.as_ref().map_or(self.entries.len(), |f| f.len())
+    }
+
     fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
+    }
+
+    /// Builds the table again from the frozen entries, to merge into it.
+    fn thaw(&mut self, hasher: &impl BuildHasher) {
+        if let Some(frozen) = self.frozen.take() {
+            self.bytes = 0;
+            for record in frozen.iter() {
+                self.put(hasher, record.ty, record.entry.clone(), true);
+            }
+        }
     }
 
     /// Puts `entry` for `ty`: it replaces what the key held here when it is
@@ -195,13 +212,9 @@ impl Epoch {
         if let Some(frozen) = &self.frozen {
             return frozen.clone();
         }
-        let mut records: Vec<Record> = self
-            .entries
-            .iter()
-            .map(|(ty, entry)| Record {
-                ty: *ty,
-                entry: entry.clone(),
-            })
+        let mut records: Vec<Record> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|(ty, entry)| Record { ty, entry })
             .collect();
         // Oldest write first: a peer that cannot hold an epoch back until
         // its end (a legacy or older peer) then sees writes in their order.
@@ -443,7 +456,7 @@ impl ChangeLog {
         self.epochs
             .range(start..)
             .fold(Pending::default(), |p, e| Pending {
-                entries: p.entries + e.entries.len(),
+                entries: p.entries + e.len(),
                 bytes: p.bytes + e.bytes,
             })
     }
@@ -495,7 +508,8 @@ impl ChangeLog {
         };
         let hasher = self.hasher;
         let earlier = &mut self.epochs[i];
-        earlier.frozen = None;
+        earlier.thaw(&hasher);
+        later.thaw(&hasher);
         if earlier.entries.len() >= later.entries.len() {
             for (ty, entry) in later.entries.drain() {
                 earlier.put(&hasher, ty, entry, true);

@@ -20,10 +20,11 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 use tracing::warn;
 
-pub use write::{Change, DeliveryReport, DeliveryStatus, WriteOutcome};
+pub use write::{Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome};
 
 use self::changes::ChangeLog;
 use crate::config::NodeConfig;
+use crate::durability::DataDir;
 use crate::identity::{NodeIdentity, unix_ms};
 use crate::metrics::{Metrics, label};
 use crate::store::{MergeOutcome, Record, Store, StoreError};
@@ -111,11 +112,21 @@ pub struct Replica {
     last_full_sync_ms: AtomicU64,
     /// What the bootstrap pull did, once it is done.
     bootstrap: Mutex<Option<BootstrapReport>>,
+    /// The data directory, when the node has one: every change the store
+    /// takes is appended to its log.
+    pub(crate) data: Option<Arc<DataDir>>,
+    /// Entries loaded from the data directory at start.
+    loaded_from_disk: AtomicU64,
 }
 
 impl Replica {
     /// A replica of `identity` with an empty store.
-    pub(crate) fn new(config: NodeConfig, identity: NodeIdentity, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        config: NodeConfig,
+        identity: NodeIdentity,
+        metrics: Arc<Metrics>,
+        data: Option<Arc<DataDir>>,
+    ) -> Self {
         let (events_tx, _) = broadcast::channel(4096);
         Self {
             store: Store::new(identity.node_id, config.limits.clone()),
@@ -128,7 +139,31 @@ impl Replica {
             ready: AtomicBool::new(false),
             last_full_sync_ms: AtomicU64::new(0),
             bootstrap: Mutex::new(None),
+            data,
+            loaded_from_disk: AtomicU64::new(0),
         }
+    }
+
+    /// Loads what the data directory held (its records, and when the node
+    /// last synced with a peer); returns how many entries were kept.
+    pub(crate) fn load(&self, recovered: crate::durability::Recovered) -> usize {
+        let now = unix_ms();
+        let kept = self
+            .store
+            .load(recovered.records, now, self.purge_horizon(now));
+        self.loaded_from_disk.store(kept as u64, Ordering::Release);
+        if recovered.last_sync_ms != 0 {
+            // Kept as saved: a node down longer than the tombstone grace is
+            // stale, and resyncs before its state is trusted.
+            self.last_full_sync_ms
+                .store(recovered.last_sync_ms, Ordering::Release);
+        }
+        kept
+    }
+
+    /// Entries loaded from the data directory at start.
+    pub(crate) fn loaded_from_disk(&self) -> u64 {
+        self.loaded_from_disk.load(Ordering::Acquire)
     }
 
     /// The change index, for the peer links.
@@ -220,7 +255,16 @@ impl Replica {
         let now = unix_ms();
         let outcome = self
             .store
-            .merge_with_horizon(records, now, self.purge_horizon(now));
+            .merge_logged(records, now, self.purge_horizon(now), |applied| {
+                if let Some(data) = &self.data
+                    && data.append_applied(applied).is_err()
+                {
+                    // Held in memory and sent on by nobody (peers' writes
+                    // are not forwarded): the snapshot that clears the
+                    // failure writes it to disk.
+                    self.metrics.data_dir_unlogged.inc_by(applied.len() as u64);
+                }
+            });
         self.count_remote(&outcome, source);
         if source == "replicate" {
             for record in &outcome.applied {
@@ -236,6 +280,38 @@ impl Replica {
         };
         self.publish(&outcome.applied, origin);
         outcome
+    }
+
+    /// An import (`ctl import`, a backup): entries with their own versions,
+    /// merged by version, then sent to every peer like this node's writes
+    /// (the peers merge them by version too), logged in the data directory
+    /// and published. Refused as a whole while the data directory cannot
+    /// be written.
+    pub(crate) fn import(&self, records: Vec<Record>) -> Result<MergeOutcome, WriteError> {
+        if let Some(data) = &self.data
+            && !data.healthy()
+        {
+            return Err(WriteError::Disk(crate::durability::DiskError::Failed(
+                "an earlier write to the data directory failed and it has not recovered yet".into(),
+            )));
+        }
+        let now = unix_ms();
+        let mut changes = self.changes();
+        let outcome = self
+            .store
+            .merge_logged(records, now, self.purge_horizon(now), |applied| {
+                if let Some(data) = &self.data {
+                    let _ = data.append_applied(applied);
+                }
+            });
+        changes.append(&outcome.applied);
+        drop(changes);
+        self.count_remote(&outcome, "import");
+        if !outcome.applied.is_empty() {
+            self.changed.notify_waiters();
+            self.publish(&outcome.applied, Origin::Local);
+        }
+        Ok(outcome)
     }
 
     /// Counts what a merge (or an original `Sync/Set`) did.

@@ -11,7 +11,10 @@
 //!    a version of each key at least the write's (bounded by
 //!    `wait_timeout`), and say per peer what happened.
 //!
-//! The data directory's log belongs in step 1, inside [`Replica::commit`].
+//! With a data directory, step 1 appends the change to its log before the
+//! store applies it (a refused append changes nothing), and with
+//! `--fsync always` the answer waits for the `fsync` it shares with
+//! concurrent writes.
 
 use std::sync::Arc;
 
@@ -19,47 +22,28 @@ use tokio::sync::watch;
 
 use super::changes::{Frontier, PeerLabel, Tracking};
 use super::{Origin, Replica};
+use crate::durability::DiskError;
 use crate::identity::unix_ms;
-use crate::store::{Record, StoreError};
+use crate::store::{Record, Refused, StoreError};
 
-/// A local change.
-#[derive(Debug, Clone, Copy)]
-pub enum Change<'a> {
-    /// Set one entry, optionally expiring after `ttl_secs`.
-    Set {
-        /// Namespace.
-        ty: i32,
-        /// Key.
-        key: &'a str,
-        /// Value.
-        value: &'a str,
-        /// Time to live in seconds, if any.
-        ttl_secs: Option<u64>,
-    },
-    /// Set many entries of one namespace, all or nothing.
-    Batch {
-        /// Namespace.
-        ty: i32,
-        /// Keys and values.
-        entries: &'a [(&'a str, &'a str)],
-        /// Time to live in seconds, if any.
-        ttl_secs: Option<u64>,
-    },
-    /// Delete one entry (a tombstone); nothing happens when it is absent.
-    Delete {
-        /// Namespace.
-        ty: i32,
-        /// Key.
-        key: &'a str,
-    },
-    /// The original `Sync/Set`: values without versions, each stamped now
-    /// and merged with the normal rule, all or nothing within the limits.
-    Unversioned {
-        /// Namespace.
-        ty: i32,
-        /// Keys and values.
-        entries: &'a [(&'a str, &'a str)],
-    },
+pub use crate::store::Change;
+
+/// Why a local write was refused. Nothing was changed, except where
+/// [`WriteError::NotDurable`] says otherwise.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// A limit: the change was refused as a whole.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The data directory could not take it: the change was refused as a
+    /// whole (the disk is full, or failed and has not recovered yet).
+    #[error(transparent)]
+    Disk(DiskError),
+    /// With `--fsync always`: the change was applied and is being sent to
+    /// peers, but its `fsync` failed, so it is not known to be on this
+    /// node's disk.
+    #[error("applied, but not known to be on disk: {0}")]
+    NotDurable(DiskError),
 }
 
 /// What happened to one write at one peer.
@@ -115,12 +99,16 @@ type Waiters = Vec<(Arc<PeerLabel>, watch::Receiver<Frontier>)>;
 
 impl Replica {
     /// The local write path (see the module comment). `Err` means the
-    /// change broke a limit and nothing was changed.
-    pub async fn write(&self, change: Change<'_>, wait: bool) -> Result<WriteOutcome, StoreError> {
-        let (records, waiters) = self.commit(change, wait)?;
+    /// change broke a limit, or the disk refused it, and nothing was
+    /// changed (but see [`WriteError::NotDurable`]).
+    pub async fn write(&self, change: Change<'_>, wait: bool) -> Result<WriteOutcome, WriteError> {
+        let (records, waiters, lsn) = self.commit(change, wait)?;
         if !records.is_empty() {
             self.changed.notify_waiters();
             self.publish(&records, Origin::Local);
+        }
+        if let (Some(data), Some(lsn)) = (&self.data, lsn) {
+            data.durable(lsn).await.map_err(WriteError::NotDurable)?;
         }
         let replication = match (wait, records.iter().map(|r| r.entry.version().hlc).max()) {
             (false, _) => None,
@@ -133,38 +121,39 @@ impl Replica {
         })
     }
 
-    /// Steps 1 of the write path: store and mark pending, under the change
-    /// index's lock. With `wait`, also the frontier of every peer now.
-    fn commit(&self, change: Change<'_>, wait: bool) -> Result<(Vec<Record>, Waiters), StoreError> {
-        let now = unix_ms();
-        let store = &self.store;
+    /// Step 1 of the write path: the data directory's log (when there is
+    /// one), the store and the change index, under the change index's
+    /// lock. With `wait`, also the frontier of every peer now.
+    fn commit(
+        &self,
+        change: Change<'_>,
+        wait: bool,
+    ) -> Result<(Vec<Record>, Waiters, Option<u64>), WriteError> {
         let mut changes = self.changes();
-        let records = match change {
-            Change::Set {
-                ty,
-                key,
-                value,
-                ttl_secs,
-            } => store.set_many(ty, [(key, value)].into_iter(), ttl_secs, now)?,
-            Change::Batch {
-                ty,
-                entries,
-                ttl_secs,
-            } => store.set_many(ty, entries.iter().copied(), ttl_secs, now)?,
-            Change::Delete { ty, key } => store.delete(ty, key, now)?.into_iter().collect(),
-            Change::Unversioned { ty, entries } => {
-                let outcome = store.apply_unversioned(ty, entries.iter().copied(), None, now)?;
-                self.count_remote(&outcome, "set");
-                outcome.applied
-            }
-        };
+        let mut lsn = None;
+        let records = self
+            .store
+            .commit(change, unix_ms(), |records| match &self.data {
+                Some(data) => data.append(records).map(|at| lsn = Some(at)),
+                None => Ok(()),
+            })
+            .map_err(|refused| match refused {
+                Refused::Store(e) => WriteError::Store(e),
+                Refused::Hook(e) => WriteError::Disk(e),
+            })?;
+        if let Change::Unversioned { .. } = change {
+            self.metrics
+                .remote_applied
+                .get_or_create(&crate::metrics::label("source", "set"))
+                .inc_by(records.len() as u64);
+        }
         changes.append(&records);
         let waiters = if wait {
             changes.frontiers()
         } else {
             Vec::new()
         };
-        Ok((records, waiters))
+        Ok((records, waiters, lsn))
     }
 }
 

@@ -38,6 +38,18 @@ use crate::replica::Replica as Node;
 use crate::store::digest;
 use crate::store::{PEER_HEADROOM, Record, StoreError};
 
+impl From<crate::replica::WriteError> for Status {
+    fn from(err: crate::replica::WriteError) -> Self {
+        use crate::durability::DiskError;
+        use crate::replica::WriteError;
+        match err {
+            WriteError::Store(e) => e.into(),
+            WriteError::Disk(DiskError::Full(_)) => Status::resource_exhausted(err.to_string()),
+            WriteError::Disk(_) | WriteError::NotDurable(_) => Status::unavailable(err.to_string()),
+        }
+    }
+}
+
 /// What the gRPC services use of the node.
 #[derive(Debug, Clone)]
 pub(crate) struct RpcContext {

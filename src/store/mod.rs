@@ -254,6 +254,78 @@ pub struct MergeOutcome {
     pub rejected: Vec<StoreError>,
 }
 
+/// A local change, as the one write path takes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// Set one entry, optionally expiring after `ttl_secs`.
+    Set {
+        /// Namespace.
+        ty: i32,
+        /// Key.
+        key: &'a str,
+        /// Value.
+        value: &'a str,
+        /// Time to live in seconds, if any.
+        ttl_secs: Option<u64>,
+    },
+    /// Set many entries of one namespace, all or nothing.
+    Batch {
+        /// Namespace.
+        ty: i32,
+        /// Keys and values.
+        entries: &'a [(&'a str, &'a str)],
+        /// Time to live in seconds, if any.
+        ttl_secs: Option<u64>,
+    },
+    /// Delete one entry (a tombstone); nothing happens when it is absent.
+    Delete {
+        /// Namespace.
+        ty: i32,
+        /// Key.
+        key: &'a str,
+    },
+    /// The original `Sync/Set`: values without versions, each stamped now
+    /// and merged with the normal rule, all or nothing within the limits.
+    Unversioned {
+        /// Namespace.
+        ty: i32,
+        /// Keys and values.
+        entries: &'a [(&'a str, &'a str)],
+    },
+}
+
+/// Why a local change was refused; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused<E> {
+    /// A limit.
+    Store(StoreError),
+    /// The hook run before applying (the data directory's log).
+    Hook(E),
+}
+
+impl<E> Refused<E> {
+    fn into_store(self) -> StoreError
+    where
+        E: Into<StoreError>,
+    {
+        match self {
+            Refused::Store(e) => e,
+            Refused::Hook(e) => e.into(),
+        }
+    }
+}
+
+/// The hook of writes that are not logged.
+fn no_hook(_: &[Record]) -> Result<(), std::convert::Infallible> {
+    Ok(())
+}
+
+impl From<std::convert::Infallible> for StoreError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
 /// Size figures of one namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NamespaceStats {
@@ -623,75 +695,168 @@ impl Store {
         ttl_secs: Option<u64>,
         now_ms: u64,
     ) -> Result<Vec<Record>, StoreError> {
-        self.check_batch(entries.clone(), ttl_secs)?;
-        let expires_at_ms = self.expiry(ttl_secs, now_ms)?;
-        let mut records = Vec::with_capacity(entries.len());
-        let mut state = self.write_lock();
-        state.check_room(
-            ty,
-            entries.clone().map(|(k, v)| (k, Some(v))),
-            &self.limits,
-            1,
-        )?;
-        for (key, value) in entries {
-            let entry = Entry::new(key, Some(value), self.next_version(now_ms), expires_at_ms);
-            state.put(ty, entry.clone());
-            records.push(Record { ty, entry });
-        }
-        Ok(records)
+        self.commit_set(ty, entries, ttl_secs, now_ms, no_hook)
+            .map_err(Refused::into_store)
     }
 
     /// A local delete. Writes a tombstone and returns it, or `None` when the
     /// key holds no live value (absent, already deleted, or expired).
     pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
-        self.check_key(key)?;
-        let mut state = self.write_lock();
-        if state.get(ty, key).is_none_or(|e| !e.is_live(now_ms)) {
-            return Ok(None);
-        }
-        let tombstone = Entry::new(key, None, self.next_version(now_ms), 0);
-        state.put(ty, tombstone.clone());
-        Ok(Some(Record {
-            ty,
-            entry: tombstone,
-        }))
+        self.commit(Change::Delete { ty, key }, now_ms, no_hook)
+            .map(|mut records| records.pop())
+            .map_err(Refused::into_store)
     }
 
     /// A write that comes from outside the version system (the original
-    /// `hellorpc.Sync/Set`, or a bootstrap from a peer that only speaks it):
-    /// stamped like a local write at `version_hlc` (a fresh tick when
-    /// `None`), but merged with the normal rule so it never overwrites a
-    /// newer entry.
+    /// `hellorpc.Sync/Set`): stamped like a local write, but merged with
+    /// the normal rule so it never overwrites a newer entry.
     pub fn apply_unversioned<'a>(
         &self,
         ty: i32,
-        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)> + Clone,
-        version_hlc: Option<u64>,
+        entries: &[(&'a str, &'a str)],
         now_ms: u64,
-    ) -> Result<MergeOutcome, StoreError> {
-        self.check_batch(entries.clone(), None)?;
-        let records: Vec<Record> = entries
-            .map(|(key, value)| {
-                let version = match version_hlc {
-                    Some(hlc) => Version {
-                        hlc,
-                        node: self.node_id,
-                    },
-                    None => self.next_version(now_ms),
+    ) -> Result<Vec<Record>, StoreError> {
+        self.commit(Change::Unversioned { ty, entries }, now_ms, no_hook)
+            .map_err(Refused::into_store)
+    }
+
+    /// A local change: checked against every limit, stamped with new
+    /// versions, then given to `before_apply` (the data directory's log)
+    /// and stored only if that succeeds, all under one lock. Nothing is
+    /// changed when it returns an error. Returns the stored records (none
+    /// for a delete of an absent key).
+    pub fn commit<E>(
+        &self,
+        change: Change<'_>,
+        now_ms: u64,
+        before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
+    ) -> Result<Vec<Record>, Refused<E>> {
+        match change {
+            Change::Set {
+                ty,
+                key,
+                value,
+                ttl_secs,
+            } => self.commit_set(
+                ty,
+                [(key, value)].into_iter(),
+                ttl_secs,
+                now_ms,
+                before_apply,
+            ),
+            Change::Batch {
+                ty,
+                entries,
+                ttl_secs,
+            } => self.commit_set(ty, entries.iter().copied(), ttl_secs, now_ms, before_apply),
+            Change::Delete { ty, key } => {
+                self.check_key(key).map_err(Refused::Store)?;
+                let mut state = self.write_lock();
+                if state.get(ty, key).is_none_or(|e| !e.is_live(now_ms)) {
+                    return Ok(Vec::new());
+                }
+                let tombstone = Record {
+                    ty,
+                    entry: Entry::new(key, None, self.next_version(now_ms), 0),
                 };
-                Record::new(ty, key, Some(value), version, 0)
+                before_apply(std::slice::from_ref(&tombstone)).map_err(Refused::Hook)?;
+                state.put(ty, tombstone.entry.clone());
+                Ok(vec![tombstone])
+            }
+            Change::Unversioned { ty, entries } => {
+                self.check_batch(entries.iter().copied(), None)
+                    .map_err(Refused::Store)?;
+                let mut state = self.write_lock();
+                // Not a peer's replication but a client's write: all or
+                // nothing within the limits, no headroom.
+                state
+                    .check_room(
+                        ty,
+                        entries.iter().map(|(k, v)| (*k, Some(*v))),
+                        &self.limits,
+                        1,
+                    )
+                    .map_err(Refused::Store)?;
+                let records: Vec<Record> = entries
+                    .iter()
+                    .map(|(key, value)| {
+                        Record::new(ty, key, Some(value), self.next_version(now_ms), 0)
+                    })
+                    .collect();
+                before_apply(&records).map_err(Refused::Hook)?;
+                let mut applied = Vec::with_capacity(records.len());
+                for record in records {
+                    // Fresh versions: newer than anything held, unless a
+                    // peer's clock is ahead of this one.
+                    if let Ok(true) =
+                        state.put_if_newer(ty, &record.entry, &self.limits, usize::MAX)
+                    {
+                        applied.push(record);
+                    }
+                }
+                Ok(applied)
+            }
+        }
+    }
+
+    fn commit_set<'a, E>(
+        &self,
+        ty: i32,
+        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)> + Clone,
+        ttl_secs: Option<u64>,
+        now_ms: u64,
+        before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
+    ) -> Result<Vec<Record>, Refused<E>> {
+        self.check_batch(entries.clone(), ttl_secs)
+            .map_err(Refused::Store)?;
+        let expires_at_ms = self.expiry(ttl_secs, now_ms).map_err(Refused::Store)?;
+        let mut state = self.write_lock();
+        state
+            .check_room(
+                ty,
+                entries.clone().map(|(k, v)| (k, Some(v))),
+                &self.limits,
+                1,
+            )
+            .map_err(Refused::Store)?;
+        let records: Vec<Record> = entries
+            .map(|(key, value)| Record {
+                ty,
+                entry: Entry::new(key, Some(value), self.next_version(now_ms), expires_at_ms),
             })
             .collect();
-        // Not a peer's replication but a client's write: all or nothing
-        // within the limits, no headroom.
+        before_apply(&records).map_err(Refused::Hook)?;
+        for record in &records {
+            state.put(ty, record.entry.clone());
+        }
+        Ok(records)
+    }
+
+    /// Loads records read back from the data directory: merged by version,
+    /// without the capacity limits (a restart with lower limits must not
+    /// lose what was stored), tombstones and expired entries older than
+    /// `purge_horizon_ms` left out. Returns how many were kept.
+    pub fn load(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+        now_ms: u64,
+        purge_horizon_ms: u64,
+    ) -> usize {
         let mut state = self.write_lock();
-        state.check_room(
-            ty,
-            records.iter().map(|r| (r.key(), r.entry.value())),
-            &self.limits,
-            1,
-        )?;
-        Ok(self.merge_locked(&mut state, records, now_ms, 0, 1))
+        let mut kept = 0;
+        for record in records {
+            if is_purgeable(&record.entry, purge_horizon_ms) {
+                continue;
+            }
+            // Later local writes order after what was stored (a version
+            // from a clock far ahead is not absorbed, as in a merge).
+            let _ = self.clock.observe(record.entry.version().hlc, now_ms);
+            if let Ok(true) = state.put_if_newer(record.ty, &record.entry, &self.limits, usize::MAX)
+            {
+                kept += 1;
+            }
+        }
+        kept
     }
 
     /// Merges records from a peer with the merge rule. Each record is checked
@@ -710,20 +875,24 @@ impl Store {
         now_ms: u64,
         purge_horizon_ms: u64,
     ) -> MergeOutcome {
-        self.merge_within(records, now_ms, purge_horizon_ms, PEER_HEADROOM)
+        self.merge_logged(records, now_ms, purge_horizon_ms, |_| {})
     }
 
-    /// The merge, refusing records that would pass the capacity limits
-    /// times `headroom`.
-    fn merge_within(
+    /// [`Store::merge_with_horizon`], giving what changed the store to
+    /// `after_apply` (the data directory's log) under the same lock, so
+    /// the log sees changes in the order the store took them.
+    pub fn merge_logged(
         &self,
         records: impl IntoIterator<Item = Record>,
         now_ms: u64,
         purge_horizon_ms: u64,
-        headroom: usize,
+        after_apply: impl FnOnce(&[Record]),
     ) -> MergeOutcome {
         let mut state = self.write_lock();
-        self.merge_locked(&mut state, records, now_ms, purge_horizon_ms, headroom)
+        let outcome =
+            self.merge_locked(&mut state, records, now_ms, purge_horizon_ms, PEER_HEADROOM);
+        after_apply(&outcome.applied);
+        outcome
     }
 
     fn merge_locked(

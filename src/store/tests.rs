@@ -178,30 +178,71 @@ fn remote_records_over_a_limit_or_from_the_far_future_are_rejected_alone() {
 }
 
 #[test]
-fn unversioned_writes_never_overwrite_newer_entries() {
+fn unversioned_writes_are_stamped_after_everything_seen() {
     let s = store(1);
-    s.merge([record(1, "k", Some("new"), NOW, 2)], NOW);
+    // A peer's entry from a clock ahead of this one (within the drift).
+    s.merge([record(1, "k", Some("peer"), NOW + 500, 2)], NOW);
     let out = s
-        .apply_unversioned(
-            1,
-            [("k", "legacy"), ("j", "legacy")].into_iter(),
-            Some(0),
-            NOW,
-        )
+        .apply_unversioned(1, &[("k", "legacy"), ("j", "legacy")], NOW)
         .expect("valid");
-    assert_eq!(out.applied.len(), 1);
-    assert_eq!(
-        s.get(1, "k", NOW)
-            .and_then(|e| e.value().map(str::to_owned))
-            .as_deref(),
-        Some("new")
+    assert_eq!(out.len(), 2);
+    for key in ["k", "j"] {
+        assert_eq!(
+            s.get(1, key, NOW)
+                .and_then(|e| e.value().map(str::to_owned))
+                .as_deref(),
+            Some("legacy")
+        );
+    }
+    assert!(out[0].entry.version() > record(1, "k", None, NOW + 500, 2).entry.version());
+}
+
+#[test]
+fn a_refusing_hook_leaves_the_store_unchanged() {
+    let s = store(1);
+    let refused = s.commit(
+        Change::Set {
+            ty: 1,
+            key: "k",
+            value: "v",
+            ttl_secs: None,
+        },
+        NOW,
+        |records| {
+            assert_eq!(records.len(), 1);
+            Err("disk full")
+        },
     );
-    assert_eq!(
-        s.get(1, "j", NOW)
-            .and_then(|e| e.value().map(str::to_owned))
-            .as_deref(),
-        Some("legacy")
+    assert_eq!(refused, Err(Refused::Hook("disk full")));
+    assert!(s.get(1, "k", NOW).is_none());
+    assert_eq!(s.held_bytes(), 0);
+    s.set(1, "k", "v", None, NOW).expect("set");
+    let refused = s.commit(Change::Delete { ty: 1, key: "k" }, NOW, |_| Err(()));
+    assert_eq!(refused, Err(Refused::Hook(())));
+    assert!(s.get(1, "k", NOW).is_some(), "the delete was not applied");
+}
+
+#[test]
+fn loading_keeps_what_was_stored_past_lowered_limits_and_drops_old_tombstones() {
+    let s = Store::new(
+        1,
+        Limits {
+            max_entries_per_type: 1,
+            ..Limits::default()
+        },
     );
+    let kept = s.load(
+        [
+            record(1, "a", Some("1"), NOW, 2),
+            record(1, "b", Some("2"), NOW, 2),
+            record(1, "gone", None, NOW - 10_000, 2),
+        ],
+        NOW,
+        NOW - 5_000,
+    );
+    assert_eq!(kept, 2);
+    assert!(s.get(1, "b", NOW).is_some());
+    assert_eq!(s.stats(NOW)[&1].tombstones, 0);
 }
 
 fn arb_record() -> impl Strategy<Value = Record> {
@@ -396,7 +437,7 @@ fn a_local_write_past_the_byte_limit_is_refused_and_peers_get_headroom() {
     assert_eq!(s.held_bytes(), 2 + 11);
     // The legacy Set is a client write: no headroom, all or nothing.
     let err = s
-        .apply_unversioned(1, [("x", "y")].into_iter(), None, NOW)
+        .apply_unversioned(1, &[("x", "y")], NOW)
         .expect_err("over the limit");
     assert!(matches!(err, StoreError::Full { .. }));
 }

@@ -34,6 +34,7 @@ pub struct Slot {
 
 pub mod discovery_probe;
 pub mod pki;
+pub mod process;
 // The binary's own pod simulator and etcd launcher: the tests drive the
 // same code `podcache k8s-sim` and `podcache demo --etcd local` run.
 #[path = "../../src/bin/podcache/k8s_sim.rs"]

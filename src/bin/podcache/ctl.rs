@@ -26,13 +26,21 @@ pub(crate) struct CtlArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum CtlOp {
     /// Print one value.
-    Get { r#type: i32, key: String },
-    /// Set one value.
-    Set {
+    Get {
+        /// The namespace (an int32, SyncData.type).
         r#type: i32,
+        /// The key.
         key: String,
+    },
+    /// Set one value, on this node and every replica.
+    Set {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+        /// The key.
+        key: String,
+        /// The value (UTF-8 text).
         value: String,
-        /// Expire after this many seconds, on every replica.
+        /// Expire after this many seconds, on every replica at the same moment.
         #[arg(long)]
         ttl: Option<u64>,
         /// Wait until every peer acknowledged, and show what each said.
@@ -41,20 +49,39 @@ pub(crate) enum CtlOp {
     },
     /// Delete one entry everywhere.
     Delete {
+        /// The namespace (an int32, SyncData.type).
         r#type: i32,
+        /// The key.
         key: String,
         /// Wait until every peer acknowledged.
         #[arg(long)]
         wait: bool,
     },
     /// List a whole namespace.
-    List { r#type: i32 },
+    List {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+    },
     /// Follow every change to a namespace (or one key) live, until Ctrl-C.
     Watch {
+        /// The namespace (an int32, SyncData.type).
         r#type: i32,
         /// Only this key.
         #[arg(long)]
         key: Option<String>,
+    },
+    /// Write every entry (tombstones, versions and expiry included) to
+    /// stdout as JSON lines: a backup `ctl import` takes back.
+    Export {
+        /// Only this namespace.
+        #[arg(long = "type")]
+        r#type: Option<i32>,
+    },
+    /// Merge a file written by `ctl export` into the cluster, by version:
+    /// safe to run twice, or against a live cluster.
+    Import {
+        /// The file (`-` for stdin).
+        file: std::path::PathBuf,
     },
     /// Show this node, its peers and their replication state.
     Cluster,
@@ -69,8 +96,13 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             .with_token(token.trim())
             .map_err(|e| Failure::Config(e.to_string()))?;
     }
-    if let CtlOp::Watch { r#type, key } = &args.op {
-        return ctl_watch(&client, *r#type, key.as_deref(), args.json).await;
+    match &args.op {
+        CtlOp::Watch { r#type, key } => {
+            return ctl_watch(&client, *r#type, key.as_deref(), args.json).await;
+        }
+        CtlOp::Export { r#type } => return crate::backup::export(&client, *r#type).await,
+        CtlOp::Import { file } => return crate::backup::import(&client, file).await,
+        _ => {}
     }
     let (method, path, body) = match &args.op {
         CtlOp::Get { r#type, key } => (Method::GET, entry_path(*r#type, key), String::new()),
@@ -102,7 +134,9 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             (Method::DELETE, path, String::new())
         }
         CtlOp::List { r#type } => (Method::GET, format!("/v1/cache/{type}"), String::new()),
-        CtlOp::Watch { .. } => unreachable!("handled above"),
+        CtlOp::Watch { .. } | CtlOp::Export { .. } | CtlOp::Import { .. } => {
+            return Ok(());
+        }
         CtlOp::Cluster => (Method::GET, "/v1/cluster".to_owned(), String::new()),
     };
     let answer = client
@@ -148,7 +182,7 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             }
         }
         CtlOp::Cluster => print_cluster(&json),
-        CtlOp::Watch { .. } => {}
+        CtlOp::Watch { .. } | CtlOp::Export { .. } | CtlOp::Import { .. } => {}
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! runtime and signals, and maps failures to exit codes; each subcommand
 //! lives in its own file, and everything else in the library.
 
+mod backup;
 mod ctl;
 mod demo;
 mod etcd_args;

@@ -423,7 +423,8 @@ pub(crate) async fn run(mut args: ServeArgs) -> Result<(), Failure> {
         .map_err(|e| match e {
             podcache::node::NodeError::Config(_)
             | podcache::node::NodeError::Tokens(_)
-            | podcache::node::NodeError::Tls(_) => Failure::Config(e.to_string()),
+            | podcache::node::NodeError::Tls(_)
+            | podcache::node::NodeError::DataDir(_) => Failure::Config(e.to_string()),
             other => Failure::Run(other.into()),
         })?;
     shutdown_signal().await;

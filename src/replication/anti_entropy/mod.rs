@@ -106,6 +106,48 @@ pub(crate) async fn anti_entropy_loop(
     }
 }
 
+/// The start of a node that came back with its own state (its data
+/// directory): instead of pulling a whole snapshot it compares digests
+/// with every reachable, ready peer and repairs what differs, both ways,
+/// so it pulls only what changed while it was away. A node whose state is
+/// older than the tombstone grace resyncs in full instead (see `resync`).
+/// Peers that are not ready (all of them, when the whole cluster restarts)
+/// are left to the regular rounds once everyone is ready.
+pub(crate) async fn join(
+    replica: &Replica,
+    replicator: &Replicator,
+) -> crate::replica::BootstrapReport {
+    let started = tokio::time::Instant::now();
+    let targets = replicator.targets();
+    let repaired_before = replica.metrics.anti_entropy_repaired.get();
+    let mut synced = Vec::new();
+    if replica.is_stale(unix_ms()) {
+        resync(replica, &targets).await;
+    } else {
+        let results = join_all(targets.iter().map(|t| round(replica, t))).await;
+        synced = targets
+            .iter()
+            .zip(results)
+            .filter(|(_, ok)| *ok)
+            .map(|(t, _)| t.addr.clone())
+            .collect();
+    }
+    let repaired = replica.metrics.anti_entropy_repaired.get() - repaired_before;
+    info!(
+        peers = synced.len(),
+        repaired, "joined with the state from the data directory"
+    );
+    crate::replica::BootstrapReport {
+        source: synced.first().cloned(),
+        source_name: None,
+        method: "digest",
+        entries: repaired,
+        bytes: 0,
+        duration: started.elapsed(),
+        failed_attempts: Vec::new(),
+    }
+}
+
 fn client(replica: &Replica, channel: &Channel) -> ReplicaClient<Channel> {
     let max = replica.config.max_grpc_message_bytes;
     ReplicaClient::new(channel.clone())
@@ -370,6 +412,12 @@ async fn full_resync(
     let dropped = replica.store.drop_absent(&keep, |entry| {
         entry.version().node == me && crate::store::clock::hlc_ms(entry.version().hlc) >= last_sync
     });
+    if dropped > 0
+        && let Some(data) = &replica.data
+    {
+        // No record says "dropped": the next snapshot does.
+        data.request_compaction();
+    }
     let applied = replica.apply_remote(records, "anti_entropy").applied.len();
     Ok((dropped, applied))
 }
