@@ -162,6 +162,11 @@ pub struct NodeConfig {
     #[arg(long, env = "PODCACHE_MAX_CONNECTIONS", help_heading = "Limits",
           default_value_t = NodeConfig::defaults().max_connections)]
     pub max_connections: usize,
+    /// Change events kept for watchers that reconnect with `Last-Event-ID`
+    /// (older ones get a reset and the whole namespace instead).
+    #[arg(long, env = "PODCACHE_WATCH_REPLAY_EVENTS", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().watch_replay_events)]
+    pub watch_replay_events: usize,
     /// Open /v1/watch streams; more get 503.
     #[arg(long, env = "PODCACHE_MAX_WATCH_STREAMS", help_heading = "Limits",
           default_value_t = NodeConfig::defaults().max_watch_streams)]
@@ -225,6 +230,7 @@ impl NodeConfig {
             max_concurrent_requests: 1024,
             max_connections: 4096,
             max_watch_streams: 256,
+            watch_replay_events: 10_000,
             max_concurrent_rpcs_per_connection: 256,
         }
     }
@@ -308,6 +314,7 @@ impl NodeConfig {
             ("max concurrent requests", self.max_concurrent_requests),
             ("max connections", self.max_connections),
             ("max watch streams", self.max_watch_streams),
+            ("watch replay events", self.watch_replay_events),
             (
                 "max concurrent RPCs per connection",
                 self.max_concurrent_rpcs_per_connection,

@@ -437,6 +437,18 @@ async fn expiry_loop(replica: Arc<Replica>, cancel: CancellationToken) {
     }
 }
 
+/// What [`NodeHandle::subscribe_with_snapshot`] returns.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The namespace's live entries when the subscription began.
+    pub entries: Vec<crate::store::Record>,
+    /// The last change number the entries include.
+    pub upto: u64,
+    /// Every change from the subscription on ([`ChangeEvent::seq`] tells
+    /// which the entries already hold).
+    pub changes: broadcast::Receiver<Arc<ChangeEvent>>,
+}
+
 /// A running node. Dropping it does not stop the node; call
 /// [`NodeHandle::shutdown`].
 pub struct NodeHandle {
@@ -555,6 +567,26 @@ impl NodeHandle {
     /// Every change from now on, local or replicated.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
         self.replica.subscribe()
+    }
+
+    /// List-then-watch with no gap: the live entries of namespace `ty` now,
+    /// and every change after them. Changes numbered at or below
+    /// [`Subscription::upto`] are already in the entries (skip them).
+    pub fn subscribe_with_snapshot(&self, ty: i32) -> Subscription {
+        let changes = self.replica.subscribe();
+        let upto = self.replica.events.last_seq();
+        let entries = self
+            .replica
+            .store
+            .namespace(ty, unix_ms())
+            .into_iter()
+            .map(|entry| crate::store::Record { ty, entry })
+            .collect();
+        Subscription {
+            entries,
+            upto,
+            changes,
+        }
     }
 
     /// The REST API as a router, for a service that embeds the node in its

@@ -425,16 +425,87 @@ fn json_kind(value: &Value) -> &'static str {
 #[derive(Debug, Deserialize, Default)]
 struct WatchParams {
     key: Option<String>,
+    snapshot: Option<String>,
+    /// For clients that cannot set the `Last-Event-ID` header.
+    last_event_id: Option<String>,
 }
 
-/// A live Server-Sent Events stream of every change to one namespace.
+/// One change as a `change` event (with its id; snapshot entries carry
+/// none, so a client that disconnects mid-snapshot resumes with a reset).
+fn change_event(record: &Record, origin: &str, id: Option<String>) -> Event {
+    let mut body = entry_json(record);
+    body["deleted"] = json!(record.entry.is_tombstone());
+    body["origin"] = json!(origin);
+    let event = Event::default().event("change").data(body.to_string());
+    match id {
+        Some(id) => event.id(id),
+        None => event,
+    }
+}
+
+/// The namespace's live entries (or the one key's), then a `live` event
+/// whose id is the stream's position at the snapshot: what follows it is
+/// every change after the snapshot.
+fn snapshot_events(api: &Api, ty: i32, key: Option<&str>, upto: u64) -> Vec<Event> {
+    let now = unix_ms();
+    let entries = match key {
+        Some(key) => api.replica.store.get(ty, key, now).into_iter().collect(),
+        None => api.replica.store.namespace(ty, now),
+    };
+    let mut events: Vec<Event> = entries
+        .into_iter()
+        .map(|entry| change_event(&Record { ty, entry }, "snapshot", None))
+        .collect();
+    events.push(
+        Event::default()
+            .event("live")
+            .id(api.replica.events.id(upto))
+            .data(json!({ "type": ty, "entries": events.len() }).to_string()),
+    );
+    events
+}
+
+fn reset_events(api: &Api, ty: i32, key: Option<&str>, reason: &str, upto: u64) -> Vec<Event> {
+    let mut events = vec![
+        Event::default()
+            .event("reset")
+            .data(json!({ "type": ty, "reason": reason }).to_string()),
+    ];
+    events.extend(snapshot_events(api, ty, key, upto));
+    events
+}
+
+/// A Server-Sent Events stream of every change to one namespace (or one
+/// key). Every change event has an id; reconnecting with `Last-Event-ID`
+/// resumes right after it from the replay buffer, or, when the id is
+/// another node's or older than the buffer, starts with a `reset` event,
+/// the whole current state and a `live` marker. `?snapshot=true` starts
+/// with the current state and the `live` marker (list-then-watch in one
+/// request, no gap). A watcher too slow for the stream gets a `reset`
+/// too: never a silent gap.
 async fn watch(
     State(api): State<Arc<Api>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<WatchParams>, QueryRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let snapshot = match params.snapshot.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("snapshot must be true or false, got {other:?}"),
+            ));
+        }
+    };
+    let last_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(params.last_event_id);
     let Ok(permit) = api.watch_permits.clone().try_acquire_owned() else {
         api.replica
             .metrics
@@ -448,33 +519,73 @@ async fn watch(
         ));
     };
     count(&api, "watch");
+    // Subscribed before anything is read: what is published meanwhile is
+    // in the stream, and what is older is in what is read.
     let events = BroadcastStream::new(api.replica.subscribe());
     let key = params.key;
-    let stream = events
-        .filter_map(move |item| {
-            let event = match item {
-                Ok(change) => {
-                    let record = &change.record;
+    let events_log = &api.replica.events;
+    let (first, from) = match last_id {
+        Some(id) => match events_log.resume(&id) {
+            crate::replica::events::Resume::From { events, upto } => {
+                let replayed = events
+                    .iter()
+                    .filter(|e| {
+                        e.record.ty == ty && key.as_deref().is_none_or(|k| k == e.record.key())
+                    })
+                    .map(|e| change_event(&e.record, e.origin.as_str(), Some(events_log.id(e.seq))))
+                    .collect();
+                (replayed, upto)
+            }
+            crate::replica::events::Resume::Reset(reason) => {
+                let upto = events_log.last_seq();
+                (reset_events(&api, ty, key.as_deref(), reason, upto), upto)
+            }
+        },
+        None if snapshot => {
+            let upto = events_log.last_seq();
+            (snapshot_events(&api, ty, key.as_deref(), upto), upto)
+        }
+        None => (Vec::new(), events_log.last_seq()),
+    };
+    let stop = api.stop.clone().cancelled_owned();
+    let live = events.scan(from, move |seen, item| {
+        let events = match item {
+            Ok(change) => {
+                let record = &change.record;
+                if change.seq <= *seen {
+                    // Already in what was replayed or read.
+                    Vec::new()
+                } else {
+                    *seen = change.seq;
                     if record.ty != ty || key.as_deref().is_some_and(|k| k != record.key()) {
-                        None
+                        Vec::new()
                     } else {
-                        let mut body = entry_json(record);
-                        body["deleted"] = json!(record.entry.is_tombstone());
-                        body["origin"] = json!(change.origin.as_str());
-                        Some(Event::default().event("change").data(body.to_string()))
+                        let id = api.replica.events.id(change.seq);
+                        vec![change_event(record, change.origin.as_str(), Some(id))]
                     }
                 }
-                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(
-                    Event::default()
-                        .event("lagged")
-                        .data(json!({ "missed": missed }).to_string()),
-                ),
-            };
-            // The stream holds its permit until the client goes away.
-            let _held = &permit;
-            std::future::ready(event.map(Ok::<_, Infallible>))
-        })
-        .take_until(api.stop.clone().cancelled_owned());
+            }
+            Err(BroadcastStreamRecvError::Lagged(_)) => {
+                // Events were lost for this slow watcher: start it over.
+                let upto = api.replica.events.last_seq();
+                *seen = upto;
+                reset_events(
+                    &api,
+                    ty,
+                    key.as_deref(),
+                    "this watch fell too far behind",
+                    upto,
+                )
+            }
+        };
+        // The stream holds its permit until the client goes away.
+        let _held = &permit;
+        std::future::ready(Some(events))
+    });
+    let stream = futures_util::stream::iter(std::iter::once(first))
+        .chain(live)
+        .flat_map(|events| futures_util::stream::iter(events.into_iter().map(Ok::<_, Infallible>)))
+        .take_until(stop);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())

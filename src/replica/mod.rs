@@ -11,6 +11,7 @@
 //! acknowledgements back), HTTP (`crate::api`), gRPC (`crate::rpc`).
 
 pub(crate) mod changes;
+pub(crate) mod events;
 mod write;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, broadcast};
 use tracing::warn;
 
+pub use events::ChangeEvent;
 pub use write::{Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome};
 
 use self::changes::ChangeLog;
@@ -49,15 +51,6 @@ impl Origin {
             Origin::Bootstrap => "bootstrap",
         }
     }
-}
-
-/// One change to the store, as seen by watchers.
-#[derive(Debug, Clone)]
-pub struct ChangeEvent {
-    /// The new entry (a tombstone for deletes).
-    pub record: Record,
-    /// Where it came from.
-    pub origin: Origin,
 }
 
 /// What the bootstrap pull did.
@@ -96,8 +89,8 @@ pub struct Replica {
     pub(crate) store: Store,
     /// This node's metrics (its own registry).
     pub(crate) metrics: Arc<Metrics>,
-    /// Change notifications for `/v1/watch` and embedders.
-    events_tx: broadcast::Sender<Arc<ChangeEvent>>,
+    /// The change stream for `/v1/watch` and embedders.
+    pub(crate) events: events::EventLog,
     /// What every peer still has to receive of this node's writes. Locked
     /// around each local store write, so writes enter it in version order.
     changes: Mutex<ChangeLog>,
@@ -127,13 +120,13 @@ impl Replica {
         metrics: Arc<Metrics>,
         data: Option<Arc<DataDir>>,
     ) -> Self {
-        let (events_tx, _) = broadcast::channel(4096);
+        let events = events::EventLog::new(identity.node_id, config.watch_replay_events);
         Self {
             store: Store::new(identity.node_id, config.limits.clone()),
             config,
             identity,
             metrics,
-            events_tx,
+            events,
             changes: Mutex::new(ChangeLog::new()),
             changed: Notify::new(),
             ready: AtomicBool::new(false),
@@ -181,7 +174,7 @@ impl Replica {
 
     /// Every change from now on, local or replicated.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
-        self.events_tx.subscribe()
+        self.events.subscribe()
     }
 
     pub(crate) fn is_ready(&self) -> bool {
@@ -235,16 +228,7 @@ impl Replica {
     }
 
     fn publish(&self, records: &[Record], origin: Origin) {
-        if self.events_tx.receiver_count() == 0 {
-            return;
-        }
-        for record in records {
-            // An error only means nobody is listening right now.
-            let _ = self.events_tx.send(Arc::new(ChangeEvent {
-                record: record.clone(),
-                origin,
-            }));
-        }
+        self.events.publish(records, origin);
     }
 
     /// The remote write path: merge by version, count, publish. What peers

@@ -1,0 +1,277 @@
+//! Change streams that resume: every event of `/v1/watch` has an id,
+//! `Last-Event-ID` resumes right after it on the same node, anything else
+//! gets a reset and the whole state (never a silent gap), and
+//! `?snapshot=true` is list-then-watch in one request.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::Cluster;
+use http_body_util::BodyExt;
+use hyper::StatusCode;
+use serde_json::Value;
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+struct Event {
+    kind: String,
+    id: Option<String>,
+    data: Value,
+}
+
+struct Stream {
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+type Raw = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+fn raw() -> Raw {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
+async fn open(raw: &Raw, http: std::net::SocketAddr, query: &str, last: Option<&str>) -> Stream {
+    let mut request = hyper::Request::get(format!("http://{http}/v1/watch/7{query}"));
+    if let Some(id) = last {
+        request = request.header("Last-Event-ID", id);
+    }
+    let response = raw
+        .request(request.body(http_body_util::Empty::new()).expect("request"))
+        .await
+        .expect("watch");
+    assert_eq!(response.status(), StatusCode::OK);
+    Stream {
+        body: response.into_body(),
+        buffer: String::new(),
+    }
+}
+
+impl Stream {
+    /// The next event (keep-alive comments skipped), within `timeout`.
+    async fn next(&mut self, timeout: Duration) -> Event {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut kind, mut id, mut data) = (String::from("message"), None, None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data = Some(serde_json::from_str(v.trim()).expect("event JSON"));
+                    }
+                }
+                if let Some(data) = data {
+                    return Event { kind, id, data };
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .expect("an event before the deadline")
+                .expect("stream open")
+                .expect("frame");
+            if let Some(bytes) = frame.data_ref() {
+                self.buffer.push_str(&String::from_utf8_lossy(bytes));
+            }
+        }
+    }
+
+    async fn next_n(&mut self, n: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(self.next(Duration::from_secs(10)).await);
+        }
+        out
+    }
+}
+
+fn values(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e.data["value"].as_str().unwrap_or("-").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn last_event_id_resumes_right_after_the_last_event_seen() {
+    let cluster = Cluster::start(2).await;
+    let raw = raw();
+    let http = cluster.slots[1].http;
+    let mut first = open(&raw, http, "", None).await;
+    for i in 0..5 {
+        cluster
+            .client(0)
+            .put(7, "k", &i.to_string(), "")
+            .await
+            .expect("put");
+    }
+    let seen = first.next_n(3).await;
+    assert_eq!(values(&seen), ["0", "1", "2"]);
+    assert!(
+        seen.iter().all(|e| e.kind == "change" && e.id.is_some()),
+        "{seen:?}"
+    );
+    drop(first);
+    for i in 5..8 {
+        cluster
+            .client(1)
+            .put(7, "k", &i.to_string(), "")
+            .await
+            .expect("put");
+    }
+    let last = seen[2].id.clone();
+    let mut resumed = open(&raw, http, "", last.as_deref()).await;
+    let rest = resumed.next_n(5).await;
+    assert_eq!(values(&rest), ["3", "4", "5", "6", "7"], "{rest:?}");
+    assert!(rest.iter().all(|e| e.kind == "change"));
+    // The query form works too, for clients that cannot set headers.
+    let mut again = open(
+        &raw,
+        http,
+        &format!("?last_event_id={}", rest[3].id.as_deref().expect("id")),
+        None,
+    )
+    .await;
+    assert_eq!(values(&again.next_n(1).await), ["7"]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_or_too_old_id_gets_a_reset_then_the_whole_state_then_live_changes() {
+    let cluster = Cluster::start_with(1, |c| c.watch_replay_events = 3).await;
+    let raw = raw();
+    let http = cluster.slots[0].http;
+    let mut watching = open(&raw, http, "", None).await;
+    let client = cluster.client(0);
+    client.put(7, "a", "1", "").await.expect("put");
+    let first = watching.next(Duration::from_secs(10)).await;
+    for i in 0..6 {
+        client.put(7, &format!("b{i}"), "x", "").await.expect("put");
+    }
+    client.delete(7, "b0", "").await.expect("delete");
+    let mut expected = vec!["a", "b1", "b2", "b3", "b4", "b5"];
+    for (round, id) in [
+        first.id.clone().expect("id"),
+        "0123456789abcdef-1".to_owned(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut stream = open(&raw, http, "", Some(&id)).await;
+        let reset = stream.next(Duration::from_secs(10)).await;
+        assert_eq!(reset.kind, "reset", "{reset:?}");
+        // The namespace as it is (b0 deleted; "after" from round 0).
+        if round == 1 {
+            expected.insert(1, "after");
+        }
+        let state = stream.next_n(expected.len()).await;
+        let keys: Vec<&str> = state
+            .iter()
+            .filter_map(|e| e.data["key"].as_str())
+            .collect();
+        assert_eq!(keys, expected);
+        assert!(
+            state.iter().all(|e| e.id.is_none()),
+            "snapshot entries carry no id"
+        );
+        let live = stream.next(Duration::from_secs(10)).await;
+        assert_eq!(live.kind, "live");
+        assert!(live.id.is_some());
+        client
+            .put(7, "after", &round.to_string(), "")
+            .await
+            .expect("put");
+        let next = stream.next(Duration::from_secs(10)).await;
+        assert_eq!(
+            (next.kind.as_str(), next.data["key"].as_str()),
+            ("change", Some("after"))
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshot_true_mirrors_a_namespace_without_a_gap_while_it_is_written() {
+    let cluster = Cluster::start(2).await;
+    let raw = raw();
+    for i in 0..100 {
+        cluster
+            .client(0)
+            .put(7, &format!("k{i}"), "0", "")
+            .await
+            .expect("put");
+    }
+    // Writes go on while the mirror starts.
+    let writer = {
+        let client = cluster.client(0);
+        tokio::spawn(async move {
+            for round in 1..=3 {
+                for i in 0..100 {
+                    let key = format!("k{i}");
+                    if i % 10 == round {
+                        client.delete(7, &key, "").await.expect("delete");
+                    } else {
+                        client
+                            .put(7, &key, &round.to_string(), "")
+                            .await
+                            .expect("put");
+                    }
+                }
+            }
+        })
+    };
+    let mut stream = open(&raw, cluster.slots[1].http, "?snapshot=true", None).await;
+    let mut mirror: BTreeMap<String, String> = BTreeMap::new();
+    let mut live = false;
+    let done_writing = async {
+        writer.await.expect("writer");
+    };
+    tokio::pin!(done_writing);
+    let mut finished = false;
+    loop {
+        tokio::select! {
+            _ = &mut done_writing, if !finished => finished = true,
+            event = stream.next(Duration::from_secs(10)) => {
+                match event.kind.as_str() {
+                    "live" => live = true,
+                    "change" => {
+                        let key = event.data["key"].as_str().expect("key").to_owned();
+                        if event.data["deleted"] == true {
+                            mirror.remove(&key);
+                        } else {
+                            mirror.insert(key, event.data["value"].as_str().expect("value").to_owned());
+                        }
+                    }
+                    other => panic!("unexpected {other} event"),
+                }
+            }
+        }
+        if finished && live {
+            let wanted: BTreeMap<String, String> = cluster
+                .client(1)
+                .get("/v1/cache/7")
+                .await
+                .expect("list")
+                .json()["entries"]
+                .as_object()
+                .expect("entries")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect();
+            if mirror == wanted && wanted.values().all(|v| v == "3") {
+                break;
+            }
+        }
+    }
+    assert_eq!(mirror.len(), 90);
+    cluster.shutdown().await;
+}
