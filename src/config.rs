@@ -107,8 +107,15 @@ pub struct NodeConfig {
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().anti_entropy_interval))]
     pub anti_entropy_interval: Duration,
+    /// On SIGTERM the node first reports not-ready and keeps serving for
+    /// this long (while Kubernetes removes it from the Service's endpoints),
+    /// then stops accepting and drains.
+    #[arg(long, env = "PODCACHE_SHUTDOWN_DELAY", help_heading = "Network",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().shutdown_delay))]
+    pub shutdown_delay: Duration,
     /// How long shutdown may take to finish requests and send what is
-    /// pending to peers.
+    /// pending to peers (after the shutdown delay).
     #[arg(long, env = "PODCACHE_SHUTDOWN_GRACE", help_heading = "Network",
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().shutdown_grace))]
@@ -219,6 +226,7 @@ impl NodeConfig {
             tombstone_grace: Duration::from_secs(24 * 3600),
             anti_entropy_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             data_dir: None,
             fsync: crate::durability::Fsync::Interval,
             compact_log_bytes: 64 << 20,
@@ -340,6 +348,48 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The memory limit of this process's cgroup (v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`), if it has one. `PODCACHE_CGROUP_MEMORY_FILE`
+/// names another file to read (for tests).
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let files: Vec<PathBuf> = match std::env::var_os("PODCACHE_CGROUP_MEMORY_FILE") {
+        Some(path) => vec![path.into()],
+        None => vec![
+            "/sys/fs/cgroup/memory.max".into(),
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes".into(),
+        ],
+    };
+    files
+        .iter()
+        .find_map(|path| parse_memory_limit(&std::fs::read_to_string(path).ok()?))
+}
+
+/// A cgroup memory limit file's value: `max` (or v1's huge "unlimited"
+/// number) means none.
+fn parse_memory_limit(text: &str) -> Option<u64> {
+    let limit: u64 = text.trim().parse().ok()?;
+    (limit < 1 << 60).then_some(limit)
+}
+
+/// RSS the process takes before holding anything (measured: 35–42 MB per
+/// node in bench/RESULTS.md's replica-count table), rounded up.
+const BASELINE_RSS: u64 = 64 << 20;
+/// RSS per byte of keys and values: bench/RESULTS.md measured 209–232
+/// bytes of RSS per entry of 112 bytes (100-byte values, 12-byte keys) on
+/// the writing node right after a million-entry fill, ≈ 2.1; 2.5 leaves
+/// room for what fan-out and bootstrap hold for a moment.
+const RSS_PER_DATA_BYTE: f64 = 2.5;
+
+/// The `--max-memory-bytes` (bytes of keys and values) that keeps a node
+/// under a memory `limit`: a write past it gets 507 before the kernel's OOM
+/// killer is reached. For entries much smaller than ~100 bytes the fixed
+/// overhead per entry weighs more: set `--max-memory-bytes` lower (or
+/// `--max-entries-per-type`).
+pub fn data_budget_for(limit: u64) -> usize {
+    let usable = limit.saturating_sub(BASELINE_RSS);
+    ((usable as f64 / RSS_PER_DATA_BYTE) as u64).max(1 << 20) as usize
+}
+
 /// The first non-loopback IPv4 address of this host, read from the kernel's
 /// `/proc/net/fib_trie` (the original design's default pod IP).
 pub fn first_non_loopback_ipv4() -> Option<Ipv4Addr> {
@@ -391,6 +441,32 @@ mod tests {
         config.max_batch_bytes = 1024;
         config.limits.max_value_bytes = config.max_grpc_message_bytes;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn a_cgroup_limit_gives_a_data_budget_under_it() {
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(
+            parse_memory_limit("9223372036854771712\n"),
+            None,
+            "v1 unlimited"
+        );
+        assert_eq!(parse_memory_limit("1073741824\n"), Some(1 << 30));
+        let limit = 1u64 << 30;
+        let budget = data_budget_for(limit) as u64;
+        // At the measured ~2.1 bytes of RSS per byte of data, a full node
+        // stays under the limit, with room to spare.
+        let rss_when_full = BASELINE_RSS as f64 + budget as f64 * 2.1;
+        assert!(
+            rss_when_full < limit as f64 * 0.9,
+            "{rss_when_full} of {limit}"
+        );
+        assert!(budget > 300 << 20, "{budget}");
+        assert_eq!(
+            data_budget_for(10 << 20),
+            1 << 20,
+            "a floor for tiny limits"
+        );
     }
 
     #[test]

@@ -600,7 +600,8 @@ impl NodeHandle {
         crate::api::render_metrics(&self.api)
     }
 
-    /// Graceful shutdown, in order: not ready, stop accepting, let
+    /// Graceful shutdown, in order: not ready (and serving on for
+    /// `shutdown_delay`), stop accepting, let
     /// in-flight requests finish, send what is pending to every peer, stop
     /// discovery and the loops, wait for every task (all bounded by the
     /// configured grace period).
@@ -611,6 +612,14 @@ impl NodeHandle {
         self.health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
+        // Not ready, but still serving: load balancers and Service
+        // endpoints take a moment to notice, and clients sent here meanwhile
+        // are answered rather than refused.
+        let delay = self.replica.config.shutdown_delay;
+        if !delay.is_zero() {
+            info!(delay = ?delay, "not ready; serving on while endpoints update");
+            tokio::time::sleep(delay).await;
+        }
         // Watch streams end now so that graceful HTTP shutdown is not held
         // open by them; the loops keep running until fan-out drained.
         self.stop_serving.cancel();

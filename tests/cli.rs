@@ -7,17 +7,9 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::process::{BIN, free_port};
 use common::{next_block, wait_until};
 use podcache::client::RestClient;
-
-const BIN: &str = env!("CARGO_BIN_EXE_podcache");
-
-fn free_port(ip: Ipv4Addr) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// Two distinct free ports on `ip` (both held at once while chosen).
 fn two_free_ports(ip: Ipv4Addr) -> (u16, u16) {
@@ -473,4 +465,93 @@ fn bad_security_files_are_configuration_errors() {
         assert!(!err.contains("short"), "the token is never shown: {err}");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn on_sigterm_a_node_reports_not_ready_and_serves_on_for_the_shutdown_delay() {
+    let ip = Ipv4Addr::from(next_block() | 2);
+    let grpc_port = free_port(ip);
+    let mut node = spawn_serve_with(ip, grpc_port, &[], "delayed", &["--shutdown-delay", "2s"]);
+    wait_ready(&node.http).await;
+    let client = RestClient::new(&node.http).expect("client");
+    client.put(1, "k", "v", "").await.expect("put");
+    signal(&node.child, "TERM");
+    wait_until("not ready", Duration::from_secs(5), || {
+        let client = client.clone();
+        async move {
+            client
+                .get("/readyz")
+                .await
+                .is_ok_and(|a| a.status == hyper::StatusCode::SERVICE_UNAVAILABLE)
+        }
+    })
+    .await;
+    // Not ready, still answering.
+    assert_eq!(
+        client
+            .get_value(1, "k")
+            .await
+            .expect("served during the delay")
+            .as_deref(),
+        Some("v")
+    );
+    assert_eq!(
+        wait_exit(&mut node.child, Duration::from_secs(15))
+            .await
+            .code(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn without_max_memory_bytes_the_capacity_follows_the_containers_memory_limit() {
+    let ip = Ipv4Addr::from(next_block() | 2);
+    let (http_port, grpc_port) = two_free_ports(ip);
+    let limit = std::env::temp_dir().join(format!("podcache-memory-max-{}", std::process::id()));
+    // 96 MiB: (96 - 64) MiB / 2.5 of keys and values.
+    std::fs::write(&limit, "100663296\n").expect("limit file");
+    let child = Command::new(BIN)
+        .args(["serve", "--pod-ip", &ip.to_string(), "--peers", ""])
+        .args([
+            "--http-addr",
+            &format!("{ip}:{http_port}"),
+            "--grpc-addr",
+            &format!("{ip}:{grpc_port}"),
+        ])
+        .env("PODCACHE_CGROUP_MEMORY_FILE", &limit)
+        .env_remove("PODCACHE_MAX_MEMORY_BYTES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let _node = Server {
+        child,
+        http: format!("http://{ip}:{http_port}"),
+    };
+    let http = format!("http://{ip}:{http_port}");
+    wait_ready(&http).await;
+    let client = RestClient::new(&http).expect("client");
+    let metrics = client.get("/metrics").await.expect("metrics").text();
+    let capacity: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("podcache_store_capacity_bytes "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("capacity gauge");
+    assert_eq!(capacity as u64, (32u64 << 20) * 2 / 5, "{metrics}");
+    // 507 comes before the limit: ~13 MiB of data at most.
+    let value = "x".repeat(1 << 20);
+    let mut refused = false;
+    for i in 0..40 {
+        let answer = client
+            .put(1, &format!("big{i}"), &value, "")
+            .await
+            .expect("put");
+        if answer.status == hyper::StatusCode::INSUFFICIENT_STORAGE {
+            refused = true;
+            assert!(i >= 10, "refused after {i} MiB");
+            break;
+        }
+    }
+    assert!(refused, "capacity enforced");
+    let _ = std::fs::remove_file(&limit);
 }

@@ -271,6 +271,18 @@ fn node_config(args: &mut ServeArgs) -> Result<NodeConfig, Failure> {
     config.pod_name = pod_name;
     config.host_ip = identity.host_ip.clone().or_else(|| env_nonempty("HOST_IP"));
     args.millis.apply(&mut config, &mut args.discovery);
+    // Without --max-memory-bytes, a node in a container with a memory
+    // limit refuses writes (507) before the kernel kills it.
+    let given = std::env::args().any(|a| a.starts_with("--max-memory-bytes"))
+        || env_nonempty("PODCACHE_MAX_MEMORY_BYTES").is_some();
+    if !given && let Some(limit) = podcache::config::cgroup_memory_limit() {
+        config.limits.max_total_bytes = podcache::config::data_budget_for(limit);
+        tracing::info!(
+            memory_limit = limit,
+            max_memory_bytes = config.limits.max_total_bytes,
+            "--max-memory-bytes taken from the container's memory limit"
+        );
+    }
     if args.peer_queue_capacity.is_some() {
         tracing::warn!(
             "--peer-queue-capacity is no longer used: fan-out keeps every pending key for a live peer"
