@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Epochs from a peer too large to hold back until their end, merged in
     /// parts.
     pub epochs_split: Counter,
+    /// Namespaces (types) held.
+    pub types: Gauge,
     /// Entries from peers applied while the data directory could not be
     /// written (the snapshot that clears the failure writes them).
     pub data_dir_unlogged: Counter,
@@ -195,6 +197,12 @@ impl Metrics {
             "replication_pending_bytes",
             "Bytes of keys and values of this node's writes waiting for each peer",
             pending_bytes.clone(),
+        );
+        let types = Gauge::default();
+        registry.register(
+            "types",
+            "Namespaces (types) held; per-type series exist for the 50 largest, the rest are summed as type=\"other\"",
+            types.clone(),
         );
         let data_dir_unlogged = Counter::default();
         registry.register(
@@ -397,6 +405,7 @@ impl Metrics {
             pending_entries,
             pending_bytes,
             epochs_split,
+            types,
             data_dir_unlogged,
             data_dir_compactions,
             entries,

@@ -368,6 +368,56 @@ async fn capacity_limits_refuse_writes_with_507_and_evict_nothing() {
 }
 
 #[tokio::test]
+async fn thousands_of_types_are_capped_and_keep_metrics_small() {
+    let cluster = Cluster::start_with(2, |c| c.limits.max_types = 1000).await;
+    let client = cluster.client(0);
+    let mut refused = 0;
+    for ty in 0..3000 {
+        let answer = client.put(ty, "k", "v", "").await.expect("put");
+        match answer.status {
+            StatusCode::OK => assert!(ty < 1000, "type {ty} accepted past the cap"),
+            StatusCode::INSUFFICIENT_STORAGE => {
+                let body = answer.json();
+                assert_eq!(body["error"], "capacity_exhausted");
+                assert!(
+                    body["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("--max-types") && m.contains("1000")),
+                    "{body}"
+                );
+                refused += 1;
+            }
+            other => panic!("type {ty}: {other}"),
+        }
+    }
+    assert_eq!(refused, 2000);
+    // Existing types still take writes.
+    assert_eq!(
+        client.put(5, "more", "v", "").await.expect("put").status,
+        StatusCode::OK
+    );
+    for i in 0..2 {
+        let text = cluster
+            .client(i)
+            .get("/metrics")
+            .await
+            .expect("metrics")
+            .text();
+        assert!(
+            text.len() < 64 * 1024,
+            "node {i}: /metrics is {} bytes",
+            text.len()
+        );
+        assert!(
+            text.contains("podcache_entries{type=\"other\"} 950"),
+            "node {i}"
+        );
+        assert_eq!(metric(&text, "podcache_types"), 1000.0);
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn concurrency_limits_turn_work_away_but_probes_pass() {
     let cluster = Cluster::start_with(1, |c| {
         c.max_concurrent_requests = 1;

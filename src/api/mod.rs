@@ -725,20 +725,41 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
         .into_response()
 }
 
+/// Types with series of their own in `/metrics` (the largest).
+const PER_TYPE_SERIES: usize = 50;
+
 /// Refreshes the gauges computed from state, then renders every metric.
 pub(crate) fn render_metrics(api: &Api) -> String {
     let m = &api.replica.metrics;
-    for (ty, stats) in api.replica.store.stats(unix_ms()) {
-        m.entries
-            .get_or_create(&label("type", ty.to_string()))
-            .set(stats.entries as i64);
-        m.bytes
-            .get_or_create(&label("type", ty.to_string()))
-            .set(stats.bytes as i64);
-        m.tombstones
-            .get_or_create(&label("type", ty.to_string()))
-            .set(stats.tombstones as i64);
+    // One series per type for the largest types only, the rest summed as
+    // type="other": what a scrape holds stays bounded whatever types
+    // clients write.
+    let mut stats: Vec<(i32, crate::store::NamespaceStats)> =
+        api.replica.store.stats(unix_ms()).into_iter().collect();
+    stats.sort_by_key(|(ty, s)| (std::cmp::Reverse(s.entries + s.tombstones), *ty));
+    for family in [&m.entries, &m.bytes, &m.tombstones] {
+        family.clear();
     }
+    let mut other = crate::store::NamespaceStats::default();
+    for (i, (ty, s)) in stats.iter().enumerate() {
+        if i < PER_TYPE_SERIES {
+            let ty = label("type", ty.to_string());
+            m.entries.get_or_create(&ty).set(s.entries as i64);
+            m.bytes.get_or_create(&ty).set(s.bytes as i64);
+            m.tombstones.get_or_create(&ty).set(s.tombstones as i64);
+        } else {
+            other.entries += s.entries;
+            other.bytes += s.bytes;
+            other.tombstones += s.tombstones;
+        }
+    }
+    if stats.len() > PER_TYPE_SERIES {
+        let ty = label("type", "other");
+        m.entries.get_or_create(&ty).set(other.entries as i64);
+        m.bytes.get_or_create(&ty).set(other.bytes as i64);
+        m.tombstones.get_or_create(&ty).set(other.tombstones as i64);
+    }
+    m.types.set(stats.len() as i64);
     m.held_bytes.set(api.replica.store.held_bytes() as i64);
     m.capacity_bytes
         .set(api.replica.store.limits().max_total_bytes as i64);

@@ -155,6 +155,11 @@ pub struct Limits {
     #[arg(long, env = "PODCACHE_MAX_ENTRIES_PER_TYPE", help_heading = "Limits",
           default_value_t = Limits::default().max_entries_per_type)]
     pub max_entries_per_type: usize,
+    /// Most namespaces (types); a write that would create one past it gets
+    /// 507 (a type exists while it holds entries or tombstones).
+    #[arg(long, env = "PODCACHE_MAX_TYPES", help_heading = "Limits",
+          default_value_t = Limits::default().max_types)]
+    pub max_types: usize,
     /// Most bytes of keys and values held in all; writes past it get 507
     /// (nothing is evicted; tombstones count their key).
     #[arg(long = "max-memory-bytes", env = "PODCACHE_MAX_MEMORY_BYTES", help_heading = "Limits",
@@ -165,7 +170,7 @@ pub struct Limits {
 impl Default for Limits {
     /// The one place the defaults are written: 1 KiB keys, 1 MiB values,
     /// 10,000 entries per batch, 60 s of clock drift, ten years of TTL,
-    /// 5,000,000 entries per type, 1 GiB held.
+    /// 5,000,000 entries per type, 1,024 types, 1 GiB held.
     fn default() -> Self {
         Self {
             max_key_bytes: 1024,
@@ -174,6 +179,7 @@ impl Default for Limits {
             max_clock_drift_ms: 60_000,
             max_ttl_secs: 10 * 365 * 24 * 3600,
             max_entries_per_type: 5_000_000,
+            max_types: 1024,
             max_total_bytes: 1024 * 1024 * 1024,
         }
     }
@@ -452,6 +458,7 @@ impl State {
         limits: &Limits,
         headroom: usize,
     ) -> Result<(), StoreError> {
+        self.room_for_type(ty, limits, headroom)?;
         let mut values = self.values.get(&ty).copied().unwrap_or(0);
         let mut bytes = self.bytes;
         for (key, value) in incoming {
@@ -471,6 +478,20 @@ impl State {
         )
     }
 
+    /// Refuses a write to namespace `ty` when it does not exist yet and
+    /// creating it would pass [`Limits::max_types`] times `headroom`.
+    fn room_for_type(&self, ty: i32, limits: &Limits, headroom: usize) -> Result<(), StoreError> {
+        let limit = limits.max_types.saturating_mul(headroom);
+        if !self.namespaces.contains_key(&ty) && self.namespaces.len() >= limit {
+            return Err(StoreError::Full {
+                what: "types (--max-types)".into(),
+                would_be: self.namespaces.len() + 1,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Stores a peer's `entry` in namespace `ty` unless the key holds one
     /// as new or newer (then `Ok(false)`), or storing it would pass the
     /// limits times `headroom`. One lookup of the key, where a check, a
@@ -482,6 +503,7 @@ impl State {
         limits: &Limits,
         headroom: usize,
     ) -> Result<bool, StoreError> {
+        self.room_for_type(ty, limits, headroom)?;
         let hasher = &self.hasher;
         let hash = hasher.hash_one(entry.key_bytes());
         let held_values = self.values.get(&ty).copied().unwrap_or(0);

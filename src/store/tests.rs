@@ -503,3 +503,32 @@ fn a_refused_merge_into_a_new_namespace_leaves_no_trace() {
     let digest_of_empty = store(1).digest();
     assert_eq!(s.digest(), digest_of_empty);
 }
+
+#[test]
+fn types_past_the_cap_are_refused_locally_and_taken_from_peers_up_to_twice_it() {
+    let s = Store::new(
+        1,
+        Limits {
+            max_types: 2,
+            ..Limits::default()
+        },
+    );
+    s.set(1, "k", "v", None, NOW).expect("type 1");
+    s.set(2, "k", "v", None, NOW).expect("type 2");
+    let err = s.set(3, "k", "v", None, NOW).expect_err("type 3");
+    assert!(
+        matches!(err, StoreError::Full { .. }) && err.to_string().contains("--max-types"),
+        "{err}"
+    );
+    s.set(1, "other", "v", None, NOW).expect("an existing type");
+    let outcome = s.merge(
+        [
+            record(3, "k", Some("v"), NOW, 2),
+            record(4, "k", Some("v"), NOW, 2),
+            record(5, "k", Some("v"), NOW, 2),
+        ],
+        NOW,
+    );
+    assert_eq!(outcome.applied.len(), 2, "peers get twice the cap");
+    assert_eq!(outcome.rejected.len(), 1);
+}
