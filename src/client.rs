@@ -1,11 +1,13 @@
 //! A small client of the REST API, used by `podcache ctl`, the demo and the
 //! tests. One pooled HTTP/1.1 connection set per client.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -14,9 +16,12 @@ use serde_json::Value;
 /// Why a REST call failed before an answer could be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The base URL is not `http://host:port`.
-    #[error("invalid node address {0:?}: expected http://host:port")]
+    /// The base URL is not `http://host:port` (or `https://`).
+    #[error("invalid node address {0:?}: expected http://host:port or https://host:port")]
     BadAddress(String),
+    /// `https://` without a CA to check the node's certificate with.
+    #[error("{0} is https: give the CA that signed its certificate (--cacert)")]
+    NoCa(String),
     /// The request could not be built.
     #[error("invalid request: {0}")]
     Request(#[from] hyper::http::Error),
@@ -37,6 +42,19 @@ pub enum ClientError {
     /// The token cannot be sent in a header (control characters).
     #[error("the token holds characters that cannot go into an HTTP header")]
     BadToken,
+}
+
+fn client_with(config: rustls::ClientConfig) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(3)));
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// An answer: status, content type and body.
@@ -66,7 +84,7 @@ impl Answer {
 #[derive(Debug, Clone)]
 pub struct RestClient {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     /// `Authorization` header value, for nodes with `--auth-token-file`.
     bearer: Option<hyper::header::HeaderValue>,
@@ -74,6 +92,7 @@ pub struct RestClient {
 
 impl RestClient {
     /// A client of the node at `base` (`http://host:port`, or `host:port`).
+    /// For `https://`, use [`RestClient::with_tls`].
     pub fn new(base: &str) -> Result<Self, ClientError> {
         let base = base.trim_end_matches('/');
         let base = if base.contains("://") {
@@ -81,18 +100,47 @@ impl RestClient {
         } else {
             format!("http://{base}")
         };
-        if !base.starts_with("http://") || base.len() <= "http://".len() {
+        let plain = base.starts_with("http://") && base.len() > "http://".len();
+        let tls = base.starts_with("https://") && base.len() > "https://".len();
+        if !plain && !tls {
             return Err(ClientError::BadAddress(base));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        // Plain HTTP only until a CA is given: no system roots to trust.
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+        let Ok(config) = config else {
+            return Err(ClientError::BadAddress(base));
+        };
         Ok(Self {
+            client: client_with(config),
             base,
-            client: Client::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(30),
             bearer: None,
         })
+    }
+
+    /// The same client speaking HTTPS with `config` (see
+    /// [`crate::http_tls::client_config`]).
+    pub fn with_tls(mut self, mut config: rustls::ClientConfig) -> Self {
+        // The connector names the protocol itself (and refuses a config
+        // that already does).
+        config.alpn_protocols.clear();
+        self.client = client_with(config);
+        self
+    }
+
+    /// Fails for an `https://` base when no TLS configuration was given.
+    pub fn require_tls_for_https(&self, has_tls: bool) -> Result<(), ClientError> {
+        if self.base.starts_with("https://") && !has_tls {
+            return Err(ClientError::NoCa(self.base.clone()));
+        }
+        Ok(())
     }
 
     /// The same client sending `token` as a bearer token with every request.

@@ -155,6 +155,16 @@ pub struct NodeConfig {
     /// text, which the node warns about at start.
     #[command(flatten)]
     pub tls: Option<crate::tls::TlsFiles>,
+    /// TLS on the REST port (see [`crate::http_tls`]); unset is plain HTTP.
+    #[command(flatten)]
+    pub http_tls: Option<crate::http_tls::HttpTlsFiles>,
+    /// A REST connection that has not sent a whole request head within
+    /// this long is closed: a client sending its headers slowly, or an idle
+    /// keep-alive connection (a watch stream is not cut).
+    #[arg(long, env = "PODCACHE_HTTP_HEADER_TIMEOUT", help_heading = "Security",
+          value_name = "DURATION", value_parser = parse_duration,
+          default_value = format_duration(NodeConfig::defaults().http_header_timeout))]
+    pub http_header_timeout: Duration,
     /// How often the token and certificate files are checked for changes.
     #[arg(long, env = "PODCACHE_SECRETS_RELOAD_INTERVAL", help_heading = "Security",
           value_name = "DURATION", value_parser = parse_duration,
@@ -192,7 +202,7 @@ pub const DEFAULT_GRPC_PORT: u16 = 9090;
 /// The smallest value each duration setting may take: below it a node
 /// would spin (or refuse everything); a smaller value is an error, never
 /// silently raised.
-const MINIMUMS: [(&str, Duration); 7] = [
+const MINIMUMS: [(&str, Duration); 8] = [
     ("--anti-entropy-interval", Duration::from_millis(10)),
     ("--secrets-reload-interval", Duration::from_millis(100)),
     ("--heartbeat-interval", Duration::from_millis(10)),
@@ -200,6 +210,7 @@ const MINIMUMS: [(&str, Duration); 7] = [
     ("--rpc-timeout", Duration::from_millis(1)),
     ("--wait-timeout", Duration::from_millis(1)),
     ("--down-peer-retention", Duration::from_millis(1)),
+    ("--http-header-timeout", Duration::from_millis(100)),
 ];
 
 impl NodeConfig {
@@ -234,6 +245,8 @@ impl NodeConfig {
             public_metrics: true,
             public_dashboard: false,
             tls: None,
+            http_tls: None,
+            http_header_timeout: Duration::from_secs(10),
             secrets_reload_interval: Duration::from_secs(5),
             max_concurrent_requests: 1024,
             max_connections: 4096,
@@ -281,6 +294,7 @@ impl NodeConfig {
             self.rpc_timeout,
             self.wait_timeout,
             self.down_peer_retention,
+            self.http_header_timeout,
         ];
         for ((flag, minimum), value) in MINIMUMS.iter().zip(durations) {
             if value < *minimum {

@@ -4,7 +4,7 @@
 //! the node's memory or file descriptors.
 //!
 //! Owns: [`Limited`], the connection wrapper that holds the permit, and
-//! [`LimitedListener`], the REST listener. Must not touch what the
+//! the capped accept both listeners use. Must not touch what the
 //! connections carry.
 
 use std::io;
@@ -127,25 +127,5 @@ pub(crate) async fn accept_limited(
                 drop(stream);
             }
         }
-    }
-}
-
-/// The REST listener with a connection cap.
-pub(crate) struct LimitedListener {
-    pub(crate) listener: TcpListener,
-    pub(crate) permits: Arc<Semaphore>,
-    pub(crate) metrics: Arc<Metrics>,
-}
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = Limited<TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        accept_limited(&self.listener, &self.permits, &self.metrics, "http").await
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
     }
 }

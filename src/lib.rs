@@ -60,6 +60,7 @@ pub mod conn_limit;
 pub mod discovery;
 pub mod durability;
 pub mod etcd;
+pub mod http_tls;
 pub mod identity;
 pub mod metrics;
 pub mod node;

@@ -174,6 +174,10 @@ impl NodeBuilder {
             )?)),
             None => None,
         };
+        let http_tls = match &config.http_tls {
+            Some(files) => Some(Arc::new(crate::http_tls::HttpTls::load(files.clone())?)),
+            None => None,
+        };
         let tls = match &config.tls {
             Some(files) => Some(Arc::new(crate::tls::PeerTls::load(files.clone())?)),
             None => {
@@ -232,6 +236,7 @@ impl NodeBuilder {
             peers_rx: peers_rx.clone(),
             discovery_name,
             auth: auth.clone(),
+            http_tls: http_tls.clone(),
             watch_permits: Arc::new(tokio::sync::Semaphore::new(watch_streams)),
             stop: stop_serving.clone(),
         });
@@ -249,7 +254,7 @@ impl NodeBuilder {
         };
         serving.spawn(crate::rpc::serve(rpc, grpc_listener, health_service));
         if let Some(listener) = http_listener {
-            serving.spawn(crate::api::serve(api.clone(), listener));
+            serving.spawn(crate::api::serve(api.clone(), listener, serving.clone()));
         }
         serving.close();
 
@@ -292,6 +297,15 @@ impl NodeBuilder {
                 replica.metrics.clone(),
                 cancel.clone(),
                 move || auth.reload_if_changed(),
+            ));
+        }
+        if let Some(http_tls) = http_tls {
+            tracker.spawn(crate::reload::reload_loop(
+                "http_tls",
+                interval,
+                replica.metrics.clone(),
+                cancel.clone(),
+                move || http_tls.reload_if_changed(),
             ));
         }
         if let Some(tls) = tls {

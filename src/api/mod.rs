@@ -11,6 +11,7 @@ pub mod auth;
 mod backup;
 mod error;
 mod front;
+mod listener;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,11 +29,10 @@ use axum::routing::get;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::debug;
 
 pub use error::ApiError;
 
@@ -57,6 +57,8 @@ pub(crate) struct Api {
     pub(crate) discovery_name: &'static str,
     /// REST credentials, when a token file is configured.
     pub(crate) auth: Option<Arc<auth::Auth>>,
+    /// TLS of the REST port, when configured.
+    pub(crate) http_tls: Option<Arc<crate::http_tls::HttpTls>>,
     /// One permit per open `/v1/watch` stream.
     pub(crate) watch_permits: Arc<tokio::sync::Semaphore>,
     /// Fires when the node stops serving (ends watch streams, so graceful
@@ -64,25 +66,7 @@ pub(crate) struct Api {
     pub(crate) stop: CancellationToken,
 }
 
-/// Serves REST on `listener` until `stop` fires, then lets in-flight
-/// requests finish.
-pub(crate) async fn serve(api: Arc<Api>, listener: TcpListener) {
-    let stop = api.stop.clone();
-    let listener = crate::conn_limit::LimitedListener {
-        listener,
-        permits: Arc::new(tokio::sync::Semaphore::new(
-            api.replica.config.max_connections,
-        )),
-        metrics: api.replica.metrics.clone(),
-    };
-    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(front::Front::new(api));
-    if let Err(err) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        error!(%err, "REST server stopped with an error");
-    }
-}
+pub(crate) use listener::serve;
 
 /// The REST API of one node, as a router to merge into a service's own.
 pub(crate) fn router(api: Arc<Api>) -> Router {

@@ -10,9 +10,18 @@ use crate::{Failure, shutdown_signal};
 
 #[derive(Debug, Args)]
 pub(crate) struct CtlArgs {
-    /// The node's REST address.
+    /// The node's REST address (https:// for a node with --http-tls-cert).
     #[arg(long, env = "PODCACHE_ADDR", default_value = "http://127.0.0.1:8087")]
     addr: String,
+    /// The CA that signed the node's REST certificate (PEM), for https://.
+    #[arg(long, env = "PODCACHE_CACERT")]
+    cacert: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), for a node with --http-tls-client-ca.
+    #[arg(long, env = "PODCACHE_CERT", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "PODCACHE_KEY", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// A file holding the bearer token for a node with --auth-token-file.
     #[arg(long, env = "PODCACHE_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
@@ -89,6 +98,15 @@ pub(crate) enum CtlOp {
 
 pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
     let mut client = RestClient::new(&args.addr).map_err(|e| Failure::Config(e.to_string()))?;
+    if let Some(ca) = &args.cacert {
+        let identity = args.cert.as_deref().zip(args.key.as_deref());
+        let config = podcache::http_tls::client_config(ca, identity)
+            .map_err(|e| Failure::Config(e.to_string()))?;
+        client = client.with_tls(config);
+    }
+    client
+        .require_tls_for_https(args.cacert.is_some())
+        .map_err(|e| Failure::Config(e.to_string()))?;
     if let Some(path) = &args.token_file {
         let token = std::fs::read_to_string(path)
             .map_err(|e| Failure::Config(format!("--token-file {}: {e}", path.display())))?;
