@@ -27,6 +27,7 @@ pub struct HttpTlsFiles {
     /// The REST port's certificate chain (PEM, leaf first): the port then
     /// speaks HTTPS only (plain HTTP gets no answer).
     #[arg(
+        id = "http_tls_cert",
         long = "http-tls-cert",
         env = "PODCACHE_HTTP_TLS_CERT",
         help_heading = "Security",
@@ -35,6 +36,7 @@ pub struct HttpTlsFiles {
     pub cert: PathBuf,
     /// The private key of --http-tls-cert (PEM).
     #[arg(
+        id = "http_tls_key",
         long = "http-tls-key",
         env = "PODCACHE_HTTP_TLS_KEY",
         help_heading = "Security",
@@ -43,6 +45,7 @@ pub struct HttpTlsFiles {
     pub key: PathBuf,
     /// A CA (PEM): REST clients must then present a certificate it signed.
     #[arg(
+        id = "http_tls_client_ca",
         long = "http-tls-client-ca",
         env = "PODCACHE_HTTP_TLS_CLIENT_CA",
         help_heading = "Security"

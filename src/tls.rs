@@ -47,6 +47,7 @@ pub struct TlsFiles {
     /// This replica's certificate chain (PEM, leaf first) for mutual TLS
     /// between replicas.
     #[arg(
+        id = "tls_cert",
         long = "tls-cert",
         env = "PODCACHE_TLS_CERT",
         help_heading = "Security",
@@ -55,6 +56,7 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(
+        id = "tls_key",
         long = "tls-key",
         env = "PODCACHE_TLS_KEY",
         help_heading = "Security",
@@ -63,6 +65,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The CA that signs every replica's certificate (PEM).
     #[arg(
+        id = "tls_ca",
         long = "tls-ca",
         env = "PODCACHE_TLS_CA",
         help_heading = "Security",

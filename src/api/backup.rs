@@ -147,7 +147,7 @@ pub(super) async fn export(
 }
 
 /// Parses an import body: every line checked before anything is merged.
-fn parse(body: &[u8]) -> Result<Vec<Record>, ApiError> {
+pub(super) fn parse(body: &[u8]) -> Result<Vec<Record>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the body must be UTF-8: {e}"))
     })?;

@@ -120,6 +120,17 @@ impl tower::Service<Request> for Front {
     }
 }
 
+/// What the entry endpoint makes of a request path: the type and the
+/// decoded key, or the error it answers. For the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_entry_path(path: &str) -> Option<Result<(i32, String), ApiError>> {
+    let (ty, key) = entry_path(path)?;
+    Some(decode(ty, "type").and_then(|ty| {
+        let ty = super::parse_type(&ty)?;
+        Ok((ty, decode(key, "key")?.into_owned()))
+    }))
+}
+
 /// `/v1/cache/{type}/{key}`, still percent-encoded; the key is the rest of
 /// the path and may hold `/`. None for any other path.
 fn entry_path(path: &str) -> Option<(&str, &str)> {

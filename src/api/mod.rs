@@ -333,6 +333,32 @@ async fn get_namespace(
     Ok(Json(json!({ "type": ty, "entries": entries })))
 }
 
+/// The parsers of request paths and bodies, for the fuzz targets: each
+/// returns the answer's error or the parsed value, and must never panic.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// The entry endpoint's path parsing.
+    pub fn entry_path(path: &str) -> Option<Result<(i32, String), String>> {
+        super::front::parse_entry_path(path).map(|r| r.map_err(|e| e.message))
+    }
+
+    /// A batch body: the entries it would write.
+    pub fn batch(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+        super::parse_batch(body)
+            .map(|m| {
+                m.into_iter()
+                    .map(|(k, v)| (k.0.into_owned(), v.0.into_owned()))
+                    .collect()
+            })
+            .map_err(|e| e.message)
+    }
+
+    /// An import body (`ctl import` lines).
+    pub fn import(body: &[u8]) -> Result<Vec<crate::store::Record>, String> {
+        super::backup::parse(body).map_err(|e| e.message)
+    }
+}
+
 /// A JSON string of a batch body, borrowed from the body when it holds no
 /// escapes (the common case), so a batch costs no allocation per entry.
 #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]

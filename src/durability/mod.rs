@@ -36,6 +36,16 @@
 
 pub(crate) mod frame;
 
+/// The record decoding of the data directory's files, for the fuzz
+/// targets: the records read from `bytes` (after a file's magic) and how
+/// they end.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
+    let mut records = Vec::new();
+    let end = frame::read(bytes, 8, |r| records.push(r));
+    (records, format!("{end:?}"))
+}
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};

@@ -10,9 +10,11 @@
 //!
 //! # The merge rule
 //! An entry is replaced only by one with a strictly greater [`Version`]
-//! (hybrid timestamp, then writer's node id). Deletes are tombstones that
-//! carry a version like any write. Two stores that receive the same records
-//! in any order therefore end identical; see the property tests below.
+//! (hybrid timestamp, then writer's node id); between two different
+//! entries of one version (which only a faulty peer sends), by their
+//! contents ([`supersedes`]). Deletes are tombstones that carry a version
+//! like any write. Two stores that receive the same records in any order
+//! therefore end identical; see the property tests below.
 
 pub mod clock;
 pub mod digest;
@@ -393,6 +395,20 @@ fn room_for(
     Ok(())
 }
 
+/// The merge rule: `new` replaces `held` when its version is greater. Two
+/// different entries with one version cannot come from a node's own
+/// writes (each takes a fresh timestamp), but a faulty or hostile peer can
+/// send them; the tie is broken by their contents (a tombstone over a
+/// value, then the later expiry, then the greater value), so every replica
+/// still ends on the same one whatever order they arrive in.
+pub fn supersedes(new: &Entry, held: &Entry) -> bool {
+    let rank = |e: &Entry| (e.version(), e.is_tombstone(), e.expires_at_ms());
+    match rank(new).cmp(&rank(held)) {
+        std::cmp::Ordering::Equal => new.value() > held.value(),
+        order => order == std::cmp::Ordering::Greater,
+    }
+}
+
 /// True for a tombstone written, or an entry expired, before `horizon_ms`:
 /// safe to drop, and not to be taken back in.
 pub fn is_purgeable(entry: &Entry, horizon_ms: u64) -> bool {
@@ -517,7 +533,7 @@ impl State {
             Slot::Occupied(slot) => Some(slot.get()),
             Slot::Vacant(_) => None,
         };
-        if held.is_some_and(|held| held.version() >= entry.version()) {
+        if held.is_some_and(|held| !supersedes(entry, held)) {
             return Ok(false);
         }
         let held_size = held.map_or(0, Entry::size);
