@@ -1,0 +1,3 @@
+module podcache.dev/podcache
+
+go 1.19
