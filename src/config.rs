@@ -89,6 +89,11 @@ pub struct NodeConfig {
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().max_retry_backoff))]
     pub max_retry_backoff: Duration,
+    /// Snapshots (bootstrap pulls, full resyncs) this node serves at once;
+    /// more are refused and the caller pulls from another peer.
+    #[arg(long, env = "PODCACHE_MAX_CONCURRENT_SNAPSHOTS", help_heading = "Replication",
+          default_value_t = NodeConfig::defaults().max_concurrent_snapshots)]
+    pub max_concurrent_snapshots: usize,
     /// Target size of one snapshot chunk, in bytes.
     #[arg(long, env = "PODCACHE_SNAPSHOT_CHUNK_BYTES", help_heading = "Replication",
           default_value_t = NodeConfig::defaults().snapshot_chunk_bytes)]
@@ -234,6 +239,7 @@ impl NodeConfig {
             heartbeat_interval: Duration::from_secs(2),
             max_retry_backoff: Duration::from_secs(2),
             snapshot_chunk_bytes: 1024 * 1024,
+            max_concurrent_snapshots: 2,
             tombstone_grace: Duration::from_secs(24 * 3600),
             anti_entropy_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
@@ -345,6 +351,7 @@ impl NodeConfig {
             ("max memory bytes", self.limits.max_total_bytes),
             ("max batch bytes", self.max_batch_bytes),
             ("snapshot chunk bytes", self.snapshot_chunk_bytes),
+            ("max concurrent snapshots", self.max_concurrent_snapshots),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));

@@ -63,6 +63,12 @@ pub struct Metrics {
     pub epochs_split: Counter,
     /// Namespaces (types) held.
     pub types: Gauge,
+    /// Snapshots being served to peers now.
+    pub snapshots_serving: Gauge,
+    /// The most snapshots served at once since start.
+    pub snapshots_serving_max: Gauge,
+    /// Snapshot requests refused because the bound was reached.
+    pub snapshots_refused: Counter,
     /// Entries from peers applied while the data directory could not be
     /// written (the snapshot that clears the failure writes them).
     pub data_dir_unlogged: Counter,
@@ -197,6 +203,24 @@ impl Metrics {
             "replication_pending_bytes",
             "Bytes of keys and values of this node's writes waiting for each peer",
             pending_bytes.clone(),
+        );
+        let snapshots_serving = Gauge::default();
+        registry.register(
+            "snapshots_serving",
+            "Snapshots being served to peers now (bootstrap or full resync)",
+            snapshots_serving.clone(),
+        );
+        let snapshots_serving_max = Gauge::default();
+        registry.register(
+            "snapshots_serving_max",
+            "The most snapshots served at once since start",
+            snapshots_serving_max.clone(),
+        );
+        let snapshots_refused = Counter::default();
+        registry.register(
+            "snapshots_refused",
+            "Snapshot requests refused because --max-concurrent-snapshots were being served",
+            snapshots_refused.clone(),
         );
         let types = Gauge::default();
         registry.register(
@@ -406,6 +430,9 @@ impl Metrics {
             pending_bytes,
             epochs_split,
             types,
+            snapshots_serving,
+            snapshots_serving_max,
+            snapshots_refused,
             data_dir_unlogged,
             data_dir_compactions,
             entries,

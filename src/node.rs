@@ -251,6 +251,9 @@ impl NodeBuilder {
             tls: tls.clone(),
             stop: stop_serving.clone(),
             tasks: serving.clone(),
+            snapshots: Arc::new(tokio::sync::Semaphore::new(
+                replica.config.max_concurrent_snapshots,
+            )),
         };
         serving.spawn(crate::rpc::serve(rpc, grpc_listener, health_service));
         if let Some(listener) = http_listener {

@@ -88,38 +88,18 @@ pub(crate) async fn run_bootstrap(
         })
         .collect();
     candidates.sort_by_key(Candidate::order);
-    for candidate in candidates {
-        let addr = candidate.peer.grpc_addr.clone();
-        let name = candidate
-            .info
-            .as_ref()
-            .map(|i| i.name.clone())
-            .or_else(|| candidate.peer.name.clone());
-        info!(peer = %addr, name = ?name, "bootstrapping from peer");
-        let result = match candidate.info {
-            Some(_) => pull_snapshot(replica, candidate.channel.clone(), &mut report).await,
-            None => Err(ReplicationError::Unimplemented {
-                call: Call::Snapshot,
-            }),
-        };
-        let result = match result {
-            Err(e) if e.is_unimplemented() => {
-                pull_get_all(replica, candidate.channel, &mut report).await
-            }
-            other => other,
-        };
-        match result {
-            Ok(method) => {
-                report.source = Some(addr);
-                report.source_name = name;
-                report.method = method;
-                break;
-            }
-            Err(error) => {
-                warn!(peer = %addr, %error, "bootstrap from this peer failed; trying the next oldest");
-                report.failed_attempts.push((addr, error.to_string()));
-            }
+    // Peers that turned the pull away (busy serving others) are asked
+    // again, after a pause, until one serves or none is busy any more: a
+    // node that starts with many others still gets the whole state.
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let busy = pull_from_first(replica, &mut candidates, &mut report).await;
+        if report.source.is_some() || !busy {
+            break;
         }
+        let jitter = Duration::from_millis(replica.identity.node_id % 50);
+        tokio::time::sleep(pause + jitter).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
     report.duration = started.elapsed();
     info!(
@@ -130,6 +110,56 @@ pub(crate) async fn run_bootstrap(
         "bootstrap done"
     );
     report
+}
+
+/// Tries the candidates in order until one serves the whole state. Keeps
+/// the ones that were busy (for a retry) and returns whether any was.
+async fn pull_from_first(
+    replica: &Replica,
+    candidates: &mut Vec<Candidate>,
+    report: &mut BootstrapReport,
+) -> bool {
+    let mut busy = Vec::new();
+    for candidate in std::mem::take(candidates) {
+        let addr = candidate.peer.grpc_addr.clone();
+        let name = candidate
+            .info
+            .as_ref()
+            .map(|i| i.name.clone())
+            .or_else(|| candidate.peer.name.clone());
+        info!(peer = %addr, name = ?name, "bootstrapping from peer");
+        let result = match candidate.info {
+            Some(_) => pull_snapshot(replica, candidate.channel.clone(), report).await,
+            None => Err(ReplicationError::Unimplemented {
+                call: Call::Snapshot,
+            }),
+        };
+        let result = match result {
+            Err(e) if e.is_unimplemented() => {
+                pull_get_all(replica, candidate.channel.clone(), report).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(method) => {
+                report.source = Some(addr);
+                report.source_name = name;
+                report.method = method;
+                return false;
+            }
+            Err(error) if error.is_busy() => {
+                info!(peer = %addr, "peer is busy serving snapshots; trying the next oldest");
+                busy.push(candidate);
+            }
+            Err(error) => {
+                warn!(peer = %addr, %error, "bootstrap from this peer failed; trying the next oldest");
+                report.failed_attempts.push((addr, error.to_string()));
+            }
+        }
+    }
+    let any_busy = !busy.is_empty();
+    *candidates = busy;
+    any_busy
 }
 
 async fn probe(

@@ -107,6 +107,18 @@ impl ReplicationError {
         }
     }
 
+    /// True when the peer turned the call away for now (it serves as many
+    /// snapshots as it takes): ask another, or the same one later.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            Self::Status {
+                code: tonic::Code::ResourceExhausted,
+                ..
+            }
+        )
+    }
+
     /// True when the peer does not serve the call at all: a reason to fall
     /// back to an older way, not to retry.
     pub fn is_unimplemented(&self) -> bool {

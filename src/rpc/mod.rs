@@ -60,6 +60,8 @@ pub(crate) struct RpcContext {
     pub(crate) stop: CancellationToken,
     /// Owns the tasks the services spawn (accepting, snapshot streams).
     pub(crate) tasks: tokio_util::task::TaskTracker,
+    /// One permit per snapshot being served (`--max-concurrent-snapshots`).
+    pub(crate) snapshots: Arc<tokio::sync::Semaphore>,
 }
 
 impl From<StoreError> for Status {
@@ -242,6 +244,21 @@ impl ReplicaService {
             ));
         }
         Ok(())
+    }
+}
+
+/// Sets the gauge of snapshots being served when one ends.
+struct ServingGauge {
+    metrics: Arc<crate::metrics::Metrics>,
+    snapshots: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl Drop for ServingGauge {
+    fn drop(&mut self) {
+        // The permit is dropped just after this: one fewer is serving.
+        let serving = self.limit - self.snapshots.available_permits() - 1;
+        self.metrics.snapshots_serving.set(serving as i64);
     }
 }
 
@@ -445,13 +462,42 @@ impl Replica for ReplicaService {
             0 => config.snapshot_chunk_bytes,
             asked => asked.clamp(64 * 1024, config.max_grpc_message_bytes / 2),
         };
+        // A node still getting its own state would hand out part of it.
+        if !self.ctx.replica.is_ready() {
+            return Err(Status::unavailable(
+                "this node is still getting its own state; pull from a ready peer",
+            ));
+        }
+        // A bounded number at once: when many nodes start together they do
+        // not all pull from the oldest; the others are sent elsewhere.
+        let metrics = self.ctx.replica.metrics.clone();
+        let Ok(permit) = self.ctx.snapshots.clone().try_acquire_owned() else {
+            metrics.snapshots_refused.inc();
+            return Err(Status::resource_exhausted(format!(
+                "this node is serving {} snapshots already; pull from another peer",
+                config.max_concurrent_snapshots
+            )));
+        };
+        let serving = config.max_concurrent_snapshots - self.ctx.snapshots.available_permits();
+        metrics.snapshots_serving.set(serving as i64);
+        metrics
+            .snapshots_serving_max
+            .set(metrics.snapshots_serving_max.get().max(serving as i64));
         let records = self.ctx.replica.store.snapshot();
         if let Some(sender) = &request.sender {
             tracing::info!(peer = %sender.name, entries = records.len(), "serving a snapshot");
         }
         let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(2);
         // Ends when the snapshot is sent or the caller goes away.
+        let snapshots = self.ctx.snapshots.clone();
+        let limit = config.max_concurrent_snapshots;
         self.ctx.tasks.spawn(async move {
+            let _permit = permit;
+            let _serving = ServingGauge {
+                metrics,
+                snapshots,
+                limit,
+            };
             let total = records.len() as u64;
             let mut chunk = SnapshotChunk {
                 entries: Vec::new(),
