@@ -79,7 +79,9 @@ pub struct NodeConfig {
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().rpc_timeout))]
     pub rpc_timeout: Duration,
-    /// How often an idle peer link checks that its peer is up.
+    /// How often an idle peer link checks that its peer is up, with up to
+    /// --anti-entropy-peers links; with more, each link checks less often,
+    /// so a node sends that many checks per interval in all.
     #[arg(long, env = "PODCACHE_HEARTBEAT_INTERVAL", help_heading = "Replication",
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().heartbeat_interval))]
@@ -106,8 +108,8 @@ pub struct NodeConfig {
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().tombstone_grace))]
     pub tombstone_grace: Duration,
-    /// How often a node compares its digest with every peer and repairs
-    /// what differs.
+    /// How often a node compares its digest with some peers and repairs
+    /// what differs (see --anti-entropy-peers).
     #[arg(long, env = "PODCACHE_ANTI_ENTROPY_INTERVAL", help_heading = "Replication",
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().anti_entropy_interval))]
@@ -119,6 +121,13 @@ pub struct NodeConfig {
           value_name = "DURATION", value_parser = parse_duration,
           default_value = format_duration(NodeConfig::defaults().shutdown_delay))]
     pub shutdown_delay: Duration,
+    /// Peers a node compares digests with per anti-entropy round, and the
+    /// number of idle links it checks per heartbeat interval: a node's idle
+    /// cost stays flat in the size of the cluster, and every peer is
+    /// covered within ceil((N-1) / this) rounds.
+    #[arg(long, env = "PODCACHE_ANTI_ENTROPY_PEERS", help_heading = "Replication",
+          default_value_t = NodeConfig::defaults().anti_entropy_peers)]
+    pub anti_entropy_peers: usize,
     /// How long shutdown may take to finish requests and send what is
     /// pending to peers (after the shutdown delay).
     #[arg(long, env = "PODCACHE_SHUTDOWN_GRACE", help_heading = "Network",
@@ -242,6 +251,7 @@ impl NodeConfig {
             max_concurrent_snapshots: 2,
             tombstone_grace: Duration::from_secs(24 * 3600),
             anti_entropy_interval: Duration::from_secs(10),
+            anti_entropy_peers: 3,
             shutdown_grace: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,
             data_dir: None,
@@ -352,6 +362,7 @@ impl NodeConfig {
             ("max batch bytes", self.max_batch_bytes),
             ("snapshot chunk bytes", self.snapshot_chunk_bytes),
             ("max concurrent snapshots", self.max_concurrent_snapshots),
+            ("anti-entropy peers", self.anti_entropy_peers),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));

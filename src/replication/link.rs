@@ -122,6 +122,11 @@ impl LinkMachine {
         }
     }
 
+    /// Sets the idle heartbeat (it stretches as the node has more links).
+    pub(crate) fn set_heartbeat(&mut self, heartbeat: Duration) {
+        self.settings.heartbeat = heartbeat;
+    }
+
     pub(crate) fn protocol(&self) -> Protocol {
         self.protocol
     }

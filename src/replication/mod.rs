@@ -92,9 +92,13 @@ pub(crate) fn peer_channel(
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(config.rpc_timeout.min(Duration::from_secs(2)))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+        // Liveness is the link's own heartbeat (bounded per node, see
+        // `LinkContext::heartbeat`) and TCP keep-alive; HTTP/2 pings only
+        // while calls are open, rarely, so idle cost does not grow with
+        // the number of peers.
+        .http2_keep_alive_interval(Duration::from_secs(60))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(false);
     Ok(match tls {
         None => endpoint.connect_lazy(),
         Some(tls) => {
@@ -122,6 +126,7 @@ impl Replicator {
                 replica,
                 repair_tx,
                 drain: CancellationToken::new(),
+                links: Default::default(),
             }),
             tracker: TaskTracker::new(),
             cancel,
@@ -207,6 +212,13 @@ impl Replicator {
                 },
             );
         }
+        self.count_links(&links);
+    }
+
+    fn count_links(&self, links: &BTreeMap<String, Link>) {
+        self.ctx
+            .links
+            .store(links.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every peer with its channel, for anti-entropy.

@@ -33,6 +33,20 @@ pub(crate) struct LinkContext {
     pub(crate) repair_tx: tokio::sync::mpsc::Sender<String>,
     /// Fires at shutdown: links send what is pending, then stop.
     pub(crate) drain: CancellationToken,
+    /// Links open now: an idle link's heartbeat stretches with it.
+    pub(crate) links: std::sync::atomic::AtomicUsize,
+}
+
+impl LinkContext {
+    /// The heartbeat of an idle link: the configured interval while the
+    /// node has at most `--anti-entropy-peers` links, longer beyond, so the
+    /// node checks that many peers per interval in all, not all of them.
+    pub(crate) fn heartbeat(&self) -> std::time::Duration {
+        let config = &self.replica.config;
+        let links = self.links.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let per_interval = config.anti_entropy_peers.max(1);
+        config.heartbeat_interval * links.div_ceil(per_interval) as u32
+    }
 }
 
 #[derive(Debug)]
@@ -282,6 +296,7 @@ pub(crate) async fn run(
     let peer = state.addr().to_owned();
     let peer_label = label("peer", peer.clone());
     loop {
+        machine.set_heartbeat(ctx.heartbeat());
         let changed = replica.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();

@@ -103,8 +103,10 @@ pub(crate) async fn serve(
     let router = Server::builder()
         .concurrency_limit_per_connection(per_connection)
         .max_concurrent_streams(Some(u32::try_from(per_connection).unwrap_or(u32::MAX)))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // Rare pings (every accepted socket has TCP keep-alive too): their
+        // cost per node grows with the number of peers connected.
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(

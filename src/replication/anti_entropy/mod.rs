@@ -2,9 +2,10 @@
 //! deliver (a peer released after being down past the retention, writes a
 //! crashed node made that reached only some, partitions healed).
 //!
-//! Every interval, and at once when a released peer answers again, a node
-//! compares its digest with every peer: one small message when the states
-//! are equal; otherwise, for the buckets that differ, both sides send their
+//! Every interval a node compares its digest with a bounded number of
+//! peers (`--anti-entropy-peers`, moving on through all of them round by
+//! round: `plan::partners`), and at once with a released peer that
+//! answers again: one small message when the states are equal; otherwise, for the buckets that differ, both sides send their
 //! entries and each merges what is newer (`plan` decides which buckets).
 //! A node that has not synced with anyone for longer than the tombstone
 //! grace first resyncs in full from a peer that was there all along,
@@ -62,6 +63,7 @@ pub(crate) async fn anti_entropy_loop(
     let offset =
         Duration::from_millis(replica.identity.node_id % (interval.as_millis() as u64).max(1));
     let mut next = tokio::time::Instant::now() + offset;
+    let mut rounds = 0u64;
     loop {
         let only = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -74,11 +76,29 @@ pub(crate) async fn anti_entropy_loop(
         if !replica.is_ready() {
             continue;
         }
-        let targets: Vec<Target> = replicator
+        let mut targets: Vec<Target> = replicator
             .targets()
             .into_iter()
             .filter(|t| only.as_ref().is_none_or(|addr| *addr == t.addr))
             .collect();
+        if only.is_none() && !replica.is_stale(unix_ms()) {
+            // A bounded number of partners per round (see `plan::partners`).
+            targets.sort_by(|a, b| a.addr.cmp(&b.addr));
+            let picked = plan::partners(
+                targets.len(),
+                replica.config.anti_entropy_peers,
+                replica.identity.node_id,
+                rounds,
+            );
+            rounds += 1;
+            let mut chosen = Vec::with_capacity(picked.len());
+            for (i, target) in targets.into_iter().enumerate() {
+                if picked.contains(&i) {
+                    chosen.push(target);
+                }
+            }
+            targets = chosen;
+        }
         if targets.is_empty() {
             if only.is_none() {
                 // No peer: this node is the whole cluster, trivially in sync.

@@ -29,6 +29,19 @@ pub(crate) const BUSY_ROUNDS_BEFORE_REPAIRING_ALL: u32 = 6;
 /// Buckets repaired in one request at most.
 pub(crate) const BUCKETS_PER_REPAIR: usize = 16;
 
+/// The peers a round compares digests with: `k` of the `n` peers (sorted),
+/// a window that moves on by `k` each round from an offset of this node's
+/// own, so the cost of a round does not grow with the cluster, and every
+/// peer is a partner at least once in every `ceil(n / k)` rounds in a row.
+/// Returns indexes into the sorted peers.
+pub(crate) fn partners(n: usize, k: usize, offset: u64, round: u64) -> Vec<usize> {
+    if n <= k {
+        return (0..n).collect();
+    }
+    let start = (offset.wrapping_add(round.wrapping_mul(k as u64)) % n as u64) as usize;
+    (0..k).map(|i| (start + i) % n).collect()
+}
+
 /// Two digests, this node's and the peer's, taken at the same moment.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Comparison<'a> {
@@ -144,6 +157,31 @@ mod tests {
     fn digests_of_different_sizes_repair_everything() {
         let p = plan(cmp(&[1], &[1, 2]), cmp(&[1], &[1, 2]), 0);
         assert_eq!(p.repair, vec![0, 1]);
+    }
+
+    #[test]
+    fn every_peer_is_a_partner_within_ceil_n_over_k_rounds() {
+        for n in [1usize, 2, 3, 4, 7, 12, 99] {
+            for k in [1usize, 2, 3, 5] {
+                let rounds = n.div_ceil(k) as u64;
+                for offset in [0u64, 7, 123_456_789] {
+                    for first in [0u64, 5, 1000] {
+                        let mut seen = vec![false; n];
+                        for round in first..first + rounds {
+                            let p = partners(n, k, offset, round);
+                            assert_eq!(p.len(), n.min(k));
+                            for i in p {
+                                seen[i] = true;
+                            }
+                        }
+                        assert!(
+                            seen.iter().all(|s| *s),
+                            "n={n} k={k} offset={offset} first={first}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
