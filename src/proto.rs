@@ -115,6 +115,37 @@ impl Default for ReplicateBatch {
     }
 }
 
+/// A message already encoded: sent as these bytes. Every link sending an
+/// epoch sends the same requests; they are encoded once
+/// ([`ReplicateBatch`] into bytes) and copied into each call's buffer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Preencoded(pub prost::bytes::Bytes);
+
+impl prost::Message for Preencoded {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Never decoded (the callee decodes the message it stands for).
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 mod replicate_batch {
     use prost::bytes::{Buf, BufMut};
     use prost::encoding::{
@@ -314,6 +345,9 @@ mod tests {
                 };
                 let bytes = ours.encode_to_vec();
                 assert_eq!(bytes, theirs.encode_to_vec());
+                let again = Preencoded(bytes.clone().into());
+                assert_eq!(again.encode_to_vec(), bytes);
+                assert_eq!(again.encoded_len(), bytes.len());
                 assert_eq!(bytes.len(), ours.encoded_len());
                 let decoded =
                     podcache::ReplicateRequest::decode(bytes.as_slice()).expect("decodes");

@@ -125,6 +125,37 @@ pub(crate) struct Taken {
     pub(crate) records: Arc<[Record]>,
     /// The seal: the highest local timestamp in the epoch.
     pub(crate) last_hlc: u64,
+    /// The epoch's requests as they go on the wire, shared by the links
+    /// that send it at the same time (see [`Encoded`]).
+    pub(crate) encoded: Arc<Encoded>,
+}
+
+/// An epoch's wire form, opaque here: the transport encodes it once and
+/// every link sending the epoch meanwhile sends the same bytes. Only a weak
+/// reference is kept: the bytes live while some link is sending them, so
+/// an epoch waiting for a slow peer is not held twice (as entries and as
+/// bytes); a link that takes it later encodes it again.
+#[derive(Debug, Default)]
+pub(crate) struct Encoded(std::sync::Mutex<std::sync::Weak<Vec<bytes::Bytes>>>);
+
+impl Encoded {
+    /// The requests, encoded by `encode` unless a link sending them still
+    /// holds them. Links asking meanwhile wait for the one encoding.
+    pub(crate) fn get_or_encode(
+        &self,
+        encode: impl FnOnce() -> Vec<bytes::Bytes>,
+    ) -> Arc<Vec<bytes::Bytes>> {
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(requests) = slot.upgrade() {
+            return requests;
+        }
+        let requests = Arc::new(encode());
+        *slot = Arc::downgrade(&requests);
+        requests
+    }
 }
 
 /// Entries and bytes waiting for one peer.
@@ -151,7 +182,14 @@ struct Epoch {
     /// set, `entries` is empty: the table is dropped when the epoch is
     /// frozen (a large backlog would otherwise be held twice), and built
     /// again only if the epoch is merged later.
-    frozen: Option<Arc<[Record]>>,
+    frozen: Option<Frozen>,
+}
+
+/// A sealed epoch as links send it.
+#[derive(Clone)]
+struct Frozen {
+    records: Arc<[Record]>,
+    encoded: Arc<Encoded>,
 }
 
 impl Epoch {
@@ -166,7 +204,7 @@ impl Epoch {
     }
 
     fn len(&self) -> usize {
-        self.frozen.as_ref().map_or(self.entries.len(), |f| f.len())
+        self.frozen.as_ref().map_or(self.entries.len(), |f| f.records.len())
     }
 
     fn is_empty(&self) -> bool {
@@ -177,7 +215,7 @@ impl Epoch {
     fn thaw(&mut self, hasher: &impl BuildHasher) {
         if let Some(frozen) = self.frozen.take() {
             self.bytes = 0;
-            for record in frozen.iter() {
+            for record in frozen.records.iter() {
                 self.put(hasher, record.ty, record.entry.clone(), true);
             }
         }
@@ -208,7 +246,7 @@ impl Epoch {
         }
     }
 
-    fn freeze(&mut self) -> Arc<[Record]> {
+    fn freeze(&mut self) -> Frozen {
         if let Some(frozen) = &self.frozen {
             return frozen.clone();
         }
@@ -219,7 +257,10 @@ impl Epoch {
         // Oldest write first: a peer that cannot hold an epoch back until
         // its end (a legacy or older peer) then sees writes in their order.
         records.sort_unstable_by_key(|r| r.entry.version());
-        let frozen: Arc<[Record]> = records.into();
+        let frozen = Frozen {
+            records: records.into(),
+            encoded: Arc::default(),
+        };
         self.frozen = Some(frozen.clone());
         frozen
     }
@@ -408,10 +449,12 @@ impl ChangeLog {
         }
         let index = self.index_of(next)?;
         let epoch = &mut self.epochs[index];
+        let Frozen { records, encoded } = epoch.freeze();
         let taken = Taken {
             epoch: epoch.id,
-            records: epoch.freeze(),
+            records,
             last_hlc: epoch.last_hlc,
+            encoded,
         };
         if let Some(c) = self.cursors.get_mut(&cursor) {
             c.taken = true;
@@ -595,12 +638,33 @@ mod tests {
         let from_q = log.take(q).expect("q takes the same");
         assert_eq!(from_p.epoch, from_q.epoch);
         assert!(Arc::ptr_eq(&from_p.records, &from_q.records));
+        assert!(Arc::ptr_eq(&from_p.encoded, &from_q.encoded));
         let frontiers = log.frontiers();
         log.acked(p, from_p.epoch);
         assert_eq!(frontiers[0].1.borrow().acked_hlc, 5);
         assert_eq!(frontiers[1].1.borrow().acked_hlc, 0);
         log.acked(q, from_q.epoch);
         assert_eq!(frontiers[1].1.borrow().acked_hlc, 5);
+    }
+
+    #[test]
+    fn an_epoch_is_encoded_once_while_a_link_sends_it_and_not_kept_after() {
+        let encoded = Encoded::default();
+        let mut encodings = 0;
+        let mut encode = || {
+            encodings += 1;
+            vec![bytes::Bytes::from_static(b"request")]
+        };
+        let first = encoded.get_or_encode(&mut encode);
+        let second = encoded.get_or_encode(&mut encode);
+        assert!(Arc::ptr_eq(&first, &second));
+        drop((first, second));
+        // Nobody sends it any more: the bytes are gone, a later send
+        // encodes again.
+        let third = encoded.get_or_encode(&mut encode);
+        assert_eq!(&third[..], [bytes::Bytes::from_static(b"request")]);
+        drop(third);
+        assert_eq!(encodings, 2);
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! link's state machine decides), the change index.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -16,7 +19,7 @@ use tonic::transport::Channel;
 use super::batch;
 use super::error::{Call, ReplicationError, within};
 use super::link::Protocol;
-use crate::proto::ReplicateBatch;
+use crate::proto::{Preencoded, ReplicateBatch};
 use crate::proto::hellorpc::{SyncData, SyncRequest, sync_client::SyncClient};
 use crate::proto::podcache::{self as pb, HelloRequest, replica_client::ReplicaClient};
 use crate::replica::changes::Taken;
@@ -33,16 +36,17 @@ pub(crate) struct Sent {
 /// An open `ReplicateStream` call: requests go in through `batches`, and
 /// the peer answers each, in order, on `answers`.
 struct Session {
-    batches: mpsc::Sender<ReplicateBatch>,
+    batches: mpsc::Sender<Preencoded>,
     answers: tonic::Streaming<pb::ReplicateResponse>,
 }
 
 /// The clients of one link over its one channel.
 pub(crate) struct Transport {
     replica: ReplicaClient<Channel>,
-    /// `Replicate` and `ReplicateStream` called with [`ReplicateBatch`]
-    /// (the generated client would take `Entry` messages, copies of every
-    /// record).
+    /// `Replicate` and `ReplicateStream` called with requests encoded
+    /// once per epoch from the records ([`ReplicateBatch`]) and shared by
+    /// every link sending it (the generated client would take `Entry`
+    /// messages, copies of every record, encoded again for each peer).
     replicate: tonic::client::Grpc<Channel>,
     sync: SyncClient<Channel>,
     session: Option<Session>,
@@ -50,7 +54,7 @@ pub(crate) struct Transport {
     max_batch_bytes: usize,
 }
 
-fn codec() -> tonic_prost::ProstCodec<ReplicateBatch, pb::ReplicateResponse> {
+fn codec() -> tonic_prost::ProstCodec<Preencoded, pb::ReplicateResponse> {
     tonic_prost::ProstCodec::default()
 }
 
@@ -109,47 +113,46 @@ impl Transport {
         me: &pb::NodeInfo,
         epoch: &Taken,
     ) -> Result<Sent, ReplicationError> {
-        let ranges = batch::cut(&epoch.records, self.max_batch_bytes);
-        let last = ranges.len().saturating_sub(1);
-        let mut sent = Sent::default();
-        for (i, range) in ranges.into_iter().enumerate() {
-            let batch = ReplicateBatch {
-                sender: Some(me.clone()),
-                records: epoch.records.clone(),
-                range,
-                more: i < last,
-            };
-            match protocol {
-                Protocol::Stream => {
-                    let result = self.send_on_stream(batch).await;
-                    if result.is_err() {
-                        // The peer drops what it held of the epoch with the
-                        // call; the retry opens a new one and starts over.
-                        self.session = None;
-                    }
-                    result?;
-                }
-                Protocol::Unary => {
-                    let path = axum::http::uri::PathAndQuery::from_static(
-                        "/podcache.v1.Replica/Replicate",
-                    );
-                    let grpc = &mut self.replicate;
-                    within(Call::Replicate, self.timeout, async {
-                        ready(grpc).await?;
-                        grpc.unary(call(batch, "Replicate"), path, codec()).await
-                    })
-                    .await?;
-                }
-                Protocol::Legacy => sent.unexpressed += self.send_legacy(batch.entries()).await?,
+        if protocol == Protocol::Legacy {
+            let mut sent = Sent::default();
+            for range in batch::cut(&epoch.records, self.max_batch_bytes) {
+                sent.unexpressed += self.send_legacy(&epoch.records[range]).await?;
+                sent.requests += 1;
             }
-            sent.requests += 1;
+            return Ok(sent);
         }
-        Ok(sent)
+        let requests = encode(me, epoch, self.max_batch_bytes);
+        for request in requests.iter() {
+            let request = Preencoded(request.clone());
+            if protocol == Protocol::Stream {
+                let result = self.send_on_stream(request).await;
+                if result.is_err() {
+                    // The peer drops what it held of the epoch with the
+                    // call; the retry opens a new one and starts over.
+                    self.session = None;
+                }
+                result?;
+            } else {
+                // Unary (the legacy way went above).
+                let path =
+                    axum::http::uri::PathAndQuery::from_static("/podcache.v1.Replica/Replicate");
+                let grpc = &mut self.replicate;
+                within(Call::Replicate, self.timeout, async {
+                    ready(grpc).await?;
+                    grpc.unary(call(request, "Replicate"), path, codec()).await
+                })
+                .await?;
+            }
+        }
+        Ok(Sent {
+            requests: requests.len() as u64,
+            unexpressed: 0,
+        })
     }
 
     /// One request on the open stream (opening one first if none is open),
     /// and its answer.
-    async fn send_on_stream(&mut self, batch: ReplicateBatch) -> Result<(), ReplicationError> {
+    async fn send_on_stream(&mut self, batch: Preencoded) -> Result<(), ReplicationError> {
         let timeout = self.timeout;
         let session = match self.session.take() {
             Some(session) => session,
@@ -219,6 +222,29 @@ impl Transport {
         within(Call::Set, self.timeout, self.sync.set(request)).await?;
         Ok(tombstones)
     }
+}
+
+/// The epoch cut into `ReplicateRequest`s of at most `max_batch_bytes`,
+/// all but the last flagged `more`, encoded by the first link that sends it
+/// (every link of this node sends the same sender and cuts alike).
+fn encode(me: &pb::NodeInfo, epoch: &Taken, max_batch_bytes: usize) -> Arc<Vec<Bytes>> {
+    epoch.encoded.get_or_encode(|| {
+        let ranges = batch::cut(&epoch.records, max_batch_bytes);
+        let last = ranges.len().saturating_sub(1);
+        ranges
+            .into_iter()
+            .enumerate()
+            .map(|(i, range)| {
+                let request = ReplicateBatch {
+                    sender: Some(me.clone()),
+                    records: epoch.records.clone(),
+                    range,
+                    more: i < last,
+                };
+                Bytes::from(prost::Message::encode_to_vec(&request))
+            })
+            .collect()
+    })
 }
 
 async fn ready(grpc: &mut tonic::client::Grpc<Channel>) -> Result<(), tonic::Status> {
