@@ -191,7 +191,7 @@ impl Auth {
             "/healthz" | "/readyz" => Access::Open,
             // The page holds no data; it asks for a token when its data
             // requests are refused.
-            "/" => Access::Open,
+            "/" | "/openapi.json" => Access::Open,
             "/metrics" if self.public_metrics || self.public_dashboard => Access::Open,
             "/v1/cluster" if self.public_dashboard => Access::Open,
             _ if method == Method::GET || method == Method::HEAD => Access::Read,

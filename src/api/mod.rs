@@ -86,6 +86,7 @@ fn routes(api: Arc<Api>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { method_not_allowed() })
         .with_state(api)
@@ -704,6 +705,16 @@ async fn dashboard() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// The OpenAPI 3.1 document of this API (`tests/openapi.rs` checks it
+/// against real answers).
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
     )
         .into_response()
 }

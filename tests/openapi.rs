@@ -1,0 +1,1267 @@
+//! `src/api/openapi.json` against real answers: nodes are started (a
+//! plain pair, one with small limits, one with tokens), requests produce
+//! every status and body shape the document describes, each answer is
+//! recorded (method, path, headers, status, content type, body), and
+//! `tests/openapi/check.py` (jsonschema and openapi-spec-validator from
+//! the `.venv-interop` venv) validates the document itself, finds each
+//! answer's operation and response in it, checks the body against the
+//! schema, and checks that every operation, status and parameter of the
+//! document was exercised. A second run on a deliberately broken copy of
+//! the document must fail, so the check is known to be able to.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Cluster, wait_until};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+const WRITE: &str = "write-token-openapi-0123456789";
+const READ: &str = "read-token-openapi-0123456789";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python, with the checker's packages; a clear failure
+/// otherwise.
+fn venv_python() -> PathBuf {
+    let python = root().join(".venv-interop/bin/python");
+    assert!(
+        python.exists(),
+        "run scripts/test: it creates .venv-interop with jsonschema and openapi-spec-validator \
+         (from tests/interop/requirements.txt)"
+    );
+    let probe = Command::new(&python)
+        .args(["-c", "import jsonschema, openapi_spec_validator"])
+        .output()
+        .expect("python runs");
+    assert!(
+        probe.status.success(),
+        ".venv-interop lacks jsonschema or openapi-spec-validator: run \
+         `.venv-interop/bin/pip install -r tests/interop/requirements.txt`\n{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    python
+}
+
+/// One answer as the checker reads it.
+struct Answer {
+    status: StatusCode,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// An open watch stream, read as it arrives.
+struct Stream {
+    record: Value,
+    body: hyper::body::Incoming,
+    text: String,
+}
+
+impl Stream {
+    /// Reads until `done` holds for the complete events read so far.
+    async fn read_until(&mut self, what: &str, done: impl Fn(&[Event]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !(self.text.ends_with("\n\n") && done(&self.events())) {
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}; got {:?}", self.text))
+                .unwrap_or_else(|| panic!("the stream ended before {what}: {:?}", self.text))
+                .expect("stream frame");
+            if let Ok(data) = frame.into_data() {
+                self.text.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    }
+
+    /// The complete events read so far (keep-alive comments left out).
+    fn events(&self) -> Vec<Event> {
+        let mut frames: Vec<&str> = self.text.split("\n\n").collect();
+        frames.pop();
+        frames
+            .into_iter()
+            .filter_map(|frame| {
+                let field = |name: &str| {
+                    frame
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ").map(str::to_owned))
+                };
+                Some(Event {
+                    name: field("event")?,
+                    id: field("id"),
+                    data: serde_json::from_str(&field("data")?).unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One event of a watch stream.
+struct Event {
+    name: String,
+    id: Option<String>,
+    data: Value,
+}
+
+impl Event {
+    fn is(&self, name: &str) -> bool {
+        self.name == name
+    }
+
+    /// A change of `key` from `origin`, a delete or not.
+    fn is_change(&self, key: &str, origin: &str, deleted: bool) -> bool {
+        self.is("change")
+            && self.data["key"] == key
+            && self.data["origin"] == origin
+            && self.data["deleted"] == deleted
+    }
+}
+
+/// Sends requests and keeps every answer for the checker.
+struct Recorder {
+    http: Client<HttpConnector, Full<Bytes>>,
+    answers: Vec<Value>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            answers: Vec::new(),
+        }
+    }
+
+    async fn start(
+        &self,
+        node: &str,
+        method: &Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Bytes,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{node}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(body.clone())).expect("request");
+        tokio::time::timeout(Duration::from_secs(20), self.http.request(request))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no answer"))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        note: &str,
+        method: &Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        response: &hyper::http::response::Parts,
+        answer_body: &str,
+        stream: bool,
+    ) -> Value {
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        };
+        let mut response_headers = serde_json::Map::new();
+        for name in response.headers.keys() {
+            let values: Vec<&str> = response
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            response_headers.insert(name.as_str().to_owned(), json!(values.join(", ")));
+        }
+        json!({
+            "note": note,
+            "method": method.as_str(),
+            "path": path,
+            "request_headers": headers.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "request_content_type": header("content-type"),
+            "request_body": String::from_utf8_lossy(body),
+            "status": response.status.as_u16(),
+            "response_headers": response_headers,
+            "content_type": response.headers.get("content-type").and_then(|v| v.to_str().ok()),
+            "body": answer_body,
+            "stream": stream,
+        })
+    }
+
+    /// Any request; the answer is recorded and returned.
+    async fn send(
+        &mut self,
+        note: &str,
+        node: &str,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        let body = body.into();
+        let response = self.start(node, &method, path, headers, &body).await;
+        let (parts, incoming) = response.into_parts();
+        let bytes = tokio::time::timeout(Duration::from_secs(20), incoming.collect())
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: the body did not end"))
+            .expect("body")
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let record = self.record(note, &method, path, headers, &body, &parts, &text, false);
+        self.answers.push(record);
+        Answer {
+            status: parts.status,
+            body: text,
+        }
+    }
+
+    /// `send`, asserting the status.
+    #[allow(clippy::too_many_arguments)]
+    async fn expect(
+        &mut self,
+        status: u16,
+        note: &str,
+        node: &str,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Answer {
+        let answer = self
+            .send(note, node, method.clone(), path, headers, body)
+            .await;
+        assert_eq!(
+            answer.status.as_u16(),
+            status,
+            "{note}: {method} {path}: {}",
+            answer.body
+        );
+        answer
+    }
+
+    /// Opens a watch stream; record it with [`Recorder::finish`].
+    async fn open(
+        &mut self,
+        note: &str,
+        node: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Stream {
+        let response = self
+            .start(node, &Method::GET, path, headers, &Bytes::new())
+            .await;
+        let (parts, body) = response.into_parts();
+        assert_eq!(parts.status, StatusCode::OK, "{note}: GET {path}");
+        let record = self.record(note, &Method::GET, path, headers, b"", &parts, "", true);
+        Stream {
+            record,
+            body,
+            text: String::new(),
+        }
+    }
+
+    fn finish(&mut self, stream: Stream) {
+        let mut record = stream.record;
+        record["body"] = json!(stream.text);
+        self.answers.push(record);
+    }
+}
+
+/// Runs the checker on `doc`; its success and its report.
+fn check(python: &Path, doc: &Path, answers: &Path) -> (bool, String) {
+    let out = Command::new(python)
+        .arg(root().join("tests/openapi/check.py"))
+        .arg(doc)
+        .arg(answers)
+        .output()
+        .expect("check.py runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn scratch_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "podcache-openapi-{what}-{}-{}",
+        std::process::id(),
+        common::next_block()
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Everything the plain pair of nodes answers: entries, namespaces,
+/// batches, watch streams, export and import, cluster, probes, metrics,
+/// the dashboard and the document, and the errors of bad input.
+async fn plain_pair(rec: &mut Recorder) {
+    let cluster = Cluster::start(2).await;
+    let n0 = &cluster.slots[0].http.to_string();
+    let n1 = &cluster.slots[1].http.to_string();
+    use Method as M;
+    let text = [("content-type", "text/plain; charset=utf-8")];
+
+    // Single entries.
+    rec.expect(200, "set", n0, M::PUT, "/v1/cache/1/a", &[], "va")
+        .await;
+    let ttl = rec
+        .expect(
+            200,
+            "set with ttl",
+            n0,
+            M::PUT,
+            "/v1/cache/1/b?ttl=60",
+            &text,
+            "vb",
+        )
+        .await;
+    assert!(ttl.json()["expires_at_ms"].is_u64(), "{}", ttl.body);
+    let waited = rec
+        .expect(
+            200,
+            "set, wait=all",
+            n0,
+            M::PUT,
+            "/v1/cache/1/c?wait=all",
+            &[],
+            "vc",
+        )
+        .await;
+    assert_eq!(waited.json()["replication"][0]["status"], "acked");
+    rec.expect(
+        200,
+        "set, wait=none",
+        n0,
+        M::PUT,
+        "/v1/cache/1/d?wait=none",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        200,
+        "a key with a slash",
+        n0,
+        M::PUT,
+        "/v1/cache/-7/dir%2Fx%20y",
+        &[],
+        "ü",
+    )
+    .await;
+    rec.expect(200, "get", n0, M::GET, "/v1/cache/1/a", &[], "")
+        .await;
+    rec.expect(200, "get with ttl", n0, M::GET, "/v1/cache/1/b", &[], "")
+        .await;
+    rec.expect(
+        200,
+        "get, encoded key",
+        n0,
+        M::GET,
+        "/v1/cache/-7/dir%2Fx%20y",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(200, "head", n0, M::HEAD, "/v1/cache/1/a", &[], "")
+        .await;
+    rec.expect(
+        404,
+        "head, absent",
+        n0,
+        M::HEAD,
+        "/v1/cache/1/absent",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(400, "head, bad type", n0, M::HEAD, "/v1/cache/x/a", &[], "")
+        .await;
+    rec.expect(
+        404,
+        "get, absent",
+        n0,
+        M::GET,
+        "/v1/cache/1/absent",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(400, "get, bad type", n0, M::GET, "/v1/cache/x/a", &[], "")
+        .await;
+    rec.expect(
+        400,
+        "get, type past int32",
+        n0,
+        M::GET,
+        "/v1/cache/2147483648/a",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(400, "get, empty key", n0, M::GET, "/v1/cache/1/", &[], "")
+        .await;
+    rec.expect(
+        400,
+        "get, key not UTF-8",
+        n0,
+        M::GET,
+        "/v1/cache/1/%FF%FE",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "put, bad wait",
+        n0,
+        M::PUT,
+        "/v1/cache/1/k?wait=sometimes",
+        &[],
+        "v",
+    )
+    .await;
+    rec.expect(
+        400,
+        "put, ttl not a number",
+        n0,
+        M::PUT,
+        "/v1/cache/1/k?ttl=soon",
+        &[],
+        "v",
+    )
+    .await;
+    let bad_ttl = rec
+        .expect(
+            400,
+            "put, ttl 0",
+            n0,
+            M::PUT,
+            "/v1/cache/1/k?ttl=0",
+            &[],
+            "v",
+        )
+        .await;
+    assert_eq!(bad_ttl.json()["error"], "invalid_ttl");
+    rec.expect(
+        400,
+        "put, value not UTF-8",
+        n0,
+        M::PUT,
+        "/v1/cache/1/k",
+        &[],
+        &b"\xff\xfe"[..],
+    )
+    .await;
+    let long_key = format!("/v1/cache/1/{}", "k".repeat(1025));
+    rec.expect(400, "put, key too long", n0, M::PUT, &long_key, &[], "v")
+        .await;
+    rec.expect(
+        400,
+        "put, bad type",
+        n0,
+        M::PUT,
+        "/v1/cache/1.5/k",
+        &[],
+        "v",
+    )
+    .await;
+    rec.expect(200, "delete", n0, M::DELETE, "/v1/cache/1/d", &[], "")
+        .await;
+    rec.expect(
+        404,
+        "delete, absent",
+        n0,
+        M::DELETE,
+        "/v1/cache/1/d?wait=all",
+        &[],
+        "",
+    )
+    .await;
+    let deleted = rec
+        .expect(
+            200,
+            "delete, wait=all",
+            n0,
+            M::DELETE,
+            "/v1/cache/1/c?wait=all",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(deleted.json()["deleted"], true);
+    rec.expect(
+        400,
+        "delete with ttl",
+        n0,
+        M::DELETE,
+        "/v1/cache/1/a?ttl=5",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "delete, bad type",
+        n0,
+        M::DELETE,
+        "/v1/cache/x/a",
+        &[],
+        "",
+    )
+    .await;
+
+    // Namespaces and batches.
+    let json_type = [("content-type", "application/json")];
+    rec.expect(200, "namespace", n0, M::GET, "/v1/cache/1", &[], "")
+        .await;
+    rec.expect(
+        200,
+        "namespace never written",
+        n0,
+        M::GET,
+        "/v1/cache/99",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "namespace, bad type",
+        n0,
+        M::GET,
+        "/v1/cache/x",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "namespace, type not UTF-8",
+        n0,
+        M::GET,
+        "/v1/cache/%FF",
+        &[],
+        "",
+    )
+    .await;
+    let batch = rec
+        .expect(
+            200,
+            "batch",
+            n0,
+            M::POST,
+            "/v1/cache/2",
+            &json_type,
+            r#"{"x":"1","y":"2"}"#,
+        )
+        .await;
+    assert_eq!(batch.json()["count"], 2);
+    rec.expect(
+        200,
+        "batch, wait=all, ttl",
+        n0,
+        M::POST,
+        "/v1/cache/2?wait=all&ttl=30",
+        &json_type,
+        r#"{"z":"3"}"#,
+    )
+    .await;
+    rec.expect(
+        400,
+        "batch, not JSON",
+        n0,
+        M::POST,
+        "/v1/cache/2",
+        &json_type,
+        "{",
+    )
+    .await;
+    rec.expect(
+        400,
+        "batch, a number",
+        n0,
+        M::POST,
+        "/v1/cache/2",
+        &json_type,
+        r#"{"n":5}"#,
+    )
+    .await;
+    rec.expect(
+        400,
+        "batch, empty",
+        n0,
+        M::POST,
+        "/v1/cache/2",
+        &json_type,
+        "{}",
+    )
+    .await;
+    rec.expect(
+        400,
+        "batch, bad type",
+        n0,
+        M::POST,
+        "/v1/cache/two",
+        &json_type,
+        r#"{"a":"b"}"#,
+    )
+    .await;
+    rec.expect(
+        400,
+        "batch, bad wait",
+        n0,
+        M::POST,
+        "/v1/cache/2?wait=1",
+        &json_type,
+        r#"{"a":"b"}"#,
+    )
+    .await;
+    rec.expect(
+        400,
+        "batch, bad ttl",
+        n0,
+        M::POST,
+        "/v1/cache/2?ttl=0",
+        &json_type,
+        r#"{"a":"b"}"#,
+    )
+    .await;
+
+    // Watch streams: a snapshot, then live changes from both nodes.
+    let mut watch = rec
+        .open("watch with snapshot", n0, "/v1/watch/1?snapshot=true", &[])
+        .await;
+    watch
+        .read_until("the live event", |e| e.iter().any(|e| e.is("live")))
+        .await;
+    rec.expect(
+        200,
+        "a peer's write",
+        n1,
+        M::PUT,
+        "/v1/cache/1/w?wait=all",
+        &[],
+        "from n1",
+    )
+    .await;
+    rec.expect(
+        200,
+        "a delete, watched",
+        n0,
+        M::DELETE,
+        "/v1/cache/1/a",
+        &[],
+        "",
+    )
+    .await;
+    watch
+        .read_until("a peer's change and a delete", |e| {
+            e.iter().any(|e| e.is_change("w", "peer", false))
+                && e.iter().any(|e| e.is_change("a", "local", true))
+        })
+        .await;
+    let peer_id = watch
+        .events()
+        .into_iter()
+        .find(|e| e.is_change("w", "peer", false))
+        .and_then(|e| e.id)
+        .expect("a live change has an id");
+    rec.finish(watch);
+    let mut reset = rec
+        .open(
+            "resume with another node's id",
+            n0,
+            "/v1/watch/1",
+            &[("last-event-id", "0000000000000001-1")],
+        )
+        .await;
+    reset
+        .read_until("reset, snapshot, live", |e| {
+            e.iter().any(|e| e.is("reset")) && e.iter().any(|e| e.is("live"))
+        })
+        .await;
+    rec.finish(reset);
+    let mut resumed = rec
+        .open(
+            "resume by query",
+            n0,
+            &format!("/v1/watch/1?last_event_id={peer_id}"),
+            &[],
+        )
+        .await;
+    resumed
+        .read_until("the replayed delete", |e| {
+            e.iter()
+                .any(|e| e.is_change("a", "local", true) && e.id.is_some())
+        })
+        .await;
+    rec.finish(resumed);
+    let mut one_key = rec
+        .open("one key", n0, "/v1/watch/1?key=w&snapshot=false", &[])
+        .await;
+    rec.expect(
+        200,
+        "a write, watched by key",
+        n0,
+        M::PUT,
+        "/v1/cache/1/w?ttl=600",
+        &[],
+        "again",
+    )
+    .await;
+    one_key
+        .read_until("the change of w", |e| {
+            e.iter()
+                .any(|e| e.is("change") && e.data["value"] == "again")
+        })
+        .await;
+    rec.finish(one_key);
+    rec.expect(400, "watch, bad type", n0, M::GET, "/v1/watch/x", &[], "")
+        .await;
+    rec.expect(
+        400,
+        "watch, bad snapshot",
+        n0,
+        M::GET,
+        "/v1/watch/1?snapshot=maybe",
+        &[],
+        "",
+    )
+    .await;
+
+    // Export and import.
+    let export = rec
+        .expect(200, "export", n0, M::GET, "/v1/export", &[], "")
+        .await;
+    rec.expect(
+        200,
+        "export one type",
+        n0,
+        M::GET,
+        "/v1/export?type=1",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "export, bad type",
+        n0,
+        M::GET,
+        "/v1/export?type=one",
+        &[],
+        "",
+    )
+    .await;
+    let ndjson = [("content-type", "application/x-ndjson")];
+    rec.expect(
+        200,
+        "import an export",
+        n1,
+        M::POST,
+        "/v1/import",
+        &ndjson,
+        export.body.clone(),
+    )
+    .await;
+    let line = r#"{"type":5,"key":"imported","value":"yes","hlc":1,"node":"00000000000000ff"}"#;
+    let fresh = rec
+        .expect(
+            200,
+            "import a new entry",
+            n1,
+            M::POST,
+            "/v1/import",
+            &ndjson,
+            format!("{line}\n\n"),
+        )
+        .await;
+    assert_eq!(fresh.json()["applied"], 1, "{}", fresh.body);
+    rec.expect(
+        400,
+        "import, bad line",
+        n1,
+        M::POST,
+        "/v1/import",
+        &ndjson,
+        "{\"type\":1}\n",
+    )
+    .await;
+    rec.expect(
+        400,
+        "import, other format",
+        n1,
+        M::POST,
+        "/v1/import",
+        &ndjson,
+        r#"{"format":"x","version":1}"#,
+    )
+    .await;
+    rec.expect(
+        400,
+        "import, not UTF-8",
+        n1,
+        M::POST,
+        "/v1/import",
+        &ndjson,
+        &b"\xff\n"[..],
+    )
+    .await;
+
+    // Operations.
+    for node in [n0, n1] {
+        rec.expect(200, "cluster", node, M::GET, "/v1/cluster", &[], "")
+            .await;
+    }
+    rec.expect(200, "alive", n0, M::GET, "/healthz", &[], "")
+        .await;
+    rec.expect(
+        200,
+        "HEAD of a GET endpoint",
+        n0,
+        M::HEAD,
+        "/healthz",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(200, "ready", n0, M::GET, "/readyz", &[], "")
+        .await;
+    rec.expect(200, "metrics", n0, M::GET, "/metrics", &[], "")
+        .await;
+    rec.expect(200, "dashboard", n0, M::GET, "/", &[], "").await;
+    let served = rec
+        .expect(200, "this document", n0, M::GET, "/openapi.json", &[], "")
+        .await;
+    let committed = std::fs::read_to_string(root().join("src/api/openapi.json"))
+        .expect("the committed document");
+    assert!(
+        served.body == committed,
+        "GET /openapi.json must serve exactly src/api/openapi.json"
+    );
+
+    // Unknown paths and methods.
+    rec.expect(404, "unknown path", n0, M::GET, "/v2/cache/1/a", &[], "")
+        .await;
+    rec.expect(
+        404,
+        "unknown path under /v1",
+        n0,
+        M::GET,
+        "/v1/cache",
+        &[],
+        "",
+    )
+    .await;
+    for (method, path) in [
+        (M::POST, "/v1/cache/1/a"),
+        (M::PATCH, "/v1/cache/1/a"),
+        (M::PUT, "/v1/cache/1"),
+        (M::DELETE, "/v1/watch/1"),
+        (M::POST, "/v1/export"),
+        (M::GET, "/v1/import"),
+        (M::POST, "/healthz"),
+        (M::PUT, "/openapi.json"),
+        (M::DELETE, "/"),
+    ] {
+        rec.expect(405, "method not allowed", n0, method, path, &[], "")
+            .await;
+    }
+    cluster.shutdown().await;
+}
+
+/// A node with small limits: 413, 507, 503 (requests and watch streams
+/// over their limits, and not ready while shutting down), and a data
+/// directory in `/v1/cluster`.
+async fn small_node(rec: &mut Recorder) {
+    let dir = scratch_dir("data");
+    let data = dir.clone();
+    let mut cluster = Cluster::start_with(1, move |c| {
+        c.limits.max_entries_per_type = 2;
+        c.limits.max_types = 2;
+        c.limits.max_value_bytes = 64;
+        c.limits.max_batch_entries = 3;
+        c.max_body_bytes = 1024;
+        c.max_concurrent_requests = 1;
+        c.max_watch_streams = 1;
+        c.data_dir = Some(data.clone());
+        c.shutdown_delay = Duration::from_secs(3);
+    })
+    .await;
+    let n = &cluster.slots[0].http.to_string();
+    use Method as M;
+    let big = "v".repeat(2000);
+    rec.expect(
+        413,
+        "value too large",
+        n,
+        M::PUT,
+        "/v1/cache/1/k",
+        &[],
+        "v".repeat(65),
+    )
+    .await;
+    rec.expect(
+        413,
+        "body too large",
+        n,
+        M::PUT,
+        "/v1/cache/1/k",
+        &[],
+        big.clone(),
+    )
+    .await;
+    rec.expect(
+        413,
+        "batch too large",
+        n,
+        M::POST,
+        "/v1/cache/1",
+        &[],
+        r#"{"a":"1","b":"2","c":"3","d":"4"}"#,
+    )
+    .await;
+    rec.expect(
+        413,
+        "batch body too large",
+        n,
+        M::POST,
+        "/v1/cache/1",
+        &[],
+        format!(r#"{{"a":"{big}"}}"#),
+    )
+    .await;
+    rec.expect(
+        413,
+        "import too large",
+        n,
+        M::POST,
+        "/v1/import",
+        &[],
+        big.clone(),
+    )
+    .await;
+    rec.expect(
+        200,
+        "fill type 1",
+        n,
+        M::POST,
+        "/v1/cache/1",
+        &[("content-type", "application/json")],
+        r#"{"k1":"1","k2":"2"}"#,
+    )
+    .await;
+    let full = rec
+        .expect(
+            507,
+            "entries per type",
+            n,
+            M::PUT,
+            "/v1/cache/1/k3",
+            &[],
+            "3",
+        )
+        .await;
+    assert_eq!(full.json()["error"], "capacity_exhausted");
+    rec.expect(
+        507,
+        "entries per type, batch",
+        n,
+        M::POST,
+        "/v1/cache/1",
+        &[],
+        r#"{"k4":"4"}"#,
+    )
+    .await;
+    rec.expect(200, "a second type", n, M::PUT, "/v1/cache/2/k", &[], "v")
+        .await;
+    let types = rec
+        .expect(507, "max types", n, M::PUT, "/v1/cache/3/k", &[], "v")
+        .await;
+    assert!(types.body.contains("--max-types"), "{}", types.body);
+    let view = rec
+        .expect(
+            200,
+            "cluster with a data directory",
+            n,
+            M::GET,
+            "/v1/cluster",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(view.json()["data_dir"]["fsync"], "interval");
+
+    // The one watch stream allowed, then one too many.
+    let held = rec
+        .open("the only watch stream", n, "/v1/watch/1", &[])
+        .await;
+    rec.expect(
+        503,
+        "watch streams over the limit",
+        n,
+        M::GET,
+        "/v1/watch/1",
+        &[],
+        "",
+    )
+    .await;
+
+    // A request that never finishes its body holds the one request slot:
+    // everything but the probes is turned away.
+    let mut stalled = tokio::net::TcpStream::connect(cluster.slots[0].http)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(
+            b"PUT /v1/cache/1/k1 HTTP/1.1\r\nHost: podcache\r\nContent-Length: 100\r\n\r\nab",
+        )
+        .await
+        .expect("send");
+    let probe = Recorder::new();
+    wait_until(
+        "the stalled request holds the slot",
+        Duration::from_secs(10),
+        || {
+            let probe = &probe;
+            async move {
+                let response = probe
+                    .start(n, &M::GET, "/v1/cache/1", &[], &Bytes::new())
+                    .await;
+                response.status() == StatusCode::SERVICE_UNAVAILABLE
+            }
+        },
+    )
+    .await;
+    for (method, path, body) in [
+        (M::GET, "/v1/cache/1/k1", ""),
+        (M::HEAD, "/v1/cache/1/k1", ""),
+        (M::PUT, "/v1/cache/1/k1", "v"),
+        (M::DELETE, "/v1/cache/1/k1", ""),
+        (M::GET, "/v1/cache/1", ""),
+        (M::POST, "/v1/cache/1", r#"{"k1":"v"}"#),
+        (M::GET, "/v1/watch/1", ""),
+        (M::GET, "/v1/export", ""),
+        (M::POST, "/v1/import", ""),
+        (M::GET, "/v1/cluster", ""),
+        (M::GET, "/metrics", ""),
+        (M::GET, "/", ""),
+        (M::GET, "/openapi.json", ""),
+    ] {
+        rec.expect(503, "requests over the limit", n, method, path, &[], body)
+            .await;
+    }
+    rec.expect(200, "probes pass", n, M::GET, "/healthz", &[], "")
+        .await;
+    rec.expect(200, "probes pass", n, M::GET, "/readyz", &[], "")
+        .await;
+    drop(stalled);
+    rec.finish(held);
+    wait_until("the slot is free again", Duration::from_secs(10), || {
+        let probe = &probe;
+        async move {
+            let response = probe
+                .start(n, &M::GET, "/v1/cache/1", &[], &Bytes::new())
+                .await;
+            response.status() == StatusCode::OK
+        }
+    })
+    .await;
+
+    // Shutting down: not ready, still serving for the shutdown delay.
+    let node = cluster.slots[0].node.take().expect("running");
+    let stopping = tokio::spawn(node.shutdown());
+    wait_until("not ready", Duration::from_secs(5), || {
+        let probe = &probe;
+        async move {
+            let response = probe.start(n, &M::GET, "/readyz", &[], &Bytes::new()).await;
+            response.status() == StatusCode::SERVICE_UNAVAILABLE
+        }
+    })
+    .await;
+    let not_ready = rec
+        .expect(503, "shutting down", n, M::GET, "/readyz", &[], "")
+        .await;
+    assert_eq!(not_ready.json()["error"], "not_ready");
+    stopping.await.expect("shutdown");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A node with tokens and private metrics: 401 without a valid token,
+/// 403 for a read token that writes, the open endpoints open.
+async fn token_node(rec: &mut Recorder) {
+    let dir = scratch_dir("tokens");
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("write:{WRITE}\nread:{READ}\n")).expect("token file");
+    let path = file.clone();
+    let cluster = Cluster::start_with(1, move |c| {
+        c.auth_token_file = Some(path.clone());
+        c.public_metrics = false;
+    })
+    .await;
+    let n = &cluster.slots[0].http.to_string();
+    use Method as M;
+    let read_auth = format!("Bearer {READ}");
+    let write_auth = format!("Bearer {WRITE}");
+    let reader = [("authorization", read_auth.as_str())];
+    let writer = [("authorization", write_auth.as_str())];
+    let wrong = [("authorization", "Bearer not-a-token-of-this-node")];
+    rec.expect(
+        200,
+        "a write token writes",
+        n,
+        M::PUT,
+        "/v1/cache/1/k",
+        &writer,
+        "v",
+    )
+    .await;
+    rec.expect(
+        200,
+        "a read token reads",
+        n,
+        M::GET,
+        "/v1/cache/1/k",
+        &reader,
+        "",
+    )
+    .await;
+    rec.expect(401, "a wrong token", n, M::GET, "/v1/cache/1/k", &wrong, "")
+        .await;
+    let guarded = [
+        (M::GET, "/v1/cache/1/k", ""),
+        (M::HEAD, "/v1/cache/1/k", ""),
+        (M::PUT, "/v1/cache/1/k", "v"),
+        (M::DELETE, "/v1/cache/1/k", ""),
+        (M::GET, "/v1/cache/1", ""),
+        (M::POST, "/v1/cache/1", r#"{"k":"v"}"#),
+        (M::GET, "/v1/watch/1", ""),
+        (M::GET, "/v1/export", ""),
+        (M::POST, "/v1/import", ""),
+        (M::GET, "/v1/cluster", ""),
+        (M::GET, "/metrics", ""),
+    ];
+    for (method, path, body) in guarded {
+        let writes = !matches!(method, M::GET | M::HEAD);
+        rec.expect(401, "no token", n, method.clone(), path, &[], body)
+            .await;
+        if writes {
+            rec.expect(403, "a read token writes", n, method, path, &reader, body)
+                .await;
+        }
+    }
+    for path in ["/healthz", "/readyz", "/", "/openapi.json"] {
+        rec.expect(200, "open without a token", n, M::GET, path, &[], "")
+            .await;
+    }
+    rec.expect(
+        405,
+        "an open path, another method",
+        n,
+        M::POST,
+        "/openapi.json",
+        &[],
+        "",
+    )
+    .await;
+    cluster.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A copy of the document broken in four ways the check must report:
+/// a schema that no longer fits the answers, an operation removed (its
+/// answers now look undocumented), one added that the code does not
+/// have, and a parameter the requests send left out.
+fn broken(doc: &Value) -> Value {
+    let mut doc = doc.clone();
+    doc["components"]["schemas"]["Version"] = json!({"type": "integer"});
+    doc["paths"]
+        .as_object_mut()
+        .expect("paths")
+        .remove("/v1/export");
+    doc["paths"]["/v1/cluster"]["delete"] = json!({
+        "operationId": "deleteCluster",
+        "security": [],
+        "responses": {"200": {"description": "never"}},
+    });
+    let watch = doc["paths"]["/v1/watch/{type}"]["get"]["parameters"]
+        .as_array_mut()
+        .expect("watch parameters");
+    watch.retain(|p| p["name"] != "key");
+    doc
+}
+
+#[tokio::test]
+async fn the_openapi_document_matches_every_answer_and_every_answer_is_in_it() {
+    let python = venv_python();
+    let mut rec = Recorder::new();
+    plain_pair(&mut rec).await;
+    small_node(&mut rec).await;
+    token_node(&mut rec).await;
+
+    let dir = scratch_dir("check");
+    let answers = dir.join("answers.json");
+    std::fs::write(
+        &answers,
+        serde_json::to_vec_pretty(&rec.answers).expect("json"),
+    )
+    .expect("write answers");
+    let doc_path = root().join("src/api/openapi.json");
+    let (ok, report) = check(&python, &doc_path, &answers);
+    println!("{report}");
+    assert!(
+        ok,
+        "src/api/openapi.json disagrees with the answers (kept in {}):\n{report}",
+        answers.display()
+    );
+
+    // The check can fail: a broken copy is refused, naming each break.
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&doc_path).expect("doc")).expect("JSON");
+    let broken_path = dir.join("broken.json");
+    std::fs::write(
+        &broken_path,
+        serde_json::to_vec_pretty(&broken(&doc)).expect("json"),
+    )
+    .expect("write");
+    let (ok, report) = check(&python, &broken_path, &answers);
+    assert!(!ok, "a broken document passed:\n{report}");
+    for expected in [
+        "is not of type 'integer'",
+        "UnknownPath (no such path in the document) answers 404",
+        "DELETE /v1/cluster is documented but was never exercised",
+        "the request's query parameter 'key' is not declared for GET /v1/watch/{type}",
+    ] {
+        assert!(
+            report.contains(expected),
+            "the broken document's report lacks {expected:?}:\n{report}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
