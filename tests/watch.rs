@@ -133,6 +133,10 @@ async fn last_event_id_resumes_right_after_the_last_event_seen() {
     let rest = resumed.next_n(5).await;
     assert_eq!(values(&rest), ["3", "4", "5", "6", "7"], "{rest:?}");
     assert!(rest.iter().all(|e| e.kind == "change"));
+    // Then the marker that the replay is complete.
+    let live = resumed.next(Duration::from_secs(10)).await;
+    assert_eq!(live.kind, "live");
+    assert_eq!(live.id, rest[4].id);
     // The query form works too, for clients that cannot set headers.
     let mut again = open(
         &raw,
@@ -142,6 +146,7 @@ async fn last_event_id_resumes_right_after_the_last_event_seen() {
     )
     .await;
     assert_eq!(values(&again.next_n(1).await), ["7"]);
+    assert_eq!(again.next(Duration::from_secs(10)).await.kind, "live");
     cluster.shutdown().await;
 }
 

@@ -467,13 +467,17 @@ fn snapshot_events(api: &Api, ty: i32, key: Option<&str>, upto: u64) -> Vec<Even
         .into_iter()
         .map(|entry| change_event(&Record { ty, entry }, "snapshot", None))
         .collect();
-    events.push(
-        Event::default()
-            .event("live")
-            .id(api.replica.events.id(upto))
-            .data(json!({ "type": ty, "entries": events.len() }).to_string()),
-    );
+    events.push(live_event(api, ty, events.len(), upto));
     events
+}
+
+/// The marker that what came before (a snapshot, or a replay) is complete
+/// and live changes follow; its id is the stream's position.
+fn live_event(api: &Api, ty: i32, entries: usize, upto: u64) -> Event {
+    Event::default()
+        .event("live")
+        .id(api.replica.events.id(upto))
+        .data(json!({ "type": ty, "entries": entries }).to_string())
 }
 
 fn reset_events(api: &Api, ty: i32, key: Option<&str>, reason: &str, upto: u64) -> Vec<Event> {
@@ -517,6 +521,14 @@ async fn watch(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(params.last_event_id);
+    if (snapshot || last_id.is_some()) && !api.replica.is_ready() {
+        // Its state is still arriving: a snapshot now would be part of it.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the node is still pulling its state; watch with a snapshot once /readyz answers 200",
+        ));
+    }
     let Ok(permit) = api.watch_permits.clone().try_acquire_owned() else {
         api.replica
             .metrics
@@ -538,13 +550,15 @@ async fn watch(
     let (first, from) = match last_id {
         Some(id) => match events_log.resume(&id) {
             crate::replica::events::Resume::From { events, upto } => {
-                let replayed = events
+                let mut replayed: Vec<Event> = events
                     .iter()
                     .filter(|e| {
                         e.record.ty == ty && key.as_deref().is_none_or(|k| k == e.record.key())
                     })
                     .map(|e| change_event(&e.record, e.origin.as_str(), Some(events_log.id(e.seq))))
                     .collect();
+                // Caught up: what follows is live.
+                replayed.push(live_event(&api, ty, replayed.len(), upto));
                 (replayed, upto)
             }
             crate::replica::events::Resume::Reset(reason) => {
