@@ -184,10 +184,15 @@ async fn an_unknown_or_too_old_id_gets_a_reset_then_the_whole_state_then_live_ch
             .filter_map(|e| e.data["key"].as_str())
             .collect();
         assert_eq!(keys, expected);
+        // Every event has an id; a snapshot's resume with a reset.
         assert!(
-            state.iter().all(|e| e.id.is_none()),
-            "snapshot entries carry no id"
+            std::iter::once(&reset)
+                .chain(&state)
+                .all(|e| e.id.as_deref().is_some_and(|id| id.ends_with("-snapshot"))),
+            "{reset:?} {state:?}"
         );
+        let mut again = open(&raw, http, "", state[0].id.as_deref()).await;
+        assert_eq!(again.next(Duration::from_secs(10)).await.kind, "reset");
         let live = stream.next(Duration::from_secs(10)).await;
         assert_eq!(live.kind, "live");
         assert!(live.id.is_some());

@@ -42,8 +42,9 @@ type Event struct {
 	// Kind is the SSE event name: KindChange, KindReset, KindLive, or a
 	// name this client does not know (then only Data is set).
 	Kind string
-	// ID is the event's own SSE id, to resume after it; empty for
-	// snapshot entries and reset events.
+	// ID is the event's own SSE id, to resume after it. A snapshot's
+	// entries and its reset have the snapshot's id (ending "-snapshot"):
+	// resuming from one starts over with a reset.
 	ID string
 	// Data is the event's JSON.
 	Data []byte

@@ -46,7 +46,7 @@ func nextChange(t *testing.T, s *podcache.Stream, key, value string, deleted boo
 	if c.Key != key || c.Value != value || c.Deleted != deleted || c.Origin != origin || c.Version == "" {
 		t.Fatalf("want %s=%q deleted=%v from %s, got %+v", key, value, deleted, origin, *c)
 	}
-	if (origin == podcache.OriginSnapshot) != (ev.ID == "") {
+	if ev.ID == "" || (origin == podcache.OriginSnapshot) != strings.HasSuffix(ev.ID, "-snapshot") {
 		t.Fatalf("a %s change has id %q", origin, ev.ID)
 	}
 	return ev
@@ -98,7 +98,7 @@ func TestWatchSnapshotLiveResumeAndReset(t *testing.T) {
 	// An id the node cannot resume from: reset, the state, live.
 	s = watch(t, b, typ, podcache.WatchOptions{LastEventID: "0000000000000001-3"})
 	reset := next(t, s, podcache.KindReset)
-	if reset.Reset.Reason == "" || reset.ID != "" {
+	if reset.Reset.Reason == "" || !strings.HasSuffix(reset.ID, "-snapshot") {
 		t.Fatalf("reset %+v %+v", reset, reset.Reset)
 	}
 	nextChange(t, s, "c", "3", false, podcache.OriginSnapshot)

@@ -443,15 +443,14 @@ struct WatchParams {
 
 /// One change as a `change` event (with its id; snapshot entries carry
 /// none, so a client that disconnects mid-snapshot resumes with a reset).
-fn change_event(record: &Record, origin: &str, id: Option<String>) -> Event {
+fn change_event(record: &Record, origin: &str, id: String) -> Event {
     let mut body = entry_json(record);
     body["deleted"] = json!(record.entry.is_tombstone());
     body["origin"] = json!(origin);
-    let event = Event::default().event("change").data(body.to_string());
-    match id {
-        Some(id) => event.id(id),
-        None => event,
-    }
+    Event::default()
+        .event("change")
+        .id(id)
+        .data(body.to_string())
 }
 
 /// The namespace's live entries (or the one key's), then a `live` event
@@ -465,7 +464,10 @@ fn snapshot_events(api: &Api, ty: i32, key: Option<&str>, upto: u64) -> Vec<Even
     };
     let mut events: Vec<Event> = entries
         .into_iter()
-        .map(|entry| change_event(&Record { ty, entry }, "snapshot", None))
+        .map(|entry| {
+            let id = api.replica.events.snapshot_id(upto);
+            change_event(&Record { ty, entry }, "snapshot", id)
+        })
         .collect();
     events.push(live_event(api, ty, events.len(), upto));
     events
@@ -484,6 +486,7 @@ fn reset_events(api: &Api, ty: i32, key: Option<&str>, reason: &str, upto: u64) 
     let mut events = vec![
         Event::default()
             .event("reset")
+            .id(api.replica.events.snapshot_id(upto))
             .data(json!({ "type": ty, "reason": reason }).to_string()),
     ];
     events.extend(snapshot_events(api, ty, key, upto));
@@ -555,7 +558,7 @@ async fn watch(
                     .filter(|e| {
                         e.record.ty == ty && key.as_deref().is_none_or(|k| k == e.record.key())
                     })
-                    .map(|e| change_event(&e.record, e.origin.as_str(), Some(events_log.id(e.seq))))
+                    .map(|e| change_event(&e.record, e.origin.as_str(), events_log.id(e.seq)))
                     .collect();
                 // Caught up: what follows is live.
                 replayed.push(live_event(&api, ty, replayed.len(), upto));
@@ -586,7 +589,7 @@ async fn watch(
                         Vec::new()
                     } else {
                         let id = api.replica.events.id(change.seq);
-                        vec![change_event(record, change.origin.as_str(), Some(id))]
+                        vec![change_event(record, change.origin.as_str(), id)]
                     }
                 }
             }

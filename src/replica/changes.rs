@@ -204,7 +204,9 @@ impl Epoch {
     }
 
     fn len(&self) -> usize {
-        self.frozen.as_ref().map_or(self.entries.len(), |f| f.records.len())
+        self.frozen
+            .as_ref()
+            .map_or(self.entries.len(), |f| f.records.len())
     }
 
     fn is_empty(&self) -> bool {

@@ -15,6 +15,9 @@ use tokio::sync::broadcast;
 use super::Origin;
 use crate::store::Record;
 
+/// Ends the ids of a snapshot's events (see [`EventLog::snapshot_id`]).
+const SNAPSHOT_SUFFIX: &str = "-snapshot";
+
 /// One change to the store, as seen by watchers.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {
@@ -122,13 +125,25 @@ impl EventLog {
         self.buffer().last
     }
 
-    /// The id of event `seq`.
+    /// The id of event `seq`: `<node id, 16 hex digits>-<sequence>`.
     pub(crate) fn id(&self, seq: u64) -> String {
         format!("{:016x}-{seq}", self.node_id)
     }
 
+    /// The id of an event of a snapshot taken at position `seq` (its
+    /// entries, and the `reset` before them): every event has an id, and
+    /// resuming from one of these starts over with a reset, as the
+    /// snapshot may have been cut short. The `live` marker after the
+    /// snapshot has the plain id of position `seq`.
+    pub(crate) fn snapshot_id(&self, seq: u64) -> String {
+        format!("{:016x}-{seq}{SNAPSHOT_SUFFIX}", self.node_id)
+    }
+
     /// Where a watcher that last saw event `id` resumes.
     pub(crate) fn resume(&self, id: &str) -> Resume {
+        if id.trim().ends_with(SNAPSHOT_SUFFIX) {
+            return Resume::Reset("the stream ended before its snapshot was complete");
+        }
         let Some((node, seq)) = id.trim().split_once('-') else {
             return Resume::Reset("the event id is not <node>-<sequence>");
         };
@@ -206,6 +221,12 @@ mod tests {
         assert!(matches!(log.resume("00000000000000cd-4"), Resume::Reset(_)));
         assert!(matches!(log.resume("00000000000000ab-9"), Resume::Reset(_)));
         assert!(matches!(log.resume("garbage"), Resume::Reset(_)));
+        // A snapshot's id never resumes: the snapshot may have been cut.
+        assert_eq!(log.snapshot_id(4), "00000000000000ab-4-snapshot");
+        assert!(matches!(
+            log.resume(&log.snapshot_id(4)),
+            Resume::Reset(reason) if reason.contains("snapshot")
+        ));
         match log.resume("00000000000000ab-5") {
             Resume::From { events, .. } => assert!(events.is_empty()),
             other => panic!("{other:?}"),

@@ -19,9 +19,9 @@ use tonic::transport::Channel;
 use super::batch;
 use super::error::{Call, ReplicationError, within};
 use super::link::Protocol;
-use crate::proto::{Preencoded, ReplicateBatch};
 use crate::proto::hellorpc::{SyncData, SyncRequest, sync_client::SyncClient};
 use crate::proto::podcache::{self as pb, HelloRequest, replica_client::ReplicaClient};
+use crate::proto::{Preencoded, ReplicateBatch};
 use crate::replica::changes::Taken;
 
 /// What sending an epoch did.
