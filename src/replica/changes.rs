@@ -461,7 +461,8 @@ impl ChangeLog {
         if let Some(c) = self.cursors.get_mut(&cursor) {
             c.taken = true;
         }
-        self.compact();
+        // No compaction: taking keeps every epoch a cursor waits at, and
+        // merges none (the cursor now waits at the one it took).
         Some(taken)
     }
 
@@ -515,13 +516,17 @@ impl ChangeLog {
     /// Drops epochs every live cursor has passed and merges neighbours no
     /// cursor stands between.
     fn compact(&mut self) {
-        let live: Vec<(u64, bool)> = self
+        // Where live cursors wait, sorted, and whether they have taken
+        // that epoch: looked up per epoch, so a compaction costs
+        // O(cursors log cursors + epochs log cursors) with many peers.
+        let mut live: Vec<(u64, bool)> = self
             .cursors
             .values()
             .filter(|c| c.live())
             .map(|c| (c.next, c.taken))
             .collect();
-        let Some(oldest_needed) = live.iter().map(|(next, _)| *next).min() else {
+        live.sort_unstable();
+        let Some(oldest_needed) = live.first().map(|(next, _)| *next) else {
             // Nobody is tracked: nothing needs keeping.
             let open = self.open().id;
             self.epochs.clear();
@@ -531,8 +536,13 @@ impl ChangeLog {
         while self.epochs.len() > 1 && self.epochs[0].id < oldest_needed {
             self.epochs.pop_front();
         }
-        let busy = |id: u64| live.iter().any(|&(next, taken)| next == id && taken);
-        let waited_at = |id: u64| live.iter().any(|&(next, _)| next == id);
+        // Sorted by (next, taken): a taken cursor at `id` sorts last there.
+        let at = |id: u64| {
+            let end = live.partition_point(|&(next, _)| next <= id);
+            live[..end].last().filter(|&&(next, _)| next == id)
+        };
+        let busy = |id: u64| at(id).is_some_and(|&(_, taken)| taken);
+        let waited_at = |id: u64| at(id).is_some();
         // Sealed epochs are all but the last.
         let mut i = 0;
         while i + 2 < self.epochs.len() {
@@ -647,6 +657,36 @@ mod tests {
         assert_eq!(frontiers[1].1.borrow().acked_hlc, 0);
         log.acked(q, from_q.epoch);
         assert_eq!(frontiers[1].1.borrow().acked_hlc, 5);
+    }
+
+    #[test]
+    fn epochs_a_cursor_waits_at_are_not_merged_away() {
+        let mut log = ChangeLog::new();
+        let [p, q, r] = ["p", "q", "r"].map(|n| log.attach(Arc::new(PeerLabel::new(n))));
+        write(&mut log, 1, "z", "1");
+        let z = log.take(p).expect("z").epoch;
+        for c in [q, r] {
+            assert_eq!(log.take(c).expect("z").epoch, z);
+            log.acked(c, z);
+        }
+        write(&mut log, 2, "a", "2");
+        let a = log.take(q).expect("a").epoch;
+        log.acked(q, a);
+        assert_eq!(log.take(r).expect("a").epoch, a);
+        log.acked(r, a);
+        write(&mut log, 3, "b", "3");
+        let b = log.take(r).expect("b").epoch;
+        log.acked(r, b);
+        // p waits at a (not taken), q at b (not taken): when p's ack of z
+        // compacts, a and b must stay apart, or q's epoch is gone.
+        log.acked(p, z);
+        let from_q = log.take(q).expect("q still has b to send");
+        assert_eq!(
+            (from_q.epoch, keys(&from_q)),
+            (b, vec![("b".into(), "3".into())])
+        );
+        let from_p = log.take(p).expect("p has a");
+        assert_eq!(keys(&from_p), [("a".into(), "2".into())]);
     }
 
     #[test]
