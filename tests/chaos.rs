@@ -3,10 +3,14 @@
 //! discovering each other through pods in a real etcd. Concurrent clients
 //! write, delete and read random keys on random nodes and record every
 //! answer, while faults are injected one at a time, in a bounded loop:
-//! `kill -9` and restart (the node bootstraps again), `SIGSTOP`/`SIGCONT`,
+//! `kill -9` and restart of one node, `kill -9` of every node at once and
+//! restart of all (at least once per run, by schedule), `SIGSTOP`/`SIGCONT`,
 //! network partitions between groups of nodes (blackhole routes inside the
-//! namespaces), and etcd going away for a while. Then everything heals and
-//! a checker compares every node's full state (keys, values, versions,
+//! namespaces), and etcd going away for a while. Every node has its own
+//! data directory (kept across its restarts) with `--fsync always`, so a
+//! killed node comes back with its state from disk, and every acknowledged
+//! write must survive even the loss of every node. Then everything heals
+//! and a checker compares every node's full state (keys, values, versions,
 //! tombstones) and the recorded history.
 //!
 //! Needs root (network namespaces). `CHAOS_SECONDS` sets the length of the
@@ -201,7 +205,9 @@ impl Drop for Net {
 struct Node {
     child: Option<Child>,
     stopped: bool,
-    kills: Vec<Instant>,
+    /// Its data directory: the same across its restarts, so what it
+    /// acknowledged is there when it comes back.
+    data_dir: std::path::PathBuf,
 }
 
 struct Cluster {
@@ -230,6 +236,9 @@ impl Cluster {
             .args(["--anti-entropy-interval-ms", &AE_INTERVAL_MS.to_string()])
             .args(["--rpc-timeout-ms", "1000", "--wait-timeout-ms", "2000"])
             .args(["--shutdown-grace-ms", "1000"])
+            .arg("--data-dir")
+            .arg(&self.nodes[i].data_dir)
+            .args(["--fsync", "always"])
             .env("PODCACHE_LOG", "podcache=info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -266,7 +275,22 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.nodes[i].kills.push(Instant::now());
+    }
+
+    /// `kill -9` of every node at the same moment: all the signals are
+    /// sent before any is waited for.
+    fn kill_all(&mut self) {
+        let mut children: Vec<Child> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.child.take())
+            .collect();
+        for child in &mut children {
+            let _ = child.kill();
+        }
+        for child in &mut children {
+            let _ = child.wait();
+        }
     }
 
     fn http(&self, i: usize) -> RestClient {
@@ -280,6 +304,26 @@ impl Cluster {
             .get("/readyz")
             .await
             .is_ok_and(|a| a.status == hyper::StatusCode::OK)
+    }
+
+    /// Polls until node `i` is ready, then returns where `/v1/cluster`
+    /// says its state came from (`disk`, `disk+peers`, `peers`, `none`).
+    async fn ready_state_source(&self, i: usize, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.ready(i).await
+                && let Ok(answer) = self.http(i).get("/v1/cluster").await
+                && let Some(source) = answer.json()["state_source"].as_str()
+            {
+                return source.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} not ready within {within:?}; logs in {}",
+                self.log_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Every node's whole state, tombstones included, through the gRPC
@@ -332,7 +376,6 @@ struct Op {
     all_acked: bool,
     /// (hlc, node) of the write, parsed from the answer's version.
     version: Option<(u64, u64)>,
-    acked_at: Instant,
 }
 
 fn parse_version(text: &str) -> Option<(u64, u64)> {
@@ -342,6 +385,12 @@ fn parse_version(text: &str) -> Option<(u64, u64)> {
     Some((hlc, u64::from_str_radix(node, 16).ok()?))
 }
 
+/// One client: puts (60 %), deletes (15 %) and reads (25 %) on random
+/// nodes. Most writes go to the `KEYS` shared keys, which are soon
+/// overwritten; a sixth of the puts create a write-once key of this client
+/// (`u<seed>-<n>`) and a fifth of the deletes delete one of those, once.
+/// Nothing newer ever supersedes those writes, so the checker sees it when
+/// one is lost, even by a whole cluster that came back empty.
 async fn client_loop(
     cluster: Arc<tokio::sync::RwLock<Cluster>>,
     seed: u64,
@@ -350,14 +399,22 @@ async fn client_loop(
 ) {
     let mut rng = Rng(seed);
     let mut seq = 0u64;
+    // Write-once keys this client put and has not deleted yet.
+    let mut own = Vec::new();
     while Instant::now() < until {
         let node = rng.below(NODES as u64) as usize;
-        let key = format!("k{}", rng.below(KEYS as u64));
+        let mut key = format!("k{}", rng.below(KEYS as u64));
         let roll = rng.below(100);
         let wait_all = rng.below(2) == 0;
         let client = cluster.read().await.http(node);
         let query = if wait_all { "wait=all" } else { "" };
         seq += 1;
+        if (50..60).contains(&roll) {
+            key = format!("u{seed}-{seq}");
+            own.push(key.clone());
+        } else if (72..75).contains(&roll) && !own.is_empty() {
+            key = own.swap_remove(rng.below(own.len() as u64) as usize);
+        }
         let (kind, answer) = if roll < 60 {
             (
                 "put",
@@ -383,7 +440,6 @@ async fn client_loop(
             ok,
             all_acked,
             version: body["version"].as_str().and_then(parse_version),
-            acked_at: Instant::now(),
         });
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -420,10 +476,10 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
         etcd,
         sim,
         nodes: (0..NODES)
-            .map(|_| Node {
+            .map(|i| Node {
                 child: None,
                 stopped: false,
-                kills: Vec::new(),
+                data_dir: log_dir.join(format!("n{i}-data")),
             })
             .collect(),
         log_dir: log_dir.clone(),
@@ -458,12 +514,21 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
         })
         .collect();
 
-    // Faults, one at a time, until the deadline.
+    // Faults, one at a time, until the deadline. The first fault after a
+    // third of the run is a kill-all if chance has not picked one yet.
     let mut rng = Rng(seed ^ 0x5eed);
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let kill_all_due = Instant::now() + Duration::from_secs(seconds) / 3;
+    // Per kill-all: ms from the restart until every node was ready.
+    let mut kill_all_back_ms = Vec::new();
+    // Where each node's state came from after a kill-all (`/v1/cluster`).
+    let mut state_sources: BTreeMap<String, u32> = BTreeMap::new();
     while Instant::now() + Duration::from_secs(3) < until {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
-        let fault = ["kill", "stop", "partition", "etcd"][rng.below(4) as usize];
+        let mut fault = ["kill", "stop", "partition", "etcd", "kill-all"][rng.below(5) as usize];
+        if !faults.contains_key("kill-all") && Instant::now() >= kill_all_due {
+            fault = "kill-all";
+        }
         *faults.entry(fault).or_default() += 1;
         let hold = Duration::from_millis(1000 + rng.below(2000));
         match fault {
@@ -475,6 +540,30 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
                 c.register(i).await;
                 drop(c);
                 cluster.write().await.spawn(i);
+            }
+            "kill-all" => {
+                // The clients keep writing: what they send meanwhile fails
+                // and is not acknowledged.
+                cluster.write().await.kill_all();
+                tokio::time::sleep(hold).await;
+                let c = cluster.read().await;
+                for i in 0..NODES {
+                    c.register(i).await;
+                }
+                drop(c);
+                let restarted = Instant::now();
+                let mut c = cluster.write().await;
+                for i in 0..NODES {
+                    c.spawn(i);
+                }
+                drop(c);
+                // Every node back, each with the state of its data dir.
+                let c = cluster.read().await;
+                for i in 0..NODES {
+                    let source = c.ready_state_source(i, Duration::from_secs(30)).await;
+                    *state_sources.entry(source).or_default() += 1;
+                }
+                kill_all_back_ms.push(restarted.elapsed().as_millis());
             }
             "stop" => {
                 let i = rng.below(NODES as u64) as usize;
@@ -560,26 +649,42 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
         }
     }
 
-    // Acknowledged writes: present, or superseded by a later version.
+    // Acknowledged writes: present, or superseded by a later version; a
+    // delete still a tombstone unless something newer came. Every one
+    // counts, whatever the wait mode and whichever nodes were killed: its
+    // receiver had it on disk (`--fsync always`) before answering.
     let history = history.lock().expect("history").clone();
     let final_state = &states[0];
-    let mut lost = 0;
+    let (mut lost, mut checked, mut checked_wait_all) = (0, 0, 0);
+    let (mut write_once_puts, mut write_once_deletes) = (0, 0);
     for op in history.iter().filter(|o| o.ok && o.kind != "get") {
         let Some(version) = op.version else { continue };
-        let receiver_survived = !c.nodes[op.node]
-            .kills
-            .iter()
-            .any(|k| *k > op.acked_at - Duration::from_millis(1));
-        let required = (op.wait_all && op.all_acked) || receiver_survived;
-        if !required {
-            continue;
+        checked += 1;
+        if op.wait_all && op.all_acked {
+            checked_wait_all += 1;
         }
-        let held = final_state
-            .get(&(1, op.key.clone()))
-            .map(|(_, hlc, node)| (*hlc, *node));
-        if held.is_none_or(|h| h < version) {
+        if op.key.starts_with('u') {
+            match op.kind {
+                "put" => write_once_puts += 1,
+                _ => write_once_deletes += 1,
+            }
+        }
+        let held = final_state.get(&(1, op.key.clone()));
+        let held_version = held.map(|(_, hlc, node)| (*hlc, *node));
+        if held_version.is_none_or(|h| h < version) {
             lost += 1;
-            eprintln!("lost: {op:?}, held {held:?}");
+            eprintln!(
+                "lost (answered by n{}): {op:?}, held {held_version:?}",
+                op.node
+            );
+        } else if held_version == Some(version)
+            && held.is_some_and(|(value, _, _)| value.is_none() != (op.kind == "delete"))
+        {
+            lost += 1;
+            eprintln!(
+                "came back changed (answered by n{}): {op:?}, held {held:?}",
+                op.node
+            );
         }
     }
 
@@ -603,11 +708,16 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
     let failed = history.iter().filter(|o| !o.ok && o.kind != "get").count();
     let convergence = converged_at.map(|t| t.duration_since(all_ready).as_millis());
     let fault_text: Vec<String> = faults.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let source_text: Vec<String> = state_sources
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     println!(
-        "chaos: seed={seed} seconds={seconds} ops={} (put {puts}, delete {deletes}, get {gets}, refused or failed {failed}) faults={} ({}) partitions=netns+blackhole divergent_keys={divergent} lost_acked_writes={lost} stale_reads={stale_reads} convergence_ms={} (after all nodes ready; {} ms after healing)",
+        "chaos: seed={seed} seconds={seconds} ops={} (put {puts}, delete {deletes}, get {gets}, refused or failed {failed}) faults={} ({}) partitions=netns+blackhole kill_all_back_ms={kill_all_back_ms:?} state_source_after_kill_all=({}) acked_writes_checked={checked} (wait=all acked by all {checked_wait_all}; write-once keys put {write_once_puts}, deleted {write_once_deletes}) divergent_keys={divergent} lost_acked_writes={lost} stale_reads={stale_reads} convergence_ms={} (after all nodes ready; {} ms after healing)",
         history.len(),
         faults.values().sum::<u32>(),
         fault_text.join(", "),
+        source_text.join(", "),
         convergence.map_or("none".into(), |ms| ms.to_string()),
         converged_at.map_or("-".into(), |t| t
             .duration_since(healed)
@@ -627,6 +737,15 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
         log_dir.display()
     );
     assert_eq!(stale_reads, 0);
+    assert!(
+        faults.contains_key("kill-all"),
+        "no kill-all ran: CHAOS_SECONDS={seconds} is too short for its schedule"
+    );
+    assert!(
+        state_sources.keys().all(|s| s.starts_with("disk")),
+        "after a kill-all every node's state must come from its data dir: {state_sources:?}; logs in {}",
+        log_dir.display()
+    );
     assert!(history.len() > 100, "the clients barely ran");
     drop(c);
     let _ = std::fs::remove_dir_all(&log_dir);
