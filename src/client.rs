@@ -94,8 +94,9 @@ impl RestClient {
     /// A client of the node at `base` (`http://host:port`, or `host:port`).
     /// For `https://`, use [`RestClient::with_tls`].
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        let has_scheme = base.contains("://");
         let base = base.trim_end_matches('/');
-        let base = if base.contains("://") {
+        let base = if has_scheme {
             base.to_owned()
         } else {
             format!("http://{base}")
@@ -327,6 +328,16 @@ mod tests {
                 .as_deref(),
             Some("http://127.0.0.1:8087")
         );
-        assert!(RestClient::new("https://x").is_err());
+        // https is taken (the CA comes with `with_tls`); anything else is not.
+        assert_eq!(
+            RestClient::new("https://x/")
+                .map(|c| c.base)
+                .ok()
+                .as_deref(),
+            Some("https://x")
+        );
+        for bad in ["ftp://x", "http://", "https://"] {
+            assert!(RestClient::new(bad).is_err(), "{bad} was taken");
+        }
     }
 }
