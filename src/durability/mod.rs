@@ -170,6 +170,10 @@ pub struct Recovered {
 struct Log {
     generation: u64,
     file: Arc<File>,
+    /// Earlier generations' logs until a sync has covered them: what was
+    /// appended to them before the switch must reach the disk before the
+    /// sequence numbers they hold count as synced.
+    retiring: Vec<Arc<File>>,
     path: PathBuf,
     /// Bytes appended to this generation's log.
     bytes: u64,
@@ -311,6 +315,9 @@ impl DataDir {
         if log_bytes == 0 {
             file.write_all(frame::LOG_MAGIC)
                 .map_err(io_err("cannot write", &path))?;
+            // The new file's name must survive a crash too, or an fsync of
+            // its contents keeps nothing.
+            sync_dir(dir).map_err(io_err("cannot sync", dir))?;
         }
         let (synced_tx, _) = watch::channel((0, None));
         let data_dir = Self {
@@ -320,6 +327,7 @@ impl DataDir {
             log: Mutex::new(Log {
                 generation,
                 file: Arc::new(file),
+                retiring: Vec::new(),
                 path,
                 bytes: log_bytes.max(8),
                 failed: None,
@@ -432,14 +440,27 @@ impl DataDir {
 
     /// Syncs the current log to disk (blocking: run it off the runtime).
     fn sync(&self) -> Result<(), DiskError> {
-        let (file, upto) = {
+        let (retiring, file, upto) = {
             let log = self.log();
-            (log.file.clone(), self.appended.load(Ordering::Acquire))
+            (
+                log.retiring.clone(),
+                log.file.clone(),
+                self.appended.load(Ordering::Acquire),
+            )
         };
-        if let Err(error) = file.sync_data() {
+        let synced = retiring
+            .iter()
+            .chain(std::iter::once(&file))
+            .try_for_each(|f| f.sync_data());
+        if let Err(error) = synced {
             let error = DiskError::of(&error);
             self.synced_tx.send_modify(|s| s.1 = Some(error.clone()));
             return Err(error);
+        }
+        if !retiring.is_empty() {
+            self.log()
+                .retiring
+                .retain(|r| !retiring.iter().any(|done| Arc::ptr_eq(r, done)));
         }
         self.synced_tx.send_modify(|s| {
             s.0 = s.0.max(upto);
@@ -448,37 +469,51 @@ impl DataDir {
         Ok(())
     }
 
-    /// True when the log has grown past twice the last snapshot (and at
+    /// True when the log has grown past the last snapshot's size (and at
     /// least `--compact-log-bytes`), or a failure waits for a snapshot to
-    /// clear it, or one was asked for.
+    /// clear it, or one was asked for. At most as much log as snapshot
+    /// keeps a restart after churn within twice the live data's reading
+    /// (bench/NOTES.md, "Engines").
     fn wants_compaction(&self) -> bool {
         let log = self.log();
         self.compaction_requested.load(Ordering::Acquire)
             || log.unlogged
             || log.bytes
-                > (2 * self.snapshot_bytes.load(Ordering::Relaxed)).max(self.compact_log_bytes)
+                > self
+                    .snapshot_bytes
+                    .load(Ordering::Relaxed)
+                    .max(self.compact_log_bytes)
     }
 
     /// Starts generation `g + 1`: new appends go to a new log. Returns the
     /// new generation; the caller then writes its snapshot with
     /// [`DataDir::write_snapshot`], from a state taken after this call.
+    ///
+    /// The new file is created and its name synced before the log lock is
+    /// taken, and the old log is not synced under it: the switch holds up
+    /// appends for a pointer swap only. The old log is synced by the next
+    /// [`DataDir::sync`], before the sequence numbers it holds count as on
+    /// disk. Only the durability loop calls this.
     fn next_generation(&self) -> Result<u64, DiskError> {
-        let mut log = self.log();
-        let generation = log.generation + 1;
+        let generation = self.log().generation + 1;
         let path = self.dir.join(name_of("log", generation));
+        let disk = |e: io::Error| DiskError::of(&e);
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(&path)
-            .map_err(|e| DiskError::of(&e))?;
-        file.write_all(frame::LOG_MAGIC)
-            .map_err(|e| DiskError::of(&e))?;
-        // The old log keeps what came before the switch until the snapshot
-        // that covers it is written; its data must be on disk by then.
-        log.file.sync_data().map_err(|e| DiskError::of(&e))?;
+            .map_err(disk)?;
+        file.write_all(frame::LOG_MAGIC).map_err(disk)?;
+        sync_dir(&self.dir).map_err(disk)?;
+        let mut log = self.log();
+        let old = std::mem::replace(&mut log.file, Arc::new(file));
+        // With `never` nothing syncs it: dropping it closes it at once (a
+        // removed log's space is freed when its last handle goes).
+        if self.policy != Fsync::Never {
+            log.retiring.push(old);
+        }
         log.generation = generation;
-        log.file = Arc::new(file);
         log.path = path;
         log.bytes = 8;
         Ok(generation)
@@ -711,10 +746,27 @@ pub(crate) async fn durability_loop(
     let mut last_saved_sync = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A compaction runs beside the loop, so that with `always` a write
+    // waits for an fsync, never for a whole snapshot to be written.
+    let mut compaction: Option<tokio::task::JoinHandle<Result<u64, DiskError>>> = None;
     loop {
         let woken_by_write = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = data.dirty.notified(), if data.policy == Fsync::Always => true,
+            result = finished(&mut compaction) => {
+                compaction = None;
+                match result {
+                    Ok(Ok(bytes)) => {
+                        metrics.data_dir_compactions.inc();
+                        info!(bytes, "data directory compacted");
+                    }
+                    Ok(Err(error)) => {
+                        warn!(%error, "compaction of the data directory failed; retrying")
+                    }
+                    Err(_) => {}
+                }
+                continue;
+            }
             _ = tick.tick() => false,
         };
         let wants_sync = match data.policy {
@@ -743,23 +795,12 @@ pub(crate) async fn durability_loop(
                 info!("retrying the data directory; writes are accepted again if it takes them");
             }
         }
-        if data.wants_compaction() {
+        if compaction.is_none() && data.wants_compaction() {
             let (d, snapshot) = (data.clone(), snapshot.clone());
-            let result = tokio::task::spawn_blocking(move || {
+            compaction = Some(tokio::task::spawn_blocking(move || {
                 let generation = d.next_generation()?;
                 d.write_snapshot(generation, &snapshot())
-            })
-            .await;
-            match result {
-                Ok(Ok(bytes)) => {
-                    metrics.data_dir_compactions.inc();
-                    info!(bytes, "data directory compacted");
-                }
-                Ok(Err(error)) => {
-                    warn!(%error, "compaction of the data directory failed; retrying")
-                }
-                Err(_) => {}
-            }
+            }));
         }
         let last_sync = last_sync();
         if last_sync != last_saved_sync {
@@ -768,11 +809,26 @@ pub(crate) async fn durability_loop(
             let _ = tokio::task::spawn_blocking(move || d.save_last_sync(last_sync)).await;
         }
     }
-    // Shutdown: what was appended goes to disk, whatever the policy but
-    // `never`.
+    // Shutdown: a compaction under way finishes (its files are complete or
+    // absent either way, but the process should not exit under it), and
+    // what was appended goes to disk, whatever the policy but `never`.
+    if let Some(running) = compaction {
+        let _ = running.await;
+    }
     if data.policy != Fsync::Never {
         let d = data.clone();
         let _ = tokio::task::spawn_blocking(move || d.sync()).await;
+    }
+}
+
+/// The result of the compaction in `running`, once it ends; never, while
+/// none runs.
+async fn finished<T>(
+    running: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match running {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -900,6 +956,33 @@ mod tests {
         drop(data);
         let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen");
         assert_eq!(keys(&recovered), ["a", "c"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A switch to a new log leaves the old one to the next sync, and an
+    /// `always` waiter is released only by a sync that covered it.
+    #[test]
+    fn the_old_log_is_synced_before_its_changes_count_as_on_disk() {
+        let d = dir("retiring");
+        let (data, _) = DataDir::open(&d, Fsync::Always, 4096).expect("open");
+        let lsn = data.append(&[record("a", 1)]).expect("append");
+        data.next_generation().expect("switch");
+        data.next_generation().expect("switch again");
+        assert_eq!(
+            data.log().retiring.len(),
+            2,
+            "both old logs wait for a sync"
+        );
+        assert!(data.synced_tx.borrow().0 < lsn);
+        data.sync().expect("sync");
+        assert!(data.log().retiring.is_empty());
+        assert!(data.synced_tx.borrow().0 >= lsn);
+        drop(data);
+        // With `never` nothing would ever sync them: none are kept open.
+        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen");
+        data.next_generation().expect("switch");
+        assert!(data.log().retiring.is_empty());
+        drop(data);
         let _ = fs::remove_dir_all(&d);
     }
 }
