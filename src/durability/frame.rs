@@ -10,6 +10,8 @@
 //! top of two kept crates (prost for the payload, crc32fast for the
 //! checksum); no framing crate checks what the recovery rules here need.
 
+use std::io::Read;
+
 use prost::Message;
 
 use crate::proto::{encode_entry, podcache, record_from_wire};
@@ -85,6 +87,69 @@ pub(crate) fn read(bytes: &[u8], base: usize, mut each: impl FnMut(Record)) -> E
         }
     }
     End::Clean
+}
+
+/// Reads the records of a file's contents after its magic from `source`,
+/// `chunk` bytes at a time, as [`read`] does on the whole (the same
+/// records, the same end), holding about one chunk in memory rather than
+/// the file: a node's snapshot is as large as its state. Only when a
+/// record is bad before the end is the rest read whole, to tell a torn
+/// tail from damage. Returns the end and the bytes read.
+pub(crate) fn read_from(
+    mut source: impl Read,
+    base: usize,
+    chunk: usize,
+    mut each: impl FnMut(Record),
+) -> std::io::Result<(End, usize)> {
+    let chunk = chunk.max(1);
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
+    // The file offset of buf[0], and where the next record starts in buf.
+    let (mut start, mut at) = (base, 0);
+    let mut eof = false;
+    loop {
+        while at < buf.len() && whole_record_at(&buf, at) {
+            match record_at(&buf, at) {
+                Ok((record, next)) => {
+                    each(record);
+                    at = next;
+                }
+                Err(_) => {
+                    // Bad before the end: the rest decides what it is.
+                    source.read_to_end(&mut buf)?;
+                    let read_bytes = start - base + buf.len();
+                    return Ok((read(&buf[at..], start + at, each), read_bytes));
+                }
+            }
+        }
+        if eof {
+            let read_bytes = start - base + buf.len();
+            return Ok((read(&buf[at..], start + at, each), read_bytes));
+        }
+        buf.drain(..at);
+        start += at;
+        at = 0;
+        // A record longer than a chunk is read whole before it is parsed.
+        let want = match buf.get(..HEADER) {
+            Some(h) => (HEADER + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)
+                .min(HEADER + MAX_PAYLOAD)
+                .saturating_sub(buf.len())
+                .max(chunk),
+            None => chunk,
+        };
+        let before = buf.len();
+        (&mut source).take(want as u64).read_to_end(&mut buf)?;
+        eof = buf.len() == before;
+    }
+}
+
+/// True when `bytes` holds the whole record at `at` (or its header claims
+/// more than a record may): it can be judged without reading more.
+fn whole_record_at(bytes: &[u8], at: usize) -> bool {
+    let Some(header) = bytes.get(at..at + HEADER) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    len > MAX_PAYLOAD || at + HEADER + len <= bytes.len()
 }
 
 /// The record at `at` and the offset after it.
@@ -180,6 +245,36 @@ mod tests {
                 offset: 8 + bytes.len()
             }
         );
+    }
+
+    /// Reading in chunks of any size gives what reading the whole gives,
+    /// for clean, torn, damaged and garbage-tailed contents.
+    #[test]
+    fn reading_in_chunks_is_reading_the_whole() {
+        let rs = records();
+        let clean = framed(&rs);
+        let mut cases = vec![clean.clone(), Vec::new()];
+        for cut in [1, 5, 9, clean.len() / 2, clean.len() - 1] {
+            cases.push(clean[..cut].to_vec());
+        }
+        for flip in [0, 3, 9, clean.len() / 2, clean.len() - 2] {
+            let mut bad = clean.clone();
+            bad[flip] ^= 0x55;
+            cases.push(bad);
+        }
+        let mut tailed = clean.clone();
+        tailed.extend_from_slice(&[0xff; 40]);
+        cases.push(tailed);
+        for bytes in &cases {
+            let whole = read_all(bytes);
+            for chunk in [1, 2, 7, 8, 9, 31, 64, 1 << 20] {
+                let mut got = Vec::new();
+                let (end, n) =
+                    read_from(&bytes[..], 8, chunk, |r| got.push(r)).expect("read from memory");
+                assert_eq!((got, end), whole, "chunk {chunk}, {} bytes", bytes.len());
+                assert_eq!(n, bytes.len());
+            }
+        }
     }
 
     #[test]

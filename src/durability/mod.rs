@@ -228,27 +228,39 @@ fn generation_of(name: &str, kind: &str) -> Option<u64> {
     name.strip_prefix(kind)?.strip_prefix('-')?.parse().ok()
 }
 
-/// Reads a whole file after checking its magic.
-fn read_file(path: &Path, magic: &[u8; 8]) -> Result<Vec<u8>, DurabilityError> {
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
+/// Bytes read from a file at a time during recovery.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Reads the records of the file at `path` after checking its magic, a
+/// chunk at a time (a snapshot is as large as the state; the whole of it
+/// is never held in memory), giving each to `each`. `None`: the file is
+/// shorter than its magic (created, cut before the magic was whole:
+/// empty); otherwise how its records end and the file's size.
+fn read_records(
+    path: &Path,
+    magic: &[u8; 8],
+    each: impl FnMut(Record),
+) -> Result<Option<(frame::End, u64)>, DurabilityError> {
+    let mut file = File::open(path).map_err(io_err("cannot read", path))?;
+    let mut head = Vec::with_capacity(8);
+    (&mut file)
+        .take(8)
+        .read_to_end(&mut head)
         .map_err(io_err("cannot read", path))?;
-    Ok(bytes).and_then(|bytes| {
-        if bytes.len() >= 8 && &bytes[..8] == magic {
-            Ok(bytes)
-        } else if bytes.len() < 8 && magic.starts_with(&bytes) {
-            // A log created but cut before its magic was whole: empty.
-            Ok(magic.to_vec())
-        } else {
-            Err(DurabilityError::Damaged {
-                dir: path.parent().map(Path::to_owned).unwrap_or_default(),
-                file: path.to_owned(),
-                offset: 0,
-                reason: "not a podcache file of this kind (wrong magic)".into(),
-            })
-        }
-    })
+    if head.len() < 8 && magic.starts_with(&head) {
+        return Ok(None);
+    }
+    if head != magic {
+        return Err(DurabilityError::Damaged {
+            dir: path.parent().map(Path::to_owned).unwrap_or_default(),
+            file: path.to_owned(),
+            offset: 0,
+            reason: "not a podcache file of this kind (wrong magic)".into(),
+        });
+    }
+    let (end, read) =
+        frame::read_from(file, 8, READ_CHUNK, each).map_err(io_err("cannot read", path))?;
+    Ok(Some((end, 8 + read as u64)))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -622,12 +634,16 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
     };
     let base = snapshots.last().copied();
     let mut last_report = tokio::time::Instant::now();
-    let mut progress = |recovered: &Recovered| {
-        if last_report.elapsed() >= Duration::from_secs(3) {
+    // Takes each record read; a progress line every few seconds.
+    let mut keep = |recovered: &mut Recovered, record: Record| {
+        recovered.records.push(record);
+        if recovered.records.len().is_multiple_of(65_536)
+            && last_report.elapsed() >= Duration::from_secs(3)
+        {
             last_report = tokio::time::Instant::now();
             info!(
                 entries = recovered.records.len(),
-                bytes = recovered.bytes,
+                files = recovered.files,
                 "loading the data directory"
             );
         }
@@ -635,9 +651,9 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
     let mut snapshot_bytes = 0;
     if let Some(g) = base {
         let path = dir.join(name_of("snapshot", g));
-        let bytes = read_file(&path, frame::SNAPSHOT_MAGIC)?;
-        snapshot_bytes = bytes.len() as u64;
-        let end = frame::read(&bytes[8..], 8, |r| recovered.records.push(r));
+        let (end, size) = read_records(&path, frame::SNAPSHOT_MAGIC, |r| keep(&mut recovered, r))?
+            .unwrap_or((frame::End::Clean, 8));
+        snapshot_bytes = size;
         if end != frame::End::Clean {
             let (offset, reason) = match end {
                 frame::End::Torn { offset } => (
@@ -656,7 +672,6 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
         }
         recovered.files += 1;
         recovered.bytes += snapshot_bytes;
-        progress(&recovered);
     }
     let logs: Vec<u64> = logs
         .into_iter()
@@ -666,8 +681,8 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
     let mut newest_bytes = 0;
     for g in &logs {
         let path = dir.join(name_of("log", *g));
-        let bytes = read_file(&path, frame::LOG_MAGIC)?;
-        if fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < 8 {
+        let read = read_records(&path, frame::LOG_MAGIC, |r| keep(&mut recovered, r))?;
+        let Some((end, size)) = read else {
             // Created, but its magic was never written whole: empty. Cut
             // to nothing, so the magic is written again before appends.
             OpenOptions::new()
@@ -677,16 +692,15 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
                 .map_err(io_err("cannot reset", &path))?;
             recovered.files += 1;
             continue;
-        }
-        let end = frame::read(&bytes[8..], 8, |r| recovered.records.push(r));
-        let mut kept = bytes.len() as u64;
+        };
+        let mut kept = size;
         match end {
             frame::End::Clean => {}
             frame::End::Torn { offset } if Some(*g) == newest => {
                 warn!(
                     file = %path.display(),
                     offset,
-                    cut = bytes.len() - offset,
+                    cut = size - offset as u64,
                     "the newest log ends in a record cut short (a crash while it was written); cutting it off there"
                 );
                 OpenOptions::new()
@@ -715,7 +729,6 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
         }
         recovered.files += 1;
         recovered.bytes += kept;
-        progress(&recovered);
         if Some(*g) == newest {
             newest_bytes = kept;
         }
