@@ -123,8 +123,22 @@ async fn serve_processes_replicate_and_exit_zero_on_sigterm_and_sigint() {
     let peers = vec![format!("{a}:{grpc_port}"), format!("{b}:{grpc_port}")];
     let mut node_a = spawn_serve(a, grpc_port, &peers, "pod-a");
     wait_ready(&node_a.http).await;
-    let mut node_b = spawn_serve(b, grpc_port, &peers, "pod-b");
+    // One node runs on one worker thread: replication does not depend on
+    // a second one.
+    let mut node_b = spawn_serve_with(b, grpc_port, &peers, "pod-b", &["--worker-threads", "1"]);
     wait_ready(&node_b.http).await;
+    let workers = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the node's threads")
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "tokio-rt-worker")
+            })
+            .count()
+    };
+    assert_eq!(workers(node_b.child.id()), 1, "--worker-threads 1");
+    assert!(workers(node_a.child.id()) >= 1);
 
     let set = ctl(&node_a.http, &["set", "4", "flag", "on", "--wait"]);
     assert!(
@@ -227,6 +241,13 @@ fn a_bad_configuration_exits_64_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("not-an-address"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve", "--pod-ip", "127.0.0.1", "--worker-threads", "0"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--worker-threads"), "{err}");
 }
 
 #[test]

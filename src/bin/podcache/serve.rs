@@ -34,6 +34,14 @@ pub(crate) struct ServeArgs {
     /// manifests keep starting.
     #[arg(long, env = "PODCACHE_PEER_QUEUE_CAPACITY", hide = true)]
     peer_queue_capacity: Option<usize>,
+    /// Threads that run the node's work [default: one per core the
+    /// container may use]. With one, each write a peer receives costs
+    /// about a quarter less CPU (no second worker woken for it): worth it
+    /// in large clusters and for pods of one core; more serve more REST
+    /// clients at once (bench/NOTES.md, "Replica count").
+    #[arg(long, env = "PODCACHE_WORKER_THREADS", help_heading = "Limits",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub(crate) worker_threads: Option<u16>,
 }
 
 /// Who this node is.
