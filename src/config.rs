@@ -147,7 +147,7 @@ pub struct NodeConfig {
     pub fsync: crate::durability::Fsync,
     /// The data directory's log is compacted (a snapshot of the whole
     /// state written, older files removed) once it is larger than this and
-    /// than twice the last snapshot.
+    /// than the last snapshot.
     #[arg(long, env = "PODCACHE_COMPACT_LOG_BYTES", help_heading = "Storage",
           default_value_t = NodeConfig::defaults().compact_log_bytes)]
     pub compact_log_bytes: u64,

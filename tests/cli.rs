@@ -248,6 +248,16 @@ fn a_bad_configuration_exits_64_with_one_line() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--worker-threads"), "{err}");
+    // tokio's own variable is read too, and a bad one is not a panic.
+    let out = Command::new(BIN)
+        .args(["serve", "--pod-ip", "127.0.0.1"])
+        .env("TOKIO_WORKER_THREADS", "many")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("TOKIO_WORKER_THREADS"), "{err}");
 }
 
 #[test]

@@ -133,6 +133,19 @@ fn main() -> ExitCode {
         && let Some(threads) = args.worker_threads
     {
         builder.worker_threads(usize::from(threads));
+    } else if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        // tokio reads it too, and panics on a bad value: read it first.
+        match value.to_str().and_then(|v| v.trim().parse::<usize>().ok()) {
+            Some(threads) if threads > 0 => {
+                builder.worker_threads(threads);
+            }
+            _ => {
+                eprintln!(
+                    "podcache: TOKIO_WORKER_THREADS={value:?} is not a positive number of threads"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
