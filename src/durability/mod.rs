@@ -510,12 +510,16 @@ impl DataDir {
         let generation = self.log().generation + 1;
         let path = self.dir.join(name_of("log", generation));
         let disk = |e: io::Error| DiskError::of(&e);
+        // In append mode, as the log `open` makes: after a failed write is
+        // cut back off, the next one lands at the new end, not past it (a
+        // hole of zeros there would read as damage at the next start).
         let mut file = OpenOptions::new()
             .create(true)
-            .write(true)
-            .truncate(true)
+            .append(true)
             .open(&path)
             .map_err(disk)?;
+        // Left by an attempt that failed before the switch: start over.
+        file.set_len(0).map_err(disk)?;
         file.write_all(frame::LOG_MAGIC).map_err(disk)?;
         sync_dir(&self.dir).map_err(disk)?;
         let mut log = self.log();
@@ -969,6 +973,26 @@ mod tests {
         drop(data);
         let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen");
         assert_eq!(keys(&recovered), ["a", "c"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A write cut back off after a failure leaves no hole: the next
+    /// append lands where the log now ends, in a switched-to log too.
+    #[test]
+    fn an_append_after_a_cut_back_failure_leaves_no_hole() {
+        let d = dir("cutback");
+        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
+        data.next_generation().expect("switch");
+        data.append(&[record("a", 1)]).expect("append");
+        // What a failed append does: cut the log back to its last size.
+        let before = data.log().bytes;
+        data.append(&[record("lost", 2)]).expect("append");
+        data.log().file.set_len(before).expect("cut back");
+        data.log().bytes = before;
+        data.append(&[record("b", 3)]).expect("append");
+        drop(data);
+        let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen: no damage");
+        assert_eq!(keys(&recovered), ["a", "b"]);
         let _ = fs::remove_dir_all(&d);
     }
 
