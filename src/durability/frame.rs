@@ -47,7 +47,7 @@ pub(crate) enum End {
     Clean,
     /// From this offset on, the bytes hold no valid record: a record cut
     /// short (or never written) by a crash. Safe to cut off at the end of
-    /// the newest log.
+    /// a log: nothing after it ever counted as on disk.
     Torn {
         /// Where the valid records end.
         offset: usize,

@@ -20,8 +20,10 @@
 //!
 //! Recovery loads the newest snapshot and replays every log of that
 //! generation or later, merging by version (so order and duplicates do not
-//! matter). A record cut short at the end of the newest log is a torn
-//! tail: cut off, with one warning naming the file and offset. Any other
+//! matter). A record cut short at the end of a log is a torn tail (a
+//! log retired by a compaction is synced after the newer one has taken
+//! appends, so either can end torn): cut off, with one warning naming the
+//! file and offset. Any other
 //! damage refuses the start with a message saying what to do: there is no
 //! way to tell what a damaged record held, and a node that starts without
 //! it would serve a state that silently lost writes.
@@ -207,6 +209,10 @@ pub struct DataDir {
     /// Set when the state changed without a record (entries dropped by a
     /// full resync): the next round writes a snapshot.
     compaction_requested: std::sync::atomic::AtomicBool,
+    /// Counts what makes a snapshot necessary (a request, an applied change
+    /// the log could not take): a snapshot clears the flags only if none
+    /// came after it took its state.
+    needs_snapshot_events: AtomicU64,
     /// The log size past which it is compacted (see `wants_compaction`).
     compact_log_bytes: u64,
 }
@@ -351,6 +357,7 @@ impl DataDir {
             dirty: Notify::new(),
             snapshot_bytes: AtomicU64::new(snapshot_bytes),
             compaction_requested: Default::default(),
+            needs_snapshot_events: AtomicU64::new(0),
             compact_log_bytes,
         };
         Ok((data_dir, recovered))
@@ -411,6 +418,7 @@ impl DataDir {
     /// Asks for a snapshot at the next round: the state changed in a way
     /// no record describes (entries dropped by a full resync).
     pub fn request_compaction(&self) {
+        self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
         self.compaction_requested.store(true, Ordering::Release);
     }
 
@@ -419,7 +427,9 @@ impl DataDir {
     pub fn append_applied(&self, records: &[Record]) -> Result<u64, DiskError> {
         let result = self.append(records);
         if result.is_err() {
-            self.log().unlogged = true;
+            let mut log = self.log();
+            self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
+            log.unlogged = true;
         }
         result
     }
@@ -507,7 +517,16 @@ impl DataDir {
     /// [`DataDir::sync`], before the sequence numbers it holds count as on
     /// disk. Only the durability loop calls this.
     fn next_generation(&self) -> Result<u64, DiskError> {
-        let generation = self.log().generation + 1;
+        let generation = {
+            let log = self.log();
+            // A log that holds nothing yet (a snapshot that failed after
+            // the last switch, retried) is used as it is: retries must not
+            // pile up files and handles.
+            if log.bytes <= frame::LOG_MAGIC.len() as u64 {
+                return Ok(log.generation);
+            }
+            log.generation + 1
+        };
         let path = self.dir.join(name_of("log", generation));
         let disk = |e: io::Error| DiskError::of(&e);
         // In append mode, as the log `open` makes: after a failed write is
@@ -538,7 +557,15 @@ impl DataDir {
     /// Writes `records` as the snapshot of `generation` (tmp, sync, rename,
     /// sync the directory), then removes the files it makes obsolete and
     /// clears a failure. Blocking.
-    fn write_snapshot(&self, generation: u64, records: &[Record]) -> Result<u64, DiskError> {
+    ///
+    /// `mark` is [`DataDir::snapshot_mark`] read before `records` were
+    /// taken.
+    fn write_snapshot(
+        &self,
+        generation: u64,
+        records: &[Record],
+        mark: u64,
+    ) -> Result<u64, DiskError> {
         let name = name_of("snapshot", generation);
         let tmp = self.dir.join(format!("{name}.tmp"));
         let path = self.dir.join(&name);
@@ -572,14 +599,29 @@ impl DataDir {
             }
         };
         self.snapshot_bytes.store(bytes, Ordering::Relaxed);
-        self.compaction_requested.store(false, Ordering::Release);
         remove_older_than(&self.dir, generation);
         let mut log = self.log();
-        log.unlogged = false;
+        // Under the log lock, as `append_applied` sets `unlogged`: a need
+        // that came after the state was taken stays for the next round.
+        if self.needs_snapshot_events.load(Ordering::Acquire) == mark {
+            self.compaction_requested.store(false, Ordering::Release);
+            log.unlogged = false;
+        }
         if log.failed.take().is_some() {
             info!("the data directory can be written again; writes are accepted");
         }
         Ok(bytes)
+    }
+
+    /// What a snapshot's state must be taken after to clear the needs
+    /// counted so far (see `needs_snapshot_events`).
+    fn snapshot_mark(&self) -> u64 {
+        self.needs_snapshot_events.load(Ordering::Acquire)
+    }
+
+    /// True when older logs still wait for a sync.
+    fn retiring(&self) -> bool {
+        !self.log().retiring.is_empty()
     }
 
     /// Saves when the last full sync with a peer was (read back at the next
@@ -700,12 +742,16 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
         let mut kept = size;
         match end {
             frame::End::Clean => {}
-            frame::End::Torn { offset } if Some(*g) == newest => {
+            // Any log after the snapshot may end torn: a log retired by a
+            // compaction is synced only by the next sync, which comes
+            // before any of its changes counts as on disk, so a crash can
+            // leave its last record cut short while the newer one is whole.
+            frame::End::Torn { offset } => {
                 warn!(
                     file = %path.display(),
                     offset,
                     cut = size - offset as u64,
-                    "the newest log ends in a record cut short (a crash while it was written); cutting it off there"
+                    "a log ends in a record cut short (a crash while it was written); cutting it off there"
                 );
                 OpenOptions::new()
                     .write(true)
@@ -713,14 +759,6 @@ fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
                     .and_then(|f| f.set_len(offset as u64).and_then(|()| f.sync_all()))
                     .map_err(io_err("cannot cut the torn tail of", &path))?;
                 kept = offset as u64;
-            }
-            frame::End::Torn { offset } => {
-                return Err(DurabilityError::Damaged {
-                    dir: dir.to_owned(),
-                    file: path,
-                    offset,
-                    reason: "an older log ends in the middle of a record".into(),
-                });
             }
             frame::End::Damaged { offset, reason } => {
                 return Err(DurabilityError::Damaged {
@@ -791,11 +829,21 @@ pub(crate) async fn durability_loop(
             Fsync::Interval => !woken_by_write,
             Fsync::Never => false,
         };
-        if wants_sync && data.synced_tx.borrow().0 < data.appended.load(Ordering::Acquire) {
+        // A retired log is synced even with nothing new appended: until
+        // then it stays open, its space held after compaction removed it.
+        if wants_sync
+            && (data.synced_tx.borrow().0 < data.appended.load(Ordering::Acquire)
+                || data.retiring())
+        {
             let d = data.clone();
             if let Ok(Err(error)) = tokio::task::spawn_blocking(move || d.sync()).await {
-                warn!(%error, "fsync of the data directory failed");
+                warn!(%error, "fsync of the data directory failed; writes are refused until a snapshot of the whole state is written");
+                // The kernel may have dropped the pages that failed, and a
+                // later fsync of the same file reports success: only a
+                // snapshot makes the directory whole again.
                 let mut log = data.log();
+                data.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
+                log.unlogged = true;
                 log.failed.get_or_insert(error);
             }
         }
@@ -815,8 +863,9 @@ pub(crate) async fn durability_loop(
         if compaction.is_none() && data.wants_compaction() {
             let (d, snapshot) = (data.clone(), snapshot.clone());
             compaction = Some(tokio::task::spawn_blocking(move || {
+                let mark = d.snapshot_mark();
                 let generation = d.next_generation()?;
-                d.write_snapshot(generation, &snapshot())
+                d.write_snapshot(generation, &snapshot(), mark)
             }));
         }
         let last_sync = last_sync();
@@ -826,15 +875,21 @@ pub(crate) async fn durability_loop(
             let _ = tokio::task::spawn_blocking(move || d.save_last_sync(last_sync)).await;
         }
     }
-    // Shutdown: a compaction under way finishes (its files are complete or
-    // absent either way, but the process should not exit under it), and
-    // what was appended goes to disk, whatever the policy but `never`.
+    // Shutdown: what was appended goes to disk, whatever the policy but
+    // `never`, first (the node's shutdown gives its tasks a deadline, and a
+    // compaction can outlast it); then a compaction under way finishes
+    // (its files are complete or absent either way) and what came during
+    // it is synced too.
+    let final_sync = || async {
+        if data.policy != Fsync::Never {
+            let d = data.clone();
+            let _ = tokio::task::spawn_blocking(move || d.sync()).await;
+        }
+    };
+    final_sync().await;
     if let Some(running) = compaction {
         let _ = running.await;
-    }
-    if data.policy != Fsync::Never {
-        let d = data.clone();
-        let _ = tokio::task::spawn_blocking(move || d.sync()).await;
+        final_sync().await;
     }
 }
 
@@ -938,7 +993,7 @@ mod tests {
         // The snapshot written, the old files not yet removed.
         let old_log = fs::read(d.join(name_of("log", 0))).expect("old log");
         let generation = data.next_generation().expect("switch");
-        data.write_snapshot(generation, &recovered.records)
+        data.write_snapshot(generation, &recovered.records, data.snapshot_mark())
             .expect("snapshot");
         data.append(&[record("d", 4)]).expect("append");
         drop(data);
@@ -976,6 +1031,51 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
     }
 
+    /// A crash can leave a retired log torn while the newer one is whole
+    /// (the retired one is synced later): its tail is cut, the start goes
+    /// on, and every whole record of both is there.
+    #[test]
+    fn a_torn_older_log_is_cut_and_the_newer_one_read() {
+        let d = dir("torn-older");
+        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
+        data.append(&[record("a", 1), record("b", 2)])
+            .expect("append");
+        data.next_generation().expect("switch");
+        data.append(&[record("c", 3)]).expect("append");
+        drop(data);
+        let old = d.join(name_of("log", 0));
+        let len = fs::metadata(&old).expect("old log").len();
+        OpenOptions::new()
+            .write(true)
+            .open(&old)
+            .and_then(|f| f.set_len(len - 3))
+            .expect("tear the old log");
+        let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("starts");
+        assert_eq!(keys(&recovered), ["a", "c"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A need for a snapshot that comes after a snapshot took its state
+    /// is not cleared by it.
+    #[test]
+    fn a_snapshot_clears_only_the_needs_it_covers() {
+        let d = dir("needs");
+        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
+        data.append(&[record("a", 1)]).expect("append");
+        let mark = data.snapshot_mark();
+        let generation = data.next_generation().expect("switch");
+        data.request_compaction();
+        data.write_snapshot(generation, &[record("a", 1)], mark)
+            .expect("snapshot");
+        assert!(data.wants_compaction(), "the later request stays");
+        let mark = data.snapshot_mark();
+        let generation = data.next_generation().expect("reuse the empty log");
+        data.write_snapshot(generation, &[record("a", 1)], mark)
+            .expect("snapshot");
+        assert!(!data.wants_compaction());
+        let _ = fs::remove_dir_all(&d);
+    }
+
     /// A write cut back off after a failure leaves no hole: the next
     /// append lands where the log now ends, in a switched-to log too.
     #[test]
@@ -1002,14 +1102,21 @@ mod tests {
     fn the_old_log_is_synced_before_its_changes_count_as_on_disk() {
         let d = dir("retiring");
         let (data, _) = DataDir::open(&d, Fsync::Always, 4096).expect("open");
-        let lsn = data.append(&[record("a", 1)]).expect("append");
+        data.append(&[record("a", 1)]).expect("append");
         data.next_generation().expect("switch");
+        let lsn = data.append(&[record("b", 2)]).expect("append");
         data.next_generation().expect("switch again");
         assert_eq!(
             data.log().retiring.len(),
             2,
             "both old logs wait for a sync"
         );
+        assert!(data.retiring());
+        // A log that holds nothing is not switched away from again: a
+        // failing snapshot's retries do not pile up files.
+        let generation = data.log().generation;
+        assert_eq!(data.next_generation().expect("reuse"), generation);
+        assert_eq!(data.log().retiring.len(), 2);
         assert!(data.synced_tx.borrow().0 < lsn);
         data.sync().expect("sync");
         assert!(data.log().retiring.is_empty());
@@ -1017,6 +1124,7 @@ mod tests {
         drop(data);
         // With `never` nothing would ever sync them: none are kept open.
         let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen");
+        data.append(&[record("c", 3)]).expect("append");
         data.next_generation().expect("switch");
         assert!(data.log().retiring.is_empty());
         drop(data);
