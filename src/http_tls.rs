@@ -12,14 +12,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
 use crate::reload::FileStamps;
-use crate::tls::TlsError;
+use crate::tls::{TlsError, certificates, config_error, file_error, roots};
 
 /// The REST port's TLS files.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -51,36 +51,6 @@ pub struct HttpTlsFiles {
         help_heading = "Security"
     )]
     pub client_ca: Option<PathBuf>,
-}
-
-fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.to_owned(),
-        reason: reason.to_string(),
-    }
-}
-
-fn config_error(err: impl std::fmt::Display) -> TlsError {
-    TlsError::Config(err.to_string())
-}
-
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "holds no certificate"));
-    }
-    Ok(certs)
-}
-
-fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in certificates(path)? {
-        roots.add(ca).map_err(|e| file_error(path, e))?;
-    }
-    Ok(roots)
 }
 
 fn build(files: &HttpTlsFiles) -> Result<TlsAcceptor, TlsError> {

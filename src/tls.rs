@@ -111,36 +111,47 @@ impl std::fmt::Debug for PeerTls {
     }
 }
 
-fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+pub(crate) fn file_error(path: &Path, reason: impl std::fmt::Display) -> TlsError {
     TlsError::File {
         path: path.to_owned(),
         reason: reason.to_string(),
     }
 }
 
-fn config_error(err: impl std::fmt::Display) -> TlsError {
+pub(crate) fn config_error(err: impl std::fmt::Display) -> TlsError {
     TlsError::Config(err.to_string())
+}
+
+/// The certificate chain in the PEM file at `path` (at least one).
+pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "holds no certificate"));
+    }
+    Ok(certs)
+}
+
+/// The CA certificates in the PEM file at `path` (at least one).
+pub(crate) fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(path).map_err(|e| file_error(path, e))? {
+        let ca = ca.map_err(|e| file_error(path, e))?;
+        roots.add(ca).map_err(|e| file_error(path, e))?;
+    }
+    if roots.is_empty() {
+        return Err(file_error(path, "holds no CA certificate"));
+    }
+    Ok(roots)
 }
 
 fn build(files: &TlsFiles) -> Result<Configs, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| file_error(&files.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_error(&files.cert, e))?;
-    if certs.is_empty() {
-        return Err(file_error(&files.cert, "holds no certificate"));
-    }
+    let certs = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_error(&files.key, e))?;
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&files.ca).map_err(|e| file_error(&files.ca, e))? {
-        let ca = ca.map_err(|e| file_error(&files.ca, e))?;
-        roots.add(ca).map_err(|e| file_error(&files.ca, e))?;
-    }
-    if roots.is_empty() {
-        return Err(file_error(&files.ca, "holds no CA certificate"));
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(roots(&files.ca)?);
 
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())

@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::process::{BIN, free_port};
-use common::{next_block, wait_until};
+use common::next_block;
+use common::process::{BIN, free_port, wait_readyz};
 use podcache::client::RestClient;
 
 /// Two distinct free ports on `ip` (both held at once while chosen).
@@ -102,16 +102,7 @@ async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitSt
 
 async fn wait_ready(http: &str) {
     let client = RestClient::new(http).expect("address");
-    wait_until("node ready", Duration::from_secs(20), || {
-        let client = client.clone();
-        async move {
-            client
-                .get("/readyz")
-                .await
-                .is_ok_and(|a| a.status == hyper::StatusCode::OK)
-        }
-    })
-    .await;
+    wait_readyz(&client, hyper::StatusCode::OK, Duration::from_secs(20)).await;
 }
 
 #[tokio::test]
@@ -507,15 +498,11 @@ async fn on_sigterm_a_node_reports_not_ready_and_serves_on_for_the_shutdown_dela
     let client = RestClient::new(&node.http).expect("client");
     client.put(1, "k", "v", "").await.expect("put");
     signal(&node.child, "TERM");
-    wait_until("not ready", Duration::from_secs(5), || {
-        let client = client.clone();
-        async move {
-            client
-                .get("/readyz")
-                .await
-                .is_ok_and(|a| a.status == hyper::StatusCode::SERVICE_UNAVAILABLE)
-        }
-    })
+    wait_readyz(
+        &client,
+        hyper::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(5),
+    )
     .await;
     // Not ready, still answering.
     assert_eq!(

@@ -109,18 +109,29 @@ impl ServeSpec {
 
     /// Waits until the node answers `/readyz` with 200.
     pub async fn wait_ready(&self) {
-        let client = self.client();
-        wait_until("node ready", Duration::from_secs(30), || {
-            let client = client.clone();
-            async move {
-                client
-                    .get("/readyz")
-                    .await
-                    .is_ok_and(|a| a.status == hyper::StatusCode::OK)
-            }
-        })
+        wait_readyz(
+            &self.client(),
+            hyper::StatusCode::OK,
+            Duration::from_secs(30),
+        )
         .await;
     }
+}
+
+/// Polls the node of `client` until `/readyz` answers `status`, failing
+/// the test after `within`.
+pub async fn wait_readyz(client: &RestClient, status: hyper::StatusCode, within: Duration) {
+    let what = format!("/readyz {status}");
+    wait_until(&what, within, || {
+        let client = client.clone();
+        async move {
+            client
+                .get("/readyz")
+                .await
+                .is_ok_and(|a| a.status == status)
+        }
+    })
+    .await;
 }
 
 /// A running `podcache serve`; killed if the test ends with it running.
