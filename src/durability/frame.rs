@@ -129,9 +129,8 @@ pub(crate) fn read_from(
         start += at;
         at = 0;
         // A record longer than a chunk is read whole before it is parsed.
-        let want = match buf.get(..HEADER) {
-            Some(h) => (HEADER + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)
-                .min(HEADER + MAX_PAYLOAD)
+        let want = match header_at(&buf, 0) {
+            Some((len, _)) => (HEADER + len.min(MAX_PAYLOAD))
                 .saturating_sub(buf.len())
                 .max(chunk),
             None => chunk,
@@ -145,20 +144,21 @@ pub(crate) fn read_from(
 /// True when `bytes` holds the whole record at `at` (or its header claims
 /// more than a record may): it can be judged without reading more.
 fn whole_record_at(bytes: &[u8], at: usize) -> bool {
-    let Some(header) = bytes.get(at..at + HEADER) else {
-        return false;
-    };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    len > MAX_PAYLOAD || at + HEADER + len <= bytes.len()
+    header_at(bytes, at)
+        .is_some_and(|(len, _)| len > MAX_PAYLOAD || at + HEADER + len <= bytes.len())
+}
+
+/// The payload length and checksum the header at `at` claims, if the
+/// whole header is there.
+fn header_at(bytes: &[u8], at: usize) -> Option<(usize, u32)> {
+    let h = bytes.get(at..at + HEADER)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    Some((len, u32::from_le_bytes([h[4], h[5], h[6], h[7]])))
 }
 
 /// The record at `at` and the offset after it.
 fn record_at(bytes: &[u8], at: usize) -> Result<(Record, usize), String> {
-    let header = bytes
-        .get(at..at + HEADER)
-        .ok_or_else(|| "a record header cut short".to_owned())?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let (len, crc) = header_at(bytes, at).ok_or_else(|| "a record header cut short".to_owned())?;
     if len > MAX_PAYLOAD {
         return Err(format!("a record claims {len} bytes"));
     }

@@ -427,11 +427,17 @@ impl DataDir {
     pub fn append_applied(&self, records: &[Record]) -> Result<u64, DiskError> {
         let result = self.append(records);
         if result.is_err() {
-            let mut log = self.log();
-            self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
-            log.unlogged = true;
+            self.mark_unlogged(&mut self.log());
         }
         result
+    }
+
+    /// The disk lacks changes the store holds: only a snapshot of the whole
+    /// state makes the directory whole again. Called under the log lock,
+    /// which `write_snapshot` clears it under.
+    fn mark_unlogged(&self, log: &mut Log) {
+        self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
+        log.unlogged = true;
     }
 
     /// The directory can take appends (no failure waiting for a snapshot).
@@ -842,8 +848,7 @@ pub(crate) async fn durability_loop(
                 // later fsync of the same file reports success: only a
                 // snapshot makes the directory whole again.
                 let mut log = data.log();
-                data.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
-                log.unlogged = true;
+                data.mark_unlogged(&mut log);
                 log.failed.get_or_insert(error);
             }
         }
