@@ -1,41 +1,194 @@
-//! The framing of the data directory's files: each record is
-//! `[u32 length][u32 CRC-32][payload]` (little endian), the payload a
-//! `podcache.v1.Entry` message, the checksum over the payload. A file
-//! starts with an 8-byte magic naming its kind and format.
+//! The framing of the data directory's files, and telling a torn tail (a
+//! record cut short by a power cut while it was written, at the very end
+//! of a file) from damage (anything else).
 //!
-//! Owns: the byte layout, and telling a torn tail (a record cut short by a
-//! crash while it was being written, at the very end of a file) from
-//! damage (anything else). Must not touch files or the store: it reads
-//! and writes byte slices. Written by hand because it is twenty lines on
-//! top of two kept crates (prost for the payload, crc32fast for the
-//! checksum); no framing crate checks what the recovery rules here need.
+//! # Format 2 (written now)
+//! A file starts with a 24-byte header: an 8-byte magic naming its kind
+//! and format, a random 64-bit salt chosen when the file was created, the
+//! CRC-32 of those 16 bytes, and 4 zero bytes. Each record is `[u32
+//! length][u32 checksum][payload]` (little endian), the payload a
+//! `podcache.v1.Entry` message, the checksum a CRC-32 over the salt, the
+//! record's offset in the file, its length and its payload, as SQLite's
+//! WAL mixes a salt into its frames. So a record cut short never passes
+//! (its header is covered), a record cannot pass at another offset or in
+//! another file, and the bytes of a value that hold a well-formed record
+//! cannot pass for one (they would need the file's salt and their own
+//! offset).
+//!
+//! # Format 1 (read only)
+//! An 8-byte magic, then records whose checksum covers the payload alone.
+//! Read with the same rules, to start from a directory an older podcache
+//! wrote; nothing is appended to such a file.
+//!
+//! # Torn or damaged
+//! Power loss can only cut the unsynced end of a file, so a record that
+//! fails is a torn tail when no valid record starts anywhere after it,
+//! and damage otherwise. The search for a later record reads the file in
+//! bounded chunks (a checksum's payload is streamed, never held), so a bad
+//! record early in a large file costs time, not memory.
+//!
+//! Owns: the byte layout. Must not touch files by name or the store: it
+//! reads through [`Source`] and writes byte vectors. Written by hand
+//! because it is short on top of two kept crates (prost for the payload,
+//! crc32fast for the checksum); no framing crate checks what the recovery
+//! rules here need.
 
-use std::io::Read;
+use std::io;
 
 use prost::Message;
 
 use crate::proto::{encode_entry, podcache, record_from_wire};
 use crate::store::Record;
 
-/// The magic of a log file (appends since a snapshot).
-pub(crate) const LOG_MAGIC: &[u8; 8] = b"PCLOG\x00\x01\n";
-/// The magic of a snapshot file (the whole state at one moment).
-pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"PCSNP\x00\x01\n";
+/// The magic of a format-2 log file (appends since a snapshot).
+pub(crate) const LOG_MAGIC: &[u8; 8] = b"PCLOG\x00\x02\n";
+/// The magic of a format-2 snapshot file (the whole state at one moment).
+pub(crate) const SNAPSHOT_MAGIC: &[u8; 8] = b"PCSNP\x00\x02\n";
+/// The magic of a format-1 log file.
+pub(crate) const LOG_MAGIC_V1: &[u8; 8] = b"PCLOG\x00\x01\n";
+/// The magic of a format-1 snapshot file.
+pub(crate) const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"PCSNP\x00\x01\n";
+/// Bytes of a format-2 file header.
+pub(crate) const FILE_HEADER: usize = 24;
 /// Bytes of a record's header.
 pub(crate) const HEADER: usize = 8;
-/// The longest payload a record may claim: larger than any entry the
-/// limits allow (1 MiB values by default, and the gRPC message limit
-/// bounds what peers send), small enough that a damaged length is caught.
+/// The longest payload a record may claim. The configuration keeps every
+/// entry below it with a data directory (see `Limits::max_entry_bytes`);
+/// small enough that a damaged length is caught.
 pub(crate) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
 
-/// Appends `record` framed to `buf`.
-pub(crate) fn put(record: &Record, buf: &mut Vec<u8>) {
+/// The two kinds of file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `log-<gen>`.
+    Log,
+    /// `snapshot-<gen>`.
+    Snapshot,
+}
+
+impl Kind {
+    fn magics(self) -> (&'static [u8; 8], &'static [u8; 8]) {
+        match self {
+            Kind::Log => (LOG_MAGIC, LOG_MAGIC_V1),
+            Kind::Snapshot => (SNAPSHOT_MAGIC, SNAPSHOT_MAGIC_V1),
+        }
+    }
+}
+
+/// How a file's records are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Format 1: the payload's CRC alone; records from byte 8.
+    V1,
+    /// Format 2: salted, offset-bound CRC over header and payload;
+    /// records from byte 24.
+    V2 {
+        /// The file's salt.
+        salt: u64,
+    },
+}
+
+impl Framing {
+    /// Where the first record starts.
+    pub(crate) fn first_record(self) -> u64 {
+        match self {
+            Framing::V1 => 8,
+            Framing::V2 { .. } => FILE_HEADER as u64,
+        }
+    }
+
+    fn checksum(self, offset: u64, len: u32, payload: &[&[u8]]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        if let Framing::V2 { salt } = self {
+            h.update(&salt.to_le_bytes());
+            h.update(&offset.to_le_bytes());
+            h.update(&len.to_le_bytes());
+        }
+        for part in payload {
+            h.update(part);
+        }
+        h.finalize()
+    }
+}
+
+/// The header of a new format-2 file of `kind` with `salt`.
+pub(crate) fn file_header(kind: Kind, salt: u64) -> [u8; FILE_HEADER] {
+    let mut out = [0; FILE_HEADER];
+    out[..8].copy_from_slice(kind.magics().0);
+    out[8..16].copy_from_slice(&salt.to_le_bytes());
+    let crc = crc32fast::hash(&out[..16]);
+    out[16..20].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// What a file's first bytes say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Head {
+    /// Shorter than its header, or a header of zeros with nothing after
+    /// it: created, and cut (or never written) before its header was
+    /// whole. A file's header is synced before any record is appended, so
+    /// such a file never held a record.
+    Empty,
+    /// A valid header.
+    Framed(Framing),
+    /// Anything else: not a podcache file of this kind, or damaged.
+    Bad(String),
+}
+
+/// Reads the header of a file of `kind` from `source`.
+pub(crate) fn head<S: Source + ?Sized>(source: &S, kind: Kind) -> io::Result<Head> {
+    let len = source.len()?;
+    let mut bytes = [0; FILE_HEADER];
+    let n = read_full(
+        source,
+        0,
+        &mut bytes[..(len.min(FILE_HEADER as u64) as usize)],
+    )?;
+    let bytes = &bytes[..n];
+    let (v2, v1) = kind.magics();
+    if bytes.len() >= 8 && &bytes[..8] == v1 {
+        return Ok(Head::Framed(Framing::V1));
+    }
+    if bytes.len() < FILE_HEADER {
+        let prefix_of = |m: &[u8; 8]| {
+            let k = bytes.len().min(8);
+            m[..k] == bytes[..k]
+        };
+        if prefix_of(v2) || prefix_of(v1) || bytes.iter().all(|b| *b == 0) {
+            return Ok(Head::Empty);
+        }
+        return Ok(Head::Bad(
+            "not a podcache file of this kind (wrong magic)".into(),
+        ));
+    }
+    if &bytes[..8] != v2 {
+        if bytes.iter().all(|b| *b == 0) && len == FILE_HEADER as u64 {
+            return Ok(Head::Empty);
+        }
+        return Ok(Head::Bad(
+            "not a podcache file of this kind (wrong magic)".into(),
+        ));
+    }
+    let crc = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    if crc32fast::hash(&bytes[..16]) != crc {
+        return Ok(Head::Bad("the file's header fails its checksum".into()));
+    }
+    let mut salt = [0; 8];
+    salt.copy_from_slice(&bytes[8..16]);
+    Ok(Head::Framed(Framing::V2 {
+        salt: u64::from_le_bytes(salt),
+    }))
+}
+
+/// Appends `record` framed for `framing` to `buf`, as the record that
+/// starts at `offset` in its file.
+pub(crate) fn put(framing: Framing, offset: u64, record: &Record, buf: &mut Vec<u8>) {
     let start = buf.len();
     buf.extend_from_slice(&[0; HEADER]);
     encode_entry(record, buf);
     let payload = &buf[start + HEADER..];
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    let crc = crc32fast::hash(payload);
+    let crc = framing.checksum(offset, len, &[payload]);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
@@ -46,106 +199,151 @@ pub(crate) enum End {
     /// Every byte was a whole, valid record.
     Clean,
     /// From this offset on, the bytes hold no valid record: a record cut
-    /// short (or never written) by a crash. Safe to cut off at the end of
-    /// a log: nothing after it ever counted as on disk.
+    /// short (or never written) by a power cut. Safe to cut off at the end
+    /// of a log: nothing after it ever counted as on disk.
     Torn {
         /// Where the valid records end.
-        offset: usize,
+        offset: u64,
     },
-    /// A record at this offset is invalid but valid records follow it, or
-    /// its payload is not an entry: damage, never to be skipped silently.
+    /// A record at this offset is invalid but a valid record follows it,
+    /// or it passes its checksum but is not an entry: damage, never to be
+    /// skipped silently.
     Damaged {
         /// Where the bad record starts.
-        offset: usize,
+        offset: u64,
         /// What is wrong.
         reason: String,
     },
 }
 
-/// Reads the records of `bytes` (a file's contents after its magic,
-/// which starts at `base` in the file), giving each to `each` in order.
-pub(crate) fn read(bytes: &[u8], base: usize, mut each: impl FnMut(Record)) -> End {
-    let mut at = 0;
-    while at < bytes.len() {
-        match record_at(bytes, at) {
-            Ok((record, next)) => {
-                each(record);
-                at = next;
-            }
-            Err(reason) => {
-                // A crash leaves at most one partial record, at the end: if
-                // any valid record starts after this point, it is damage.
-                let later = (at + 1..bytes.len()).find(|&o| record_at(bytes, o).is_ok());
-                return match later {
-                    None => End::Torn { offset: base + at },
-                    Some(_) => End::Damaged {
-                        offset: base + at,
-                        reason,
-                    },
-                };
-            }
-        }
-    }
-    End::Clean
+/// Random-access bytes: a file, or a slice in tests and fuzzing.
+pub(crate) trait Source {
+    /// The size.
+    fn len(&self) -> io::Result<u64>;
+    /// Reads from `offset`; 0 at the end.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
 }
 
-/// Reads the records of a file's contents after its magic from `source`,
-/// `chunk` bytes at a time, as [`read`] does on the whole (the same
-/// records, the same end), holding about one chunk in memory rather than
-/// the file: a node's snapshot is as large as its state. Only when a
-/// record is bad before the end is the rest read whole, to tell a torn
-/// tail from damage. Returns the end and the bytes read.
-pub(crate) fn read_from(
-    mut source: impl Read,
-    base: usize,
+impl Source for [u8] {
+    fn len(&self) -> io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let from = (offset as usize).min(<[u8]>::len(self));
+        let n = buf.len().min(<[u8]>::len(self) - from);
+        buf[..n].copy_from_slice(&self[from..from + n]);
+        Ok(n)
+    }
+}
+
+impl Source for dyn super::storage::StorageFile {
+    fn len(&self) -> io::Result<u64> {
+        super::storage::StorageFile::len(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        super::storage::StorageFile::read_at(self, offset, buf)
+    }
+}
+
+fn read_full<S: Source + ?Sized>(source: &S, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        let n = source.read_at(offset + at as u64, &mut buf[at..])?;
+        if n == 0 {
+            break;
+        }
+        at += n;
+    }
+    Ok(at)
+}
+
+/// Reads the records of `source` (a whole file whose header said
+/// `framing`), `chunk` bytes at a time, giving each to `each` in order.
+/// Returns how they end.
+pub(crate) fn read<S: Source + ?Sized>(
+    source: &S,
+    framing: Framing,
     chunk: usize,
     mut each: impl FnMut(Record),
-) -> std::io::Result<(End, usize)> {
-    let chunk = chunk.max(1);
-    let mut buf: Vec<u8> = Vec::with_capacity(chunk);
-    // The file offset of buf[0], and where the next record starts in buf.
-    let (mut start, mut at) = (base, 0);
-    let mut eof = false;
-    loop {
-        while at < buf.len() && whole_record_at(&buf, at) {
-            match record_at(&buf, at) {
-                Ok((record, next)) => {
-                    each(record);
-                    at = next;
-                }
-                Err(_) => {
-                    // Bad before the end: the rest decides what it is.
-                    source.read_to_end(&mut buf)?;
-                    let read_bytes = start - base + buf.len();
-                    return Ok((read(&buf[at..], start + at, each), read_bytes));
+) -> io::Result<End> {
+    let chunk = chunk.max(HEADER);
+    let len = source.len()?;
+    let mut buf: Vec<u8> = Vec::new();
+    // The file offset of buf[0].
+    let mut buf_at = framing.first_record();
+    let mut at = buf_at;
+    // Makes buf cover [from, from + n) as far as the file goes.
+    let cover = |buf: &mut Vec<u8>, buf_at: &mut u64, from: u64, n: usize| -> io::Result<()> {
+        let have_to = *buf_at + buf.len() as u64;
+        if from >= *buf_at && from + n as u64 <= have_to {
+            return Ok(());
+        }
+        buf.drain(..((from - *buf_at) as usize).min(buf.len()));
+        *buf_at = from;
+        let want = n.max(chunk).min((len.saturating_sub(from)) as usize);
+        let old = buf.len();
+        if want > old {
+            buf.resize(want, 0);
+            let got = read_full(source, from + old as u64, &mut buf[old..])?;
+            buf.truncate(old + got);
+        }
+        Ok(())
+    };
+    while at < len {
+        cover(&mut buf, &mut buf_at, at, HEADER)?;
+        let rel = (at - buf_at) as usize;
+        let bad = match header_at(&buf, rel) {
+            None => Some("a record header cut short".to_owned()),
+            Some((plen, crc)) => {
+                if plen == 0 || plen > MAX_PAYLOAD {
+                    Some(format!("a record claims {plen} bytes"))
+                } else if at + (HEADER + plen) as u64 > len {
+                    Some("a record cut short".to_owned())
+                } else {
+                    cover(&mut buf, &mut buf_at, at, HEADER + plen)?;
+                    let rel = (at - buf_at) as usize;
+                    let payload = &buf[rel + HEADER..rel + HEADER + plen];
+                    if framing.checksum(at, plen as u32, &[payload]) != crc {
+                        Some("a record's checksum does not match".to_owned())
+                    } else {
+                        // It passed its checksum: it was written so. Not
+                        // being an entry is damage, not a torn tail.
+                        match decode(payload) {
+                            Ok(record) => {
+                                each(record);
+                                at += (HEADER + plen) as u64;
+                                None
+                            }
+                            Err(reason) => {
+                                return Ok(End::Damaged { offset: at, reason });
+                            }
+                        }
+                    }
                 }
             }
-        }
-        if eof {
-            let read_bytes = start - base + buf.len();
-            return Ok((read(&buf[at..], start + at, each), read_bytes));
-        }
-        buf.drain(..at);
-        start += at;
-        at = 0;
-        // A record longer than a chunk is read whole before it is parsed.
-        let want = match header_at(&buf, 0) {
-            Some((len, _)) => (HEADER + len.min(MAX_PAYLOAD))
-                .saturating_sub(buf.len())
-                .max(chunk),
-            None => chunk,
         };
-        let before = buf.len();
-        (&mut source).take(want as u64).read_to_end(&mut buf)?;
-        eof = buf.len() == before;
+        if let Some(reason) = bad {
+            drop(buf);
+            return Ok(
+                match valid_record_after(source, framing, at + 1, len, chunk)? {
+                    None => End::Torn { offset: at },
+                    Some(_) => End::Damaged { offset: at, reason },
+                },
+            );
+        }
     }
+    Ok(End::Clean)
 }
 
-/// True when `bytes` holds the whole record at `at` (or its header claims
-/// more than a record may): it can be judged without reading more.
-fn whole_record_at(bytes: &[u8], at: usize) -> bool {
-    header_at(bytes, at)
-        .is_some_and(|(len, _)| len > MAX_PAYLOAD || at + HEADER + len <= bytes.len())
+fn decode(payload: &[u8]) -> Result<Record, String> {
+    let entry = podcache::Entry::decode(payload)
+        .map_err(|e| format!("a record that is not an entry: {e}"))?;
+    if entry.key.is_empty() {
+        return Err("a record with an empty key".to_owned());
+    }
+    Ok(record_from_wire(entry))
 }
 
 /// The payload length and checksum the header at `at` claims, if the
@@ -156,24 +354,64 @@ fn header_at(bytes: &[u8], at: usize) -> Option<(usize, u32)> {
     Some((len, u32::from_le_bytes([h[4], h[5], h[6], h[7]])))
 }
 
-/// The record at `at` and the offset after it.
-fn record_at(bytes: &[u8], at: usize) -> Result<(Record, usize), String> {
-    let (len, crc) = header_at(bytes, at).ok_or_else(|| "a record header cut short".to_owned())?;
-    if len > MAX_PAYLOAD {
-        return Err(format!("a record claims {len} bytes"));
+/// The first offset at or after `from` where a record that passes its
+/// checksum starts, reading `chunk` bytes at a time.
+fn valid_record_after<S: Source + ?Sized>(
+    source: &S,
+    framing: Framing,
+    from: u64,
+    len: u64,
+    chunk: usize,
+) -> io::Result<Option<u64>> {
+    let mut window = vec![0; chunk + HEADER];
+    let mut base = from;
+    while base + HEADER as u64 <= len {
+        let n = read_full(source, base, &mut window)?;
+        let last = n.saturating_sub(HEADER - 1).min(chunk);
+        for rel in 0..last {
+            let Some((plen, crc)) = header_at(&window[..n], rel) else {
+                break;
+            };
+            let at = base + rel as u64;
+            if plen == 0 || plen > MAX_PAYLOAD || at + (HEADER + plen) as u64 > len {
+                continue;
+            }
+            if streamed_checksum(source, framing, at, plen, chunk)? == crc {
+                return Ok(Some(at));
+            }
+        }
+        base += chunk as u64;
     }
-    let payload = bytes
-        .get(at + HEADER..at + HEADER + len)
-        .ok_or_else(|| "a record cut short".to_owned())?;
-    if crc32fast::hash(payload) != crc {
-        return Err("a record's checksum does not match".to_owned());
+    Ok(None)
+}
+
+/// The checksum of the record claimed at `at` with `plen` payload bytes,
+/// its payload read `chunk` bytes at a time.
+fn streamed_checksum<S: Source + ?Sized>(
+    source: &S,
+    framing: Framing,
+    at: u64,
+    plen: usize,
+    chunk: usize,
+) -> io::Result<u32> {
+    let mut h = crc32fast::Hasher::new();
+    if let Framing::V2 { salt } = framing {
+        h.update(&salt.to_le_bytes());
+        h.update(&at.to_le_bytes());
+        h.update(&(plen as u32).to_le_bytes());
     }
-    let entry = podcache::Entry::decode(payload)
-        .map_err(|e| format!("a record that is not an entry: {e}"))?;
-    if entry.key.is_empty() {
-        return Err("a record with an empty key".to_owned());
+    let mut buf = vec![0; chunk.min(plen)];
+    let mut done = 0;
+    while done < plen {
+        let want = (plen - done).min(buf.len());
+        let n = read_full(source, at + (HEADER + done) as u64, &mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        done += n;
     }
-    Ok((record_from_wire(entry), at + HEADER + len))
+    Ok(h.finalize())
 }
 
 #[cfg(test)]
@@ -198,53 +436,98 @@ mod tests {
             .collect()
     }
 
-    fn framed(records: &[Record]) -> Vec<u8> {
-        let mut buf = Vec::new();
+    const SALT: u64 = 0x1234_5678_9abc_def0;
+    const V2: Framing = Framing::V2 { salt: SALT };
+
+    fn file(framing: Framing, records: &[Record]) -> Vec<u8> {
+        let mut buf = match framing {
+            Framing::V1 => LOG_MAGIC_V1.to_vec(),
+            Framing::V2 { salt } => file_header(Kind::Log, salt).to_vec(),
+        };
         for r in records {
-            put(r, &mut buf);
+            let at = buf.len() as u64;
+            put(framing, at, r, &mut buf);
         }
         buf
     }
 
-    fn read_all(bytes: &[u8]) -> (Vec<Record>, End) {
+    fn read_all(bytes: &[u8], framing: Framing, chunk: usize) -> (Vec<Record>, End) {
         let mut out = Vec::new();
-        let end = read(bytes, 8, |r| out.push(r));
+        let end = read(bytes, framing, chunk, |r| out.push(r)).expect("read from memory");
         (out, end)
     }
 
     #[test]
-    fn records_read_back_as_written() {
+    fn records_read_back_as_written_in_both_formats() {
         let rs = records();
-        assert_eq!(read_all(&framed(&rs)), (rs, End::Clean));
-        assert_eq!(read_all(&[]), (vec![], End::Clean));
+        for framing in [Framing::V1, V2] {
+            let bytes = file(framing, &rs);
+            assert_eq!(
+                head(&bytes[..], Kind::Log).expect("head"),
+                Head::Framed(framing)
+            );
+            assert_eq!(read_all(&bytes, framing, 1 << 20), (rs.clone(), End::Clean));
+        }
+        assert_eq!(
+            head(&file(V2, &[])[..], Kind::Snapshot).expect("head"),
+            Head::Bad("not a podcache file of this kind (wrong magic)".into())
+        );
+    }
+
+    #[test]
+    fn a_short_or_zero_header_is_empty_and_a_bad_one_is_not() {
+        let whole = file(V2, &[]);
+        for cut in 0..FILE_HEADER {
+            assert_eq!(
+                head(&whole[..cut], Kind::Log).expect("head"),
+                Head::Empty,
+                "{cut}"
+            );
+        }
+        assert_eq!(
+            head(&[0u8; FILE_HEADER][..], Kind::Log).expect("head"),
+            Head::Empty
+        );
+        let mut bad = file(V2, &records());
+        bad[9] ^= 1;
+        assert!(matches!(
+            head(&bad[..], Kind::Log).expect("head"),
+            Head::Bad(_)
+        ));
+        let mut zeros = file(V2, &records());
+        zeros[..FILE_HEADER].fill(0);
+        assert!(matches!(
+            head(&zeros[..], Kind::Log).expect("head"),
+            Head::Bad(_)
+        ));
     }
 
     #[test]
     fn a_record_cut_short_at_the_end_is_a_torn_tail_at_its_offset() {
         let rs = records();
-        let bytes = framed(&rs);
-        let last_start = framed(&rs[..4]).len();
-        for cut in last_start + 1..bytes.len() {
-            let (got, end) = read_all(&bytes[..cut]);
-            assert_eq!(got, rs[..4]);
+        for framing in [Framing::V1, V2] {
+            let bytes = file(framing, &rs);
+            let last_start = file(framing, &rs[..4]).len();
+            for cut in last_start + 1..bytes.len() {
+                let (got, end) = read_all(&bytes[..cut], framing, 1 << 20);
+                assert_eq!(got, rs[..4]);
+                assert_eq!(
+                    end,
+                    End::Torn {
+                        offset: last_start as u64
+                    },
+                    "cut at {cut}"
+                );
+            }
+            let mut tailed = bytes.clone();
+            tailed.extend_from_slice(&[0; 40]);
             assert_eq!(
-                end,
+                read_all(&tailed, framing, 1 << 20).1,
                 End::Torn {
-                    offset: 8 + last_start
-                },
-                "cut at {cut}"
+                    offset: bytes.len() as u64
+                }
             );
         }
-        // Garbage after the last record (a preallocated or half-written
-        // block) is a torn tail too.
-        let mut zeros = bytes.clone();
-        zeros.extend_from_slice(&[0xff; 40]);
-        assert_eq!(
-            read_all(&zeros).1,
-            End::Torn {
-                offset: 8 + bytes.len()
-            }
-        );
     }
 
     /// Reading in chunks of any size gives what reading the whole gives,
@@ -252,27 +535,43 @@ mod tests {
     #[test]
     fn reading_in_chunks_is_reading_the_whole() {
         let rs = records();
-        let clean = framed(&rs);
-        let mut cases = vec![clean.clone(), Vec::new()];
-        for cut in [1, 5, 9, clean.len() / 2, clean.len() - 1] {
-            cases.push(clean[..cut].to_vec());
-        }
-        for flip in [0, 3, 9, clean.len() / 2, clean.len() - 2] {
-            let mut bad = clean.clone();
-            bad[flip] ^= 0x55;
-            cases.push(bad);
-        }
-        let mut tailed = clean.clone();
-        tailed.extend_from_slice(&[0xff; 40]);
-        cases.push(tailed);
-        for bytes in &cases {
-            let whole = read_all(bytes);
-            for chunk in [1, 2, 7, 8, 9, 31, 64, 1 << 20] {
-                let mut got = Vec::new();
-                let (end, n) =
-                    read_from(&bytes[..], 8, chunk, |r| got.push(r)).expect("read from memory");
-                assert_eq!((got, end), whole, "chunk {chunk}, {} bytes", bytes.len());
-                assert_eq!(n, bytes.len());
+        for framing in [Framing::V1, V2] {
+            let clean = file(framing, &rs);
+            let first = framing.first_record() as usize;
+            let mut cases = vec![clean.clone()];
+            for cut in [
+                first + 1,
+                first + 5,
+                first + 9,
+                clean.len() / 2,
+                clean.len() - 1,
+            ] {
+                cases.push(clean[..cut].to_vec());
+            }
+            for flip in [
+                first,
+                first + 3,
+                first + 9,
+                clean.len() / 2,
+                clean.len() - 2,
+            ] {
+                let mut bad = clean.clone();
+                bad[flip] ^= 0x55;
+                cases.push(bad);
+            }
+            let mut tailed = clean.clone();
+            tailed.extend_from_slice(&[0xff; 40]);
+            cases.push(tailed);
+            for bytes in &cases {
+                let whole = read_all(bytes, framing, 1 << 20);
+                for chunk in [1, 2, 7, 8, 9, 31, 64] {
+                    assert_eq!(
+                        read_all(bytes, framing, chunk),
+                        whole,
+                        "chunk {chunk}, {} bytes",
+                        bytes.len()
+                    );
+                }
             }
         }
     }
@@ -280,17 +579,77 @@ mod tests {
     #[test]
     fn a_bad_record_with_valid_ones_after_it_is_damage() {
         let rs = records();
-        let mut bytes = framed(&rs);
-        let second = framed(&rs[..1]).len();
-        bytes[second + HEADER + 2] ^= 0x55;
-        let (got, end) = read_all(&bytes);
-        assert_eq!(got, rs[..1]);
-        match end {
-            End::Damaged { offset, reason } => {
-                assert_eq!(offset, 8 + second);
-                assert!(reason.contains("checksum"), "{reason}");
+        for framing in [Framing::V1, V2] {
+            let mut bytes = file(framing, &rs);
+            let second = file(framing, &rs[..1]).len();
+            bytes[second + HEADER + 2] ^= 0x55;
+            let (got, end) = read_all(&bytes, framing, 1 << 20);
+            assert_eq!(got, rs[..1]);
+            match end {
+                End::Damaged { offset, reason } => {
+                    assert_eq!(offset, second as u64);
+                    assert!(reason.contains("checksum"), "{reason}");
+                }
+                other => panic!("expected damage, got {other:?}"),
             }
-            other => panic!("expected damage, got {other:?}"),
         }
+    }
+
+    /// A value holding the bytes of a well-formed record does not pass for
+    /// one in format 2: cut just before it, the rest is a torn tail, where
+    /// format 1 took the embedded record for a later valid one (damage).
+    #[test]
+    fn a_value_holding_a_record_cannot_pass_for_one() {
+        let inner = Record::new(1, "inner", Some("x"), Version { hlc: 5, node: 1 }, 0);
+        for framing in [Framing::V1, V2] {
+            let mut embedded = Vec::new();
+            // As a writer who knows the layout but not the salt would frame it.
+            put(Framing::V2 { salt: 0 }, 0, &inner, &mut embedded);
+            if framing == Framing::V1 {
+                embedded.clear();
+                put(Framing::V1, 0, &inner, &mut embedded);
+            }
+            let value = String::from_utf8_lossy(&embedded).into_owned();
+            if value.as_bytes() != &embedded[..] {
+                continue; // not valid UTF-8: a value could not hold it
+            }
+            let outer = Record::new(1, "outer", Some(&value), Version { hlc: 6, node: 1 }, 0);
+            let bytes = file(framing, &[outer]);
+            let cut = &bytes[..bytes.len() - 1];
+            let end = read_all(cut, framing, 1 << 20).1;
+            match framing {
+                Framing::V1 => assert!(matches!(end, End::Damaged { .. }), "{end:?}"),
+                Framing::V2 { .. } => {
+                    assert_eq!(
+                        end,
+                        End::Torn {
+                            offset: framing.first_record()
+                        }
+                    )
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_moved_to_another_offset_or_file_fails() {
+        let rs = records();
+        let bytes = file(V2, &rs[..1]);
+        let record = bytes[FILE_HEADER..].to_vec();
+        let mut moved = file(V2, &rs[..1]);
+        moved.extend_from_slice(&record);
+        assert_eq!(
+            read_all(&moved, V2, 1 << 20).1,
+            End::Torn {
+                offset: bytes.len() as u64
+            }
+        );
+        let other = Framing::V2 { salt: SALT ^ 1 };
+        assert_eq!(
+            read_all(&bytes, other, 1 << 20).1,
+            End::Torn {
+                offset: FILE_HEADER as u64
+            }
+        );
     }
 }

@@ -1,32 +1,51 @@
 //! The data directory (`--data-dir`): what makes a node's state survive a
-//! restart of the whole cluster.
+//! restart of the whole cluster, a power cut and a failing disk.
 //!
 //! Owns: the files, their locking, format and framing ([`frame`]), the
-//! append of every change, `fsync`, compaction and recovery. Must not
-//! touch: the store's merge rule, the network. The replica calls
-//! [`DataDir::append`] inside its store lock for every change it applies
-//! (local writes before applying them, so a refused append changes
-//! nothing; merges from peers right after), and runs [`durability_loop`]
-//! for the background work.
+//! append of every change, `fsync`, compaction and recovery
+//! ([`recover`]). Must not touch: the store's merge rule, the network.
+//! Every file operation goes through [`Storage`]: the real filesystem in
+//! production ([`RealFs`]), a simulated disk that loses what was never
+//! synced in the power-loss search ([`sim`], tests/power_loss.rs). The
+//! replica calls [`DataDir::append`] inside its store lock for every
+//! change it applies (local writes before applying them, so a refused
+//! append changes nothing; merges from peers right after), and runs
+//! [`durability_loop`] for the background work.
 //!
 //! # Files
-//! - `FORMAT`: `podcache data directory, format 1`. Another format (or a
-//!   directory that holds files but no `FORMAT`) is refused.
+//! - `FORMAT`: `podcache data directory, format 2`. Format 1 (an older
+//!   podcache) is read and upgraded in place; another format, or a
+//!   directory holding other files than a volume's `lost+found` but no
+//!   `FORMAT`, is refused.
 //! - `LOCK`: held with an exclusive lock while a node uses the directory.
 //! - `snapshot-<gen>`: the whole state when generation `gen` began,
 //!   written to `snapshot-<gen>.tmp`, synced, then renamed, so a
 //!   snapshot without `.tmp` is complete.
-//! - `log-<gen>`: every change applied since generation `gen` began.
+//! - `log-<gen>`: every change applied since generation `gen` began; its
+//!   header is synced, with its name, before anything is appended.
+//! - `SYNCED`: when the node last completed a full sync with a peer.
+//!   `FORMAT` and `SYNCED` are written whole (tmp, fsync, rename, fsync of
+//!   the directory).
 //!
 //! Recovery loads the newest snapshot and replays every log of that
 //! generation or later, merging by version (so order and duplicates do not
-//! matter). A record cut short at the end of a log is a torn tail (a
+//! matter), and only then drops what is past the tombstone grace (the
+//! replica's load), so an old value never outlives the tombstone that
+//! replaced it. A record cut short at the end of a log is a torn tail (a
 //! log retired by a compaction is synced after the newer one has taken
 //! appends, so either can end torn): cut off, with one warning naming the
-//! file and offset. Any other
-//! damage refuses the start with a message saying what to do: there is no
-//! way to tell what a damaged record held, and a node that starts without
-//! it would serve a state that silently lost writes.
+//! file and offset. Any other damage refuses the start with a message
+//! saying what to do: there is no way to tell what a damaged record held,
+//! and a node that starts without it would serve a state that silently
+//! lost writes.
+//!
+//! # Failures
+//! A failed append is cut back off and refuses appends until the disk
+//! takes them again. A failed `fsync` is final for what it covered: the
+//! kernel may have dropped those pages and report the next `fsync` as a
+//! success, so the error stays (writes are refused, `always` waiters get
+//! it) until a snapshot whose state was taken after the failure is on
+//! disk.
 //!
 //! # Why a log and snapshots
 //! The state already lives in memory; the disk only has to bring it back.
@@ -37,39 +56,53 @@
 //! figures.
 
 pub(crate) mod frame;
+mod recover;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod sim;
+pub mod storage;
 
-/// The record decoding of the data directory's files, for the fuzz
-/// targets: the records read from `bytes` (after a file's magic) and how
-/// they end.
-#[cfg(feature = "fuzzing")]
-pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
-    let mut records = Vec::new();
-    let end = frame::read(bytes, 8, |r| records.push(r));
-    (records, format!("{end:?}"))
-}
-
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
+pub use storage::{RealFs, Storage, StorageFile};
+
 use crate::store::Record;
 
+/// The record decoding of the data directory's files, for the fuzz
+/// targets: the records read from `bytes` (after a file's header, in
+/// either format) and how they end.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
+    let mut records = Vec::new();
+    let mut ends = Vec::new();
+    for framing in [frame::Framing::V1, frame::Framing::V2 { salt: 0 }] {
+        let mut file = vec![0; framing.first_record() as usize];
+        file.extend_from_slice(bytes);
+        let end = frame::read(&file[..], framing, 64, |r| records.push(r));
+        ends.push(format!("{end:?}"));
+    }
+    (records, ends.join(", "))
+}
+
 /// The text of the `FORMAT` file.
-const FORMAT: &str = "podcache data directory, format 1\n";
+const FORMAT: &str = "podcache data directory, format 2\n";
+/// The text an older podcache wrote; its files are read and upgraded.
+const FORMAT_1: &str = "podcache data directory, format 1\n";
 
 /// When `fsync` is called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Fsync {
     /// Before a write is answered; concurrent writes share one `fsync`.
     Always,
-    /// Once a second (as Redis's `appendfsync everysec`): a crash of the
-    /// machine loses at most the last second's changes.
+    /// About once a second (as Redis's `appendfsync everysec`): a power
+    /// cut loses what came in the last one to two seconds, more while the
+    /// disk stalls.
     #[default]
     Interval,
     /// Never by podcache: the kernel writes back when it likes.
@@ -105,7 +138,7 @@ pub enum DurabilityError {
         /// The damaged file.
         file: PathBuf,
         /// Where.
-        offset: usize,
+        offset: u64,
         /// What is wrong.
         reason: String,
     },
@@ -122,15 +155,8 @@ pub enum DurabilityError {
     },
 }
 
-fn io_err<'a>(
-    what: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> DurabilityError + 'a {
-    move |source| DurabilityError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
+fn io_err(what: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> DurabilityError {
+    move |source| DurabilityError::Io { what, path, source }
 }
 
 /// Why a change could not be written: nothing of it was applied.
@@ -164,54 +190,72 @@ pub struct Recovered {
     /// Bytes read.
     pub bytes: u64,
     /// When the node last completed a full sync with a peer, Unix ms, as
-    /// last saved (0: never).
+    /// last saved (0: never). With records but no `SYNCED` (lost in a power
+    /// cut, or never written) it is 1: the state is old, and the node
+    /// resyncs before its state is trusted.
     pub last_sync_ms: u64,
 }
 
 /// The log being appended to.
 struct Log {
     generation: u64,
-    file: Arc<File>,
+    file: Arc<dyn StorageFile>,
+    /// The current log's framing (its salt).
+    framing: frame::Framing,
     /// Earlier generations' logs until a sync has covered them: what was
     /// appended to them before the switch must reach the disk before the
     /// sequence numbers they hold count as synced.
-    retiring: Vec<Arc<File>>,
-    path: PathBuf,
-    /// Bytes appended to this generation's log.
+    retiring: Vec<Arc<dyn StorageFile>>,
+    name: String,
+    /// Bytes in this generation's log: where the next record starts.
     bytes: u64,
     /// An I/O error: appends are refused until it clears (the next round
-    /// lets them try again, or, if changes were applied that the log does
-    /// not hold, until a snapshot has written the whole state again).
+    /// lets them try again, or, when a snapshot is needed, until one whose
+    /// state was taken after the error is on disk).
     failed: Option<DiskError>,
-    /// Changes from peers were applied but could not be appended: only a
-    /// snapshot makes the directory whole again.
-    unlogged: bool,
+    /// The disk lacks what the store holds (changes from peers applied but
+    /// not appended, a failed `fsync`), or the log's end holds a partial
+    /// record that could not be cut off: only a snapshot makes the
+    /// directory whole again.
+    needs_snapshot: bool,
+    /// The log's end holds bytes past `bytes` (a failed cut-back): the
+    /// next snapshot starts a new log rather than reusing this one.
+    tail_dirty: bool,
     /// Reused for encoding.
     buffer: Vec<u8>,
 }
 
+/// What a snapshot's state is taken after: it clears the needs counted
+/// so far, and everything appended so far is in it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SnapshotMark {
+    needs: u64,
+    appended: u64,
+}
+
 /// An open data directory.
 pub struct DataDir {
+    storage: Arc<dyn Storage>,
     dir: PathBuf,
     /// Held (locked) for as long as this value lives.
-    _lock: File,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
     policy: Fsync,
     log: Mutex<Log>,
     /// Bytes appended in all since open (the log sequence number).
     appended: AtomicU64,
     /// Bytes known to be on disk (fsynced), for `Fsync::Always` waiters;
-    /// the error of the last failed `fsync`, if it failed.
+    /// the error of a failed `fsync`, kept until a snapshot clears it.
     synced_tx: watch::Sender<(u64, Option<DiskError>)>,
     /// Wakes the syncer when something was appended.
     dirty: Notify,
     /// Size of the last snapshot, to decide when to compact.
     snapshot_bytes: AtomicU64,
-    /// Set when the state changed without a record (entries dropped by a
-    /// full resync): the next round writes a snapshot.
-    compaction_requested: std::sync::atomic::AtomicBool,
+    /// Set when the state changed without a record, or a purge removed
+    /// entries: the next round writes a snapshot.
+    compaction_requested: AtomicBool,
     /// Counts what makes a snapshot necessary (a request, an applied change
-    /// the log could not take): a snapshot clears the flags only if none
-    /// came after it took its state.
+    /// the log could not take, a failed `fsync`): a snapshot clears the
+    /// flags only if none came after it took its state.
     needs_snapshot_events: AtomicU64,
     /// The log size past which it is compacted (see `wants_compaction`).
     compact_log_bytes: u64,
@@ -234,133 +278,90 @@ fn generation_of(name: &str, kind: &str) -> Option<u64> {
     name.strip_prefix(kind)?.strip_prefix('-')?.parse().ok()
 }
 
-/// Bytes read from a file at a time during recovery.
-const READ_CHUNK: usize = 1 << 20;
-
-/// Reads the records of the file at `path` after checking its magic, a
-/// chunk at a time (a snapshot is as large as the state; the whole of it
-/// is never held in memory), giving each to `each`. `None`: the file is
-/// shorter than its magic (created, cut before the magic was whole:
-/// empty); otherwise how its records end and the file's size.
-fn read_records(
-    path: &Path,
-    magic: &[u8; 8],
-    each: impl FnMut(Record),
-) -> Result<Option<(frame::End, u64)>, DurabilityError> {
-    let mut file = File::open(path).map_err(io_err("cannot read", path))?;
-    let mut head = Vec::with_capacity(8);
-    (&mut file)
-        .take(8)
-        .read_to_end(&mut head)
-        .map_err(io_err("cannot read", path))?;
-    if head.len() < 8 && magic.starts_with(&head) {
-        return Ok(None);
-    }
-    if head != magic {
-        return Err(DurabilityError::Damaged {
-            dir: path.parent().map(Path::to_owned).unwrap_or_default(),
-            file: path.to_owned(),
-            offset: 0,
-            reason: "not a podcache file of this kind (wrong magic)".into(),
-        });
-    }
-    let (end, read) =
-        frame::read_from(file, 8, READ_CHUNK, each).map_err(io_err("cannot read", path))?;
-    Ok(Some((end, 8 + read as u64)))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Creates log `name` with a fresh header, synced with its name before it
+/// takes any append (a power cut then leaves it whole, or empty).
+fn new_log(
+    storage: &dyn Storage,
+    name: &str,
+) -> io::Result<(Arc<dyn StorageFile>, frame::Framing)> {
+    let file = storage.open(name)?;
+    // Left by an attempt that failed before the switch: start over.
+    file.set_len(0)?;
+    let salt = storage.salt();
+    file.append(&frame::file_header(frame::Kind::Log, salt))?;
+    file.sync()?;
+    storage.sync_dir()?;
+    Ok((file, frame::Framing::V2 { salt }))
 }
 
 impl DataDir {
-    /// Opens (creating it if needed) and locks `dir`, and recovers what it
-    /// holds. Progress is logged every few seconds for a large state.
+    /// Opens (creating it if needed) and locks `dir` on the real
+    /// filesystem, and recovers what it holds. Progress is logged every few
+    /// seconds for a large state.
     pub fn open(
         dir: &Path,
         policy: Fsync,
         compact_log_bytes: u64,
     ) -> Result<(Self, Recovered), DurabilityError> {
-        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
-        let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err("cannot open", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
+        Self::open_on(Arc::new(RealFs::new(dir)), dir, policy, compact_log_bytes)
+    }
+
+    /// [`DataDir::open`] on any storage (the simulated disk in tests).
+    pub fn open_on(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        policy: Fsync,
+        compact_log_bytes: u64,
+    ) -> Result<(Self, Recovered), DurabilityError> {
+        let s = &*storage;
+        s.create_dir()
+            .map_err(io_err("cannot create", dir.to_owned()))?;
+        let lock = match s.lock().map_err(io_err("cannot lock", s.path_of("LOCK")))? {
+            Some(lock) => lock,
+            None => {
                 return Err(DurabilityError::Locked {
                     dir: dir.to_owned(),
                 });
             }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path)(e)),
-        }
-        let format_path = dir.join("FORMAT");
-        match fs::read_to_string(&format_path) {
-            Ok(text) if text == FORMAT => {}
-            Ok(text) => {
-                return Err(DurabilityError::Format {
-                    dir: dir.to_owned(),
-                    found: text.trim().chars().take(80).collect(),
-                });
+        };
+        check_format(s, dir)?;
+        let found = recover::recover(s, dir)?;
+        let (file, framing, log_bytes) = match found.append_to {
+            Some((file, framing, bytes)) => (file, framing, bytes),
+            None => {
+                let name = name_of("log", found.generation);
+                let (file, framing) =
+                    new_log(s, &name).map_err(io_err("cannot create", s.path_of(&name)))?;
+                (file, framing, frame::FILE_HEADER as u64)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let foreign = fs::read_dir(dir)
-                    .map_err(io_err("cannot list", dir))?
-                    .filter_map(Result::ok)
-                    .any(|e| e.file_name() != "LOCK");
-                if foreign {
-                    return Err(DurabilityError::Format {
-                        dir: dir.to_owned(),
-                        found: "no FORMAT file, but other files".into(),
-                    });
-                }
-                fs::write(&format_path, FORMAT).map_err(io_err("cannot write", &format_path))?;
-                sync_dir(dir).map_err(io_err("cannot sync", dir))?;
-            }
-            Err(e) => return Err(io_err("cannot read", &format_path)(e)),
-        }
-        let (recovered, generation, log_bytes, snapshot_bytes) = recover(dir)?;
-        let path = dir.join(name_of("log", generation));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err("cannot open", &path))?;
-        if log_bytes == 0 {
-            file.write_all(frame::LOG_MAGIC)
-                .map_err(io_err("cannot write", &path))?;
-            // The new file's name must survive a crash too, or an fsync of
-            // its contents keeps nothing.
-            sync_dir(dir).map_err(io_err("cannot sync", dir))?;
-        }
+        };
         let (synced_tx, _) = watch::channel((0, None));
         let data_dir = Self {
             dir: dir.to_owned(),
             _lock: lock,
             policy,
             log: Mutex::new(Log {
-                generation,
-                file: Arc::new(file),
+                generation: found.generation,
+                file,
+                framing,
                 retiring: Vec::new(),
-                path,
-                bytes: log_bytes.max(8),
+                name: name_of("log", found.generation),
+                bytes: log_bytes,
                 failed: None,
-                unlogged: false,
+                needs_snapshot: false,
+                tail_dirty: false,
                 buffer: Vec::new(),
             }),
             appended: AtomicU64::new(0),
             synced_tx,
             dirty: Notify::new(),
-            snapshot_bytes: AtomicU64::new(snapshot_bytes),
-            compaction_requested: Default::default(),
+            snapshot_bytes: AtomicU64::new(found.snapshot_bytes),
+            compaction_requested: AtomicBool::new(found.upgrade),
             needs_snapshot_events: AtomicU64::new(0),
             compact_log_bytes,
+            storage,
         };
-        Ok((data_dir, recovered))
+        Ok((data_dir, found.recovered))
     }
 
     /// The directory.
@@ -381,30 +382,44 @@ impl DataDir {
 
     /// Appends `records`; returns the sequence number to wait on with
     /// [`DataDir::durable`]. An error means nothing was appended (a partial
-    /// write is cut back off) and the directory refuses appends until a
-    /// snapshot succeeds.
+    /// write is cut back off, or, if it cannot be, the log is left for a
+    /// new one) and the directory refuses appends until it clears.
     pub fn append(&self, records: &[Record]) -> Result<u64, DiskError> {
-        if records.is_empty() {
-            return Ok(self.appended.load(Ordering::Acquire));
-        }
         let mut log = self.log();
         if let Some(failed) = &log.failed {
             return Err(failed.clone());
         }
+        if records.is_empty() {
+            return Ok(self.appended.load(Ordering::Acquire));
+        }
         let mut buffer = std::mem::take(&mut log.buffer);
         buffer.clear();
         for record in records {
-            frame::put(record, &mut buffer);
+            let start = buffer.len();
+            frame::put(log.framing, log.bytes + start as u64, record, &mut buffer);
+            if buffer.len() - start - frame::HEADER > frame::MAX_PAYLOAD {
+                // The configuration keeps entries below the cap; a record
+                // past it would be written with a wrong length.
+                log.buffer = buffer;
+                return Err(DiskError::Failed(format!(
+                    "an entry of {} bytes is larger than the data directory's records may be",
+                    log.buffer.len() - start
+                )));
+            }
         }
-        let result = (&*log.file).write_all(&buffer);
+        let result = log.file.append(&buffer);
         let written = buffer.len() as u64;
         log.buffer = buffer;
         if let Err(error) = result {
             let failure = DiskError::of(&error);
+            warn!(file = %log.name, %error, "cannot append to the data directory; writes are refused until it can be written again");
             // Cut back whatever part was written, so that the log never
             // holds a change the store did not apply.
-            let _ = log.file.set_len(log.bytes);
-            warn!(path = %log.path.display(), %error, "cannot append to the data directory; writes are refused until it can be written again");
+            if let Err(cut) = log.file.set_len(log.bytes) {
+                warn!(file = %log.name, error = %cut, "cannot cut a failed append back off; the next snapshot starts a new log");
+                log.tail_dirty = true;
+                self.needs_snapshot_locked(&mut log);
+            }
             log.failed = Some(failure.clone());
             return Err(failure);
         }
@@ -416,7 +431,8 @@ impl DataDir {
     }
 
     /// Asks for a snapshot at the next round: the state changed in a way
-    /// no record describes (entries dropped by a full resync).
+    /// no record describes, or a purge removed entries whose records the
+    /// files still hold.
     pub fn request_compaction(&self) {
         self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
         self.compaction_requested.store(true, Ordering::Release);
@@ -426,21 +442,20 @@ impl DataDir {
     /// failure they are held in memory only, and a snapshot writes them.
     pub fn append_applied(&self, records: &[Record]) -> Result<u64, DiskError> {
         let result = self.append(records);
-        if result.is_err() {
-            self.mark_unlogged(&mut self.log());
+        if result.is_err() && !records.is_empty() {
+            self.needs_snapshot_locked(&mut self.log());
         }
         result
     }
 
-    /// The disk lacks changes the store holds: only a snapshot of the whole
-    /// state makes the directory whole again. Called under the log lock,
-    /// which `write_snapshot` clears it under.
-    fn mark_unlogged(&self, log: &mut Log) {
+    /// Only a snapshot of the whole state makes the directory whole again.
+    /// Called under the log lock, which `write_snapshot` clears it under.
+    fn needs_snapshot_locked(&self, log: &mut Log) {
         self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
-        log.unlogged = true;
+        log.needs_snapshot = true;
     }
 
-    /// The directory can take appends (no failure waiting for a snapshot).
+    /// The directory can take appends (no failure waiting to clear).
     pub fn healthy(&self) -> bool {
         self.log().failed.is_none()
     }
@@ -457,19 +472,28 @@ impl DataDir {
             .wait_for(|(synced, error)| *synced >= lsn || error.is_some())
             .await;
         match settled {
-            Ok(state) if state.0 >= lsn => Ok(()),
-            Ok(state) => Err(state
-                .1
-                .clone()
-                .unwrap_or_else(|| DiskError::Failed("fsync failed".into()))),
+            Ok(state) => settle(&state, lsn),
             Err(_) => Err(DiskError::Failed("the data directory was closed".into())),
         }
     }
 
-    /// Syncs the current log to disk (blocking: run it off the runtime).
-    fn sync(&self) -> Result<(), DiskError> {
+    /// What [`DataDir::durable`] would answer now for `lsn`: `None` while
+    /// it would wait (for the power-loss search, which syncs by hand).
+    pub fn durable_now(&self, lsn: u64) -> Option<Result<(), DiskError>> {
+        let state = self.synced_tx.borrow();
+        (state.0 >= lsn || state.1.is_some()).then(|| settle(&state, lsn))
+    }
+
+    /// Syncs the current log and the retired ones to disk (blocking: run
+    /// it off the runtime). A failure is kept (see the module comment).
+    pub fn sync(&self) -> Result<(), DiskError> {
         let (retiring, file, upto) = {
             let log = self.log();
+            if let Some(error) = &self.synced_tx.borrow().1 {
+                // What the failed fsync covered may be gone: syncing again
+                // would report a success that proves nothing.
+                return Err(error.clone());
+            }
             (
                 log.retiring.clone(),
                 log.file.clone(),
@@ -479,20 +503,29 @@ impl DataDir {
         let synced = retiring
             .iter()
             .chain(std::iter::once(&file))
-            .try_for_each(|f| f.sync_data());
+            .try_for_each(|f| f.sync());
         if let Err(error) = synced {
             let error = DiskError::of(&error);
+            warn!(%error, "fsync of the data directory failed; writes are refused until a snapshot of the whole state is written");
+            let mut log = self.log();
+            self.needs_snapshot_locked(&mut log);
+            log.failed.get_or_insert(error.clone());
             self.synced_tx.send_modify(|s| s.1 = Some(error.clone()));
             return Err(error);
         }
+        let mut log = self.log();
         if !retiring.is_empty() {
-            self.log()
-                .retiring
+            log.retiring
                 .retain(|r| !retiring.iter().any(|done| Arc::ptr_eq(r, done)));
         }
-        self.synced_tx.send_modify(|s| {
-            s.0 = s.0.max(upto);
-            s.1 = None;
+        // Under the log lock, as a failure is set: a failure that came
+        // meanwhile is not covered up.
+        self.synced_tx.send_if_modified(|s| {
+            if s.1.is_some() || s.0 >= upto {
+                return false;
+            }
+            s.0 = upto;
+            true
         });
         Ok(())
     }
@@ -502,10 +535,10 @@ impl DataDir {
     /// clear it, or one was asked for. At most as much log as snapshot
     /// keeps a restart after churn within twice the live data's reading
     /// (bench/NOTES.md, "Engines").
-    fn wants_compaction(&self) -> bool {
+    pub fn wants_compaction(&self) -> bool {
         let log = self.log();
         self.compaction_requested.load(Ordering::Acquire)
-            || log.unlogged
+            || log.needs_snapshot
             || log.bytes
                 > self
                     .snapshot_bytes
@@ -513,116 +546,134 @@ impl DataDir {
                     .max(self.compact_log_bytes)
     }
 
+    /// A failure that needs no snapshot (a full disk refused an append,
+    /// nothing was applied): lets the next append try the disk again (it
+    /// is refused again, having changed nothing, while the disk is full).
+    pub fn retry_after_failure(&self) {
+        let mut log = self.log();
+        if log.failed.is_some() && !log.needs_snapshot {
+            log.failed = None;
+            info!("retrying the data directory; writes are accepted again if it takes them");
+        }
+    }
+
+    /// A whole compaction: a new log, then a snapshot of `state()` taken
+    /// after the switch. Blocking. Returns the snapshot's size.
+    pub fn compact(&self, state: impl FnOnce() -> Vec<Record>) -> Result<u64, DiskError> {
+        let mark = self.snapshot_mark();
+        let generation = self.next_generation()?;
+        self.write_snapshot(generation, &state(), mark)
+    }
+
     /// Starts generation `g + 1`: new appends go to a new log. Returns the
     /// new generation; the caller then writes its snapshot with
     /// [`DataDir::write_snapshot`], from a state taken after this call.
     ///
-    /// The new file is created and its name synced before the log lock is
-    /// taken, and the old log is not synced under it: the switch holds up
-    /// appends for a pointer swap only. The old log is synced by the next
-    /// [`DataDir::sync`], before the sequence numbers it holds count as on
-    /// disk. Only the durability loop calls this.
+    /// The new file is created and its header and name synced before the
+    /// log lock is taken, and the old log is not synced under it: the
+    /// switch holds up appends for a pointer swap only. The old log is
+    /// synced by the next [`DataDir::sync`], before the sequence numbers it
+    /// holds count as on disk.
     fn next_generation(&self) -> Result<u64, DiskError> {
         let generation = {
             let log = self.log();
             // A log that holds nothing yet (a snapshot that failed after
             // the last switch, retried) is used as it is: retries must not
             // pile up files and handles.
-            if log.bytes <= frame::LOG_MAGIC.len() as u64 {
+            if log.bytes <= frame::FILE_HEADER as u64 && !log.tail_dirty {
                 return Ok(log.generation);
             }
             log.generation + 1
         };
-        let path = self.dir.join(name_of("log", generation));
-        let disk = |e: io::Error| DiskError::of(&e);
-        // In append mode, as the log `open` makes: after a failed write is
-        // cut back off, the next one lands at the new end, not past it (a
-        // hole of zeros there would read as damage at the next start).
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(disk)?;
-        // Left by an attempt that failed before the switch: start over.
-        file.set_len(0).map_err(disk)?;
-        file.write_all(frame::LOG_MAGIC).map_err(disk)?;
-        sync_dir(&self.dir).map_err(disk)?;
+        let name = name_of("log", generation);
+        let (file, framing) = new_log(&*self.storage, &name).map_err(|e| DiskError::of(&e))?;
         let mut log = self.log();
-        let old = std::mem::replace(&mut log.file, Arc::new(file));
+        let old = std::mem::replace(&mut log.file, file);
         // With `never` nothing syncs it: dropping it closes it at once (a
         // removed log's space is freed when its last handle goes).
         if self.policy != Fsync::Never {
             log.retiring.push(old);
         }
         log.generation = generation;
-        log.path = path;
-        log.bytes = 8;
+        log.name = name;
+        log.framing = framing;
+        log.bytes = frame::FILE_HEADER as u64;
+        log.tail_dirty = false;
         Ok(generation)
     }
 
     /// Writes `records` as the snapshot of `generation` (tmp, sync, rename,
-    /// sync the directory), then removes the files it makes obsolete and
-    /// clears a failure. Blocking.
-    ///
-    /// `mark` is [`DataDir::snapshot_mark`] read before `records` were
-    /// taken.
+    /// sync the directory), then removes the files it makes obsolete and,
+    /// when its state was taken after the last need for one (`mark`),
+    /// clears failures: everything appended before the mark is in it, so
+    /// on disk. Blocking.
     fn write_snapshot(
         &self,
         generation: u64,
         records: &[Record],
-        mark: u64,
+        mark: SnapshotMark,
     ) -> Result<u64, DiskError> {
         let name = name_of("snapshot", generation);
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let path = self.dir.join(&name);
+        let tmp = format!("{name}.tmp");
+        let s = &*self.storage;
         let disk = |e: io::Error| DiskError::of(&e);
         let result = (|| {
-            let mut file = io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(disk)?);
-            file.write_all(frame::SNAPSHOT_MAGIC).map_err(disk)?;
-            let mut buffer = Vec::with_capacity(64 * 1024);
-            let mut bytes = 8u64;
+            let file = s.open(&tmp).map_err(disk)?;
+            file.set_len(0).map_err(disk)?;
+            let salt = s.salt();
+            let framing = frame::Framing::V2 { salt };
+            let mut buffer = Vec::with_capacity(1 << 20);
+            buffer.extend_from_slice(&frame::file_header(frame::Kind::Snapshot, salt));
+            let mut bytes = 0u64;
             for record in records {
-                frame::put(record, &mut buffer);
-                if buffer.len() >= 60 * 1024 {
-                    file.write_all(&buffer).map_err(disk)?;
+                frame::put(framing, bytes + buffer.len() as u64, record, &mut buffer);
+                if buffer.len() >= 1 << 20 {
+                    file.append(&buffer).map_err(disk)?;
                     bytes += buffer.len() as u64;
                     buffer.clear();
                 }
             }
-            file.write_all(&buffer).map_err(disk)?;
+            file.append(&buffer).map_err(disk)?;
             bytes += buffer.len() as u64;
-            let file = file.into_inner().map_err(|e| disk(e.into_error()))?;
-            file.sync_all().map_err(disk)?;
-            fs::rename(&tmp, &path).map_err(disk)?;
-            sync_dir(&self.dir).map_err(disk)?;
+            file.sync().map_err(disk)?;
+            s.rename(&tmp, &name).map_err(disk)?;
+            s.sync_dir().map_err(disk)?;
             Ok(bytes)
         })();
         let bytes = match result {
             Ok(bytes) => bytes,
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = s.remove(&tmp);
                 return Err(e);
             }
         };
         self.snapshot_bytes.store(bytes, Ordering::Relaxed);
-        remove_older_than(&self.dir, generation);
+        remove_older_than(s, generation);
         let mut log = self.log();
-        // Under the log lock, as `append_applied` sets `unlogged`: a need
-        // that came after the state was taken stays for the next round.
-        if self.needs_snapshot_events.load(Ordering::Acquire) == mark {
+        // Under the log lock, as needs are counted: a need that came after
+        // the state was taken stays for the next round.
+        if self.needs_snapshot_events.load(Ordering::Acquire) == mark.needs {
             self.compaction_requested.store(false, Ordering::Release);
-            log.unlogged = false;
-        }
-        if log.failed.take().is_some() {
-            info!("the data directory can be written again; writes are accepted");
+            log.needs_snapshot = false;
+            if log.failed.take().is_some() {
+                info!("the data directory can be written again; writes are accepted");
+            }
+            self.synced_tx.send_modify(|s| {
+                s.0 = s.0.max(mark.appended);
+                s.1 = None;
+            });
         }
         Ok(bytes)
     }
 
-    /// What a snapshot's state must be taken after to clear the needs
-    /// counted so far (see `needs_snapshot_events`).
-    fn snapshot_mark(&self) -> u64 {
-        self.needs_snapshot_events.load(Ordering::Acquire)
+    /// What a snapshot's state must be taken after (see [`SnapshotMark`]).
+    fn snapshot_mark(&self) -> SnapshotMark {
+        // Under the log lock: no append is half-counted.
+        let _log = self.log();
+        SnapshotMark {
+            needs: self.needs_snapshot_events.load(Ordering::Acquire),
+            appended: self.appended.load(Ordering::Acquire),
+        }
     }
 
     /// True when older logs still wait for a sync.
@@ -632,170 +683,124 @@ impl DataDir {
 
     /// Saves when the last full sync with a peer was (read back at the next
     /// start, so a node down longer than the tombstone grace knows it is
-    /// stale). Blocking; best effort.
-    fn save_last_sync(&self, ms: u64) {
-        let path = self.dir.join("SYNCED");
-        let tmp = self.dir.join("SYNCED.tmp");
-        let _ = fs::write(&tmp, format!("{ms}\n")).and_then(|()| fs::rename(&tmp, &path));
+    /// stale), whole or not at all. Blocking.
+    pub fn save_last_sync(&self, ms: u64) -> Result<(), DiskError> {
+        storage::write_atomically(&*self.storage, "SYNCED", format!("{ms}\n").as_bytes())
+            .map_err(|e| DiskError::of(&e))
+    }
+
+    /// Appended so far (the sequence number of the last append).
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Acquire)
+    }
+
+    /// True when everything appended is on disk (or the policy never
+    /// syncs): what the time of a full sync may be saved after.
+    fn synced_through(&self, lsn: u64) -> bool {
+        self.policy == Fsync::Never || self.synced_tx.borrow().0 >= lsn
+    }
+}
+
+fn settle(state: &(u64, Option<DiskError>), lsn: u64) -> Result<(), DiskError> {
+    if state.0 >= lsn {
+        return Ok(());
+    }
+    Err(state
+        .1
+        .clone()
+        .unwrap_or_else(|| DiskError::Failed("fsync failed".into())))
+}
+
+/// Checks `FORMAT` (writing it in a new directory, upgrading format 1).
+fn check_format(s: &dyn Storage, dir: &Path) -> Result<(), DurabilityError> {
+    let text =
+        storage::read_small(s, "FORMAT").map_err(io_err("cannot read", s.path_of("FORMAT")))?;
+    let write = |text: &str| {
+        storage::write_atomically(s, "FORMAT", text.as_bytes())
+            .map_err(io_err("cannot write", s.path_of("FORMAT")))
+    };
+    match text.as_deref() {
+        Some(t) if t == FORMAT.as_bytes() => Ok(()),
+        Some(t) if t == FORMAT_1.as_bytes() => {
+            // Format 1's files stay readable (each names its format in its
+            // magic); new files are format 2, and the first compaction
+            // rewrites the state in it.
+            info!(dir = %dir.display(), "the data directory is in format 1 (an older podcache): reading it and writing format 2 from now on; an older podcache cannot read it afterwards");
+            write(FORMAT)
+        }
+        // Written (tmp, fsync, rename) but found empty: a FORMAT of an
+        // older podcache that a power cut emptied.
+        Some([]) | None => {
+            let listing = s.list().map_err(io_err("cannot list", dir.to_owned()))?;
+            let ours = |n: &str| {
+                n == "LOCK"
+                    || n == "FORMAT"
+                    || n == "FORMAT.tmp"
+                    || generation_of(n.trim_end_matches(".tmp"), "snapshot").is_some()
+                    || generation_of(n, "log").is_some()
+                    || n.starts_with("SYNCED")
+            };
+            let foreign: Vec<&String> = listing
+                .iter()
+                .filter(|n| !ours(n) && !(n.as_str() == "lost+found" && s.is_dir(n)))
+                .collect();
+            if !foreign.is_empty() {
+                return Err(DurabilityError::Format {
+                    dir: dir.to_owned(),
+                    found: format!(
+                        "no FORMAT file, but other files ({})",
+                        foreign
+                            .iter()
+                            .take(3)
+                            .map(|n| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+            let ours_with_data = listing.iter().any(|n| {
+                generation_of(n, "snapshot").is_some() || generation_of(n, "log").is_some()
+            });
+            if ours_with_data {
+                // Only an older podcache wrote FORMAT without syncing it;
+                // its files name their own format.
+                warn!(dir = %dir.display(), "the data directory's FORMAT file is missing or empty next to its files (lost in a power cut); writing it again");
+            }
+            write(FORMAT)
+        }
+        Some(t) => Err(DurabilityError::Format {
+            dir: dir.to_owned(),
+            found: String::from_utf8_lossy(t).trim().chars().take(80).collect(),
+        }),
     }
 }
 
 /// Removes snapshots and logs of generations before `generation`, and
-/// leftover temporary files.
-fn remove_older_than(dir: &Path, generation: u64) {
-    let Ok(entries) = fs::read_dir(dir) else {
+/// leftover temporary snapshots of other generations.
+fn remove_older_than(s: &dyn Storage, generation: u64) {
+    let Ok(names) = s.list() else {
         return;
     };
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for name in names {
         let old = generation_of(&name, "log")
             .or_else(|| generation_of(&name, "snapshot"))
             .is_some_and(|g| g < generation);
-        let tmp = name.ends_with(".tmp") && !name.contains(&format!("{generation:020}"));
+        let tmp = name
+            .strip_suffix(".tmp")
+            .and_then(|n| generation_of(n, "snapshot"))
+            .is_some_and(|g| g != generation);
         if old || tmp {
-            let _ = fs::remove_file(entry.path());
+            let _ = s.remove(&name);
         }
     }
-}
-
-/// Loads the newest snapshot and the logs after it. Returns what was
-/// found, the generation to append to, that log's size (0: none yet) and
-/// the snapshot's size.
-fn recover(dir: &Path) -> Result<(Recovered, u64, u64, u64), DurabilityError> {
-    let mut snapshots = Vec::new();
-    let mut logs = Vec::new();
-    for entry in fs::read_dir(dir)
-        .map_err(io_err("cannot list", dir))?
-        .filter_map(Result::ok)
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(g) = generation_of(&name, "snapshot") {
-            snapshots.push(g);
-        } else if let Some(g) = generation_of(&name, "log") {
-            logs.push(g);
-        }
-    }
-    snapshots.sort_unstable();
-    logs.sort_unstable();
-    let mut recovered = Recovered {
-        last_sync_ms: fs::read_to_string(dir.join("SYNCED"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0),
-        ..Recovered::default()
-    };
-    let base = snapshots.last().copied();
-    let mut last_report = tokio::time::Instant::now();
-    // Takes each record read; a progress line every few seconds.
-    let mut keep = |recovered: &mut Recovered, record: Record| {
-        recovered.records.push(record);
-        if recovered.records.len().is_multiple_of(65_536)
-            && last_report.elapsed() >= Duration::from_secs(3)
-        {
-            last_report = tokio::time::Instant::now();
-            info!(
-                entries = recovered.records.len(),
-                files = recovered.files,
-                "loading the data directory"
-            );
-        }
-    };
-    let mut snapshot_bytes = 0;
-    if let Some(g) = base {
-        let path = dir.join(name_of("snapshot", g));
-        let (end, size) = read_records(&path, frame::SNAPSHOT_MAGIC, |r| keep(&mut recovered, r))?
-            .unwrap_or((frame::End::Clean, 8));
-        snapshot_bytes = size;
-        if end != frame::End::Clean {
-            let (offset, reason) = match end {
-                frame::End::Torn { offset } => (
-                    offset,
-                    "the snapshot ends in the middle of a record".to_owned(),
-                ),
-                frame::End::Damaged { offset, reason } => (offset, reason),
-                frame::End::Clean => (0, String::new()),
-            };
-            return Err(DurabilityError::Damaged {
-                dir: dir.to_owned(),
-                file: path,
-                offset,
-                reason,
-            });
-        }
-        recovered.files += 1;
-        recovered.bytes += snapshot_bytes;
-    }
-    let logs: Vec<u64> = logs
-        .into_iter()
-        .filter(|g| base.is_none_or(|b| *g >= b))
-        .collect();
-    let newest = logs.last().copied();
-    let mut newest_bytes = 0;
-    for g in &logs {
-        let path = dir.join(name_of("log", *g));
-        let read = read_records(&path, frame::LOG_MAGIC, |r| keep(&mut recovered, r))?;
-        let Some((end, size)) = read else {
-            // Created, but its magic was never written whole: empty. Cut
-            // to nothing, so the magic is written again before appends.
-            OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_len(0))
-                .map_err(io_err("cannot reset", &path))?;
-            recovered.files += 1;
-            continue;
-        };
-        let mut kept = size;
-        match end {
-            frame::End::Clean => {}
-            // Any log after the snapshot may end torn: a log retired by a
-            // compaction is synced only by the next sync, which comes
-            // before any of its changes counts as on disk, so a crash can
-            // leave its last record cut short while the newer one is whole.
-            frame::End::Torn { offset } => {
-                warn!(
-                    file = %path.display(),
-                    offset,
-                    cut = size - offset as u64,
-                    "a log ends in a record cut short (a crash while it was written); cutting it off there"
-                );
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_len(offset as u64).and_then(|()| f.sync_all()))
-                    .map_err(io_err("cannot cut the torn tail of", &path))?;
-                kept = offset as u64;
-            }
-            frame::End::Damaged { offset, reason } => {
-                return Err(DurabilityError::Damaged {
-                    dir: dir.to_owned(),
-                    file: path,
-                    offset,
-                    reason,
-                });
-            }
-        }
-        recovered.files += 1;
-        recovered.bytes += kept;
-        if Some(*g) == newest {
-            newest_bytes = kept;
-        }
-    }
-    let generation = newest.or(base).unwrap_or(0);
-    // A snapshot with no log of its generation yet: its log starts empty.
-    let log_bytes = if newest == Some(generation) {
-        newest_bytes
-    } else {
-        0
-    };
-    Ok((recovered, generation, log_bytes, snapshot_bytes))
 }
 
 /// The background work of a data directory, until `cancel` fires: `fsync`
 /// by the policy (at once when a write waits, with `always`; every second
-/// with `interval`), compaction when the log has grown, the time of the
-/// last full sync saved, and after an I/O error a snapshot of the whole
-/// state as soon as the disk takes it (writes resume then).
+/// with `interval`), compaction when the log has grown or was asked for,
+/// the time of the last full sync saved once what it covers is on disk,
+/// and after an I/O error a snapshot of the whole state as soon as the
+/// disk takes it (writes resume then).
 pub(crate) async fn durability_loop(
     data: Arc<DataDir>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -805,6 +810,8 @@ pub(crate) async fn durability_loop(
 ) {
     let snapshot = Arc::new(snapshot);
     let mut last_saved_sync = 0;
+    // A sync time waiting for what was appended before it to be on disk.
+    let mut pending_sync: Option<(u64, u64)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A compaction runs beside the loop, so that with `always` a write
@@ -837,47 +844,36 @@ pub(crate) async fn durability_loop(
         };
         // A retired log is synced even with nothing new appended: until
         // then it stays open, its space held after compaction removed it.
-        if wants_sync
-            && (data.synced_tx.borrow().0 < data.appended.load(Ordering::Acquire)
-                || data.retiring())
-        {
+        if wants_sync && (data.synced_tx.borrow().0 < data.appended() || data.retiring()) {
             let d = data.clone();
-            if let Ok(Err(error)) = tokio::task::spawn_blocking(move || d.sync()).await {
-                warn!(%error, "fsync of the data directory failed; writes are refused until a snapshot of the whole state is written");
-                // The kernel may have dropped the pages that failed, and a
-                // later fsync of the same file reports success: only a
-                // snapshot makes the directory whole again.
-                let mut log = data.log();
-                data.mark_unlogged(&mut log);
-                log.failed.get_or_insert(error);
-            }
+            let _ = tokio::task::spawn_blocking(move || d.sync()).await;
         }
         if woken_by_write {
             continue;
         }
-        {
-            // A failure with nothing applied that the log lacks: let the
-            // next append try the disk again (it is refused again, having
-            // changed nothing, while the disk is still full).
-            let mut log = data.log();
-            if log.failed.is_some() && !log.unlogged {
-                log.failed = None;
-                info!("retrying the data directory; writes are accepted again if it takes them");
-            }
-        }
+        data.retry_after_failure();
         if compaction.is_none() && data.wants_compaction() {
             let (d, snapshot) = (data.clone(), snapshot.clone());
             compaction = Some(tokio::task::spawn_blocking(move || {
-                let mark = d.snapshot_mark();
-                let generation = d.next_generation()?;
-                d.write_snapshot(generation, &snapshot(), mark)
+                d.compact(|| snapshot())
             }));
         }
-        let last_sync = last_sync();
-        if last_sync != last_saved_sync {
-            last_saved_sync = last_sync;
+        let now_sync = last_sync();
+        if now_sync != last_saved_sync && pending_sync.is_none() {
+            // Saved only once the changes that sync made (dropped entries
+            // among them) are on disk: a SYNCED that outlives them after a
+            // power cut would call stale state fresh.
+            pending_sync = Some((now_sync, data.appended()));
+        }
+        if let Some((ms, lsn)) = pending_sync
+            && data.synced_through(lsn)
+        {
             let d = data.clone();
-            let _ = tokio::task::spawn_blocking(move || d.save_last_sync(last_sync)).await;
+            let saved = tokio::task::spawn_blocking(move || d.save_last_sync(ms)).await;
+            if let Ok(Ok(())) = saved {
+                last_saved_sync = ms;
+                pending_sync = None;
+            }
         }
     }
     // Shutdown: what was appended goes to disk, whatever the policy but
@@ -910,229 +906,4 @@ async fn finished<T>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::Version;
-
-    fn dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("podcache-durability-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    fn record(key: &str, hlc: u64) -> Record {
-        Record::new(1, key, Some("v"), Version { hlc, node: 3 }, 0)
-    }
-
-    fn keys(recovered: &Recovered) -> Vec<String> {
-        let mut keys: Vec<String> = recovered
-            .records
-            .iter()
-            .map(|r| r.key().to_owned())
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys
-    }
-
-    #[test]
-    fn appends_come_back_after_a_reopen_and_the_lock_is_exclusive() {
-        let d = dir("reopen");
-        let (data, recovered) = DataDir::open(&d, Fsync::Always, 4096).expect("open");
-        assert!(recovered.records.is_empty());
-        data.append(&[record("a", 1), record("b", 2)])
-            .expect("append");
-        data.append(&[record("c", 3)]).expect("append");
-        assert!(matches!(
-            DataDir::open(&d, Fsync::Always, 4096),
-            Err(DurabilityError::Locked { .. })
-        ));
-        drop(data);
-        let (_, recovered) = DataDir::open(&d, Fsync::Always, 4096).expect("reopen");
-        assert_eq!(keys(&recovered), ["a", "b", "c"]);
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    #[test]
-    fn a_directory_of_other_files_or_another_format_is_refused() {
-        let d = dir("foreign");
-        fs::create_dir_all(&d).expect("dir");
-        fs::write(d.join("notes.txt"), "mine").expect("file");
-        assert!(matches!(
-            DataDir::open(&d, Fsync::Never, 4096),
-            Err(DurabilityError::Format { .. })
-        ));
-        fs::remove_file(d.join("notes.txt")).expect("rm");
-        fs::write(d.join("FORMAT"), "podcache data directory, format 2\n").expect("format");
-        let err = DataDir::open(&d, Fsync::Never, 4096).expect_err("format 2");
-        assert!(err.to_string().contains("format 2"), "{err}");
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    /// Every state a crash can leave compaction in recovers everything:
-    /// after the switch to a new log but before the snapshot, with a
-    /// half-written snapshot, and after the snapshot but before the old
-    /// files are removed.
-    #[test]
-    fn every_crash_point_of_a_compaction_recovers_everything() {
-        let d = dir("compaction");
-        let (data, _) = DataDir::open(&d, Fsync::Always, 4096).expect("open");
-        data.append(&[record("a", 1), record("b", 2)])
-            .expect("append");
-        let generation = data.next_generation().expect("switch");
-        data.append(&[record("c", 3)]).expect("append");
-        drop(data);
-        // Crash after the switch: both logs, no snapshot.
-        let (data, recovered) = DataDir::open(&d, Fsync::Always, 4096).expect("reopen");
-        assert_eq!(keys(&recovered), ["a", "b", "c"]);
-        // A snapshot half-written when the crash came.
-        fs::write(
-            d.join(format!("{}.tmp", name_of("snapshot", generation + 1))),
-            b"PCSNP",
-        )
-        .expect("tmp");
-        drop(data);
-        let (data, recovered) = DataDir::open(&d, Fsync::Always, 4096).expect("reopen");
-        assert_eq!(keys(&recovered), ["a", "b", "c"]);
-        // The snapshot written, the old files not yet removed.
-        let old_log = fs::read(d.join(name_of("log", 0))).expect("old log");
-        let generation = data.next_generation().expect("switch");
-        data.write_snapshot(generation, &recovered.records, data.snapshot_mark())
-            .expect("snapshot");
-        data.append(&[record("d", 4)]).expect("append");
-        drop(data);
-        assert!(
-            !d.join(name_of("log", 0)).exists(),
-            "obsolete files removed"
-        );
-        fs::write(d.join(name_of("log", 0)), &old_log).expect("put the old log back");
-        let (_, recovered) = DataDir::open(&d, Fsync::Always, 4096).expect("reopen");
-        assert_eq!(keys(&recovered), ["a", "b", "c", "d"]);
-        assert!(
-            recovered.records.len() <= 4,
-            "older generations are not replayed: {:?}",
-            recovered.records
-        );
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    #[test]
-    fn a_failed_append_leaves_nothing_and_is_refused_until_it_clears() {
-        let d = dir("failed");
-        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
-        data.append(&[record("a", 1)]).expect("append");
-        data.log().failed = Some(DiskError::Full("test".into()));
-        assert!(matches!(
-            data.append(&[record("b", 2)]),
-            Err(DiskError::Full(_))
-        ));
-        assert!(!data.healthy());
-        data.log().failed = None;
-        data.append(&[record("c", 3)]).expect("append");
-        drop(data);
-        let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen");
-        assert_eq!(keys(&recovered), ["a", "c"]);
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    /// A crash can leave a retired log torn while the newer one is whole
-    /// (the retired one is synced later): its tail is cut, the start goes
-    /// on, and every whole record of both is there.
-    #[test]
-    fn a_torn_older_log_is_cut_and_the_newer_one_read() {
-        let d = dir("torn-older");
-        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
-        data.append(&[record("a", 1), record("b", 2)])
-            .expect("append");
-        data.next_generation().expect("switch");
-        data.append(&[record("c", 3)]).expect("append");
-        drop(data);
-        let old = d.join(name_of("log", 0));
-        let len = fs::metadata(&old).expect("old log").len();
-        OpenOptions::new()
-            .write(true)
-            .open(&old)
-            .and_then(|f| f.set_len(len - 3))
-            .expect("tear the old log");
-        let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("starts");
-        assert_eq!(keys(&recovered), ["a", "c"]);
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    /// A need for a snapshot that comes after a snapshot took its state
-    /// is not cleared by it.
-    #[test]
-    fn a_snapshot_clears_only_the_needs_it_covers() {
-        let d = dir("needs");
-        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
-        data.append(&[record("a", 1)]).expect("append");
-        let mark = data.snapshot_mark();
-        let generation = data.next_generation().expect("switch");
-        data.request_compaction();
-        data.write_snapshot(generation, &[record("a", 1)], mark)
-            .expect("snapshot");
-        assert!(data.wants_compaction(), "the later request stays");
-        let mark = data.snapshot_mark();
-        let generation = data.next_generation().expect("reuse the empty log");
-        data.write_snapshot(generation, &[record("a", 1)], mark)
-            .expect("snapshot");
-        assert!(!data.wants_compaction());
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    /// A write cut back off after a failure leaves no hole: the next
-    /// append lands where the log now ends, in a switched-to log too.
-    #[test]
-    fn an_append_after_a_cut_back_failure_leaves_no_hole() {
-        let d = dir("cutback");
-        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("open");
-        data.next_generation().expect("switch");
-        data.append(&[record("a", 1)]).expect("append");
-        // What a failed append does: cut the log back to its last size.
-        let before = data.log().bytes;
-        data.append(&[record("lost", 2)]).expect("append");
-        data.log().file.set_len(before).expect("cut back");
-        data.log().bytes = before;
-        data.append(&[record("b", 3)]).expect("append");
-        drop(data);
-        let (_, recovered) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen: no damage");
-        assert_eq!(keys(&recovered), ["a", "b"]);
-        let _ = fs::remove_dir_all(&d);
-    }
-
-    /// A switch to a new log leaves the old one to the next sync, and an
-    /// `always` waiter is released only by a sync that covered it.
-    #[test]
-    fn the_old_log_is_synced_before_its_changes_count_as_on_disk() {
-        let d = dir("retiring");
-        let (data, _) = DataDir::open(&d, Fsync::Always, 4096).expect("open");
-        data.append(&[record("a", 1)]).expect("append");
-        data.next_generation().expect("switch");
-        let lsn = data.append(&[record("b", 2)]).expect("append");
-        data.next_generation().expect("switch again");
-        assert_eq!(
-            data.log().retiring.len(),
-            2,
-            "both old logs wait for a sync"
-        );
-        assert!(data.retiring());
-        // A log that holds nothing is not switched away from again: a
-        // failing snapshot's retries do not pile up files.
-        let generation = data.log().generation;
-        assert_eq!(data.next_generation().expect("reuse"), generation);
-        assert_eq!(data.log().retiring.len(), 2);
-        assert!(data.synced_tx.borrow().0 < lsn);
-        data.sync().expect("sync");
-        assert!(data.log().retiring.is_empty());
-        assert!(data.synced_tx.borrow().0 >= lsn);
-        drop(data);
-        // With `never` nothing would ever sync them: none are kept open.
-        let (data, _) = DataDir::open(&d, Fsync::Never, 4096).expect("reopen");
-        data.append(&[record("c", 3)]).expect("append");
-        data.next_generation().expect("switch");
-        assert!(data.log().retiring.is_empty());
-        drop(data);
-        let _ = fs::remove_dir_all(&d);
-    }
-}
+mod tests;

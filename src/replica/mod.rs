@@ -26,7 +26,7 @@ pub use write::{Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome
 
 use self::changes::ChangeLog;
 use crate::config::NodeConfig;
-use crate::durability::DataDir;
+use crate::durability::{DataDir, DiskError};
 use crate::identity::{NodeIdentity, unix_ms};
 use crate::metrics::{Metrics, label};
 use crate::store::{MergeOutcome, Record, Store, StoreError};
@@ -231,22 +231,26 @@ impl Replica {
         self.events.publish(records, origin);
     }
 
-    /// The remote write path: merge by version, count, publish. What peers
-    /// send is never forwarded again (its writer sends it to everyone).
-    /// `source` names the way it came for the metrics: `replicate`,
-    /// `bootstrap` or `anti_entropy`.
-    pub(crate) fn apply_remote(&self, records: Vec<Record>, source: &'static str) -> MergeOutcome {
+    /// The remote write path: merge by version, log, count, publish. What
+    /// peers send is never forwarded again (its writer sends it to
+    /// everyone). `source` names the way it came for the metrics:
+    /// `replicate`, `bootstrap` or `anti_entropy`. The answer says whether
+    /// the data directory took what was applied: a peer acknowledges only
+    /// once [`Replica::settle`] says it is durable.
+    pub(crate) fn apply_remote(&self, records: Vec<Record>, source: &'static str) -> Applied {
         let now = unix_ms();
+        let mut disk = Ok(None);
         let outcome = self
             .store
             .merge_logged(records, now, self.purge_horizon(now), |applied| {
-                if let Some(data) = &self.data
-                    && data.append_applied(applied).is_err()
-                {
-                    // Held in memory and sent on by nobody (peers' writes
-                    // are not forwarded): the snapshot that clears the
-                    // failure writes it to disk.
-                    self.metrics.data_dir_unlogged.inc_by(applied.len() as u64);
+                if let Some(data) = &self.data {
+                    disk = data.append_applied(applied).map(Some);
+                    if disk.is_err() && !applied.is_empty() {
+                        // Held in memory and sent on by nobody (peers'
+                        // writes are not forwarded): the snapshot that
+                        // clears the failure writes it to disk.
+                        self.metrics.data_dir_unlogged.inc_by(applied.len() as u64);
+                    }
                 }
             });
         self.count_remote(&outcome, source);
@@ -263,39 +267,86 @@ impl Replica {
             Origin::Peer
         };
         self.publish(&outcome.applied, origin);
-        outcome
+        Applied { outcome, disk }
+    }
+
+    /// Resolves once what a change appended is on this node's disk as its
+    /// `--fsync` policy promises (at once but for `always`), or with why it
+    /// is not.
+    pub(crate) async fn settle(
+        &self,
+        disk: Result<Option<u64>, DiskError>,
+    ) -> Result<(), DiskError> {
+        match (disk?, &self.data) {
+            (Some(lsn), Some(data)) => data.durable(lsn).await,
+            _ => Ok(()),
+        }
     }
 
     /// An import (`ctl import`, a backup): entries with their own versions,
     /// merged by version, then sent to every peer like this node's writes
-    /// (the peers merge them by version too), logged in the data directory
-    /// and published. Refused as a whole while the data directory cannot
-    /// be written.
-    pub(crate) fn import(&self, records: Vec<Record>) -> Result<MergeOutcome, WriteError> {
+    /// (the peers merge them by version too), logged in the data directory,
+    /// published, and answered once durable as a local write is. Refused
+    /// as a whole while the data directory cannot be written.
+    pub(crate) async fn import(&self, records: Vec<Record>) -> Result<MergeOutcome, WriteError> {
         if let Some(data) = &self.data
             && !data.healthy()
         {
-            return Err(WriteError::Disk(crate::durability::DiskError::Failed(
+            return Err(WriteError::Disk(DiskError::Failed(
                 "an earlier write to the data directory failed and it has not recovered yet".into(),
             )));
         }
-        let now = unix_ms();
-        let mut changes = self.changes();
-        let outcome = self
-            .store
-            .merge_logged(records, now, self.purge_horizon(now), |applied| {
-                if let Some(data) = &self.data {
-                    let _ = data.append_applied(applied);
-                }
-            });
-        changes.append(&outcome.applied);
-        drop(changes);
+        let (outcome, disk) = self.merge_import(records);
         self.count_remote(&outcome, "import");
         if !outcome.applied.is_empty() {
             self.changed.notify_waiters();
             self.publish(&outcome.applied, Origin::Local);
         }
+        self.settle(disk).await.map_err(WriteError::NotDurable)?;
         Ok(outcome)
+    }
+
+    /// The import's merge, log and change index, under the change index's
+    /// lock (as a local write), so that it enters the index in order.
+    fn merge_import(&self, records: Vec<Record>) -> (MergeOutcome, Result<Option<u64>, DiskError>) {
+        let now = unix_ms();
+        let mut disk = Ok(None);
+        let mut changes = self.changes();
+        let outcome = self
+            .store
+            .merge_logged(records, now, self.purge_horizon(now), |applied| {
+                if let Some(data) = &self.data {
+                    disk = data.append_applied(applied).map(Some);
+                }
+            });
+        changes.append(&outcome.applied);
+        (outcome, disk)
+    }
+
+    /// A full resync's drop: local entries the peer's whole state does not
+    /// name, except those `spare` protects, were deleted (and purged) while
+    /// this node was away. They go through the log as tombstones at their
+    /// own versions (so a replay cannot bring them back; they are not sent
+    /// to peers) and reach watchers as deletes. Returns the sequence number
+    /// to wait on and how many were dropped.
+    pub(crate) fn drop_absent(
+        &self,
+        keep: &std::collections::HashSet<(i32, &str)>,
+        spare: impl Fn(&crate::store::Entry) -> bool,
+    ) -> usize {
+        let dropped = self.store.drop_absent_logged(keep, spare, |tombstones| {
+            if let Some(data) = &self.data
+                && data.append_applied(tombstones).is_err()
+            {
+                // The snapshot that clears the failure writes the state
+                // without them.
+                self.metrics
+                    .data_dir_unlogged
+                    .inc_by(tombstones.len() as u64);
+            }
+        });
+        self.publish(&dropped, Origin::Peer);
+        dropped.len()
     }
 
     /// Counts what a merge (or an original `Sync/Set`) did.
@@ -326,9 +377,27 @@ impl Replica {
     }
 
     /// Drops entries whose expiry passed (or tombstones written) longer ago
-    /// than the grace period; returns how many.
+    /// than the grace period; returns how many. The data directory then
+    /// compacts, so its files stop holding what was dropped.
     pub(crate) fn purge_expired(&self) -> usize {
         let grace = self.config.tombstone_grace.as_millis() as u64;
-        self.store.purge(unix_ms(), grace)
+        let purged = self.store.purge(unix_ms(), grace);
+        if purged > 0
+            && let Some(data) = &self.data
+        {
+            data.request_compaction();
+        }
+        purged
     }
+}
+
+/// What [`Replica::apply_remote`] did.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// What the merge did.
+    pub(crate) outcome: MergeOutcome,
+    /// The data directory's sequence number to wait on for what was
+    /// applied (none without a data directory), or why it could not take
+    /// it (or is refusing changes).
+    pub(crate) disk: Result<Option<u64>, DiskError>,
 }

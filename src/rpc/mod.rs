@@ -280,7 +280,7 @@ fn replicate_batch(
     replica: &Node,
     request: ReplicateRequest,
     held: Option<&mut Vec<Record>>,
-) -> Result<ReplicateResponse, Status> {
+) -> Result<(ReplicateResponse, Disk), Status> {
     let Some(sender) = request.sender else {
         return Err(Status::invalid_argument(
             "replicate: the sender must name itself",
@@ -298,7 +298,7 @@ fn replicate_batch(
                 .max_total_bytes
                 .saturating_mul(PEER_HEADROOM);
             if bytes <= limit {
-                return Ok(ReplicateResponse::default());
+                return Ok((ReplicateResponse::default(), Ok(None)));
             }
             replica.metrics.epochs_split.inc();
             tracing::warn!(peer = %sender.name, bytes, "an epoch from a peer is larger than this node can hold back; merging it in parts");
@@ -306,13 +306,38 @@ fn replicate_batch(
         held.append(&mut records);
         records = std::mem::take(held);
     }
-    let outcome = replica.apply_remote(records, "replicate");
-    Ok(ReplicateResponse {
-        applied: outcome.applied.len() as u32,
-        stale: outcome.stale as u32,
-        rejected: outcome.rejected.len() as u32,
-    })
+    let applied = replica.apply_remote(records, "replicate");
+    let outcome = applied.outcome;
+    Ok((
+        ReplicateResponse {
+            applied: outcome.applied.len() as u32,
+            stale: outcome.stale as u32,
+            rejected: outcome.rejected.len() as u32,
+        },
+        applied.disk,
+    ))
 }
+
+/// The answer to a fan-out request once what it applied is on this node's
+/// disk as `--fsync` promises: under `always` a peer acknowledges only
+/// what it has synced, and a data directory that could not take it is an
+/// error to the sender (which keeps it pending and sends it again), never
+/// an acknowledgement.
+async fn answer_when_durable(
+    replica: &Node,
+    batch: Result<(ReplicateResponse, Disk), Status>,
+) -> Result<ReplicateResponse, Status> {
+    let (response, disk) = batch?;
+    replica.settle(disk).await.map_err(|error| {
+        Status::unavailable(format!(
+            "this node applied the entries but its data directory did not take them: {error}"
+        ))
+    })?;
+    Ok(response)
+}
+
+/// What the data directory said of a merge (see `Applied::disk`).
+type Disk = Result<Option<u64>, crate::durability::DiskError>;
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
@@ -335,7 +360,10 @@ impl Replica for ReplicaService {
         &self,
         request: Request<ReplicateRequest>,
     ) -> Result<Response<ReplicateResponse>, Status> {
-        replicate_batch(&self.ctx.replica, request.into_inner(), None).map(Response::new)
+        let batch = replicate_batch(&self.ctx.replica, request.into_inner(), None);
+        answer_when_durable(&self.ctx.replica, batch)
+            .await
+            .map(Response::new)
     }
 
     type ReplicateStreamStream = AnswerStream;
@@ -357,8 +385,9 @@ impl Replica for ReplicaService {
         let answers = request
             .into_inner()
             .scan(Vec::new(), move |held, request| {
-                let answer = request.and_then(|r| replicate_batch(&replica, r, Some(held)));
-                std::future::ready(Some(answer))
+                let batch = request.and_then(|r| replicate_batch(&replica, r, Some(held)));
+                let replica = replica.clone();
+                async move { Some(answer_when_durable(&replica, batch).await) }
             })
             .take_until(stop);
         Ok(Response::new(Box::pin(answers)))
@@ -429,7 +458,7 @@ impl Replica for ReplicaService {
             .map(|r| ((r.ty, r.key()), r.entry.version()))
             .collect();
         let replica = &self.ctx.replica;
-        let outcome = replica.apply_remote(records, "anti_entropy");
+        let outcome = replica.apply_remote(records, "anti_entropy").outcome;
         let mine = replica.store.bucket_records(&request.buckets);
         let horizon = replica.purge_horizon(unix_ms());
         let entries: Vec<_> = mine

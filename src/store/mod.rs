@@ -872,8 +872,11 @@ impl Store {
 
     /// Loads records read back from the data directory: merged by version,
     /// without the capacity limits (a restart with lower limits must not
-    /// lose what was stored), tombstones and expired entries older than
-    /// `purge_horizon_ms` left out. Returns how many were kept.
+    /// lose what was stored), and only then are tombstones and expired
+    /// entries older than `purge_horizon_ms` dropped. A record is never
+    /// left out before the merge: an old value must meet the tombstone (or
+    /// the expired value) that replaced it, or it would come back. Returns
+    /// how many entries are kept.
     pub fn load(
         &self,
         records: impl IntoIterator<Item = Record>,
@@ -881,20 +884,17 @@ impl Store {
         purge_horizon_ms: u64,
     ) -> usize {
         let mut state = self.write_lock();
-        let mut kept = 0;
         for record in records {
-            if is_purgeable(&record.entry, purge_horizon_ms) {
-                continue;
-            }
             // Later local writes order after what was stored (a version
             // from a clock far ahead is not absorbed, as in a merge).
             let _ = self.clock.observe(record.entry.version().hlc, now_ms);
-            if let Ok(true) = state.put_if_newer(record.ty, &record.entry, &self.limits, usize::MAX)
-            {
-                kept += 1;
-            }
+            let _ = state.put_if_newer(record.ty, &record.entry, &self.limits, usize::MAX);
         }
-        kept
+        let purged = Self::doomed(&state, |_, e| is_purgeable(e, purge_horizon_ms));
+        for (ty, entry) in &purged {
+            state.remove(*ty, entry.key());
+        }
+        state.namespaces.values().map(|ns| ns.len()).sum()
     }
 
     /// Merges records from a peer with the merge rule. Each record is checked
@@ -1066,21 +1066,45 @@ impl Store {
     /// Drops local entries that `keep` does not name, except those `spare`
     /// protects: used by a full resync, where the peer's snapshot is the
     /// truth about what was deleted (and purged) while this node was away.
-    pub fn drop_absent(
+    /// Gives `after_remove`, under the same lock, a tombstone of each
+    /// dropped entry at its version (which the merge rule ranks over the
+    /// value it replaces), for the data directory's log: a replay then
+    /// cannot bring the value back. Returns those tombstones.
+    pub fn drop_absent_logged(
         &self,
         keep: &std::collections::HashSet<(i32, &str)>,
         spare: impl Fn(&Entry) -> bool,
-    ) -> usize {
-        self.remove_where(|ty, entry| !spare(entry) && !keep.contains(&(ty, entry.key())))
+        after_remove: impl FnOnce(&[Record]),
+    ) -> Vec<Record> {
+        let mut state = self.write_lock();
+        let found = Self::doomed(&state, |ty, entry| {
+            !spare(entry) && !keep.contains(&(ty, entry.key()))
+        });
+        let mut tombstones = Vec::with_capacity(found.len());
+        for (ty, entry) in &found {
+            state.remove(*ty, entry.key());
+            tombstones.push(Record {
+                ty: *ty,
+                entry: Entry::new(entry.key(), None, entry.version(), 0),
+            });
+        }
+        after_remove(&tombstones);
+        tombstones
+    }
+
+    /// The entries of `state` for which `doomed` is true.
+    fn doomed(state: &State, doomed: impl Fn(i32, &Entry) -> bool) -> Vec<(i32, Entry)> {
+        let mut found = Vec::new();
+        for (&ty, ns) in state.namespaces.iter() {
+            found.extend(ns.iter().filter(|e| doomed(ty, e)).map(|e| (ty, e.clone())));
+        }
+        found
     }
 
     /// Removes every entry for which `doomed` is true; returns how many.
     fn remove_where(&self, doomed: impl Fn(i32, &Entry) -> bool) -> usize {
         let mut state = self.write_lock();
-        let mut found = Vec::new();
-        for (&ty, ns) in state.namespaces.iter() {
-            found.extend(ns.iter().filter(|e| doomed(ty, e)).map(|e| (ty, e.clone())));
-        }
+        let found = Self::doomed(&state, doomed);
         for (ty, entry) in &found {
             state.remove(*ty, entry.key());
         }

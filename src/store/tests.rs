@@ -245,6 +245,48 @@ fn loading_keeps_what_was_stored_past_lowered_limits_and_drops_old_tombstones() 
     assert_eq!(s.stats(NOW)[&1].tombstones, 0);
 }
 
+/// A deleted (or expired) value does not come back from the files once
+/// its tombstone is past the grace: the records are merged by version
+/// first, whatever order the files hold them in, and purged after.
+#[test]
+fn loading_merges_every_record_before_it_purges() {
+    let old = record(1, "flag", Some("on"), NOW - 20_000, 2);
+    let tombstone = record(1, "flag", None, NOW - 10_000, 2);
+    let overwritten = record(1, "ttl", Some("plain"), NOW - 20_000, 2);
+    let mut expired = record(1, "ttl", Some("short-lived"), NOW - 10_000, 2);
+    expired.entry = Entry::new(
+        "ttl",
+        Some("short-lived"),
+        expired.entry.version(),
+        NOW - 9_000,
+    );
+    for order in [
+        vec![
+            old.clone(),
+            tombstone.clone(),
+            overwritten.clone(),
+            expired.clone(),
+        ],
+        vec![
+            tombstone.clone(),
+            old.clone(),
+            expired.clone(),
+            overwritten.clone(),
+        ],
+    ] {
+        let s = store(1);
+        assert_eq!(s.load(order, NOW, NOW - 5_000), 0);
+        assert!(
+            s.get(1, "flag", NOW).is_none(),
+            "the deleted flag stays deleted"
+        );
+        assert!(
+            s.get(1, "ttl", NOW).is_none(),
+            "the overwritten value stays gone"
+        );
+    }
+}
+
 fn arb_record() -> impl Strategy<Value = Record> {
     (
         0..3i32,
@@ -355,7 +397,25 @@ fn a_full_resync_drops_old_entries_the_peer_no_longer_has() {
     );
     let keep: std::collections::HashSet<(i32, &str)> = [(1, "kept")].into();
     let spare = |e: &Entry| e.version().hlc >= hlc_from_ms(NOW - 50_000);
-    assert_eq!(s.drop_absent(&keep, spare), 1);
+    let mut logged = Vec::new();
+    let dropped = s.drop_absent_logged(&keep, spare, |t| logged.extend_from_slice(t));
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(logged, dropped);
+    assert!(
+        dropped[0].entry.is_tombstone(),
+        "a tombstone at the dropped version"
+    );
+    // Replayed after the value it dropped, the tombstone wins.
+    let replay = store(1);
+    replay.load(
+        [
+            record(1, "deleted-elsewhere", Some("old"), NOW - 100_000, 2),
+            dropped[0].clone(),
+        ],
+        NOW,
+        0,
+    );
+    assert!(replay.get(1, "deleted-elsewhere", NOW).is_none());
     let ns = listing(&s, 1, NOW);
     assert!(ns.contains_key("kept") && ns.contains_key("written-while-away"));
     assert!(!ns.contains_key("deleted-elsewhere"));

@@ -326,7 +326,11 @@ async fn exchange(
         .into_inner();
         repaired += u64::from(response.applied);
         let theirs: Vec<_> = response.entries.into_iter().map(record_from_wire).collect();
-        repaired += replica.apply_remote(theirs, "anti_entropy").applied.len() as u64;
+        repaired += replica
+            .apply_remote(theirs, "anti_entropy")
+            .outcome
+            .applied
+            .len() as u64;
     }
     Ok(done(repaired))
 }
@@ -366,7 +370,10 @@ async fn resync(replica: &Replica, targets: &[Target]) {
         .iter()
         .filter(|(_, hello)| hello.ready && !hello.stale)
         .filter_map(|(t, hello)| Some((*t, hello.node.as_ref()?)))
-        .filter(|(t, node)| age(t, node).0 < last_sync)
+        // A peer that has run since before this node's last sync saw every
+        // delete it missed; when that time is unknown (1: SYNCED lost next
+        // to loaded state), the oldest ready peer is the best truth there is.
+        .filter(|(t, node)| last_sync <= 1 || age(t, node).0 < last_sync)
         .collect();
     sources.sort_by_key(|(t, node)| age(t, node));
     let Some((target, _)) = sources.first() else {
@@ -429,15 +436,13 @@ async fn full_resync(
     let keep: HashSet<_> = records.iter().map(|r| (r.ty, r.key())).collect();
     let last_sync = replica.last_full_sync_ms();
     let me = replica.identity.node_id;
-    let dropped = replica.store.drop_absent(&keep, |entry| {
+    let dropped = replica.drop_absent(&keep, |entry| {
         entry.version().node == me && crate::store::clock::hlc_ms(entry.version().hlc) >= last_sync
     });
-    if dropped > 0
-        && let Some(data) = &replica.data
-    {
-        // No record says "dropped": the next snapshot does.
-        data.request_compaction();
-    }
-    let applied = replica.apply_remote(records, "anti_entropy").applied.len();
+    let applied = replica
+        .apply_remote(records, "anti_entropy")
+        .outcome
+        .applied
+        .len();
     Ok((dropped, applied))
 }

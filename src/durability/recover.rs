@@ -1,0 +1,190 @@
+//! Recovery: what a data directory holds, read back at start.
+//!
+//! Owns: choosing the files to read (the newest snapshot and the logs of
+//! its generation or later), reading them a chunk at a time, cutting a
+//! torn tail off a log, refusing damage, and reading `SYNCED`. Must not
+//! touch: the merge rule (the replica loads the records by version, then
+//! purges), the log being appended to (the caller opens it).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::frame::{self, End, Framing, Head, Kind};
+use super::storage::{self, Storage, StorageFile};
+use super::{DurabilityError, Recovered, generation_of, io_err, name_of};
+use crate::store::Record;
+
+/// Bytes read from a file at a time during recovery.
+const READ_CHUNK: usize = 1 << 20;
+
+/// What [`recover`] found.
+pub(super) struct Found {
+    pub(super) recovered: Recovered,
+    /// The generation to append to.
+    pub(super) generation: u64,
+    /// The newest log, to append to, when it is of that generation and in
+    /// format 2 (else a new log is started).
+    pub(super) append_to: Option<(Arc<dyn StorageFile>, Framing, u64)>,
+    /// The newest snapshot's size.
+    pub(super) snapshot_bytes: u64,
+    /// A file of format 1 was read: the next round rewrites the state.
+    pub(super) upgrade: bool,
+}
+
+/// Loads the newest snapshot and the logs after it.
+pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityError> {
+    let mut snapshots = Vec::new();
+    let mut logs = Vec::new();
+    for name in s.list().map_err(io_err("cannot list", dir.to_owned()))? {
+        if let Some(g) = generation_of(&name, "snapshot") {
+            snapshots.push(g);
+        } else if let Some(g) = generation_of(&name, "log") {
+            logs.push(g);
+        }
+    }
+    snapshots.sort_unstable();
+    logs.sort_unstable();
+    let synced = storage::read_small(s, "SYNCED")
+        .map_err(io_err("cannot read", s.path_of("SYNCED")))?
+        .and_then(|t| String::from_utf8(t).ok()?.trim().parse().ok());
+    let mut recovered = Recovered::default();
+    let base = snapshots.last().copied();
+    let mut last_report = tokio::time::Instant::now();
+    // Takes each record read; a progress line every few seconds.
+    let mut keep = |recovered: &mut Recovered, record: Record| {
+        recovered.records.push(record);
+        if recovered.records.len().is_multiple_of(65_536)
+            && last_report.elapsed() >= Duration::from_secs(3)
+        {
+            last_report = tokio::time::Instant::now();
+            info!(
+                entries = recovered.records.len(),
+                files = recovered.files,
+                "loading the data directory"
+            );
+        }
+    };
+    let damaged = |name: &str, offset: u64, reason: String| DurabilityError::Damaged {
+        dir: dir.to_owned(),
+        file: s.path_of(name),
+        offset,
+        reason,
+    };
+    let mut upgrade = false;
+    let mut snapshot_bytes = 0;
+    if let Some(g) = base {
+        let name = name_of("snapshot", g);
+        let file = s
+            .open_existing(&name)
+            .map_err(io_err("cannot read", s.path_of(&name)))?;
+        let read = |e| io_err("cannot read", s.path_of(&name))(e);
+        // A snapshot is synced whole before its name appears: anything but
+        // a whole, valid file is damage.
+        let framing = match frame::head(&*file, Kind::Snapshot).map_err(read)? {
+            Head::Framed(framing) => framing,
+            Head::Empty => return Err(damaged(&name, 0, "the snapshot is empty".into())),
+            Head::Bad(reason) => return Err(damaged(&name, 0, reason)),
+        };
+        upgrade |= framing == Framing::V1;
+        let end =
+            frame::read(&*file, framing, READ_CHUNK, |r| keep(&mut recovered, r)).map_err(read)?;
+        snapshot_bytes = frame::Source::len(&*file).map_err(read)?;
+        match end {
+            End::Clean => {}
+            End::Torn { offset } => {
+                return Err(damaged(
+                    &name,
+                    offset,
+                    "the snapshot ends in the middle of a record".into(),
+                ));
+            }
+            End::Damaged { offset, reason } => return Err(damaged(&name, offset, reason)),
+        }
+        recovered.files += 1;
+        recovered.bytes += snapshot_bytes;
+    }
+    let logs: Vec<u64> = logs
+        .into_iter()
+        .filter(|g| base.is_none_or(|b| *g >= b))
+        .collect();
+    let newest = logs.last().copied();
+    let mut append_to = None;
+    for g in &logs {
+        let name = name_of("log", *g);
+        let file = s
+            .open(&name)
+            .map_err(io_err("cannot read", s.path_of(&name)))?;
+        let read = |e| io_err("cannot read", s.path_of(&name))(e);
+        let framing = match frame::head(&*file, Kind::Log).map_err(read)? {
+            Head::Framed(framing) => framing,
+            Head::Empty => {
+                // Created, but cut before its header was whole: it never
+                // held a record. Cut to nothing; a new one is started.
+                file.set_len(0)
+                    .and_then(|()| file.sync())
+                    .map_err(io_err("cannot reset", s.path_of(&name)))?;
+                recovered.files += 1;
+                continue;
+            }
+            Head::Bad(reason) => return Err(damaged(&name, 0, reason)),
+        };
+        upgrade |= framing == Framing::V1;
+        let end =
+            frame::read(&*file, framing, READ_CHUNK, |r| keep(&mut recovered, r)).map_err(read)?;
+        let size = frame::Source::len(&*file).map_err(read)?;
+        let mut kept = size;
+        match end {
+            End::Clean => {}
+            // Any log after the snapshot may end torn: a log retired by a
+            // compaction is synced only by the next sync, which comes
+            // before any of its changes counts as on disk, so a power cut
+            // can leave its last record cut short while the newer one is
+            // whole.
+            End::Torn { offset } => {
+                warn!(
+                    file = %s.path_of(&name).display(),
+                    offset,
+                    cut = size - offset,
+                    "a log ends in a record cut short (a crash while it was written); cutting it off there"
+                );
+                file.set_len(offset)
+                    .and_then(|()| file.sync())
+                    .map_err(io_err("cannot cut the torn tail of", s.path_of(&name)))?;
+                kept = offset;
+            }
+            End::Damaged { offset, reason } => return Err(damaged(&name, offset, reason)),
+        }
+        recovered.files += 1;
+        recovered.bytes += kept;
+        if Some(*g) == newest && framing != Framing::V1 {
+            append_to = Some((file, framing, kept));
+        }
+    }
+    // Appends go to the newest log when it can take them; else to a new
+    // generation after every file read (a snapshot with no log yet, a
+    // format-1 log, a log that was empty).
+    let generation = match (&append_to, newest.max(base)) {
+        (Some(_), Some(g)) => g,
+        (None, Some(g)) if newest == Some(g) => g + 1,
+        (None, Some(g)) => g,
+        (_, None) => 0,
+    };
+    recovered.last_sync_ms = match synced {
+        Some(ms) => ms,
+        // State without a record of the last sync: lost to a power cut
+        // before it was first saved, or never saved. The node resyncs
+        // before its state is trusted.
+        None if !recovered.records.is_empty() => 1,
+        None => 0,
+    };
+    Ok(Found {
+        recovered,
+        generation,
+        append_to,
+        snapshot_bytes,
+        upgrade,
+    })
+}
