@@ -348,6 +348,15 @@ impl NodeConfig {
                 "the gRPC message limit must hold twice the largest entry".into(),
             ));
         }
+        if self.data_dir.is_some()
+            && self.limits.max_value_bytes + self.limits.max_key_bytes
+                > crate::durability::MAX_ENTRY_BYTES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "with --data-dir, --max-key-bytes plus --max-value-bytes must be at most {} (the largest record the data directory writes)",
+                crate::durability::MAX_ENTRY_BYTES
+            )));
+        }
         for (name, value) in [
             ("max concurrent requests", self.max_concurrent_requests),
             ("max connections", self.max_connections),
@@ -462,6 +471,21 @@ mod tests {
             local_ipv4s_from_fib_trie(text),
             vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(10, 1, 2, 3)]
         );
+    }
+
+    /// With a data directory an entry must fit one of its records: larger
+    /// limits (which a large gRPC message limit allows) are refused.
+    #[test]
+    fn entries_past_the_data_directory_record_cap_are_refused() {
+        let mut config = NodeConfig::new("a", Ipv4Addr::LOCALHOST.into());
+        config.max_grpc_message_bytes = 2 << 30;
+        config.limits.max_value_bytes = 300 << 20;
+        config
+            .validate()
+            .expect("in memory only, a large value is allowed");
+        config.data_dir = Some("/tmp/podcache-never-opened".into());
+        let err = config.validate().expect_err("past the record cap");
+        assert!(err.to_string().contains("--max-value-bytes"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,12 @@
 //! `{"type":<i32>,"key":"<text>","value":"<text>"|null,"hlc":<u64>,"node":"<16 hex>","expires_at_ms":<u64>}`,
 //! where `value` null is a tombstone and `hlc`/`node` are the version
 //! (hybrid timestamp, writer's node id). An import takes the same lines;
-//! the header is optional there, but when present must say this format.
+//! the header is optional there, but when present it is the first
+//! non-empty line (an object with `format` and no `type` or `key`: every
+//! later line is an entry, so a key named `format` is just a key), it must
+//! say this format, and when it gives `entries` the body must hold exactly
+//! that many entry lines (a file cut short at a line's end, or edited, is
+//! refused whole).
 
 use std::sync::Arc;
 
@@ -96,9 +101,17 @@ struct Header {
     #[serde(default)]
     #[allow(dead_code)]
     exported_at_ms: Option<u64>,
+    /// How many entry lines follow; an import checks it when given.
     #[serde(default)]
-    #[allow(dead_code)]
     entries: Option<u64>,
+}
+
+/// Whether a line is a header rather than an entry: a JSON object with a
+/// `format` field and neither `type` nor `key` (which every entry has).
+fn is_header(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(line).is_ok_and(|object| {
+        object.contains_key("format") && !object.contains_key("type") && !object.contains_key("key")
+    })
 }
 
 /// `GET /v1/export[?type=T]`.
@@ -147,30 +160,61 @@ pub(super) async fn export(
 }
 
 /// Parses an import body: every line checked before anything is merged.
+/// Only the first non-empty line may be the header.
 pub(super) fn parse(body: &[u8]) -> Result<Vec<Record>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the body must be UTF-8: {e}"))
     })?;
     let mut records = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let bad =
-            |why: String| ApiError::bad_request("invalid_export", format!("line {}: {why}", i + 1));
-        if line.contains("\"format\"") {
-            let header: Header = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-            if header.format != FORMAT || header.version != 1 {
-                return Err(bad(format!(
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| (i + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty())
+        .peekable();
+    let bad = |number: usize, why: String| {
+        ApiError::bad_request("invalid_export", format!("line {number}: {why}"))
+    };
+    let mut expected = None;
+    if let Some((number, line)) = lines.next_if(|(_, line)| is_header(line)) {
+        let header: Header = serde_json::from_str(line).map_err(|e| bad(number, e.to_string()))?;
+        if header.format != FORMAT || header.version != 1 {
+            return Err(bad(
+                number,
+                format!(
                     "format {:?} version {}, this podcache reads {FORMAT:?} version 1",
                     header.format, header.version
-                )));
-            }
-            continue;
+                ),
+            ));
         }
-        let entry: Line = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        records.push(entry.record().map_err(bad)?);
+        expected = header.entries;
+    }
+    for (number, line) in lines {
+        let entry: Line = serde_json::from_str(line).map_err(|e| {
+            if is_header(line) {
+                bad(
+                    number,
+                    "a second header: an export has one, on its first line (were two files \
+                     joined?)"
+                        .into(),
+                )
+            } else {
+                bad(number, e.to_string())
+            }
+        })?;
+        records.push(entry.record().map_err(|why| bad(number, why))?);
+    }
+    if let Some(expected) = expected
+        && records.len() as u64 != expected
+    {
+        return Err(ApiError::bad_request(
+            "invalid_export",
+            format!(
+                "the export holds {} entries but its header says {expected}: it was cut short or \
+                 edited; nothing was imported",
+                records.len()
+            ),
+        ));
     }
     Ok(records)
 }
@@ -185,7 +229,7 @@ pub(super) async fn import(
     let body = read_body(&api, &headers, body).await?;
     let records = parse(&body)?;
     let total = records.len();
-    let outcome = import_into(&api.replica, records)?;
+    let outcome = import_into(&api.replica, records).await?;
     Ok(axum::Json(json!({
         "entries": total,
         "applied": outcome.applied.len(),
@@ -196,11 +240,11 @@ pub(super) async fn import(
     .into_response())
 }
 
-fn import_into(
+async fn import_into(
     replica: &Replica,
     records: Vec<Record>,
 ) -> Result<crate::store::MergeOutcome, ApiError> {
-    replica.import(records).map_err(ApiError::from)
+    replica.import(records).await.map_err(ApiError::from)
 }
 
 #[cfg(test)]
@@ -236,5 +280,103 @@ mod tests {
         let err =
             parse(br#"{"type":1,"key":"","value":"v","hlc":1,"node":"01"}"#).expect_err("key");
         assert!(err.message.contains("empty"), "{}", err.message);
+    }
+
+    /// An export of `records` as the endpoint writes it.
+    fn export_of(records: &[Record]) -> String {
+        let mut text = format!(
+            "{{\"format\":\"podcache-export\",\"version\":1,\"node\":\"n\",\"exported_at_ms\":1,\"entries\":{}}}\n",
+            records.len()
+        );
+        for record in records {
+            text.push_str(&serde_json::to_string(&Line::of(record)).expect("json"));
+            text.push('\n');
+        }
+        text
+    }
+
+    fn entry(key: &str, value: Option<&str>, hlc: u64) -> Record {
+        Record::new(1, key, value, Version { hlc, node: 7 }, 0)
+    }
+
+    #[test]
+    fn keys_named_format_or_type_round_trip() {
+        let records = vec![
+            entry("format", Some("podcache-export"), 1 << 16),
+            entry("type", Some("1"), 2 << 16),
+            entry("version", None, 3 << 16),
+        ];
+        let parsed = parse(export_of(&records).as_bytes()).expect("valid");
+        assert_eq!(parsed, records);
+        // Also as the very first line, with no header.
+        let text = serde_json::to_string(&Line::of(&records[0])).expect("json");
+        assert_eq!(
+            parse(text.as_bytes()).expect("valid"),
+            vec![entry("format", Some("podcache-export"), 1 << 16)]
+        );
+    }
+
+    #[test]
+    fn a_body_cut_at_a_line_end_or_grown_is_refused_whole() {
+        let records: Vec<Record> = (0..5)
+            .map(|i| entry(&format!("k{i}"), Some("v"), (i + 1) << 16))
+            .collect();
+        let full = export_of(&records);
+        assert_eq!(parse(full.as_bytes()).expect("valid").len(), 5);
+        // The last line dropped, at its line end.
+        let mut lines: Vec<&str> = full.lines().collect();
+        lines.pop();
+        let cut = lines.join("\n") + "\n";
+        let err = parse(cut.as_bytes()).expect_err("cut short");
+        assert_eq!(err.code, "invalid_export");
+        assert!(
+            err.message
+                .contains("holds 4 entries but its header says 5")
+                && err.message.contains("cut short"),
+            "{}",
+            err.message
+        );
+        // One line too many (a stray line appended).
+        let extra = serde_json::to_string(&Line::of(&entry("more", None, 9 << 16))).expect("json");
+        let err = parse(format!("{full}{extra}\n").as_bytes()).expect_err("edited");
+        assert!(
+            err.message
+                .contains("holds 6 entries but its header says 5"),
+            "{}",
+            err.message
+        );
+        // A header without `entries` checks no count.
+        let headerless_count = format!(
+            "{{\"format\":\"podcache-export\",\"version\":1}}\n{}",
+            lines[1..].join("\n")
+        );
+        assert_eq!(parse(headerless_count.as_bytes()).expect("valid").len(), 4);
+    }
+
+    #[test]
+    fn only_the_first_line_is_a_header() {
+        let records = vec![entry("a", Some("1"), 1 << 16)];
+        let one = export_of(&records);
+        // Blank lines before the header do not make it a later line.
+        assert_eq!(
+            parse(format!("\n\n{one}").as_bytes()).expect("valid"),
+            records
+        );
+        // Two exports joined: the second header is refused, by line number.
+        let err = parse(format!("{one}{one}").as_bytes()).expect_err("joined");
+        assert!(
+            err.message.starts_with("line 3:") && err.message.contains("second header"),
+            "{}",
+            err.message
+        );
+        // A header after an entry is not taken as one either.
+        let line = serde_json::to_string(&Line::of(&records[0])).expect("json");
+        let err = parse(format!("{line}\n{}", one.lines().next().expect("header")).as_bytes())
+            .expect_err("late header");
+        assert!(err.message.starts_with("line 2:"), "{}", err.message);
+        // A header of another format is refused on the first line.
+        let err =
+            parse(b"{\"format\":\"other\",\"version\":1,\"entries\":0}\n").expect_err("other");
+        assert!(err.message.starts_with("line 1:"), "{}", err.message);
     }
 }

@@ -90,6 +90,11 @@ pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
     (records, ends.join(", "))
 }
 
+/// The largest key plus value a data directory's record holds (the frame
+/// cap less the entry's other fields): the configuration keeps the limits
+/// below it when there is a data directory.
+pub const MAX_ENTRY_BYTES: usize = frame::MAX_PAYLOAD - 1024;
+
 /// The text of the `FORMAT` file.
 const FORMAT: &str = "podcache data directory, format 2\n";
 /// The text an older podcache wrote; its files are read and upgraded.
@@ -326,15 +331,10 @@ impl DataDir {
         };
         check_format(s, dir)?;
         let found = recover::recover(s, dir)?;
-        let (file, framing, log_bytes) = match found.append_to {
-            Some((file, framing, bytes)) => (file, framing, bytes),
-            None => {
-                let name = name_of("log", found.generation);
-                let (file, framing) =
-                    new_log(s, &name).map_err(io_err("cannot create", s.path_of(&name)))?;
-                (file, framing, frame::FILE_HEADER as u64)
-            }
-        };
+        let name = name_of("log", found.generation);
+        let (file, framing) =
+            new_log(s, &name).map_err(io_err("cannot create", s.path_of(&name)))?;
+        let log_bytes = frame::FILE_HEADER as u64;
         let (synced_tx, _) = watch::channel((0, None));
         let data_dir = Self {
             dir: dir.to_owned(),
@@ -356,7 +356,7 @@ impl DataDir {
             synced_tx,
             dirty: Notify::new(),
             snapshot_bytes: AtomicU64::new(found.snapshot_bytes),
-            compaction_requested: AtomicBool::new(found.upgrade),
+            compaction_requested: AtomicBool::new(found.compact),
             needs_snapshot_events: AtomicU64::new(0),
             compact_log_bytes,
             storage,
@@ -742,7 +742,7 @@ fn check_format(s: &dyn Storage, dir: &Path) -> Result<(), DurabilityError> {
             };
             let foreign: Vec<&String> = listing
                 .iter()
-                .filter(|n| !ours(n) && !(n.as_str() == "lost+found" && s.is_dir(n)))
+                .filter(|n| !(ours(n) || n.as_str() == "lost+found" && s.is_dir(n)))
                 .collect();
             if !foreign.is_empty() {
                 return Err(DurabilityError::Format {

@@ -7,13 +7,12 @@
 //! purges), the log being appended to (the caller opens it).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use super::frame::{self, End, Framing, Head, Kind};
-use super::storage::{self, Storage, StorageFile};
+use super::storage::{self, Storage};
 use super::{DurabilityError, Recovered, generation_of, io_err, name_of};
 use crate::store::Record;
 
@@ -23,15 +22,13 @@ const READ_CHUNK: usize = 1 << 20;
 /// What [`recover`] found.
 pub(super) struct Found {
     pub(super) recovered: Recovered,
-    /// The generation to append to.
+    /// The generation of the new log to append to: after every file read.
     pub(super) generation: u64,
-    /// The newest log, to append to, when it is of that generation and in
-    /// format 2 (else a new log is started).
-    pub(super) append_to: Option<(Arc<dyn StorageFile>, Framing, u64)>,
     /// The newest snapshot's size.
     pub(super) snapshot_bytes: u64,
-    /// A file of format 1 was read: the next round rewrites the state.
-    pub(super) upgrade: bool,
+    /// The next round should rewrite the state: a file of format 1 was
+    /// read, or logs of several starts pile up.
+    pub(super) compact: bool,
 }
 
 /// Loads the newest snapshot and the logs after it.
@@ -111,7 +108,6 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
         .filter(|g| base.is_none_or(|b| *g >= b))
         .collect();
     let newest = logs.last().copied();
-    let mut append_to = None;
     for g in &logs {
         let name = name_of("log", *g);
         let file = s
@@ -159,18 +155,17 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
         }
         recovered.files += 1;
         recovered.bytes += kept;
-        if Some(*g) == newest && framing != Framing::V1 {
-            append_to = Some((file, framing, kept));
-        }
     }
-    // Appends go to the newest log when it can take them; else to a new
-    // generation after every file read (a snapshot with no log yet, a
-    // format-1 log, a log that was empty).
-    let generation = match (&append_to, newest.max(base)) {
-        (Some(_), Some(g)) => g,
-        (None, Some(g)) if newest == Some(g) => g + 1,
-        (None, Some(g)) => g,
-        (_, None) => 0,
+    // Appends go to a new log, never to one an earlier process wrote: its
+    // last fsync may have failed, and what the kernel dropped then still
+    // reads back from the page cache (so recovery saw it whole) while the
+    // disk holds a hole; appending after it would turn the hole into
+    // damage at the next power cut. A snapshot with no log yet takes its
+    // own generation's log.
+    let generation = match (newest, base) {
+        (Some(g), _) => g + 1,
+        (None, Some(b)) => b,
+        (None, None) => 0,
     };
     recovered.last_sync_ms = match synced {
         Some(ms) => ms,
@@ -183,8 +178,7 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
     Ok(Found {
         recovered,
         generation,
-        append_to,
         snapshot_bytes,
-        upgrade,
+        compact: upgrade || logs.len() >= 4,
     })
 }

@@ -421,7 +421,15 @@ impl StorageFile for Handle {
             if std::mem::take(&mut s.faults.fail_next_set_len) {
                 return Err(io::Error::from_raw_os_error(5));
             }
-            file(s, inode).data.resize(len as usize, 0);
+            let f = file(s, inode);
+            f.data.resize(len as usize, 0);
+            // Pages cut off are gone, dropped or not: what is written past
+            // the new end later is new.
+            let len = len as usize;
+            f.dropped.retain_mut(|r| {
+                r.1 = r.1.min(len);
+                r.0 < r.1
+            });
             SimDisk::mutated(s);
             Ok(())
         })
