@@ -170,7 +170,7 @@ pub(crate) fn head<S: Source + ?Sized>(source: &S, kind: Kind) -> io::Result<Hea
         ));
     }
     let crc = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
-    if crc32fast::hash(&bytes[..16]) != crc {
+    if crc32fast::hash(&bytes[..16]) != crc || bytes[20..24] != [0; 4] {
         return Ok(Head::Bad("the file's header fails its checksum".into()));
     }
     let mut salt = [0; 8];
@@ -494,6 +494,15 @@ mod tests {
             head(&bad[..], Kind::Log).expect("head"),
             Head::Bad(_)
         ));
+        // Every byte of the header is checked, the reserved ones too.
+        for at in 0..FILE_HEADER {
+            let mut bad = file(V2, &records());
+            bad[at] ^= 0x10;
+            assert!(
+                matches!(head(&bad[..], Kind::Log).expect("head"), Head::Bad(_)),
+                "byte {at}"
+            );
+        }
         let mut zeros = file(V2, &records());
         zeros[..FILE_HEADER].fill(0);
         assert!(matches!(
