@@ -194,8 +194,13 @@ impl Run {
         if seed.is_multiple_of(3) {
             disk.add_dir("lost+found");
         }
+        // A power cut while a new directory is set up (FORMAT, the first
+        // log) must leave one that opens too.
+        disk.set_capture(true);
         let (data, _) = open(&disk).map_err(|e| format!("a new directory: {e}"))?;
-        Ok(Self {
+        disk.set_capture(false);
+        let setup = disk.take_points();
+        let mut run = Self {
             rng: SimRng::new(seed),
             disk,
             data: Some(data),
@@ -205,7 +210,11 @@ impl Run {
             import_hlc: hlc_from_ms(1_700_000_000_000),
             crash_states: 0,
             damage_checks: 0,
-        })
+        };
+        let empty = Oracle::default();
+        run.explore(setup, &empty)
+            .map_err(|e| format!("setting up: {e}"))?;
+        Ok(run)
     }
 
     fn data(&self) -> &DataDir {

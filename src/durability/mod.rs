@@ -195,9 +195,8 @@ pub struct Recovered {
     /// Bytes read.
     pub bytes: u64,
     /// When the node last completed a full sync with a peer, Unix ms, as
-    /// last saved (0: never). With records but no `SYNCED` (lost in a power
-    /// cut, or never written) it is 1: the state is old, and the node
-    /// resyncs before its state is trusted.
+    /// last saved (0: never, and nothing loaded). With records but no
+    /// `SYNCED` it is the time its newest record was written.
     pub last_sync_ms: u64,
 }
 
@@ -262,6 +261,9 @@ pub struct DataDir {
     /// the log could not take, a failed `fsync`): a snapshot clears the
     /// flags only if none came after it took its state.
     needs_snapshot_events: AtomicU64,
+    /// The needs (of `needs_snapshot_events`) that a snapshot on disk
+    /// covers: its state was taken after them.
+    covered_needs: AtomicU64,
     /// The log size past which it is compacted (see `wants_compaction`).
     compact_log_bytes: u64,
 }
@@ -358,6 +360,7 @@ impl DataDir {
             snapshot_bytes: AtomicU64::new(found.snapshot_bytes),
             compaction_requested: AtomicBool::new(found.compact),
             needs_snapshot_events: AtomicU64::new(0),
+            covered_needs: AtomicU64::new(0),
             compact_log_bytes,
             storage,
         };
@@ -648,6 +651,7 @@ impl DataDir {
             }
         };
         self.snapshot_bytes.store(bytes, Ordering::Relaxed);
+        self.covered_needs.fetch_max(mark.needs, Ordering::AcqRel);
         remove_older_than(s, generation);
         let mut log = self.log();
         // Under the log lock, as needs are counted: a need that came after
@@ -694,10 +698,21 @@ impl DataDir {
         self.appended.load(Ordering::Acquire)
     }
 
-    /// True when everything appended is on disk (or the policy never
-    /// syncs): what the time of a full sync may be saved after.
-    fn synced_through(&self, lsn: u64) -> bool {
-        self.policy == Fsync::Never || self.synced_tx.borrow().0 >= lsn
+    /// Where the disk must get to before the time of a full sync that
+    /// ended now may be saved: what was appended, and the snapshots asked
+    /// for (a full resync's drops are written by one).
+    fn sync_point(&self) -> (u64, u64) {
+        (
+            self.appended(),
+            self.needs_snapshot_events.load(Ordering::Acquire),
+        )
+    }
+
+    /// True when the disk holds everything up to `point` (appends synced,
+    /// or the policy never syncs; the snapshots asked for written).
+    fn reached(&self, point: (u64, u64)) -> bool {
+        (self.policy == Fsync::Never || self.synced_tx.borrow().0 >= point.0)
+            && self.covered_needs.load(Ordering::Acquire) >= point.1
     }
 }
 
@@ -811,7 +826,7 @@ pub(crate) async fn durability_loop(
     let snapshot = Arc::new(snapshot);
     let mut last_saved_sync = 0;
     // A sync time waiting for what was appended before it to be on disk.
-    let mut pending_sync: Option<(u64, u64)> = None;
+    let mut pending_sync: Option<(u64, (u64, u64))> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A compaction runs beside the loop, so that with `always` a write
@@ -860,13 +875,13 @@ pub(crate) async fn durability_loop(
         }
         let now_sync = last_sync();
         if now_sync != last_saved_sync && pending_sync.is_none() {
-            // Saved only once the changes that sync made (dropped entries
-            // among them) are on disk: a SYNCED that outlives them after a
+            // Saved only once the changes that sync made are on disk (its
+            // drops by a snapshot): a SYNCED that outlives them after a
             // power cut would call stale state fresh.
-            pending_sync = Some((now_sync, data.appended()));
+            pending_sync = Some((now_sync, data.sync_point()));
         }
-        if let Some((ms, lsn)) = pending_sync
-            && data.synced_through(lsn)
+        if let Some((ms, point)) = pending_sync
+            && data.reached(point)
         {
             let d = data.clone();
             let saved = tokio::task::spawn_blocking(move || d.save_last_sync(ms)).await;

@@ -169,11 +169,20 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
     };
     recovered.last_sync_ms = match synced {
         Some(ms) => ms,
-        // State without a record of the last sync: lost to a power cut
-        // before it was first saved, or never saved. The node resyncs
-        // before its state is trusted.
-        None if !recovered.records.is_empty() => 1,
-        None => 0,
+        // State without a record of the last sync (a node stopped before
+        // it first saved one, or a directory of an older podcache): it was
+        // in touch with the cluster no later than its newest entry was
+        // written, so that is when it counts as last synced. Down longer
+        // than the grace since, it is stale and resyncs before its state
+        // is trusted; back at once (a crash of the whole cluster), it
+        // joins as usual. A node that saved one keeps it: `SYNCED` is
+        // replaced whole, so a power cut leaves the old time, never none.
+        None => recovered
+            .records
+            .iter()
+            .map(|r| crate::store::clock::hlc_ms(r.entry.version().hlc))
+            .max()
+            .map_or(0, |ms| ms.max(1)),
     };
     Ok(Found {
         recovered,

@@ -334,9 +334,10 @@ fn the_old_log_is_synced_before_its_changes_count_as_on_disk() {
     );
 }
 
-/// `SYNCED` is written whole; state without it reads as of unknown age.
+/// `SYNCED` is written whole; state without it is dated by its newest
+/// record, so a node down longer than the grace since is stale.
 #[test]
-fn the_sync_time_is_atomic_and_its_absence_next_to_state_is_stale() {
+fn the_sync_time_is_atomic_and_its_absence_dates_the_state_by_its_newest_record() {
     let disk = SimDisk::default();
     let (data, recovered) = open_sim(&disk, Fsync::Always).expect("open");
     assert_eq!(recovered.last_sync_ms, 0, "nothing loaded: not stale");
@@ -345,7 +346,11 @@ fn the_sync_time_is_atomic_and_its_absence_next_to_state_is_stale() {
     drop(data);
     let disk = disk.image().restarted();
     let (data, recovered) = open_sim(&disk, Fsync::Always).expect("reopen");
-    assert_eq!(recovered.last_sync_ms, 1, "state without SYNCED");
+    assert_eq!(
+        recovered.last_sync_ms,
+        crate::store::clock::hlc_ms(1).max(1),
+        "state without SYNCED: as old as its newest record"
+    );
     data.save_last_sync(12345).expect("save");
     let image = disk.image();
     drop(data);

@@ -325,27 +325,23 @@ impl Replica {
 
     /// A full resync's drop: local entries the peer's whole state does not
     /// name, except those `spare` protects, were deleted (and purged) while
-    /// this node was away. They go through the log as tombstones at their
-    /// own versions (so a replay cannot bring them back; they are not sent
-    /// to peers) and reach watchers as deletes. Returns the sequence number
-    /// to wait on and how many were dropped.
+    /// this node was away. They reach watchers as deletes, and the data
+    /// directory writes a snapshot without them; the time of this sync is
+    /// saved only once that snapshot is on disk (see `durability_loop`), so
+    /// a power cut before it leaves the node stale, and it resyncs again.
+    /// Returns how many were dropped.
     pub(crate) fn drop_absent(
         &self,
         keep: &std::collections::HashSet<(i32, &str)>,
         spare: impl Fn(&crate::store::Entry) -> bool,
     ) -> usize {
-        let dropped = self.store.drop_absent_logged(keep, spare, |tombstones| {
-            if let Some(data) = &self.data
-                && data.append_applied(tombstones).is_err()
-            {
-                // The snapshot that clears the failure writes the state
-                // without them.
-                self.metrics
-                    .data_dir_unlogged
-                    .inc_by(tombstones.len() as u64);
+        let dropped = self.store.drop_absent(keep, spare);
+        if !dropped.is_empty() {
+            if let Some(data) = &self.data {
+                data.request_compaction();
             }
-        });
-        self.publish(&dropped, Origin::Peer);
+            self.publish(&dropped, Origin::Peer);
+        }
         dropped.len()
     }
 

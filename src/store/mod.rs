@@ -1066,15 +1066,15 @@ impl Store {
     /// Drops local entries that `keep` does not name, except those `spare`
     /// protects: used by a full resync, where the peer's snapshot is the
     /// truth about what was deleted (and purged) while this node was away.
-    /// Gives `after_remove`, under the same lock, a tombstone of each
-    /// dropped entry at its version (which the merge rule ranks over the
-    /// value it replaces), for the data directory's log: a replay then
-    /// cannot bring the value back. Returns those tombstones.
-    pub fn drop_absent_logged(
+    /// Returns a tombstone of each dropped entry at its version, for the
+    /// watchers' delete events. No record can say "absent" to the data
+    /// directory (a tombstone at the value's own version would outrank a
+    /// copy of that value elsewhere while digests call them equal), so the
+    /// caller has a snapshot written instead.
+    pub fn drop_absent(
         &self,
         keep: &std::collections::HashSet<(i32, &str)>,
         spare: impl Fn(&Entry) -> bool,
-        after_remove: impl FnOnce(&[Record]),
     ) -> Vec<Record> {
         let mut state = self.write_lock();
         let found = Self::doomed(&state, |ty, entry| {
@@ -1088,7 +1088,6 @@ impl Store {
                 entry: Entry::new(entry.key(), None, entry.version(), 0),
             });
         }
-        after_remove(&tombstones);
         tombstones
     }
 

@@ -370,10 +370,7 @@ async fn resync(replica: &Replica, targets: &[Target]) {
         .iter()
         .filter(|(_, hello)| hello.ready && !hello.stale)
         .filter_map(|(t, hello)| Some((*t, hello.node.as_ref()?)))
-        // A peer that has run since before this node's last sync saw every
-        // delete it missed; when that time is unknown (1: SYNCED lost next
-        // to loaded state), the oldest ready peer is the best truth there is.
-        .filter(|(t, node)| last_sync <= 1 || age(t, node).0 < last_sync)
+        .filter(|(t, node)| age(t, node).0 < last_sync)
         .collect();
     sources.sort_by_key(|(t, node)| age(t, node));
     let Some((target, _)) = sources.first() else {
