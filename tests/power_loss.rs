@@ -168,6 +168,8 @@ struct Run {
     now: u64,
     /// Another writer's versions, for imports.
     import_hlc: u64,
+    /// Changes appended and not yet answered (waiting for a sync).
+    waiting: Vec<(u64, Vec<Record>)>,
     crash_states: u64,
     damage_checks: u64,
 }
@@ -208,6 +210,7 @@ impl Run {
             oracle: Oracle::default(),
             now: 1_700_000_000_000,
             import_hlc: hlc_from_ms(1_700_000_000_000),
+            waiting: Vec::new(),
             crash_states: 0,
             damage_checks: 0,
         };
@@ -225,12 +228,33 @@ impl Run {
 
     /// The replica's answer to a change appended at `lsn`: after the
     /// loop's sync, durable or not.
+    /// A change appended at `lsn` waits for its answer: the loop's next
+    /// sync, which several writes may share (group commit), or a later one.
     fn answered(&mut self, lsn: Option<u64>, records: &[Record]) {
         self.oracle.wrote(records);
         let Some(lsn) = lsn else { return };
+        self.waiting.push((lsn, records.to_vec()));
+        if self.rng.one_in(3) {
+            self.settle();
+        }
+    }
+
+    /// The syncer's round: writes whose sequence number it covered are
+    /// answered; those it failed are answered with the error.
+    fn settle(&mut self) {
         let _ = self.data().sync();
-        if let Some(Ok(())) = self.data().durable_now(lsn) {
-            self.oracle.acked(records);
+        let waiting = std::mem::take(&mut self.waiting);
+        for (lsn, records) in waiting {
+            match self.data().durable_now(lsn) {
+                Some(Ok(())) => {
+                    if std::env::var_os("PODCACHE_POWER_TRACE").is_some() {
+                        eprintln!("  acked lsn {lsn}: {}", self.disk.image().describe());
+                    }
+                    self.oracle.acked(&records)
+                }
+                Some(Err(_)) => {}
+                None => self.waiting.push((lsn, records)),
+            }
         }
     }
 
@@ -251,7 +275,16 @@ impl Run {
         match roll {
             0..=34 => {
                 let key = self.key();
-                let value = format!("v{}", self.rng.below(1000));
+                // Now and then a value that spans pages.
+                let value = if self.rng.one_in(6) {
+                    format!(
+                        "{}-v{}",
+                        "x".repeat(self.rng.below(6000) as usize),
+                        self.rng.below(1000)
+                    )
+                } else {
+                    format!("v{}", self.rng.below(1000))
+                };
                 let ttl = self.rng.one_in(5).then(|| 1 + self.rng.below(5));
                 self.write(Change::Set {
                     ty: 1,
@@ -301,9 +334,19 @@ impl Run {
     fn write(&mut self, change: Change<'_>) {
         let mut lsn = None;
         let data = self.data.as_ref().expect("open");
-        let committed = self.store.commit(change, self.now, |records| {
+        let mut committed = self.store.commit(change, self.now, |records| {
             data.append(records).map(|at| lsn = Some(at))
         });
+        // As the replica does: nothing to write still answers only for
+        // what the disk holds.
+        if let Ok(records) = &committed
+            && records.is_empty()
+        {
+            match data.append(&[]) {
+                Ok(at) => lsn = Some(at),
+                Err(e) => committed = Err(podcache::store::Refused::Hook(e)),
+            }
+        }
         if std::env::var_os("PODCACHE_POWER_TRACE").is_some() {
             eprintln!("  write {committed:?} lsn {lsn:?}");
         }
@@ -326,7 +369,30 @@ impl Run {
             }
         }
         if let Ok(records) = committed {
-            self.answered(lsn, &records);
+            let noop_delete = match change {
+                Change::Delete { ty, key } if records.is_empty() => Some((ty, key)),
+                _ => None,
+            };
+            match noop_delete {
+                // Answered "deleted" without a record: the key's tombstone
+                // (if the store holds one) must be on disk as the answer
+                // says.
+                Some((ty, key)) => {
+                    let held: Vec<Record> = self
+                        .store
+                        .snapshot()
+                        .into_iter()
+                        .filter(|r| r.ty == ty && r.key() == key && r.entry.is_tombstone())
+                        .collect();
+                    if let Some(lsn) = lsn {
+                        self.waiting.push((lsn, held));
+                        if self.rng.one_in(3) {
+                            self.settle();
+                        }
+                    }
+                }
+                None => self.answered(lsn, &records),
+            }
         }
     }
 
@@ -366,6 +432,9 @@ impl Run {
             |applied| disk = data.append_applied(applied),
         );
         self.oracle.wrote(&records);
+        if std::env::var_os("PODCACHE_POWER_TRACE").is_some() {
+            eprintln!("  import {:?} disk {disk:?}", outcome.applied);
+        }
         if let Ok(lsn) = disk {
             let applied = outcome.applied.clone();
             self.answered(Some(lsn), &applied);
@@ -374,8 +443,8 @@ impl Run {
 
     /// The durability loop's round: sync, retry, compact when wanted.
     fn tick(&mut self) {
+        self.settle();
         let data = self.data();
-        let _ = data.sync();
         data.retry_after_failure();
         if data.wants_compaction() {
             let _ = data.compact(|| self.store.snapshot());
@@ -407,6 +476,7 @@ impl Run {
     /// image, after a power cut at this moment.
     fn restart(&mut self, cut: Option<Image>) -> Result<(), String> {
         self.data = None;
+        self.waiting.clear();
         self.disk.kill_handles();
         // A restart takes time: the wall clock, which versions follow,
         // has moved on past every version issued before it (a lost one
@@ -441,7 +511,7 @@ impl Run {
                     .unwrap_or_default();
                 let store = load(recovered, self.now);
                 oracle.check(&store, self.now).map_err(|e| {
-                    format!("point {i} cut {cut}: {e}\n{:?}\n{dump}", point.listing())
+                    format!("point {i} cut {cut}: {e}\n{}\n{dump}", point.describe())
                 })?;
                 self.crash_states += 1;
                 if cut == 0 && self.rng.one_in(8) {

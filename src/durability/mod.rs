@@ -63,7 +63,7 @@ pub mod storage;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -213,15 +213,17 @@ struct Log {
     name: String,
     /// Bytes in this generation's log: where the next record starts.
     bytes: u64,
-    /// An I/O error: appends are refused until it clears (the next round
-    /// lets them try again, or, when a snapshot is needed, until one whose
-    /// state was taken after the error is on disk).
-    failed: Option<DiskError>,
-    /// The disk lacks what the store holds (changes from peers applied but
-    /// not appended, a failed `fsync`), or the log's end holds a partial
-    /// record that could not be cut off: only a snapshot makes the
-    /// directory whole again.
-    needs_snapshot: bool,
+    /// An I/O error: appends are refused until it clears. Without a need
+    /// (nothing applied that the disk lacks) the next round lets appends
+    /// try again; with one (changes applied but not appended, a failed
+    /// `fsync`, a partial record left at the log's end) only a snapshot
+    /// whose state was taken after that need clears it.
+    failed: Option<(DiskError, Option<u64>)>,
+    /// The need a failed `fsync` waits for: until a snapshot covers it,
+    /// `always` waiters get its error and nothing more counts as synced.
+    sync_failed: Option<u64>,
+    /// The newest need for a snapshot recorded (0: none yet).
+    latest_need: u64,
     /// The log's end holds bytes past `bytes` (a failed cut-back): the
     /// next snapshot starts a new log rather than reusing this one.
     tail_dirty: bool,
@@ -254,16 +256,18 @@ pub struct DataDir {
     dirty: Notify,
     /// Size of the last snapshot, to decide when to compact.
     snapshot_bytes: AtomicU64,
-    /// Set when the state changed without a record, or a purge removed
-    /// entries: the next round writes a snapshot.
-    compaction_requested: AtomicBool,
-    /// Counts what makes a snapshot necessary (a request, an applied change
-    /// the log could not take, a failed `fsync`): a snapshot clears the
-    /// flags only if none came after it took its state.
-    needs_snapshot_events: AtomicU64,
-    /// The needs (of `needs_snapshot_events`) that a snapshot on disk
-    /// covers: its state was taken after them.
+    /// Numbers what makes a snapshot necessary (a request, an applied
+    /// change the log could not take, a failed `fsync`, a failed cut-back):
+    /// each need gets the next number, under the log lock.
+    needs: AtomicU64,
+    /// The newest need a snapshot on disk covers (its state was taken
+    /// after it): needs up to here are met.
     covered_needs: AtomicU64,
+    /// With logs replayed at start, the need for a snapshot of the loaded
+    /// state: until one covers it, nothing counts as synced (an earlier
+    /// process's failed `fsync` may have dropped what the page cache still
+    /// showed this one). 0: none.
+    startup_need: AtomicU64,
     /// The log size past which it is compacted (see `wants_compaction`).
     compact_log_bytes: u64,
 }
@@ -350,7 +354,8 @@ impl DataDir {
                 name: name_of("log", found.generation),
                 bytes: log_bytes,
                 failed: None,
-                needs_snapshot: false,
+                sync_failed: None,
+                latest_need: 0,
                 tail_dirty: false,
                 buffer: Vec::new(),
             }),
@@ -358,12 +363,24 @@ impl DataDir {
             synced_tx,
             dirty: Notify::new(),
             snapshot_bytes: AtomicU64::new(found.snapshot_bytes),
-            compaction_requested: AtomicBool::new(found.compact),
-            needs_snapshot_events: AtomicU64::new(0),
+            needs: AtomicU64::new(0),
             covered_needs: AtomicU64::new(0),
+            startup_need: AtomicU64::new(0),
             compact_log_bytes,
             storage,
         };
+        if found.compact || found.replayed_logs {
+            data_dir.request_compaction();
+        }
+        if found.replayed_logs && policy != Fsync::Never {
+            let need = data_dir.needs.load(Ordering::Acquire);
+            data_dir.startup_need.store(need, Ordering::Release);
+        }
+        if let Some(ms) = found.save_synced {
+            data_dir.save_last_sync(ms).map_err(|e| {
+                io_err("cannot write", data_dir.storage.path_of("SYNCED"))(io::Error::other(e))
+            })?;
+        }
         Ok((data_dir, found.recovered))
     }
 
@@ -388,9 +405,20 @@ impl DataDir {
     /// write is cut back off, or, if it cannot be, the log is left for a
     /// new one) and the directory refuses appends until it clears.
     pub fn append(&self, records: &[Record]) -> Result<u64, DiskError> {
+        self.append_inner(records, false)
+    }
+
+    /// [`DataDir::append`]; `applied`: the store already holds `records`,
+    /// so a failure is a need for a snapshot, recorded under the same lock.
+    fn append_inner(&self, records: &[Record], applied: bool) -> Result<u64, DiskError> {
         let mut log = self.log();
-        if let Some(failed) = &log.failed {
-            return Err(failed.clone());
+        if let Some((failed, _)) = &log.failed {
+            let failed = failed.clone();
+            if applied && !records.is_empty() {
+                let need = self.need_locked(&mut log);
+                Self::fail_locked(&mut log, failed.clone(), Some(need));
+            }
+            return Err(failed);
         }
         if records.is_empty() {
             return Ok(self.appended.load(Ordering::Acquire));
@@ -418,12 +446,16 @@ impl DataDir {
             warn!(file = %log.name, %error, "cannot append to the data directory; writes are refused until it can be written again");
             // Cut back whatever part was written, so that the log never
             // holds a change the store did not apply.
+            let mut need = None;
             if let Err(cut) = log.file.set_len(log.bytes) {
                 warn!(file = %log.name, error = %cut, "cannot cut a failed append back off; the next snapshot starts a new log");
                 log.tail_dirty = true;
-                self.needs_snapshot_locked(&mut log);
+                need = Some(self.need_locked(&mut log));
             }
-            log.failed = Some(failure.clone());
+            if applied {
+                need = Some(self.need_locked(&mut log));
+            }
+            Self::fail_locked(&mut log, failure.clone(), need);
             return Err(failure);
         }
         log.bytes += written;
@@ -437,25 +469,34 @@ impl DataDir {
     /// no record describes, or a purge removed entries whose records the
     /// files still hold.
     pub fn request_compaction(&self) {
-        self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
-        self.compaction_requested.store(true, Ordering::Release);
+        let mut log = self.log();
+        self.need_locked(&mut log);
     }
 
     /// Appends changes the store has already applied (from peers): on
     /// failure they are held in memory only, and a snapshot writes them.
     pub fn append_applied(&self, records: &[Record]) -> Result<u64, DiskError> {
-        let result = self.append(records);
-        if result.is_err() && !records.is_empty() {
-            self.needs_snapshot_locked(&mut self.log());
-        }
-        result
+        self.append_inner(records, true)
     }
 
-    /// Only a snapshot of the whole state makes the directory whole again.
-    /// Called under the log lock, which `write_snapshot` clears it under.
-    fn needs_snapshot_locked(&self, log: &mut Log) {
-        self.needs_snapshot_events.fetch_add(1, Ordering::AcqRel);
-        log.needs_snapshot = true;
+    /// Records a need for a snapshot; returns its number. Under the log
+    /// lock, which `write_snapshot` reads the needs it covers under.
+    fn need_locked(&self, log: &mut Log) -> u64 {
+        let need = self.needs.fetch_add(1, Ordering::AcqRel) + 1;
+        log.latest_need = need;
+        need
+    }
+
+    /// Marks the log failed; a need, once there is one, stays until a
+    /// snapshot covers the newest.
+    fn fail_locked(log: &mut Log, error: DiskError, need: Option<u64>) {
+        let need = match (&log.failed, need) {
+            (Some((_, Some(old))), Some(new)) => Some((*old).max(new)),
+            (Some((_, old)), None) => *old,
+            (_, need) => need,
+        };
+        let error = log.failed.take().map_or(error, |(e, _)| e);
+        log.failed = Some((error, need));
     }
 
     /// The directory can take appends (no failure waiting to clear).
@@ -511,8 +552,9 @@ impl DataDir {
             let error = DiskError::of(&error);
             warn!(%error, "fsync of the data directory failed; writes are refused until a snapshot of the whole state is written");
             let mut log = self.log();
-            self.needs_snapshot_locked(&mut log);
-            log.failed.get_or_insert(error.clone());
+            let need = self.need_locked(&mut log);
+            Self::fail_locked(&mut log, error.clone(), Some(need));
+            log.sync_failed = Some(need);
             self.synced_tx.send_modify(|s| s.1 = Some(error.clone()));
             return Err(error);
         }
@@ -522,7 +564,11 @@ impl DataDir {
                 .retain(|r| !retiring.iter().any(|done| Arc::ptr_eq(r, done)));
         }
         // Under the log lock, as a failure is set: a failure that came
-        // meanwhile is not covered up.
+        // meanwhile is not covered up. Before the snapshot of what was
+        // loaded at start, nothing counts (see `startup_need`).
+        if self.covered_needs.load(Ordering::Acquire) < self.startup_need.load(Ordering::Acquire) {
+            return Ok(());
+        }
         self.synced_tx.send_if_modified(|s| {
             if s.1.is_some() || s.0 >= upto {
                 return false;
@@ -540,8 +586,7 @@ impl DataDir {
     /// (bench/NOTES.md, "Engines").
     pub fn wants_compaction(&self) -> bool {
         let log = self.log();
-        self.compaction_requested.load(Ordering::Acquire)
-            || log.needs_snapshot
+        log.latest_need > self.covered_needs.load(Ordering::Acquire)
             || log.bytes
                 > self
                     .snapshot_bytes
@@ -554,7 +599,7 @@ impl DataDir {
     /// is refused again, having changed nothing, while the disk is full).
     pub fn retry_after_failure(&self) {
         let mut log = self.log();
-        if log.failed.is_some() && !log.needs_snapshot {
+        if matches!(log.failed, Some((_, None))) {
             log.failed = None;
             info!("retrying the data directory; writes are accepted again if it takes them");
         }
@@ -586,7 +631,9 @@ impl DataDir {
             if log.bytes <= frame::FILE_HEADER as u64 && !log.tail_dirty {
                 return Ok(log.generation);
             }
-            log.generation + 1
+            log.generation
+                .checked_add(1)
+                .ok_or_else(|| DiskError::Failed("the log generations are exhausted".into()))?
         };
         let name = name_of("log", generation);
         let (file, framing) = new_log(&*self.storage, &name).map_err(|e| DiskError::of(&e))?;
@@ -651,20 +698,34 @@ impl DataDir {
             }
         };
         self.snapshot_bytes.store(bytes, Ordering::Relaxed);
-        self.covered_needs.fetch_max(mark.needs, Ordering::AcqRel);
         remove_older_than(s, generation);
         let mut log = self.log();
-        // Under the log lock, as needs are counted: a need that came after
+        // Under the log lock, as needs are numbered: a need that came after
         // the state was taken stays for the next round.
-        if self.needs_snapshot_events.load(Ordering::Acquire) == mark.needs {
-            self.compaction_requested.store(false, Ordering::Release);
-            log.needs_snapshot = false;
-            if log.failed.take().is_some() {
-                info!("the data directory can be written again; writes are accepted");
-            }
+        let covered = self
+            .covered_needs
+            .fetch_max(mark.needs, Ordering::AcqRel)
+            .max(mark.needs);
+        // Everything the retired logs held is in the snapshot.
+        log.retiring.clear();
+        if let Some((_, Some(need))) = log.failed
+            && need <= covered
+        {
+            log.failed = None;
+            info!("the data directory can be written again; writes are accepted");
+        }
+        if log.sync_failed.is_some_and(|need| need <= covered) {
+            log.sync_failed = None;
             self.synced_tx.send_modify(|s| {
                 s.0 = s.0.max(mark.appended);
                 s.1 = None;
+            });
+        } else if log.sync_failed.is_none() && covered >= self.startup_need.load(Ordering::Acquire)
+        {
+            self.synced_tx.send_if_modified(|s| {
+                let advanced = s.0 < mark.appended;
+                s.0 = s.0.max(mark.appended);
+                advanced
             });
         }
         Ok(bytes)
@@ -675,7 +736,7 @@ impl DataDir {
         // Under the log lock: no append is half-counted.
         let _log = self.log();
         SnapshotMark {
-            needs: self.needs_snapshot_events.load(Ordering::Acquire),
+            needs: self.needs.load(Ordering::Acquire),
             appended: self.appended.load(Ordering::Acquire),
         }
     }
@@ -702,10 +763,7 @@ impl DataDir {
     /// ended now may be saved: what was appended, and the snapshots asked
     /// for (a full resync's drops are written by one).
     fn sync_point(&self) -> (u64, u64) {
-        (
-            self.appended(),
-            self.needs_snapshot_events.load(Ordering::Acquire),
-        )
+        (self.appended(), self.needs.load(Ordering::Acquire))
     }
 
     /// True when the disk holds everything up to `point` (appends synced,

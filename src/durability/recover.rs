@@ -29,6 +29,15 @@ pub(super) struct Found {
     /// The next round should rewrite the state: a file of format 1 was
     /// read, or logs of several starts pile up.
     pub(super) compact: bool,
+    /// `SYNCED` was missing next to state: the time it is dated by, to be
+    /// saved before anything else happens (a full resync must not be able
+    /// to make the newest entry, and so the state, look recent).
+    pub(super) save_synced: Option<u64>,
+    /// A log held records: what they hold may be only in the page cache
+    /// an earlier process left (its failed `fsync` is not reported to
+    /// this one), so nothing counts as durable until a snapshot of the
+    /// loaded state is written.
+    pub(super) replayed_logs: bool,
 }
 
 /// Loads the newest snapshot and the logs after it.
@@ -108,6 +117,7 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
         .filter(|g| base.is_none_or(|b| *g >= b))
         .collect();
     let newest = logs.last().copied();
+    let mut replayed_logs = false;
     for g in &logs {
         let name = name_of("log", *g);
         let file = s
@@ -153,8 +163,15 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
             }
             End::Damaged { offset, reason } => return Err(damaged(&name, offset, reason)),
         }
+        // What the store is about to hold must be on disk, not only in
+        // the page cache an earlier process left: its unanswered appends
+        // would otherwise count as stored (a delete of a key they removed
+        // answers at once) without ever being synced.
+        file.sync()
+            .map_err(io_err("cannot sync", s.path_of(&name)))?;
         recovered.files += 1;
         recovered.bytes += kept;
+        replayed_logs |= kept > framing.first_record();
     }
     // Appends go to a new log, never to one an earlier process wrote: its
     // last fsync may have failed, and what the kernel dropped then still
@@ -163,10 +180,24 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
     // damage at the next power cut. A snapshot with no log yet takes its
     // own generation's log.
     let generation = match (newest, base) {
-        (Some(g), _) => g + 1,
+        (Some(g), _) => g.checked_add(1).ok_or_else(|| {
+            damaged(
+                &name_of("log", g),
+                0,
+                "a log of the last possible generation: the name was not written by podcache"
+                    .into(),
+            )
+        })?,
         (None, Some(b)) => b,
         (None, None) => 0,
     };
+    let save_synced = synced.is_none().then_some(()).and(
+        recovered
+            .records
+            .iter()
+            .map(|r| crate::store::clock::hlc_ms(r.entry.version().hlc).max(1))
+            .max(),
+    );
     recovered.last_sync_ms = match synced {
         Some(ms) => ms,
         // State without a record of the last sync (a node stopped before
@@ -189,5 +220,7 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
         generation,
         snapshot_bytes,
         compact: upgrade || logs.len() >= 4,
+        save_synced,
+        replayed_logs,
     })
 }

@@ -106,14 +106,18 @@ impl SimFile {
         let keep = rng.below(tail.len() as u64 + 1) as usize;
         let mut out = target[..base].to_vec();
         out.extend_from_slice(&tail[..keep]);
-        // Whole pages of the unsynced part may hold zeros.
-        if keep > 0 && rng.one_in(4) {
+        // Pages of the unsynced part may hold zeros, each on its own
+        // (written back in any order, the size first).
+        if keep > 0 && rng.one_in(3) {
             let first = base / PAGE;
             let last = (base + keep - 1) / PAGE;
-            let page = first + rng.below((last - first + 1) as u64) as usize;
-            let from = (page * PAGE).max(base);
-            let to = ((page + 1) * PAGE).min(out.len());
-            out[from..to].fill(0);
+            for page in first..=last {
+                if rng.one_in(2) {
+                    let from = (page * PAGE).max(base);
+                    let to = ((page + 1) * PAGE).min(out.len());
+                    out[from..to].fill(0);
+                }
+            }
         }
         out
     }
@@ -248,6 +252,29 @@ impl Image {
                 Node::Dir => (format!("{name}/"), 0),
             })
             .collect()
+    }
+
+    /// Each name with its file's size as reads see it, as synced, and the
+    /// ranges a failed sync dropped: for a failing search's report.
+    pub fn describe(&self) -> String {
+        let mut out = Vec::new();
+        for (name, node) in &self.names {
+            let durable = self.durable_names.get(name) == Some(node);
+            match node {
+                Node::File(i) => {
+                    let f = self.files.get(i).cloned().unwrap_or_default();
+                    out.push(format!(
+                        "{name}{}: {} bytes, {} synced, dropped {:?}",
+                        if durable { "" } else { " (name not synced)" },
+                        f.data.len(),
+                        f.durable.len(),
+                        f.dropped
+                    ));
+                }
+                Node::Dir => out.push(format!("{name}/")),
+            }
+        }
+        out.join("; ")
     }
 
     /// Flips one byte of `name` at `offset` on the disk (and in the page

@@ -141,6 +141,15 @@ impl Replica {
                 Refused::Store(e) => WriteError::Store(e),
                 Refused::Hook(e) => WriteError::Disk(e),
             })?;
+        if records.is_empty()
+            && let Some(data) = &self.data
+        {
+            // Nothing to write (a delete of a key already gone), but the
+            // answer still promises what the disk holds: a delete that
+            // another write is still syncing, or whose fsync failed, is
+            // not on disk yet.
+            lsn = Some(data.append(&[]).map_err(WriteError::Disk)?);
+        }
         if let Change::Unversioned { .. } = change {
             self.metrics
                 .remote_applied
