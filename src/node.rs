@@ -286,7 +286,7 @@ impl NodeBuilder {
             tracker.spawn(crate::durability::durability_loop(
                 data,
                 replica.metrics.clone(),
-                move || for_snapshot.store.snapshot(),
+                move || for_snapshot.store.snapshot_with_history(),
                 move || for_sync.last_full_sync_ms(),
                 cancel.clone(),
             ));

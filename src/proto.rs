@@ -5,7 +5,9 @@
 //! including validation of what arrives (a wire entry becomes a record only
 //! through [`record_from_wire`]).
 
-use crate::store::{Record, Version};
+use std::sync::Arc;
+
+use crate::store::{Entry, Meta, Record, Version};
 
 /// The original `hellorpc` package, generated from `proto/hellorpc.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -38,6 +40,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("podc
 
 /// A record as a wire entry.
 pub fn record_to_wire(record: &Record) -> podcache::Entry {
+    let meta = record.entry.meta();
+    let text = |f: fn(&Meta) -> &str| meta.map(|m| f(m).to_owned()).unwrap_or_default();
     podcache::Entry {
         r#type: record.ty,
         key: record.key().to_owned(),
@@ -46,21 +50,81 @@ pub fn record_to_wire(record: &Record) -> podcache::Entry {
         hlc: record.entry.version().hlc,
         node: record.entry.version().node,
         expires_at_ms: record.entry.expires_at_ms(),
+        author: text(|m| &m.author),
+        origin: text(|m| &m.origin),
+        reason: text(|m| m.reason.as_deref().unwrap_or_default()),
+        batch: record.entry.in_batch(),
+        batch_entries: Vec::new(),
+        history: false,
     }
 }
 
 /// A wire entry as a record. Limits are checked by the store when it merges.
 pub fn record_from_wire(entry: podcache::Entry) -> Record {
-    Record::new(
-        entry.r#type,
-        &entry.key,
-        (!entry.deleted).then_some(entry.value.as_str()),
-        Version {
-            hlc: entry.hlc,
-            node: entry.node,
-        },
-        entry.expires_at_ms,
-    )
+    record_sharing(entry, &mut None)
+}
+
+/// Wire entries as records; consecutive entries with the same author,
+/// origin, reason and batch flag (a batch, or one writer's writes) share
+/// one [`Meta`].
+pub fn records_from_wire(entries: Vec<podcache::Entry>) -> Vec<Record> {
+    let mut last = None;
+    entries
+        .into_iter()
+        .map(|entry| record_sharing(entry, &mut last))
+        .collect()
+}
+
+fn record_sharing(entry: podcache::Entry, last: &mut Option<Arc<Meta>>) -> Record {
+    let meta = if entry.author.is_empty()
+        && entry.origin.is_empty()
+        && entry.reason.is_empty()
+        && !entry.batch
+    {
+        None
+    } else {
+        let meta = Meta::new(
+            &entry.author,
+            &entry.origin,
+            Some(entry.reason.as_str()),
+            entry.batch,
+        );
+        match last {
+            Some(shared) if **shared == meta => Some(shared.clone()),
+            _ => {
+                let meta = Arc::new(meta);
+                *last = Some(meta.clone());
+                Some(meta)
+            }
+        }
+    };
+    Record {
+        ty: entry.r#type,
+        entry: Entry::with_meta(
+            &entry.key,
+            (!entry.deleted).then_some(entry.value.as_str()),
+            Version {
+                hlc: entry.hlc,
+                node: entry.node,
+            },
+            entry.expires_at_ms,
+            meta,
+        ),
+    }
+}
+
+/// A data directory record's entries: the entry and the rest of its batch
+/// (`batch_entries`), and whether it is history.
+pub fn log_record_from_wire(mut entry: podcache::Entry) -> (Vec<Record>, bool) {
+    let history = entry.history;
+    let rest = std::mem::take(&mut entry.batch_entries);
+    let mut last = None;
+    let mut records = Vec::with_capacity(1 + rest.len());
+    records.push(record_sharing(entry, &mut last));
+    for more in rest {
+        records.push(record_sharing(more, &mut last));
+    }
+    (records, history)
 }
 
 /// Appends `record` encoded as a `podcache.v1.Entry` message to `buf`
@@ -71,9 +135,30 @@ pub fn encode_entry(record: &Record, buf: &mut Vec<u8>) {
     replicate_batch::encode_entry_fields(record, buf);
 }
 
+/// Appends one data directory record: the first of `records` as an
+/// `Entry` with the others as its `batch_entries` (one batch, one
+/// record), marked `history` when they are superseded versions. Decode
+/// with [`log_record_from_wire`].
+pub fn encode_log_record(records: &[Record], history: bool, buf: &mut Vec<u8>) {
+    let Some((first, rest)) = records.split_first() else {
+        return;
+    };
+    encode_entry(first, buf);
+    for more in rest {
+        replicate_batch::put_entry_field(12, more, buf);
+    }
+    if history {
+        prost::encoding::encode_key(13, prost::encoding::WireType::Varint, buf);
+        prost::encoding::encode_varint(1, buf);
+    }
+}
+
 /// Rough encoded size of a record, used to cut batches and chunks.
 pub fn wire_size(record: &Record) -> usize {
-    record.entry.size() + 40
+    let meta = record.entry.meta().map_or(0, |m| {
+        m.author.len() + m.origin.len() + m.reason.as_deref().map_or(0, str::len) + 8
+    });
+    record.entry.size() + meta + 40
 }
 
 /// A `podcache.v1.ReplicateRequest` encoded straight from store records.
@@ -195,8 +280,8 @@ mod replicate_batch {
 
     /// The `Entry` fields of a record, numbered as in `podcache.proto`:
     /// type 1 (int32: negative numbers sign-extend to 64 bits), key 2,
-    /// value 3, deleted 4, hlc 5, node 6, expires_at_ms 7.
-    fn varints(record: &Record) -> [(u32, u64); 5] {
+    /// value 3, deleted 4, hlc 5, node 6, expires_at_ms 7, batch 11.
+    fn varints(record: &Record) -> [(u32, u64); 6] {
         let version = record.entry.version();
         [
             (1, i64::from(record.ty) as u64),
@@ -204,19 +289,36 @@ mod replicate_batch {
             (5, version.hlc),
             (6, version.node),
             (7, record.entry.expires_at_ms()),
+            (11, u64::from(record.entry.in_batch())),
         ]
+    }
+
+    /// author 8, origin 9, reason 10.
+    fn texts(record: &Record) -> [(u32, &str); 3] {
+        match record.entry.meta() {
+            None => [(8, ""), (9, ""), (10, "")],
+            Some(m) => [
+                (8, &m.author),
+                (9, &m.origin),
+                (10, m.reason.as_deref().unwrap_or_default()),
+            ],
+        }
     }
 
     /// The fields of a `podcache.v1.Entry` message for `record`.
     pub(super) fn encode_entry_fields(record: &Record, buf: &mut impl BufMut) {
         let (key, value) = record.entry.key_value();
-        let [ty, deleted, hlc, node, expires] = varints(record);
+        let [ty, deleted, hlc, node, expires, batch] = varints(record);
         put_varint(ty.0, ty.1, buf);
         put_string(2, key, buf);
         put_string(3, value.unwrap_or_default(), buf);
         for (tag, value) in [deleted, hlc, node, expires] {
             put_varint(tag, value, buf);
         }
+        for (tag, text) in texts(record) {
+            put_string(tag, text, buf);
+        }
+        put_varint(batch.0, batch.1, buf);
     }
 
     pub(super) fn entry_len(record: &Record) -> usize {
@@ -225,7 +327,18 @@ mod replicate_batch {
             .iter()
             .map(|&(tag, value)| varint_len(tag, value))
             .sum();
-        numbers + string_len(2, key) + string_len(3, value.unwrap_or_default())
+        let texts: usize = texts(record)
+            .iter()
+            .map(|&(tag, text)| string_len(tag, text))
+            .sum();
+        numbers + texts + string_len(2, key) + string_len(3, value.unwrap_or_default())
+    }
+
+    /// `record` as a nested `Entry` message in field `tag`.
+    pub(super) fn put_entry_field(tag: u32, record: &Record, buf: &mut impl BufMut) {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(entry_len(record) as u64, buf);
+        encode_entry_fields(record, buf);
     }
 
     impl prost::Message for ReplicateBatch {
@@ -234,9 +347,7 @@ mod replicate_batch {
                 encoding::message::encode(SENDER, sender, buf);
             }
             for record in self.entries() {
-                encode_key(ENTRIES, WireType::LengthDelimited, buf);
-                encode_varint(entry_len(record) as u64, buf);
-                encode_entry_fields(record, buf);
+                put_entry_field(ENTRIES, record, buf);
             }
             put_varint(MORE, u64::from(self.more), buf);
         }

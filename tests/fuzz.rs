@@ -328,6 +328,14 @@ fn entry() -> impl Strategy<Value = Entry> {
                 hlc,
                 node,
                 expires_at_ms,
+                // Sometimes an author past the 256-byte limit.
+                author: if node % 7 == 0 {
+                    "a".repeat(300)
+                } else {
+                    "ops".into()
+                },
+                batch: node % 3 == 0,
+                ..Default::default()
             },
         )
 }

@@ -137,6 +137,7 @@ async fn invalid_writes_from_peers_are_refused_and_change_nothing() {
         hlc,
         node: 7,
         expires_at_ms: 0,
+        ..Default::default()
     };
     let now = podcache::node::unix_ms() << 16;
     let answer = replica
@@ -202,6 +203,7 @@ async fn replicate_stream_answers_each_batch_in_order_and_ends_at_a_bad_one() {
         hlc,
         node: 7,
         expires_at_ms: 0,
+        ..Default::default()
     };
     let batch = |entries| ReplicateRequest {
         sender: Some(sender()),

@@ -71,6 +71,7 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
                 hlc: far_future,
                 node: 666,
                 expires_at_ms: 0,
+                ..Default::default()
             })
         })
         .collect();
@@ -85,6 +86,35 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
         .into_inner();
     assert_eq!((answer.applied, answer.rejected), (0, 20));
 
+    // An author, origin or reason past 256 bytes is refused, not stored.
+    let padded = |field: &str| {
+        let mut e = Entry {
+            r#type: 1,
+            key: format!("long-{field}"),
+            value: "v".into(),
+            hlc: podcache::node::unix_ms() << 16,
+            node: 666,
+            ..Default::default()
+        };
+        let long = "a".repeat(257);
+        match field {
+            "author" => e.author = long,
+            "origin" => e.origin = long,
+            _ => e.reason = long,
+        }
+        e
+    };
+    let answer = replica
+        .replicate(ReplicateRequest {
+            sender: Some(impostor()),
+            entries: ["author", "origin", "reason"].map(padded).to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!((answer.applied, answer.rejected), (0, 3));
+
     // 2. A message over the size limit, refused before it is decoded.
     let mut big = ReplicaClient::connect(url.clone())
         .await
@@ -98,6 +128,7 @@ async fn a_hostile_client_is_refused_and_the_other_replicas_keep_converging() {
         hlc: podcache::node::unix_ms() << 16,
         node: 666,
         expires_at_ms: 0,
+        ..Default::default()
     };
     assert!(
         big.replicate(ReplicateRequest {

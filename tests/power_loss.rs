@@ -37,7 +37,7 @@ use std::sync::Arc;
 use podcache::durability::sim::{Faults, Image, SimDisk, SimRng};
 use podcache::durability::{DataDir, DiskError, DurabilityError, Fsync};
 use podcache::store::clock::hlc_from_ms;
-use podcache::store::{Change, Limits, Record, Store, Version};
+use podcache::store::{Change, Limits, Meta, Record, Store, Version};
 
 const GRACE_MS: u64 = 10_000;
 const KEYS: u64 = 12;
@@ -121,6 +121,27 @@ impl Oracle {
                 }
             }
         }
+        // A batch is all or nothing: once one of its keys holds the
+        // batch's version, none of its other keys holds an older one.
+        for r in held.values().filter(|r| r.entry.in_batch()) {
+            let v = r.entry.version();
+            for (key, model) in &self.keys {
+                if !model.written.contains_key(&v) || key.1 == r.key() {
+                    continue;
+                }
+                if let Some(other) = held.get(key)
+                    && other.entry.version() < v
+                {
+                    return Err(format!(
+                        "{}/{}: holds {:?} older than its batch {v:?}, whose {} was kept: a batch came back in part",
+                        key.0,
+                        key.1,
+                        other.entry.version(),
+                        r.key()
+                    ));
+                }
+            }
+        }
         for ((ty, key), model) in &self.keys {
             let Some((acked, value, expires)) = &model.acked else {
                 continue;
@@ -186,6 +207,7 @@ fn open(disk: &SimDisk) -> Result<(DataDir, podcache::durability::Recovered), Du
 fn load(recovered: podcache::durability::Recovered, now: u64) -> Store {
     let store = Store::new(1, Limits::default());
     store.load(recovered.records, now, now.saturating_sub(GRACE_MS));
+    store.keep_history(recovered.history);
     store
 }
 
@@ -296,7 +318,13 @@ impl Run {
             35..=44 => {
                 let (a, b) = (self.key(), self.key());
                 if a != b {
-                    let entries = [(a.as_str(), "batch-a"), (b.as_str(), "batch-b")];
+                    // Sometimes a rollout that deletes one key.
+                    let gone = if self.rng.one_in(3) {
+                        None
+                    } else {
+                        Some("batch-b")
+                    };
+                    let entries = [(a.as_str(), Some("batch-a")), (b.as_str(), gone)];
                     self.write(Change::Batch {
                         ty: 1,
                         entries: &entries,
@@ -319,7 +347,9 @@ impl Run {
             }
             78..=85 => self.tick(),
             86..=88 => {
-                let _ = self.data().compact(|| self.store.snapshot());
+                let _ = self
+                    .data()
+                    .compact_with_history(|| self.store.snapshot_with_history());
             }
             89..=91 => self.faults(),
             92..=94 => self.restart(None)?,
@@ -334,7 +364,13 @@ impl Run {
     fn write(&mut self, change: Change<'_>) {
         let mut lsn = None;
         let data = self.data.as_ref().expect("open");
-        let mut committed = self.store.commit(change, self.now, |records| {
+        let meta = Arc::new(Meta::new(
+            "sim",
+            "sim-0",
+            None,
+            matches!(change, Change::Batch { .. }),
+        ));
+        let mut committed = self.store.commit(change, self.now, Some(meta), |records| {
             data.append(records).map(|at| lsn = Some(at))
         });
         // As the replica does: nothing to write still answers only for
@@ -353,9 +389,7 @@ impl Run {
         if committed.is_err() {
             let tried: Vec<(&str, Option<&str>)> = match &change {
                 Change::Set { key, value, .. } => vec![(key, Some(value))],
-                Change::Batch { entries, .. } => {
-                    entries.iter().map(|(k, v)| (*k, Some(*v))).collect()
-                }
+                Change::Batch { entries, .. } => entries.to_vec(),
                 Change::Delete { key, .. } => vec![(key, None)],
                 _ => Vec::new(),
             };

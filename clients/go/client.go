@@ -6,8 +6,18 @@
 // It uses the standard library only.
 //
 //	c, err := podcache.New("http://127.0.0.1:8087", podcache.WithToken(token))
-//	_, err = c.Set(ctx, 2, "feature.x", "on", podcache.WaitAll())
-//	e, err := c.Get(ctx, 2, "feature.x")
+//	_, err = c.Set(ctx, 2, "feature.x", "on", podcache.WaitAll(), podcache.Reason("INC-7"))
+//	e, err := c.Get(ctx, 2, "feature.x") // e.Author, e.Origin, e.Reason, e.WrittenAt
+//
+//	// Sets and deletes at once: one version, one watch event.
+//	_, err = c.WriteBatch(ctx, 2, podcache.BatchWrite{
+//		Set:    map[string]string{"feature.y": "on"},
+//		Delete: []string{"feature.old"},
+//	}, podcache.Reason("rollout 42"))
+//
+//	// The versions a node keeps, newest first, and an undo.
+//	versions, err := c.History(ctx, 2, "feature.x")
+//	_, err = c.Rollback(ctx, 2, "feature.x", versions[1].Version, podcache.Reason("undo INC-7"))
 //
 //	m := c.Mirror(2, nil)
 //	defer m.Close()
@@ -240,14 +250,19 @@ func readError(resp *http.Response) error {
 
 // call performs a bounded request and decodes a JSON answer into out.
 func (c *Client) call(ctx context.Context, method, target string, body io.Reader, contentType string, out interface{}) error {
+	header := http.Header{}
+	if contentType != "" {
+		header.Set("Content-Type", contentType)
+	}
+	return c.callWith(ctx, method, target, body, header, out)
+}
+
+// callWith is call with the request's headers.
+func (c *Client) callWith(ctx context.Context, method, target string, body io.Reader, header http.Header, out interface{}) error {
 	if c.timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.timeout)
 		defer cancel()
-	}
-	header := http.Header{}
-	if contentType != "" {
-		header.Set("Content-Type", contentType)
 	}
 	resp, err := c.send(ctx, method, target, body, header)
 	if err != nil {

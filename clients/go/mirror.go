@@ -20,7 +20,18 @@ type MirrorOptions struct {
 	// origin OriginSnapshot (deletions with Deleted set). An entry's
 	// expiry is not reported: the node sends no event for it, and the
 	// mirror's reads skip the entry from its ExpiresAtMs on.
+	//
+	// The entries of a batch write are applied together, before any
+	// callback about them: with OnBatch set they go to OnBatch; without,
+	// to OnChange one by one, each call seeing the whole batch in the
+	// mirror already.
 	OnChange func(Change)
+	// OnBatch, if set, is called once for every batch write (SetBatch,
+	// WriteBatch: a KindBatch event) the mirror applies, with all of its
+	// entries, after the whole batch is in the mirror, in order with the
+	// OnChange calls and from the same goroutine. A batch event that
+	// changed nothing on the node is not reported.
+	OnBatch func(Batch)
 	// OnError, if set, is called with the reason of every lost or refused
 	// connection, before the mirror retries.
 	OnError func(error)
@@ -41,7 +52,10 @@ type MirrorOptions struct {
 // reset and its whole state, which replaces the mirror's at once.
 //
 // Reads never block on the network: they answer from memory, the last
-// state received. It is safe for concurrent use.
+// state received. A batch write is applied at once, under one lock: each
+// of Get, GetMany, Range and Snapshot sees the whole of it or none of it
+// (two Get calls may fall on either side of one; read the keys that belong
+// together with one GetMany). It is safe for concurrent use.
 type Mirror struct {
 	client *Client
 	typ    int32
@@ -66,6 +80,22 @@ type mirrorEntry struct {
 	value     string
 	version   string
 	expiresAt int64 // Unix ms, 0 for never
+	who       who
+}
+
+// who is who wrote an entry, kept to report it in OnChange after a reset.
+type who struct {
+	author, originPod, reason string
+	writtenAt                 time.Time
+}
+
+func entryOf(c Change) mirrorEntry {
+	return mirrorEntry{c.Value, c.Version, c.ExpiresAtMs, who{c.Author, c.OriginPod, c.Reason, c.WrittenAt}}
+}
+
+// same reports whether two entries hold the same version of the same value.
+func (e mirrorEntry) same(o mirrorEntry) bool {
+	return e.value == o.value && e.version == o.version && e.expiresAt == o.expiresAt
 }
 
 func (e mirrorEntry) live(nowMs int64) bool { return e.expiresAt == 0 || e.expiresAt > nowMs }
@@ -112,9 +142,25 @@ func (m *Mirror) Get(key string) (string, bool) {
 	return e.value, true
 }
 
+// GetMany returns the values of the keys the mirror holds (and that have
+// not expired), read under one lock: a batch write is in it whole or not
+// at all.
+func (m *Mirror) GetMany(keys ...string) map[string]string {
+	now := nowMs()
+	out := make(map[string]string, len(keys))
+	m.mu.RLock()
+	for _, k := range keys {
+		if e, ok := m.entries[k]; ok && e.live(now) {
+			out[k] = e.value
+		}
+	}
+	m.mu.RUnlock()
+	return out
+}
+
 // Range calls fn for every entry until fn returns false, in no particular
-// order. It iterates over a copy taken at the call, so fn may use the
-// Mirror.
+// order. It iterates over a copy taken at the call (under one lock), so fn
+// may use the Mirror.
 func (m *Mirror) Range(fn func(key, value string) bool) {
 	now := nowMs()
 	m.mu.RLock()
@@ -250,14 +296,32 @@ func (m *Mirror) follow(ctx context.Context) (delivered bool, err error) {
 		case KindChange:
 			c := ev.Change
 			if pending != nil {
-				if c.Deleted {
-					delete(pending, c.Key)
-				} else {
-					pending[c.Key] = mirrorEntry{c.Value, c.Version, c.ExpiresAtMs}
+				applyTo(pending, *c)
+				continue
+			}
+			m.apply([]Change{*c}, ev.ID)
+			if m.opts.OnChange != nil {
+				m.opts.OnChange(*c)
+			}
+		case KindBatch:
+			b := ev.Batch
+			if pending != nil {
+				// Not sent inside a snapshot; kept whole if it were.
+				for _, c := range b.Entries {
+					applyTo(pending, c)
 				}
 				continue
 			}
-			m.apply(*c, ev.ID)
+			m.apply(b.Entries, ev.ID)
+			switch {
+			case len(b.Entries) == 0:
+			case m.opts.OnBatch != nil:
+				m.opts.OnBatch(*b)
+			case m.opts.OnChange != nil:
+				for _, c := range b.Entries {
+					m.opts.OnChange(c)
+				}
+			}
 		}
 	}
 }
@@ -271,13 +335,19 @@ func (m *Mirror) setLastID(id string) {
 	m.mu.Unlock()
 }
 
-// apply applies one live change.
-func (m *Mirror) apply(c Change, id string) {
-	m.mu.Lock()
+func applyTo(entries map[string]mirrorEntry, c Change) {
 	if c.Deleted {
-		delete(m.entries, c.Key)
+		delete(entries, c.Key)
 	} else {
-		m.entries[c.Key] = mirrorEntry{c.Value, c.Version, c.ExpiresAtMs}
+		entries[c.Key] = entryOf(c)
+	}
+}
+
+// apply applies the changes of one live event at once, under one lock.
+func (m *Mirror) apply(changes []Change, id string) {
+	m.mu.Lock()
+	for _, c := range changes {
+		applyTo(m.entries, c)
 	}
 	if id != "" {
 		m.lastID = id
@@ -292,9 +362,6 @@ func (m *Mirror) apply(c Change, id string) {
 		}
 	}
 	m.mu.Unlock()
-	if m.opts.OnChange != nil {
-		m.opts.OnChange(c)
-	}
 }
 
 // replace swaps in a complete snapshot and reports what differs.
@@ -309,9 +376,11 @@ func (m *Mirror) replace(next map[string]mirrorEntry, id string) {
 	m.mu.Unlock()
 	if m.opts.OnChange != nil {
 		for k, e := range next {
-			if o, ok := old[k]; !ok || o != e {
+			if o, ok := old[k]; !ok || !o.same(e) {
 				changes = append(changes, Change{Type: m.typ, Key: k, Value: e.value,
-					Version: e.version, Origin: OriginSnapshot, ExpiresAtMs: e.expiresAt})
+					Version: e.version, Origin: OriginSnapshot, ExpiresAtMs: e.expiresAt,
+					Author: e.who.author, OriginPod: e.who.originPod, Reason: e.who.reason,
+					WrittenAt: e.who.writtenAt})
 			}
 		}
 		for k := range old {

@@ -27,9 +27,13 @@ const (
 	// KindLive: the current state has been sent; what follows is every
 	// change after it.
 	KindLive = "live"
+	// KindBatch: a batch write (SetBatch, WriteBatch), delivered whole as
+	// one event: every entry it set or deleted on the node. Snapshots
+	// never hold one (their entries are KindChange events).
+	KindBatch = "batch"
 )
 
-// Origins of a change event.
+// Origins of a change or batch event: how it reached the watched node.
 const (
 	OriginLocal     = "local"     // written through this node's REST API
 	OriginPeer      = "peer"      // received from a peer (or repaired by anti-entropy)
@@ -50,6 +54,8 @@ type Event struct {
 	Data []byte
 	// Change is set for KindChange.
 	Change *Change
+	// Batch is set for KindBatch.
+	Batch *Batch
 	// Reset is set for KindReset.
 	Reset *Reset
 	// Live is set for KindLive.
@@ -70,6 +76,34 @@ type Change struct {
 	// ExpiresAtMs is the entry's expiry (Unix ms), 0 without a TTL. No
 	// event marks the expiry itself: a reader drops the entry at that time.
 	ExpiresAtMs int64
+	// Author is who wrote (or deleted) the entry, as in Entry.Author.
+	Author string
+	// OriginPod is the pod name of the replica that took the write (what
+	// Entry.Origin says; Origin above says how it reached this node).
+	OriginPod string
+	// Reason is the writer's reason, empty when none was given.
+	Reason string
+	// WrittenAt is when the write was taken; zero when the node did not
+	// say.
+	WrittenAt time.Time
+}
+
+// Batch is the data of a batch event: one batch write, whole. Every entry
+// shares its version; Entries lists what it changed on the watched node
+// (entries the node already held newer are left out; with
+// WatchOptions.Key, only that key's entry). Each entry is a Change with
+// the batch's Type, Origin, Author, OriginPod, Reason and WrittenAt.
+type Batch struct {
+	Type    int32
+	Version string
+	// Origin is OriginLocal, OriginPeer or OriginBootstrap.
+	Origin    string
+	Author    string
+	OriginPod string
+	Reason    string
+	WrittenAt time.Time
+	// Entries holds the entries set (Deleted false) and deleted.
+	Entries []Change
 }
 
 // Reset is the data of a reset event.
@@ -216,19 +250,32 @@ func decodeEvent(kind, id, data string) (Event, error) {
 	switch kind {
 	case KindChange:
 		var c struct {
-			Type        int32   `json:"type"`
-			Key         string  `json:"key"`
-			Value       *string `json:"value"`
-			Version     string  `json:"version"`
-			Deleted     bool    `json:"deleted"`
-			Origin      string  `json:"origin"`
-			ExpiresAtMs int64   `json:"expires_at_ms"`
+			wireEntry
+			wireWho
+			Type   int32  `json:"type"`
+			Origin string `json:"origin"`
 		}
 		if err = json.Unmarshal(ev.Data, &c); err == nil {
-			ev.Change = &Change{Type: c.Type, Key: c.Key, Version: c.Version,
-				Deleted: c.Deleted || c.Value == nil, Origin: c.Origin, ExpiresAtMs: c.ExpiresAtMs}
-			if c.Value != nil {
-				ev.Change.Value = *c.Value
+			ch := c.wireEntry.change(c.Type, c.Origin, c.wireWho)
+			ev.Change = &ch
+		}
+	case KindBatch:
+		var b struct {
+			wireWho
+			Type    int32       `json:"type"`
+			Version string      `json:"version"`
+			Origin  string      `json:"origin"`
+			Entries []wireEntry `json:"entries"`
+		}
+		if err = json.Unmarshal(ev.Data, &b); err == nil {
+			ev.Batch = &Batch{Type: b.Type, Version: b.Version, Origin: b.Origin, Author: b.Author,
+				OriginPod: b.OriginPod, Reason: b.Reason, WrittenAt: b.WrittenAt,
+				Entries: make([]Change, len(b.Entries))}
+			for i, e := range b.Entries {
+				if e.Version == "" {
+					e.Version = b.Version
+				}
+				ev.Batch.Entries[i] = e.change(b.Type, b.Origin, b.wireWho)
 			}
 		}
 	case KindReset:
@@ -242,6 +289,33 @@ func decodeEvent(kind, id, data string) (Event, error) {
 		return Event{}, fmt.Errorf("podcache: a %s event with bad data %q: %w", kind, data, err)
 	}
 	return ev, nil
+}
+
+// wireEntry is an entry of a change or batch event on the wire.
+type wireEntry struct {
+	Key         string  `json:"key"`
+	Value       *string `json:"value"`
+	Version     string  `json:"version"`
+	Deleted     bool    `json:"deleted"`
+	ExpiresAtMs int64   `json:"expires_at_ms"`
+}
+
+// wireWho is who wrote a change or batch, on the wire.
+type wireWho struct {
+	Author    string    `json:"author"`
+	OriginPod string    `json:"origin_pod"`
+	Reason    string    `json:"reason"`
+	WrittenAt time.Time `json:"written_at"`
+}
+
+func (e wireEntry) change(typ int32, origin string, who wireWho) Change {
+	c := Change{Type: typ, Key: e.Key, Version: e.Version, Deleted: e.Deleted || e.Value == nil,
+		Origin: origin, ExpiresAtMs: e.ExpiresAtMs, Author: who.Author, OriginPod: who.OriginPod,
+		Reason: who.Reason, WrittenAt: who.WrittenAt}
+	if e.Value != nil && !c.Deleted {
+		c.Value = *e.Value
+	}
+	return c
 }
 
 // Close ends the stream.

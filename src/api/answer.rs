@@ -130,9 +130,53 @@ pub(super) fn entry(record: &Record, replication: Option<&[DeliveryReport]>) -> 
     if expires != 0 {
         out.raw(",\"expires_at_ms\":").int(expires);
     }
+    meta_members(&mut out, &record.entry, "origin");
     replication_member(&mut out, replication);
     out.raw("}");
     out.into_response()
+}
+
+/// `,"author","<origin name>","reason","written_at"` of an entry (null
+/// where not known). Watch events name the origin pod `origin_pod`, their
+/// `origin` being how the change reached the node.
+pub(super) fn meta_members(out: &mut JsonWriter, entry: &crate::store::Entry, origin: &str) {
+    let meta = entry.meta();
+    let text = |out: &mut JsonWriter, name: &str, value: Option<&str>| {
+        out.raw(",\"").raw(name).raw("\":");
+        match value {
+            Some(value) => out.string(value),
+            None => out.raw("null"),
+        };
+    };
+    text(
+        out,
+        "author",
+        meta.map(|m| &*m.author).filter(|a| !a.is_empty()),
+    );
+    text(
+        out,
+        origin,
+        meta.map(|m| &*m.origin).filter(|o| !o.is_empty()),
+    );
+    text(out, "reason", meta.and_then(|m| m.reason.as_deref()));
+    out.raw(",\"written_at\":")
+        .string(&written_at(entry.written_at_ms()));
+}
+
+/// Unix milliseconds as RFC 3339 UTC with milliseconds.
+pub(super) fn written_at(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// The same members as a JSON object's fields, for answers built with
+/// serde_json.
+pub(super) fn meta_json(body: &mut serde_json::Value, entry: &crate::store::Entry, origin: &str) {
+    let meta = entry.meta();
+    body["author"] = serde_json::json!(meta.map(|m| &*m.author).filter(|a| !a.is_empty()));
+    body[origin] = serde_json::json!(meta.map(|m| &*m.origin).filter(|o| !o.is_empty()));
+    body["reason"] = serde_json::json!(meta.and_then(|m| m.reason.as_deref()));
+    body["written_at"] = serde_json::json!(written_at(entry.written_at_ms()));
 }
 
 /// `{"type", "count", "versions": {key: version, ...}[, "replication"]}`:
@@ -222,6 +266,10 @@ mod tests {
                 "key": "k\"ey",
                 "value": "va\\lue\n",
                 "version": record.entry.version().to_string(),
+                "author": null,
+                "origin": null,
+                "reason": null,
+                "written_at": "1970-01-01T00:00:00.005Z",
             })
         );
         let tombstone = Record::new(-1, "gone", None, Version { hlc: 1, node: 1 }, 99);

@@ -8,8 +8,10 @@
 //!
 //! Token file: one token per line, `read:<token>` (may read) or
 //! `write:<token>` (may read and write); a bare `<token>` is a write token.
-//! Blank lines and `#` comments are ignored. A token is at least 16
-//! characters with no white space.
+//! After the token a line may name it, `name=<name>`: the author of what
+//! it writes. A token without a name writes as `token:<8 hex digits of
+//! its SHA-256>`, never the token itself. Blank lines and `#` comments are
+//! ignored. A token is at least 16 characters with no white space.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -63,11 +65,21 @@ pub enum TokenFileError {
     Empty,
 }
 
-/// The accepted tokens.
+/// The accepted tokens, each with the name it writes as.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tokens {
-    read: Vec<Vec<u8>>,
-    write: Vec<Vec<u8>>,
+    read: Vec<(Vec<u8>, Arc<str>)>,
+    write: Vec<(Vec<u8>, Arc<str>)>,
+}
+
+/// The name a token without `name=` writes as: a short fingerprint.
+fn fingerprint(token: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token);
+    let hex: String = digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("token:{hex}")
 }
 
 impl Tokens {
@@ -79,24 +91,41 @@ impl Tokens {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (list, token) = if let Some(token) = line.strip_prefix("read:") {
-                (&mut tokens.read, token)
-            } else if let Some(token) = line.strip_prefix("write:") {
-                (&mut tokens.write, token)
-            } else {
-                (&mut tokens.write, line)
-            };
             let error = |reason| TokenFileError::Line {
                 line: index + 1,
                 reason,
             };
+            let mut words = line.split_whitespace();
+            let spec = words.next().unwrap_or_default();
+            let mut name = None;
+            for word in words {
+                match word.strip_prefix("name=") {
+                    Some(given) if !given.is_empty() && given.len() <= 128 => name = Some(given),
+                    Some(_) => return Err(error("a token's name= must be 1 to 128 characters")),
+                    None if word.contains('=') => {
+                        return Err(error("unknown attribute after the token (known: name=)"));
+                    }
+                    None => return Err(error("a token must not contain white space")),
+                }
+            }
+            let (list, token) = if let Some(token) = spec.strip_prefix("read:") {
+                (&mut tokens.read, token)
+            } else if let Some(token) = spec.strip_prefix("write:") {
+                (&mut tokens.write, token)
+            } else {
+                (&mut tokens.write, spec)
+            };
             if token.len() < MIN_TOKEN_LEN {
                 return Err(error("a token must be at least 16 characters"));
             }
-            if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if token.chars().any(|c| c.is_control()) {
                 return Err(error("a token must not contain white space"));
             }
-            list.push(token.as_bytes().to_vec());
+            let name: Arc<str> = match name {
+                Some(name) => name.into(),
+                None => fingerprint(token.as_bytes()).into(),
+            };
+            list.push((token.as_bytes().to_vec(), name));
         }
         if tokens.read.is_empty() && tokens.write.is_empty() {
             return Err(TokenFileError::Empty);
@@ -117,20 +146,27 @@ impl Tokens {
     /// compared in full, in constant time for a given length, so timing
     /// tells nothing about how much of a token was right.
     pub fn grant(&self, presented: &[u8]) -> Option<Access> {
-        let mut write = false;
-        for token in &self.write {
-            write |= constant_time_eq(token, presented);
+        self.grant_named(presented).map(|(access, _)| access)
+    }
+
+    /// [`Tokens::grant`] with the name the token writes as.
+    pub fn grant_named(&self, presented: &[u8]) -> Option<(Access, Arc<str>)> {
+        let mut write = None;
+        for (token, name) in &self.write {
+            if constant_time_eq(token, presented) {
+                write = Some(name);
+            }
         }
-        let mut read = false;
-        for token in &self.read {
-            read |= constant_time_eq(token, presented);
+        let mut read = None;
+        for (token, name) in &self.read {
+            if constant_time_eq(token, presented) {
+                read = Some(name);
+            }
         }
-        if write {
-            Some(Access::Write)
-        } else if read {
-            Some(Access::Read)
-        } else {
-            None
+        match (write, read) {
+            (Some(name), _) => Some((Access::Write, name.clone())),
+            (None, Some(name)) => Some((Access::Read, name.clone())),
+            (None, None) => None,
         }
     }
 }
@@ -199,22 +235,47 @@ impl Auth {
         }
     }
 
-    fn grant(&self, presented: &[u8]) -> Option<Access> {
+    fn grant(&self, presented: &[u8]) -> Option<(Access, Arc<str>)> {
         self.tokens
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .grant(presented)
+            .grant_named(presented)
     }
 }
+
+/// Who a request writes as: its token's name, else its client
+/// certificate's subject, else `anonymous`.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub(crate) Arc<str>);
+
+/// The subject of the client certificate a TLS connection presented.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerSubject(pub(crate) Arc<str>);
 
 /// The gate every REST request passes: concurrency first (so a flood of
 /// bad credentials cannot tie up the node either), then credentials. An
 /// admitted request gets the permit it holds until its answer is ready
-/// (none for probes); a refused one gets its answer.
+/// (none for probes) and its [`Caller`]; a refused one gets its answer.
 pub(crate) fn admit(
     api: &Api,
     permits: &Arc<Semaphore>,
-    request: &Request,
+    request: &mut Request,
+) -> Result<Option<OwnedSemaphorePermit>, Box<Response>> {
+    let permit = admit_inner(api, permits, request)?;
+    if request.extensions().get::<Caller>().is_none() {
+        let caller = match request.extensions().get::<PeerSubject>() {
+            Some(subject) => subject.0.clone(),
+            None => Arc::from("anonymous"),
+        };
+        request.extensions_mut().insert(Caller(caller));
+    }
+    Ok(permit)
+}
+
+fn admit_inner(
+    api: &Api,
+    permits: &Arc<Semaphore>,
+    request: &mut Request,
 ) -> Result<Option<OwnedSemaphorePermit>, Box<Response>> {
     let path = request.uri().path();
     let probe = path == "/healthz" || path == "/readyz";
@@ -251,7 +312,8 @@ pub(crate) fn admit(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-            let refusal = match presented.map(|token| auth.grant(token)) {
+            let granted = presented.map(|token| auth.grant(token));
+            let refusal = match &granted {
                 None => Some((
                     "missing",
                     StatusCode::UNAUTHORIZED,
@@ -264,7 +326,7 @@ pub(crate) fn admit(
                     "unauthorized",
                     "the bearer token is not valid",
                 )),
-                Some(Some(granted)) if granted < needed => Some((
+                Some(Some((granted, _))) if *granted < needed => Some((
                     "forbidden",
                     StatusCode::FORBIDDEN,
                     "forbidden",
@@ -286,6 +348,9 @@ pub(crate) fn admit(
                     );
                 }
                 return Err(Box::new(response));
+            }
+            if let Some(Some((_, name))) = granted {
+                request.extensions_mut().insert(Caller(name));
             }
         }
     }
@@ -311,6 +376,21 @@ mod tests {
         assert_eq!(tokens.grant(b"read-token-012345678"), None, "a prefix");
         assert_eq!(tokens.grant(b"read-token-01234567890"), None, "longer");
         assert_eq!(tokens.grant(b""), None);
+    }
+
+    #[test]
+    fn a_token_writes_as_its_name_or_a_fingerprint_never_itself() {
+        let tokens =
+            Tokens::parse(&format!("write:{W} name=flags-team\nread:{R}\n")).expect("valid");
+        let (access, name) = tokens.grant_named(W.as_bytes()).expect("granted");
+        assert_eq!((access, &*name), (Access::Write, "flags-team"));
+        let (_, name) = tokens.grant_named(R.as_bytes()).expect("granted");
+        assert!(name.starts_with("token:") && name.len() == 14, "{name}");
+        assert!(!name.contains(R) && !R.contains(&name[6..]), "{name}");
+        assert_eq!(name, fingerprint(R.as_bytes()).into(), "stable");
+        for bad in [format!("write:{W} name=\n"), format!("write:{W} types=1\n")] {
+            assert!(Tokens::parse(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

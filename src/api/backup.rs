@@ -33,7 +33,7 @@ use serde_json::json;
 use super::{Api, ApiError, read_body};
 use crate::identity::unix_ms;
 use crate::replica::Replica;
-use crate::store::{Record, Version};
+use crate::store::{Entry, Meta, Record, Version};
 
 /// The format name in the header line.
 const FORMAT: &str = "podcache-export";
@@ -56,11 +56,24 @@ struct Line {
     node: String,
     #[serde(default)]
     expires_at_ms: u64,
+    /// Who wrote it (absent in exports from before the field: `import`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    author: Option<String>,
+    /// The pod that took the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// Written by a batch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    batch: bool,
 }
 
 impl Line {
     fn of(record: &Record) -> Self {
         let version = record.entry.version();
+        let meta = record.entry.meta();
         Self {
             r#type: record.ty,
             key: record.key().to_owned(),
@@ -68,25 +81,49 @@ impl Line {
             hlc: version.hlc,
             node: format!("{:016x}", version.node),
             expires_at_ms: record.entry.expires_at_ms(),
+            author: meta.map(|m| m.author.to_string()).filter(|a| !a.is_empty()),
+            origin: meta.map(|m| m.origin.to_string()).filter(|o| !o.is_empty()),
+            reason: meta.and_then(|m| m.reason.as_deref().map(str::to_owned)),
+            batch: record.entry.in_batch(),
         }
     }
 
-    fn record(&self) -> Result<Record, String> {
+    /// The record of this line; `last` is the description of the line
+    /// before, shared when equal (one export's lines mostly are).
+    fn record(&self, last: &mut Option<std::sync::Arc<Meta>>) -> Result<Record, String> {
         if self.key.is_empty() {
             return Err("the key is empty".into());
         }
         let node = u64::from_str_radix(&self.node, 16)
             .map_err(|_| format!("node {:?} is not 16 hex digits", self.node))?;
-        Ok(Record::new(
-            self.r#type,
-            &self.key,
-            self.value.as_deref(),
-            Version {
-                hlc: self.hlc,
-                node,
-            },
-            self.expires_at_ms,
-        ))
+        let meta = Meta::new(
+            self.author.as_deref().unwrap_or("import"),
+            self.origin.as_deref().unwrap_or_default(),
+            self.reason.as_deref(),
+            self.batch,
+        );
+        if !meta.within_limits() {
+            return Err(format!(
+                "author, origin or reason is longer than {} bytes",
+                Meta::MAX_FIELD_BYTES
+            ));
+        }
+        Ok(Record {
+            ty: self.r#type,
+            entry: Entry::with_meta(
+                &self.key,
+                self.value.as_deref(),
+                Version {
+                    hlc: self.hlc,
+                    node,
+                },
+                self.expires_at_ms,
+                Some(match last {
+                    Some(shared) if **shared == meta => shared.clone(),
+                    _ => last.insert(std::sync::Arc::new(meta)).clone(),
+                }),
+            ),
+        })
     }
 }
 
@@ -189,6 +226,7 @@ pub(super) fn parse(body: &[u8]) -> Result<Vec<Record>, ApiError> {
         }
         expected = header.entries;
     }
+    let mut last = None;
     for (number, line) in lines {
         let entry: Line = serde_json::from_str(line).map_err(|e| {
             if is_header(line) {
@@ -202,7 +240,7 @@ pub(super) fn parse(body: &[u8]) -> Result<Vec<Record>, ApiError> {
                 bad(number, e.to_string())
             }
         })?;
-        records.push(entry.record().map_err(|why| bad(number, why))?);
+        records.push(entry.record(&mut last).map_err(|why| bad(number, why))?);
     }
     if let Some(expected) = expected
         && records.len() as u64 != expected
@@ -251,18 +289,31 @@ async fn import_into(
 mod tests {
     use super::*;
 
+    /// Who the test records are written by.
+    fn by() -> Option<std::sync::Arc<Meta>> {
+        Some(std::sync::Arc::new(Meta::new(
+            "ops",
+            "pod-a",
+            Some("why"),
+            false,
+        )))
+    }
+
     #[test]
     fn a_line_round_trips_and_bad_lines_say_which() {
-        let record = Record::new(
-            -3,
-            "k\n\"x\"",
-            None,
-            Version {
-                hlc: 12345 << 16,
-                node: 0xabc,
-            },
-            99,
-        );
+        let record = Record {
+            ty: -3,
+            entry: Entry::with_meta(
+                "k\n\"x\"",
+                None,
+                Version {
+                    hlc: 12345 << 16,
+                    node: 0xabc,
+                },
+                99,
+                by(),
+            ),
+        };
         let text = serde_json::to_string(&Line::of(&record)).expect("json");
         let parsed = parse(format!("{text}\n").as_bytes()).expect("valid");
         assert_eq!(parsed, vec![record]);
@@ -296,7 +347,27 @@ mod tests {
     }
 
     fn entry(key: &str, value: Option<&str>, hlc: u64) -> Record {
-        Record::new(1, key, value, Version { hlc, node: 7 }, 0)
+        Record {
+            ty: 1,
+            entry: Entry::with_meta(key, value, Version { hlc, node: 7 }, 0, by()),
+        }
+    }
+
+    #[test]
+    fn a_line_without_an_author_imports_as_import() {
+        let parsed =
+            parse(br#"{"type":1,"key":"k","value":"v","hlc":65536,"node":"0000000000000007"}"#)
+                .expect("valid");
+        let meta = parsed[0].entry.meta().expect("described");
+        assert_eq!(
+            (&*meta.author, &*meta.origin, meta.reason.as_deref()),
+            ("import", "", None)
+        );
+        let long = format!(
+            r#"{{"type":1,"key":"k","value":"v","hlc":65536,"node":"07","reason":"{}"}}"#,
+            "r".repeat(257)
+        );
+        assert!(parse(long.as_bytes()).is_err());
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl From<StoreError> for ApiError {
             StoreError::EmptyBatch => (StatusCode::BAD_REQUEST, "empty_batch"),
             StoreError::BadTtl { .. } => (StatusCode::BAD_REQUEST, "invalid_ttl"),
             StoreError::ClockSkew(_) => (StatusCode::BAD_REQUEST, "clock_skew"),
+            StoreError::MetaTooLong => (StatusCode::BAD_REQUEST, "invalid_meta"),
             StoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "capacity_exhausted"),
         };
         Self::new(status, code, err.to_string())

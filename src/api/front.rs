@@ -61,8 +61,8 @@ impl tower::Service<Request> for Front {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
-        let permit = match super::auth::admit(&self.api, &self.permits, &request) {
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let permit = match super::auth::admit(&self.api, &self.permits, &mut request) {
             Ok(permit) => permit,
             Err(refusal) => return Either::Left(ready(Ok(*refusal))),
         };
@@ -80,10 +80,21 @@ impl tower::Service<Request> for Front {
             return Either::Left(ready(Ok(super::empty_key().into_response())));
         }
         let method = request.method().clone();
-        if !matches!(
-            method,
-            Method::GET | Method::HEAD | Method::PUT | Method::DELETE
-        ) {
+        // A key's history and rollback: `/history` and `/rollback` after
+        // the key as sent (a key that itself ends so is sent with its `/`
+        // as `%2F`).
+        let is_read = method == Method::GET || method == Method::HEAD;
+        let (key, sub) = match (key.strip_suffix("/history"), key.strip_suffix("/rollback")) {
+            (Some(key), _) if is_read && !key.is_empty() => (key, Sub::History),
+            (_, Some(key)) if method == Method::POST && !key.is_empty() => (key, Sub::Rollback),
+            _ => (key, Sub::Entry),
+        };
+        if sub == Sub::Entry
+            && !matches!(
+                method,
+                Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+            )
+        {
             let mut answer = super::method_not_allowed().into_response();
             answer.headers_mut().insert(
                 header::ALLOW,
@@ -99,7 +110,11 @@ impl tower::Service<Request> for Front {
             Ok(target) => target,
             Err(error) => return Either::Left(ready(Ok(error.into_response()))),
         };
-        if method == Method::GET || method == Method::HEAD {
+        if sub == Sub::History {
+            let answer = super::get_history(&self.api, ty, &key);
+            return Either::Left(ready(Ok(answer.into_response())));
+        }
+        if is_read && sub == Sub::Entry {
             let answer = super::get_entry(&self.api, ty, &key);
             return Either::Left(ready(Ok(answer.into_response())));
         }
@@ -110,14 +125,27 @@ impl tower::Service<Request> for Front {
                     .await
                     .into_response()
             } else {
-                super::delete_entry(&api, ty, key, request.uri())
-                    .await
-                    .into_response()
+                let (parts, _) = request.into_parts();
+                if sub == Sub::Rollback {
+                    super::rollback(&api, ty, key, &parts).await.into_response()
+                } else {
+                    super::delete_entry(&api, ty, key, &parts)
+                        .await
+                        .into_response()
+                }
             };
             drop(permit);
             Ok(answer)
         }))
     }
+}
+
+/// Which endpoint under an entry's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    Entry,
+    History,
+    Rollback,
 }
 
 /// What the entry endpoint makes of a request path: the type and the

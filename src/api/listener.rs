@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::Api;
+use super::auth::PeerSubject;
 use super::front::Front;
 use crate::conn_limit::accept_limited;
 use crate::metrics::refused_label;
@@ -46,6 +47,7 @@ pub(crate) async fn serve(api: Arc<Api>, listener: TcpListener, tasks: TaskTrack
             accepted = accept_limited(&listener, &permits, &api.replica.metrics, "http") => accepted,
         };
         let front = front.clone();
+        let front_tls = front.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let mut front = front.clone();
             tower::Service::call(&mut front, request.map(axum::body::Body::new))
@@ -65,6 +67,26 @@ pub(crate) async fn serve(api: Arc<Api>, listener: TcpListener, tasks: TaskTrack
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
                         Ok(Ok(stream)) => {
+                            let subject = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .and_then(|cert| subject_of(cert.as_ref()));
+                            let service = hyper::service::service_fn(
+                                move |mut request: hyper::Request<Incoming>| {
+                                    if let Some(subject) = &subject {
+                                        request
+                                            .extensions_mut()
+                                            .insert(PeerSubject(subject.clone()));
+                                    }
+                                    let mut front = front_tls.clone();
+                                    tower::Service::call(
+                                        &mut front,
+                                        request.map(axum::body::Body::new),
+                                    )
+                                },
+                            );
                             watcher
                                 .watch(http.serve_connection(TokioIo::new(stream), service))
                                 .await
@@ -94,4 +116,16 @@ pub(crate) async fn serve(api: Arc<Api>, listener: TcpListener, tasks: TaskTrack
         });
     }
     graceful.shutdown().await;
+}
+
+/// The subject of a client certificate (`CN=ops,O=example`), the author of
+/// what its connection writes; `None` when it does not parse.
+fn subject_of(der: &[u8]) -> Option<Arc<str>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject().to_string();
+    let subject: String = subject
+        .chars()
+        .take(crate::store::Meta::MAX_FIELD_BYTES / 4)
+        .collect();
+    (!subject.is_empty()).then(|| Arc::from(subject))
 }

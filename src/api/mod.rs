@@ -40,10 +40,10 @@ use crate::discovery::DiscoveryState;
 use crate::discovery::PeerSet;
 use crate::identity::unix_ms;
 use crate::metrics::label;
-use crate::replica::{Change, DeliveryReport, Replica, WriteOutcome};
+use crate::replica::{Author, Change, DeliveryReport, Replica, WriteOutcome};
 use crate::replication::Replicator;
 use crate::replication::oldest::{self, Age};
-use crate::store::Record;
+use crate::store::{Entry, Record, Version};
 
 /// What the REST API uses of the node.
 #[derive(Debug)]
@@ -233,6 +233,37 @@ fn entry_json(record: &Record) -> Value {
     body
 }
 
+/// Longest `X-Podcache-Reason`.
+const MAX_REASON_BYTES: usize = 256;
+
+/// The `X-Podcache-Reason` of a write: UTF-8, at most 256 bytes.
+fn reason(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(raw) = headers.get("x-podcache-reason") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ApiError::bad_request("invalid_reason", why.to_owned());
+    if raw.len() > MAX_REASON_BYTES {
+        return Err(bad(&format!(
+            "X-Podcache-Reason is {} bytes, the limit is {MAX_REASON_BYTES}",
+            raw.len()
+        )));
+    }
+    let text = std::str::from_utf8(raw.as_bytes())
+        .map_err(|_| bad("X-Podcache-Reason must be UTF-8 text"))?;
+    if text.chars().any(char::is_control) {
+        return Err(bad("X-Podcache-Reason must not hold control characters"));
+    }
+    Ok(Some(text.trim()).filter(|t| !t.is_empty()))
+}
+
+/// Who a request writes as (set by the gate: token name, certificate
+/// subject or `anonymous`).
+fn caller(extensions: &axum::http::Extensions) -> Arc<str> {
+    extensions
+        .get::<auth::Caller>()
+        .map_or_else(|| Arc::from("anonymous"), |c| c.0.clone())
+}
+
 fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
     if let Some(reports) = &outcome.replication {
         body["replication"] = replication_json(reports);
@@ -258,6 +289,8 @@ async fn put_entry(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let options = write_options(Query::try_from_uri(&parts.uri))?;
+    let reason = reason(&parts.headers)?;
+    let author = caller(&parts.extensions);
     let body = read_body(api, &parts.headers, body).await?;
     let value = std::str::from_utf8(&body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the value must be UTF-8 text: {e}"))
@@ -268,9 +301,13 @@ async fn put_entry(
         value,
         ttl_secs: options.ttl_secs,
     };
+    let by = Author {
+        name: &author,
+        reason,
+    };
     let outcome = api
         .replica
-        .write(change, options.wait_all)
+        .write_as(change, options.wait_all, by)
         .await
         .inspect_err(|e| reject(api, e))?;
     count(api, "set");
@@ -293,9 +330,15 @@ async fn delete_entry(
     api: &Api,
     ty: i32,
     key: String,
-    uri: &axum::http::Uri,
+    request: &axum::http::request::Parts,
 ) -> Result<Json<Value>, ApiError> {
-    let options = write_options(Query::try_from_uri(uri))?;
+    let options = write_options(Query::try_from_uri(&request.uri))?;
+    let reason = reason(&request.headers)?;
+    let author = caller(&request.extensions);
+    let by = Author {
+        name: &author,
+        reason,
+    };
     if options.ttl_secs.is_some() {
         return Err(ApiError::bad_request(
             "invalid_query",
@@ -304,20 +347,142 @@ async fn delete_entry(
     }
     let outcome = api
         .replica
-        .write(Change::Delete { ty, key: &key }, options.wait_all)
+        .write_as(Change::Delete { ty, key: &key }, options.wait_all, by)
         .await
         .inspect_err(|e| reject(api, e))?;
     let Some(record) = outcome.records.first() else {
         return Err(ApiError::absent(ty, &key));
     };
     count(api, "delete");
-    let body = json!({
-        "type": ty,
+    Ok(Json(with_replication(deleted_json(record), &outcome)))
+}
+
+/// The answer to a delete: `{"type","key","deleted":true,"version",...}`.
+fn deleted_json(record: &Record) -> Value {
+    let mut body = json!({
+        "type": record.ty,
         "key": record.key(),
         "deleted": true,
         "version": record.entry.version().to_string(),
     });
-    Ok(Json(with_replication(body, &outcome)))
+    answer::meta_json(&mut body, &record.entry, "origin");
+    body
+}
+
+/// One version of a key as history lists it.
+fn version_json(entry: &Entry) -> Value {
+    let mut body = json!({ "version": entry.version().to_string() });
+    match entry.value() {
+        Some(value) => body["value"] = json!(value),
+        None => body["deleted"] = json!(true),
+    }
+    if entry.expires_at_ms() != 0 {
+        body["expires_at_ms"] = json!(entry.expires_at_ms());
+    }
+    answer::meta_json(&mut body, entry, "origin");
+    body
+}
+
+/// `GET /v1/cache/{type}/{key}/history`: the current entry and the
+/// versions it superseded, newest first.
+pub(super) fn get_history(api: &Api, ty: i32, key: &str) -> Result<Json<Value>, ApiError> {
+    count(api, "get");
+    let (current, older) = api.replica.store.history(ty, key);
+    if current.is_none() && older.is_empty() {
+        return Err(ApiError::absent(ty, key));
+    }
+    let versions: Vec<Value> = current.iter().chain(&older).map(version_json).collect();
+    Ok(Json(
+        json!({ "type": ty, "key": key, "versions": versions }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct RollbackParams {
+    version: Option<String>,
+}
+
+/// Parses a version's text form, `<wall ms>.<logical>@<node id hex>`.
+fn parse_version(text: &str) -> Option<Version> {
+    let (clock, node) = text.split_once('@')?;
+    let (ms, logical) = clock.split_once('.')?;
+    let ms: u64 = ms.parse().ok()?;
+    let logical: u64 = logical.parse().ok()?;
+    if ms >= 1 << 48 || logical >= 1 << 16 || node.len() != 16 {
+        return None;
+    }
+    Some(Version {
+        hlc: crate::store::clock::hlc_from_ms(ms) | logical,
+        node: u64::from_str_radix(node, 16).ok()?,
+    })
+}
+
+/// `POST /v1/cache/{type}/{key}/rollback?version=V`: writes the value (or
+/// the deletion) version V held again, as a new version.
+pub(super) async fn rollback(
+    api: &Api,
+    ty: i32,
+    key: String,
+    request: &axum::http::request::Parts,
+) -> Result<Response, ApiError> {
+    let options = write_options(Query::try_from_uri(&request.uri))?;
+    if options.ttl_secs.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "ttl has no meaning on a rollback",
+        ));
+    }
+    let Query(params) = Query::<RollbackParams>::try_from_uri(&request.uri)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let raw = params.version.ok_or_else(|| {
+        ApiError::bad_request("invalid_query", "rollback needs ?version=<version>")
+    })?;
+    let version = parse_version(&raw).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("version must be <wall ms>.<logical>@<16 hex digits>, got {raw:?}"),
+        )
+    })?;
+    let reason = reason(&request.headers)?;
+    let author = caller(&request.extensions);
+    let by = Author {
+        name: &author,
+        reason,
+    };
+    let Some(old) = api.replica.store.version_of(ty, &key, version) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "version_not_found",
+            format!("type {ty} key {key:?} has no version {raw} in this node's history"),
+        ));
+    };
+    let change = match old.value() {
+        Some(value) => Change::Set {
+            ty,
+            key: &key,
+            value,
+            ttl_secs: None,
+        },
+        None => Change::Batch {
+            ty,
+            entries: &[(&key, None)],
+            ttl_secs: None,
+        },
+    };
+    let outcome = api
+        .replica
+        .write_as(change, options.wait_all, by)
+        .await
+        .inspect_err(|e| reject(api, e))?;
+    count(api, "set");
+    let Some(record) = outcome.records.first() else {
+        return Err(ApiError::absent(ty, &key));
+    };
+    if record.entry.is_tombstone() {
+        Ok(Json(with_replication(deleted_json(record), &outcome)).into_response())
+    } else {
+        Ok(answer::entry(record, outcome.replication.as_deref()))
+    }
 }
 
 async fn get_namespace(
@@ -343,12 +508,12 @@ pub mod fuzzing {
         super::front::parse_entry_path(path).map(|r| r.map_err(|e| e.message))
     }
 
-    /// A batch body: the entries it would write.
-    pub fn batch(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    /// A batch body: the entries it would write (`None` deletes).
+    pub fn batch(body: &[u8]) -> Result<Vec<(String, Option<String>)>, String> {
         super::parse_batch(body)
             .map(|m| {
                 m.into_iter()
-                    .map(|(k, v)| (k.0.into_owned(), v.0.into_owned()))
+                    .map(|(k, v)| (k.0.into_owned(), v.map(|v| v.0.into_owned())))
                     .collect()
             })
             .map_err(|e| e.message)
@@ -365,15 +530,16 @@ pub mod fuzzing {
 #[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
 
-/// Parses a batch body: a JSON object of string values. Duplicate keys keep
-/// the last value (as JSON parsers commonly do).
-fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Text<'_>>, ApiError> {
+/// Parses a batch body: a JSON object of string values, `null` for a
+/// delete. Duplicate keys keep the last value (as JSON parsers commonly
+/// do).
+fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Option<Text<'_>>>, ApiError> {
     serde_json::from_slice(body).map_err(|fast_err| {
         // Parse again as any JSON to say which value is not a string.
         let detail = match serde_json::from_slice::<BTreeMap<String, Value>>(body) {
             Ok(parsed) => parsed
                 .iter()
-                .find(|(_, v)| !v.is_string())
+                .find(|(_, v)| !v.is_string() && !v.is_null())
                 .map(|(key, value)| {
                     format!(
                         "the value of key {:?} must be a string, got {}",
@@ -386,7 +552,7 @@ fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Text<'_>>, ApiError> {
         ApiError::bad_request(
             "invalid_json",
             detail.unwrap_or_else(|| {
-                format!("the body must be a JSON object of string values: {fast_err}")
+                format!("the body must be a JSON object of string (or null) values: {fast_err}")
             }),
         )
     })
@@ -396,22 +562,31 @@ async fn post_batch(
     State(api): State<Arc<Api>>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<WriteParams>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let options = write_options(query)?;
-    let body = read_body(&api, &headers, body).await?;
+    let (parts, body) = request.into_parts();
+    let reason = reason(&parts.headers)?;
+    let author = caller(&parts.extensions);
+    let body = read_body(&api, &parts.headers, body).await?;
     let parsed = parse_batch(&body)?;
-    let entries: Vec<(&str, &str)> = parsed.iter().map(|(k, v)| (&*k.0, &*v.0)).collect();
+    let entries: Vec<(&str, Option<&str>)> = parsed
+        .iter()
+        .map(|(k, v)| (&*k.0, v.as_ref().map(|v| &*v.0)))
+        .collect();
     let change = Change::Batch {
         ty,
         entries: &entries,
         ttl_secs: options.ttl_secs,
     };
+    let by = Author {
+        name: &author,
+        reason,
+    };
     let outcome = api
         .replica
-        .write(change, options.wait_all)
+        .write_as(change, options.wait_all, by)
         .await
         .inspect_err(|e| reject(&api, e))?;
     count(&api, "batch");
@@ -447,10 +622,61 @@ fn change_event(record: &Record, origin: &str, id: String) -> Event {
     let mut body = entry_json(record);
     body["deleted"] = json!(record.entry.is_tombstone());
     body["origin"] = json!(origin);
+    answer::meta_json(&mut body, &record.entry, "origin_pod");
     Event::default()
         .event("change")
         .id(id)
         .data(body.to_string())
+}
+
+/// A published change as the events a watch of `ty` (and `key`, if any)
+/// shows: a single write as a `change` event, a batch as one `batch` event
+/// of its entries in that namespace (with `key`, that key's only), nothing
+/// when none of it is watched.
+fn watched_events(
+    change: &crate::replica::ChangeEvent,
+    ty: i32,
+    key: Option<&str>,
+    id: String,
+) -> Option<Event> {
+    let wanted = |r: &&Record| r.ty == ty && key.is_none_or(|k| k == r.key());
+    let Some(batch) = &change.batch else {
+        return wanted(&&change.record)
+            .then(|| change_event(&change.record, change.origin.as_str(), id));
+    };
+    let entries: Vec<Value> = batch
+        .iter()
+        .filter(wanted)
+        .map(|r| {
+            let mut e = json!({
+                "key": r.key(),
+                "value": r.entry.value(),
+                "deleted": r.entry.is_tombstone(),
+                "version": r.entry.version().to_string(),
+            });
+            if r.entry.expires_at_ms() != 0 {
+                e["expires_at_ms"] = json!(r.entry.expires_at_ms());
+            }
+            e
+        })
+        .collect();
+    if entries.is_empty() {
+        return None;
+    }
+    let first = &change.record;
+    let mut body = json!({
+        "type": ty,
+        "version": first.entry.version().to_string(),
+        "origin": change.origin.as_str(),
+        "entries": entries,
+    });
+    answer::meta_json(&mut body, &first.entry, "origin_pod");
+    Some(
+        Event::default()
+            .event("batch")
+            .id(id)
+            .data(body.to_string()),
+    )
 }
 
 /// The namespace's live entries (or the one key's), then a `live` event
@@ -555,10 +781,7 @@ async fn watch(
             crate::replica::events::Resume::From { events, upto } => {
                 let mut replayed: Vec<Event> = events
                     .iter()
-                    .filter(|e| {
-                        e.record.ty == ty && key.as_deref().is_none_or(|k| k == e.record.key())
-                    })
-                    .map(|e| change_event(&e.record, e.origin.as_str(), events_log.id(e.seq)))
+                    .filter_map(|e| watched_events(e, ty, key.as_deref(), events_log.id(e.seq)))
                     .collect();
                 // Caught up: what follows is live.
                 replayed.push(live_event(&api, ty, replayed.len(), upto));
@@ -579,18 +802,15 @@ async fn watch(
     let live = events.scan(from, move |seen, item| {
         let events = match item {
             Ok(change) => {
-                let record = &change.record;
                 if change.seq <= *seen {
                     // Already in what was replayed or read.
                     Vec::new()
                 } else {
                     *seen = change.seq;
-                    if record.ty != ty || key.as_deref().is_some_and(|k| k != record.key()) {
-                        Vec::new()
-                    } else {
-                        let id = api.replica.events.id(change.seq);
-                        vec![change_event(record, change.origin.as_str(), id)]
-                    }
+                    let id = api.replica.events.id(change.seq);
+                    watched_events(&change, ty, key.as_deref(), id)
+                        .into_iter()
+                        .collect()
                 }
             }
             Err(BroadcastStreamRecvError::Lagged(_)) => {
@@ -820,8 +1040,61 @@ mod tests {
     fn pairs(body: &str) -> Result<Vec<(String, String)>, ApiError> {
         Ok(parse_batch(body.as_bytes())?
             .into_iter()
-            .map(|(k, v)| (k.0.into_owned(), v.0.into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.0.into_owned(),
+                    v.map_or("<null>".into(), |v| v.0.into_owned()),
+                )
+            })
             .collect())
+    }
+
+    #[test]
+    fn a_batch_body_may_delete_with_null() {
+        let got = pairs(r#"{"a":"1","b":null}"#).expect("valid");
+        assert_eq!(
+            got,
+            vec![("a".into(), "1".into()), ("b".into(), "<null>".into())]
+        );
+    }
+
+    #[test]
+    fn a_reason_is_bounded_utf8_text() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(reason(&headers).expect("none"), None);
+        headers.insert("x-podcache-reason", "rollout 42".parse().expect("header"));
+        assert_eq!(reason(&headers).expect("ok"), Some("rollout 42"));
+        headers.insert(
+            "x-podcache-reason",
+            "x".repeat(257).parse().expect("header"),
+        );
+        assert_eq!(reason(&headers).expect_err("long").code, "invalid_reason");
+        headers.insert(
+            "x-podcache-reason",
+            axum::http::HeaderValue::from_bytes(b"\xff\xfe").expect("header"),
+        );
+        assert_eq!(
+            reason(&headers).expect_err("not UTF-8").code,
+            "invalid_reason"
+        );
+    }
+
+    #[test]
+    fn a_version_text_parses_back() {
+        let v = Version {
+            hlc: (1_764_222_930_123 << 16) | 7,
+            node: 0x9f3a_0000_0000_0001,
+        };
+        assert_eq!(parse_version(&v.to_string()), Some(v));
+        for bad in [
+            "",
+            "1.2",
+            "1.2@zz",
+            "x.0@0000000000000001",
+            "1.99999@0000000000000001",
+        ] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -853,13 +1126,15 @@ mod tests {
         );
         let err = pairs(r#"["a"]"#).expect_err("array");
         assert!(
-            err.message.contains("JSON object of string values"),
+            err.message
+                .contains("JSON object of string (or null) values"),
             "{}",
             err.message
         );
         let err = pairs(r#"{"a":"#).expect_err("truncated");
         assert!(
-            err.message.contains("JSON object of string values"),
+            err.message
+                .contains("JSON object of string (or null) values"),
             "{}",
             err.message
         );

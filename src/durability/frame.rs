@@ -37,7 +37,7 @@ use std::io;
 
 use prost::Message;
 
-use crate::proto::{encode_entry, podcache, record_from_wire};
+use crate::proto::{encode_log_record, log_record_from_wire, podcache};
 use crate::store::Record;
 
 /// The magic of a format-2 log file (appends since a snapshot).
@@ -182,10 +182,24 @@ pub(crate) fn head<S: Source + ?Sized>(source: &S, kind: Kind) -> io::Result<Hea
 
 /// Appends `record` framed for `framing` to `buf`, as the record that
 /// starts at `offset` in its file.
+#[cfg(test)]
 pub(crate) fn put(framing: Framing, offset: u64, record: &Record, buf: &mut Vec<u8>) {
+    put_group(framing, offset, std::slice::from_ref(record), false, buf);
+}
+
+/// Appends `records` framed for `framing` to `buf` as one record starting
+/// at `offset`: one batch's entries (all or none survive a power cut), or
+/// kept history when `history` is set.
+pub(crate) fn put_group(
+    framing: Framing,
+    offset: u64,
+    records: &[Record],
+    history: bool,
+    buf: &mut Vec<u8>,
+) {
     let start = buf.len();
     buf.extend_from_slice(&[0; HEADER]);
-    encode_entry(record, buf);
+    encode_log_record(records, history, buf);
     let payload = &buf[start + HEADER..];
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let crc = framing.checksum(offset, len, &[payload]);
@@ -266,7 +280,7 @@ pub(crate) fn read<S: Source + ?Sized>(
     source: &S,
     framing: Framing,
     chunk: usize,
-    mut each: impl FnMut(Record),
+    mut each: impl FnMut(Vec<Record>, bool),
 ) -> io::Result<End> {
     let chunk = chunk.max(HEADER);
     let len = source.len()?;
@@ -314,8 +328,8 @@ pub(crate) fn read<S: Source + ?Sized>(
                         // It passed its checksum: it was written so. Not
                         // being an entry is damage, not a torn tail.
                         match decode(payload) {
-                            Ok(record) => {
-                                each(record);
+                            Ok((records, history)) => {
+                                each(records, history);
                                 at += (HEADER + plen) as u64;
                                 None
                             }
@@ -341,13 +355,15 @@ pub(crate) fn read<S: Source + ?Sized>(
     Ok(End::Clean)
 }
 
-fn decode(payload: &[u8]) -> Result<Record, String> {
+/// A record's entries (one, or a batch's), and whether they are history.
+fn decode(payload: &[u8]) -> Result<(Vec<Record>, bool), String> {
     let entry = podcache::Entry::decode(payload)
         .map_err(|e| format!("a record that is not an entry: {e}"))?;
-    if entry.key.is_empty() {
+    let (records, history) = log_record_from_wire(entry);
+    if records.iter().any(|r| r.key().is_empty()) {
         return Err("a record with an empty key".to_owned());
     }
-    Ok(record_from_wire(entry))
+    Ok((records, history))
 }
 
 /// The payload length and checksum the header at `at` claims, if the
@@ -500,7 +516,7 @@ mod tests {
 
     fn read_all(bytes: &[u8], framing: Framing, chunk: usize) -> (Vec<Record>, End) {
         let mut out = Vec::new();
-        let end = read(bytes, framing, chunk, |r| out.push(r)).expect("read from memory");
+        let end = read(bytes, framing, chunk, |r, _| out.extend(r)).expect("read from memory");
         (out, end)
     }
 

@@ -77,6 +77,40 @@ use crate::store::Record;
 /// The record decoding of the data directory's files, for the fuzz
 /// targets: the records read from `bytes` (after a file's header, in
 /// either format) and how they end.
+/// `records` cut into the records they are written as: each batch's
+/// entries next to each other together (a batch is one record, so a power
+/// cut keeps all of it or none), every other entry on its own. A batch
+/// too large for one record (past a quarter of the frame cap) is cut into
+/// several: the request body limit keeps batches far below that.
+fn changes(records: &[Record]) -> impl Iterator<Item = &[Record]> {
+    records
+        .chunk_by(|a, b| {
+            a.entry.in_batch()
+                && b.entry.in_batch()
+                && a.ty == b.ty
+                && a.entry.version() == b.entry.version()
+        })
+        .flat_map(|group| {
+            let mut parts = Vec::new();
+            let mut rest = group;
+            while !rest.is_empty() {
+                let mut bytes = 0;
+                let cut = rest
+                    .iter()
+                    .position(|r| {
+                        bytes += crate::proto::wire_size(r);
+                        bytes > frame::MAX_PAYLOAD / 4
+                    })
+                    .unwrap_or(rest.len())
+                    .max(1);
+                let (part, after) = rest.split_at(cut);
+                parts.push(part);
+                rest = after;
+            }
+            parts
+        })
+}
+
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
     let mut records = Vec::new();
@@ -84,7 +118,7 @@ pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
     for framing in [frame::Framing::V1, frame::Framing::V2 { salt: 0 }] {
         let mut file = vec![0; framing.first_record() as usize];
         file.extend_from_slice(bytes);
-        let end = frame::read(&file[..], framing, 64, |r| records.push(r));
+        let end = frame::read(&file[..], framing, 64, |r, _| records.extend(r));
         ends.push(format!("{end:?}"));
     }
     (records, ends.join(", "))
@@ -190,6 +224,9 @@ impl DiskError {
 pub struct Recovered {
     /// Every record of the snapshot and the logs, in file order.
     pub records: Vec<Record>,
+    /// Superseded versions the snapshot kept as history: never a key's
+    /// current entry.
+    pub history: Vec<Record>,
     /// Files read.
     pub files: usize,
     /// Bytes read.
@@ -425,9 +462,27 @@ impl DataDir {
         }
         let mut buffer = std::mem::take(&mut log.buffer);
         buffer.clear();
-        for record in records {
+        let grouped;
+        let records = if records.iter().any(|r| r.entry.in_batch()) {
+            // A peer's epoch holds a batch's entries in any order: sorted,
+            // each batch is one record. Order between keys does not matter
+            // to replay (versions decide).
+            let mut sorted = records.to_vec();
+            sorted.sort_by_key(|r| (r.entry.in_batch(), r.ty, r.entry.version()));
+            grouped = sorted;
+            &grouped[..]
+        } else {
+            records
+        };
+        for group in changes(records) {
             let start = buffer.len();
-            frame::put(log.framing, log.bytes + start as u64, record, &mut buffer);
+            frame::put_group(
+                log.framing,
+                log.bytes + start as u64,
+                group,
+                false,
+                &mut buffer,
+            );
             if buffer.len() - start - frame::HEADER > frame::MAX_PAYLOAD {
                 // The configuration keeps entries below the cap; a record
                 // past it would be written with a wrong length.
@@ -608,9 +663,19 @@ impl DataDir {
     /// A whole compaction: a new log, then a snapshot of `state()` taken
     /// after the switch. Blocking. Returns the snapshot's size.
     pub fn compact(&self, state: impl FnOnce() -> Vec<Record>) -> Result<u64, DiskError> {
+        self.compact_with_history(|| (state(), Vec::new()))
+    }
+
+    /// [`DataDir::compact`] of a state and its kept history: `state()`
+    /// answers both.
+    pub fn compact_with_history(
+        &self,
+        state: impl FnOnce() -> (Vec<Record>, Vec<Record>),
+    ) -> Result<u64, DiskError> {
         let mark = self.snapshot_mark();
         let generation = self.next_generation()?;
-        self.write_snapshot(generation, &state(), mark)
+        let (records, history) = state();
+        self.write_snapshot(generation, &records, &history, mark)
     }
 
     /// Starts generation `g + 1`: new appends go to a new log. Returns the
@@ -661,6 +726,7 @@ impl DataDir {
         &self,
         generation: u64,
         records: &[Record],
+        history: &[Record],
         mark: SnapshotMark,
     ) -> Result<u64, DiskError> {
         let name = name_of("snapshot", generation);
@@ -675,8 +741,18 @@ impl DataDir {
             let mut buffer = Vec::with_capacity(1 << 20);
             buffer.extend_from_slice(&frame::file_header(frame::Kind::Snapshot, salt));
             let mut bytes = 0u64;
-            for record in records {
-                frame::put(framing, bytes + buffer.len() as u64, record, &mut buffer);
+            let groups = records
+                .iter()
+                .map(|r| (std::slice::from_ref(r), false))
+                .chain(history.iter().map(|r| (std::slice::from_ref(r), true)));
+            for (group, history) in groups {
+                frame::put_group(
+                    framing,
+                    bytes + buffer.len() as u64,
+                    group,
+                    history,
+                    &mut buffer,
+                );
                 if buffer.len() >= 1 << 20 {
                     file.append(&buffer).map_err(disk)?;
                     bytes += buffer.len() as u64;
@@ -877,7 +953,7 @@ fn remove_older_than(s: &dyn Storage, generation: u64) {
 pub(crate) async fn durability_loop(
     data: Arc<DataDir>,
     metrics: Arc<crate::metrics::Metrics>,
-    snapshot: impl Fn() -> Vec<Record> + Send + Sync + 'static,
+    snapshot: impl Fn() -> (Vec<Record>, Vec<Record>) + Send + Sync + 'static,
     last_sync: impl Fn() -> u64 + Send + Sync + 'static,
     cancel: tokio_util::sync::CancellationToken,
 ) {
@@ -928,7 +1004,7 @@ pub(crate) async fn durability_loop(
         if compaction.is_none() && data.wants_compaction() {
             let (d, snapshot) = (data.clone(), snapshot.clone());
             compaction = Some(tokio::task::spawn_blocking(move || {
-                d.compact(|| snapshot())
+                d.compact_with_history(|| snapshot())
             }));
         }
         let now_sync = last_sync();

@@ -60,8 +60,12 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
     let base = snapshots.last().copied();
     let mut last_report = tokio::time::Instant::now();
     // Takes each record read; a progress line every few seconds.
-    let mut keep = |recovered: &mut Recovered, record: Record| {
-        recovered.records.push(record);
+    let mut keep = |recovered: &mut Recovered, records: Vec<Record>, history: bool| {
+        if history {
+            recovered.history.extend(records);
+            return;
+        }
+        recovered.records.extend(records);
         if recovered.records.len().is_multiple_of(65_536)
             && last_report.elapsed() >= Duration::from_secs(3)
         {
@@ -95,8 +99,10 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
             Head::Bad(reason) => return Err(damaged(&name, 0, reason)),
         };
         upgrade |= framing == Framing::V1;
-        let end =
-            frame::read(&*file, framing, READ_CHUNK, |r| keep(&mut recovered, r)).map_err(read)?;
+        let end = frame::read(&*file, framing, READ_CHUNK, |r, h| {
+            keep(&mut recovered, r, h)
+        })
+        .map_err(read)?;
         snapshot_bytes = frame::Source::len(&*file).map_err(read)?;
         match end {
             End::Clean => {}
@@ -138,8 +144,10 @@ pub(super) fn recover(s: &dyn Storage, dir: &Path) -> Result<Found, DurabilityEr
             Head::Bad(reason) => return Err(damaged(&name, 0, reason)),
         };
         upgrade |= framing == Framing::V1;
-        let end =
-            frame::read(&*file, framing, READ_CHUNK, |r| keep(&mut recovered, r)).map_err(read)?;
+        let end = frame::read(&*file, framing, READ_CHUNK, |r, h| {
+            keep(&mut recovered, r, h)
+        })
+        .map_err(read)?;
         let size = frame::Source::len(&*file).map_err(read)?;
         let mut kept = size;
         match end {

@@ -247,7 +247,7 @@ fn a_failed_fsync_stays_failed_until_a_later_snapshot() {
     assert!(!data.healthy(), "a retry does not clear a failed fsync");
     // A snapshot whose state was taken before the failure clears nothing.
     let generation = data.next_generation().expect("switch");
-    data.write_snapshot(generation, &[record("a", 1)], stale_mark)
+    data.write_snapshot(generation, &[record("a", 1)], &[], stale_mark)
         .expect("snapshot");
     assert!(!data.healthy());
     assert!(data.wants_compaction());
@@ -292,7 +292,7 @@ fn a_snapshot_clears_only_the_needs_it_covers() {
     let mark = data.snapshot_mark();
     let generation = data.next_generation().expect("switch");
     data.request_compaction();
-    data.write_snapshot(generation, &[record("a", 1)], mark)
+    data.write_snapshot(generation, &[record("a", 1)], &[], mark)
         .expect("snapshot");
     assert!(data.wants_compaction(), "the later request stays");
     data.compact(|| vec![record("a", 1)]).expect("snapshot");

@@ -18,11 +18,14 @@ use crate::store::Record;
 /// Ends the ids of a snapshot's events (see [`EventLog::snapshot_id`]).
 const SNAPSHOT_SUFFIX: &str = "-snapshot";
 
-/// One change to the store, as seen by watchers.
+/// One change to the store, as seen by watchers: one entry, or a batch.
 #[derive(Debug, Clone)]
 pub struct ChangeEvent {
-    /// The new entry (a tombstone for deletes).
+    /// The new entry (a tombstone for deletes); a batch's first entry.
     pub record: Record,
+    /// A batch: every entry of it that changed this node, `record` first
+    /// (they share one version). `None` for a single write.
+    pub batch: Option<Arc<[Record]>>,
     /// Where it came from.
     pub origin: Origin,
     /// Its number in this node's change stream (from 1, without gaps).
@@ -90,16 +93,20 @@ impl EventLog {
         self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Publishes `records`, numbering each.
+    /// Publishes `records`, numbering each change: a single write's entry,
+    /// or the entries of one batch together (one event, whatever order
+    /// they came in).
     pub(crate) fn publish(&self, records: &[Record], origin: Origin) {
         if !self.enabled.load(Ordering::Acquire) {
             return;
         }
+        let changes = group(records);
         let mut buffer = self.buffer();
-        for record in records {
+        for (record, batch) in changes {
             buffer.last += 1;
             let event = Arc::new(ChangeEvent {
-                record: record.clone(),
+                record,
+                batch,
                 origin,
                 seq: buffer.last,
             });
@@ -171,6 +178,37 @@ impl EventLog {
             upto: buffer.last,
         }
     }
+}
+
+/// `records` as changes: each single write on its own, each batch's
+/// entries (same namespace, same version) together where its first
+/// appears.
+fn group(records: &[Record]) -> Vec<(Record, Option<Arc<[Record]>>)> {
+    if !records.iter().any(|r| r.entry.in_batch()) {
+        return records.iter().map(|r| (r.clone(), None)).collect();
+    }
+    let mut changes: Vec<(Record, Option<Vec<Record>>)> = Vec::new();
+    let mut batches: std::collections::HashMap<(i32, crate::store::Version), usize> =
+        std::collections::HashMap::new();
+    for record in records {
+        if !record.entry.in_batch() {
+            changes.push((record.clone(), None));
+            continue;
+        }
+        let at = *batches
+            .entry((record.ty, record.entry.version()))
+            .or_insert_with(|| {
+                changes.push((record.clone(), Some(Vec::new())));
+                changes.len() - 1
+            });
+        if let Some((_, Some(entries))) = changes.get_mut(at) {
+            entries.push(record.clone());
+        }
+    }
+    changes
+        .into_iter()
+        .map(|(first, batch)| (first, batch.map(Arc::from)))
+        .collect()
 }
 
 #[cfg(test)]

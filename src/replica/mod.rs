@@ -22,7 +22,7 @@ use tokio::sync::{Notify, broadcast};
 use tracing::warn;
 
 pub use events::ChangeEvent;
-pub use write::{Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome};
+pub use write::{Author, Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome};
 
 use self::changes::ChangeLog;
 use crate::config::NodeConfig;
@@ -110,6 +110,9 @@ pub struct Replica {
     pub(crate) data: Option<Arc<DataDir>>,
     /// Entries loaded from the data directory at start.
     loaded_from_disk: AtomicU64,
+    /// The description of the last local write, shared by the next one
+    /// when it is the same.
+    last_meta: Mutex<Option<Arc<crate::store::Meta>>>,
 }
 
 impl Replica {
@@ -134,6 +137,7 @@ impl Replica {
             bootstrap: Mutex::new(None),
             data,
             loaded_from_disk: AtomicU64::new(0),
+            last_meta: Mutex::new(None),
         }
     }
 
@@ -144,6 +148,7 @@ impl Replica {
         let kept = self
             .store
             .load(recovered.records, now, self.purge_horizon(now));
+        self.store.keep_history(recovered.history);
         self.loaded_from_disk.store(kept as u64, Ordering::Release);
         if recovered.last_sync_ms != 0 {
             // Kept as saved: a node down longer than the tombstone grace is

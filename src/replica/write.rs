@@ -24,7 +24,7 @@ use super::changes::{Frontier, PeerLabel, Tracking};
 use super::{Origin, Replica};
 use crate::durability::DiskError;
 use crate::identity::unix_ms;
-use crate::store::{Record, Refused, StoreError};
+use crate::store::{Meta, Record, Refused, StoreError};
 
 pub use crate::store::Change;
 
@@ -97,12 +97,60 @@ pub struct WriteOutcome {
 
 type Waiters = Vec<(Arc<PeerLabel>, watch::Receiver<Frontier>)>;
 
+/// Who writes, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Author<'a> {
+    /// A REST token's name, a client certificate's subject, `anonymous`,
+    /// `sync`, `import` or `library`.
+    pub name: &'a str,
+    /// Why, as the writer said it.
+    pub reason: Option<&'a str>,
+}
+
+impl Author<'static> {
+    /// A write through the library's API.
+    pub const LIBRARY: Self = Self {
+        name: "library",
+        reason: None,
+    };
+}
+
 impl Replica {
+    /// The description of a write by `by` on this node: the last one made
+    /// when it is the same (one writer's writes share it), else a new one.
+    fn meta(&self, by: Author<'_>, batch: bool) -> Arc<Meta> {
+        let meta = Meta::new(by.name, &self.identity.name, by.reason, batch);
+        let mut last = self
+            .last_meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*last {
+            Some(shared) if **shared == meta => shared.clone(),
+            _ => {
+                let meta = Arc::new(meta);
+                *last = Some(meta.clone());
+                meta
+            }
+        }
+    }
+
     /// The local write path (see the module comment). `Err` means the
     /// change broke a limit, or the disk refused it, and nothing was
     /// changed (but see [`WriteError::NotDurable`]).
     pub async fn write(&self, change: Change<'_>, wait: bool) -> Result<WriteOutcome, WriteError> {
-        let (records, waiters, lsn) = self.commit(change, wait)?;
+        self.write_as(change, wait, Author::LIBRARY).await
+    }
+
+    /// [`Replica::write`], saying who writes and why: kept with every entry
+    /// it stores.
+    pub async fn write_as(
+        &self,
+        change: Change<'_>,
+        wait: bool,
+        by: Author<'_>,
+    ) -> Result<WriteOutcome, WriteError> {
+        let meta = self.meta(by, matches!(change, Change::Batch { .. }));
+        let (records, waiters, lsn) = self.commit(change, wait, meta)?;
         if !records.is_empty() {
             self.changed.notify_waiters();
             self.publish(&records, Origin::Local);
@@ -128,12 +176,13 @@ impl Replica {
         &self,
         change: Change<'_>,
         wait: bool,
+        meta: Arc<Meta>,
     ) -> Result<(Vec<Record>, Waiters, Option<u64>), WriteError> {
         let mut changes = self.changes();
         let mut lsn = None;
         let records = self
             .store
-            .commit(change, unix_ms(), |records| match &self.data {
+            .commit(change, unix_ms(), Some(meta), |records| match &self.data {
                 Some(data) => data.append(records).map(|at| lsn = Some(at)),
                 None => Ok(()),
             })

@@ -24,7 +24,7 @@ use crate::proto::hellorpc::{SyncRequest, sync_client::SyncClient};
 use crate::proto::podcache::{
     self as pb, HelloRequest, SnapshotRequest, replica_client::ReplicaClient,
 };
-use crate::proto::{record_from_wire, wire_size};
+use crate::proto::{records_from_wire, wire_size};
 pub use crate::replica::BootstrapReport;
 use crate::replica::Replica;
 use crate::store::{Record, Version};
@@ -246,7 +246,7 @@ async fn pull_snapshot(
                 "bootstrap progress"
             );
         }
-        let records: Vec<_> = chunk.entries.into_iter().map(record_from_wire).collect();
+        let records: Vec<_> = records_from_wire(chunk.entries);
         report.bytes += records.iter().map(wire_size).sum::<usize>() as u64;
         report.entries += records.len() as u64;
         replica.apply_remote(records, "bootstrap");

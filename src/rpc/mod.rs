@@ -32,7 +32,9 @@ use crate::proto::podcache::{
     DigestRequest, DigestResponse, HelloRequest, HelloResponse, RepairRequest, RepairResponse,
     ReplicateRequest, ReplicateResponse, SnapshotChunk, SnapshotRequest,
 };
-use crate::proto::{FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, wire_size};
+use crate::proto::{
+    FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, records_from_wire, wire_size,
+};
 use crate::replica::Change;
 use crate::replica::Replica as Node;
 use crate::store::digest;
@@ -173,7 +175,9 @@ impl SyncRpc for SyncService {
         let store = &self.replica.store;
         for data in request.data.iter().filter(|d| !d.data.is_empty()) {
             store.check_batch(
-                data.data.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                data.data
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), Some(v.as_str()))),
                 None,
             )?;
         }
@@ -191,7 +195,17 @@ impl SyncRpc for SyncService {
                 ty: data.r#type,
                 entries: &entries,
             };
-            let outcome = self.replica.write(change, false).await?;
+            let outcome = self
+                .replica
+                .write_as(
+                    change,
+                    false,
+                    crate::replica::Author {
+                        name: "sync",
+                        reason: None,
+                    },
+                )
+                .await?;
             let applied = outcome
                 .records
                 .iter()
@@ -286,7 +300,7 @@ fn replicate_batch(
             "replicate: the sender must name itself",
         ));
     };
-    let mut records: Vec<_> = request.entries.into_iter().map(record_from_wire).collect();
+    let mut records: Vec<_> = records_from_wire(request.entries);
     debug!(peer = %sender.name, entries = records.len(), more = request.more, "replicate");
     if let Some(held) = held {
         if request.more {

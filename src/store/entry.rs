@@ -12,16 +12,63 @@
 //! queues, snapshots and watchers.
 
 use std::fmt;
+use std::sync::Arc;
 
 use triomphe::ThinArc;
 
 use super::Version;
 
+/// Who wrote an entry, on which replica, why, and whether as part of a
+/// batch. One write's entries share one (a pointer each), and the write
+/// path reuses the last one it made while they are equal, so what this
+/// costs per entry is a pointer, not the strings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Meta {
+    /// A REST token's name (or fingerprint), a client certificate's
+    /// subject, `anonymous`, `sync` or `import`.
+    pub author: Box<str>,
+    /// The pod name of the replica that took the write.
+    pub origin: Box<str>,
+    /// Why, as the writer said it.
+    pub reason: Option<Box<str>>,
+    /// Written by a batch: its entries share one version.
+    pub batch: bool,
+}
+
+impl Meta {
+    /// Longest author, origin or reason taken from a peer or a file.
+    pub const MAX_FIELD_BYTES: usize = 256;
+
+    /// A description of who wrote it.
+    pub fn new(author: &str, origin: &str, reason: Option<&str>, batch: bool) -> Self {
+        Self {
+            author: author.into(),
+            origin: origin.into(),
+            reason: reason.filter(|r| !r.is_empty()).map(Into::into),
+            batch,
+        }
+    }
+
+    /// True when every field is within [`Meta::MAX_FIELD_BYTES`].
+    pub fn within_limits(&self) -> bool {
+        [
+            &*self.author,
+            &*self.origin,
+            self.reason.as_deref().unwrap_or(""),
+        ]
+        .iter()
+        .all(|f| f.len() <= Self::MAX_FIELD_BYTES)
+    }
+}
+
 /// The fixed part of an entry, stored in front of the key and value bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Header {
     version: Version,
     expires_at_ms: u64,
+    /// Who wrote it (none for entries from before the field, or from the
+    /// original protocol's peers).
+    meta: Option<Arc<Meta>>,
     /// Bytes of the key at the start of the slice; the value follows.
     key_len: u32,
     /// A tombstone: the key was deleted at `version`.
@@ -41,9 +88,21 @@ impl Entry {
     /// gRPC message limit for entries from peers). A key of 4 GiB or more
     /// would read back as the empty key, which every write path refuses.
     pub fn new(key: &str, value: Option<&str>, version: Version, expires_at_ms: u64) -> Self {
+        Self::with_meta(key, value, version, expires_at_ms, None)
+    }
+
+    /// [`Entry::new`], saying who wrote it.
+    pub fn with_meta(
+        key: &str,
+        value: Option<&str>,
+        version: Version,
+        expires_at_ms: u64,
+        meta: Option<Arc<Meta>>,
+    ) -> Self {
         let header = Header {
             version,
             expires_at_ms,
+            meta,
             key_len: u32::try_from(key.len()).unwrap_or(u32::MAX),
             deleted: value.is_none(),
         };
@@ -130,6 +189,29 @@ impl Entry {
         self.is_live(now_ms).then(|| self.parts().1)
     }
 
+    /// Who wrote it, where and why, when known.
+    pub fn meta(&self) -> Option<&Arc<Meta>> {
+        self.header().meta.as_ref()
+    }
+
+    /// True when a batch wrote it (its entries share its version).
+    pub fn in_batch(&self) -> bool {
+        self.meta().is_some_and(|m| m.batch)
+    }
+
+    /// When the write was taken, Unix ms: the wall-clock part of its
+    /// version.
+    pub fn written_at_ms(&self) -> u64 {
+        super::clock::hlc_ms(self.version().hlc)
+    }
+
+    /// The same entry under another version and description (a rollback
+    /// writes an old value again).
+    pub fn rewritten(&self, version: Version, meta: Option<Arc<Meta>>) -> Self {
+        let (key, value) = self.key_value();
+        Self::with_meta(key, value, version, self.expires_at_ms(), meta)
+    }
+
     /// Bytes of key and value (what the store's byte limit counts).
     pub fn size(&self) -> usize {
         self.0.slice.len()
@@ -143,6 +225,7 @@ impl fmt::Debug for Entry {
             .field("value", &self.value())
             .field("version", &self.version())
             .field("expires_at_ms", &self.expires_at_ms())
+            .field("meta", &self.meta())
             .finish()
     }
 }

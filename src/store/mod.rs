@@ -19,16 +19,17 @@
 pub mod clock;
 pub mod digest;
 mod entry;
+mod history;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use hashbrown::HashTable;
 use hashbrown::hash_table::Entry as Slot;
 
-pub use self::entry::Entry;
+pub use self::entry::{Entry, Meta};
 
 use self::clock::{ClockSkewError, HybridClock, hlc_logical, hlc_ms};
 
@@ -167,12 +168,23 @@ pub struct Limits {
     #[arg(long = "max-memory-bytes", env = "PODCACHE_MAX_MEMORY_BYTES", help_heading = "Limits",
           default_value_t = Limits::default().max_total_bytes)]
     pub max_total_bytes: usize,
+    /// Superseded versions kept per key for `GET .../history` and
+    /// rollback (values and deletions); 0 keeps none.
+    #[arg(long, env = "PODCACHE_HISTORY_VERSIONS", help_heading = "History",
+          default_value_t = Limits::default().history_versions)]
+    pub history_versions: usize,
+    /// Most bytes the kept versions may take in all (keys, values and a
+    /// fixed overhead per version); the oldest kept is dropped first.
+    #[arg(long, env = "PODCACHE_HISTORY_MAX_BYTES", help_heading = "History",
+          default_value_t = Limits::default().history_max_bytes)]
+    pub history_max_bytes: usize,
 }
 
 impl Default for Limits {
     /// The one place the defaults are written: 1 KiB keys, 1 MiB values,
     /// 10,000 entries per batch, 60 s of clock drift, ten years of TTL,
-    /// 5,000,000 entries per type, 1,024 types, 1 GiB held.
+    /// 5,000,000 entries per type, 1,024 types, 1 GiB held; 16 versions
+    /// of history per key, 64 MiB of history in all.
     fn default() -> Self {
         Self {
             max_key_bytes: 1024,
@@ -183,6 +195,8 @@ impl Default for Limits {
             max_entries_per_type: 5_000_000,
             max_types: 1024,
             max_total_bytes: 1024 * 1024 * 1024,
+            history_versions: 16,
+            history_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -233,6 +247,13 @@ pub enum StoreError {
     /// A remote version lies too far in the future.
     #[error(transparent)]
     ClockSkew(#[from] ClockSkewError),
+    /// An entry from a peer or a file names an author, origin or reason
+    /// longer than [`Meta::MAX_FIELD_BYTES`].
+    #[error(
+        "an entry's author, origin or reason is longer than {} bytes",
+        Meta::MAX_FIELD_BYTES
+    )]
+    MetaTooLong,
     /// Storing the write would pass [`Limits::max_entries_per_type`] or
     /// [`Limits::max_total_bytes`]. Nothing is evicted to make room.
     #[error("store is full: {what} would be {would_be}, the limit is {limit}")]
@@ -276,12 +297,14 @@ pub enum Change<'a> {
         /// Time to live in seconds, if any.
         ttl_secs: Option<u64>,
     },
-    /// Set many entries of one namespace, all or nothing.
+    /// Set or delete many entries of one namespace, all or nothing, as one
+    /// change: they share one version.
     Batch {
         /// Namespace.
         ty: i32,
-        /// Keys and values.
-        entries: &'a [(&'a str, &'a str)],
+        /// Keys and values; `None` deletes the key (a tombstone, written
+        /// whether or not the key held a value, so the batch stays whole).
+        entries: &'a [(&'a str, Option<&'a str>)],
         /// Time to live in seconds, if any.
         ttl_secs: Option<u64>,
     },
@@ -353,6 +376,8 @@ type Namespace = HashTable<Entry>;
 #[derive(Debug)]
 struct State {
     namespaces: HashMap<i32, Namespace>,
+    /// The versions the current entries superseded.
+    history: history::History,
     /// Entries holding a value, per namespace (for the entry limit).
     values: HashMap<i32, usize>,
     /// Bytes of every held key and value (for the byte limit).
@@ -533,7 +558,13 @@ impl State {
             Slot::Occupied(slot) => Some(slot.get()),
             Slot::Vacant(_) => None,
         };
-        if held.is_some_and(|held| !supersedes(entry, held)) {
+        if let Some(held) = held
+            && !supersedes(entry, held)
+        {
+            if held.version() != entry.version() {
+                // An older version of the key, late: still one it had.
+                self.history.keep(ty, entry);
+            }
             return Ok(false);
         }
         let held_size = held.map_or(0, Entry::size);
@@ -561,11 +592,15 @@ impl State {
             }
         };
         self.account(ty, Some(entry), old.as_ref());
+        if let Some(old) = &old {
+            self.history.keep(ty, old);
+        }
         Ok(true)
     }
 
-    fn new() -> Self {
+    fn new(limits: &Limits) -> Self {
         Self {
+            history: history::History::new(limits.history_versions, limits.history_max_bytes),
             namespaces: HashMap::new(),
             values: HashMap::new(),
             bytes: 0,
@@ -592,6 +627,9 @@ impl State {
             }
         };
         self.account(ty, Some(&entry), old.as_ref());
+        if let Some(old) = &old {
+            self.history.keep(ty, old);
+        }
     }
 
     fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
@@ -622,8 +660,8 @@ impl Store {
         Self {
             node_id,
             clock: HybridClock::new(limits.max_clock_drift_ms),
+            state: RwLock::new(State::new(&limits)),
             limits,
-            state: RwLock::new(State::new()),
         }
     }
 
@@ -688,7 +726,7 @@ impl Store {
     /// Checks a local batch against the limits without changing anything.
     pub fn check_batch<'a>(
         &self,
-        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+        entries: impl ExactSizeIterator<Item = (&'a str, Option<&'a str>)>,
         ttl_secs: Option<u64>,
     ) -> Result<(), StoreError> {
         let len = entries.len();
@@ -704,7 +742,9 @@ impl Store {
         self.expiry(ttl_secs, 0)?;
         for (key, value) in entries {
             self.check_key(key)?;
-            self.check_value(key, value)?;
+            if let Some(value) = value {
+                self.check_value(key, value)?;
+            }
         }
         Ok(())
     }
@@ -733,14 +773,30 @@ impl Store {
         ttl_secs: Option<u64>,
         now_ms: u64,
     ) -> Result<Vec<Record>, StoreError> {
-        self.commit_set(ty, entries, ttl_secs, now_ms, no_hook)
+        let entries: Vec<(&str, Option<&str>)> = entries.map(|(k, v)| (k, Some(v))).collect();
+        let change = if entries.len() == 1 {
+            let (key, value) = entries[0];
+            Change::Set {
+                ty,
+                key,
+                value: value.unwrap_or_default(),
+                ttl_secs,
+            }
+        } else {
+            Change::Batch {
+                ty,
+                entries: &entries,
+                ttl_secs,
+            }
+        };
+        self.commit(change, now_ms, None, no_hook)
             .map_err(Refused::into_store)
     }
 
     /// A local delete. Writes a tombstone and returns it, or `None` when the
     /// key holds no live value (absent, already deleted, or expired).
     pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
-        self.commit(Change::Delete { ty, key }, now_ms, no_hook)
+        self.commit(Change::Delete { ty, key }, now_ms, None, no_hook)
             .map(|mut records| records.pop())
             .map_err(Refused::into_store)
     }
@@ -754,7 +810,7 @@ impl Store {
         entries: &[(&'a str, &'a str)],
         now_ms: u64,
     ) -> Result<Vec<Record>, StoreError> {
-        self.commit(Change::Unversioned { ty, entries }, now_ms, no_hook)
+        self.commit(Change::Unversioned { ty, entries }, now_ms, None, no_hook)
             .map_err(Refused::into_store)
     }
 
@@ -762,11 +818,13 @@ impl Store {
     /// versions, then given to `before_apply` (the data directory's log)
     /// and stored only if that succeeds, all under one lock. Nothing is
     /// changed when it returns an error. Returns the stored records (none
-    /// for a delete of an absent key).
+    /// for a delete of an absent key). `meta` says who wrote it (shared by
+    /// every entry of the change).
     pub fn commit<E>(
         &self,
         change: Change<'_>,
         now_ms: u64,
+        meta: Option<Arc<Meta>>,
         before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
     ) -> Result<Vec<Record>, Refused<E>> {
         match change {
@@ -777,16 +835,24 @@ impl Store {
                 ttl_secs,
             } => self.commit_set(
                 ty,
-                [(key, value)].into_iter(),
+                [(key, Some(value))].into_iter(),
                 ttl_secs,
                 now_ms,
+                meta,
                 before_apply,
             ),
             Change::Batch {
                 ty,
                 entries,
                 ttl_secs,
-            } => self.commit_set(ty, entries.iter().copied(), ttl_secs, now_ms, before_apply),
+            } => self.commit_set(
+                ty,
+                entries.iter().copied(),
+                ttl_secs,
+                now_ms,
+                meta,
+                before_apply,
+            ),
             Change::Delete { ty, key } => {
                 self.check_key(key).map_err(Refused::Store)?;
                 let mut state = self.write_lock();
@@ -795,14 +861,14 @@ impl Store {
                 }
                 let tombstone = Record {
                     ty,
-                    entry: Entry::new(key, None, self.next_version(now_ms), 0),
+                    entry: Entry::with_meta(key, None, self.next_version(now_ms), 0, meta),
                 };
                 before_apply(std::slice::from_ref(&tombstone)).map_err(Refused::Hook)?;
                 state.put(ty, tombstone.entry.clone());
                 Ok(vec![tombstone])
             }
             Change::Unversioned { ty, entries } => {
-                self.check_batch(entries.iter().copied(), None)
+                self.check_batch(entries.iter().map(|(k, v)| (*k, Some(*v))), None)
                     .map_err(Refused::Store)?;
                 let mut state = self.write_lock();
                 // Not a peer's replication but a client's write: all or
@@ -817,8 +883,15 @@ impl Store {
                     .map_err(Refused::Store)?;
                 let records: Vec<Record> = entries
                     .iter()
-                    .map(|(key, value)| {
-                        Record::new(ty, key, Some(value), self.next_version(now_ms), 0)
+                    .map(|(key, value)| Record {
+                        ty,
+                        entry: Entry::with_meta(
+                            key,
+                            Some(value),
+                            self.next_version(now_ms),
+                            0,
+                            meta.clone(),
+                        ),
                     })
                     .collect();
                 before_apply(&records).map_err(Refused::Hook)?;
@@ -837,12 +910,15 @@ impl Store {
         }
     }
 
+    /// A set, or a batch: every entry checked first, then all stored under
+    /// one version (a batch is one change).
     fn commit_set<'a, E>(
         &self,
         ty: i32,
-        entries: impl ExactSizeIterator<Item = (&'a str, &'a str)> + Clone,
+        entries: impl ExactSizeIterator<Item = (&'a str, Option<&'a str>)> + Clone,
         ttl_secs: Option<u64>,
         now_ms: u64,
+        meta: Option<Arc<Meta>>,
         before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
     ) -> Result<Vec<Record>, Refused<E>> {
         self.check_batch(entries.clone(), ttl_secs)
@@ -850,17 +926,19 @@ impl Store {
         let expires_at_ms = self.expiry(ttl_secs, now_ms).map_err(Refused::Store)?;
         let mut state = self.write_lock();
         state
-            .check_room(
-                ty,
-                entries.clone().map(|(k, v)| (k, Some(v))),
-                &self.limits,
-                1,
-            )
+            .check_room(ty, entries.clone(), &self.limits, 1)
             .map_err(Refused::Store)?;
+        let version = self.next_version(now_ms);
         let records: Vec<Record> = entries
             .map(|(key, value)| Record {
                 ty,
-                entry: Entry::new(key, Some(value), self.next_version(now_ms), expires_at_ms),
+                entry: Entry::with_meta(
+                    key,
+                    value,
+                    version,
+                    if value.is_some() { expires_at_ms } else { 0 },
+                    meta.clone(),
+                ),
             })
             .collect();
         before_apply(&records).map_err(Refused::Hook)?;
@@ -963,6 +1041,9 @@ impl Store {
 
     fn check_remote(&self, record: &Record, now_ms: u64) -> Result<(), StoreError> {
         self.check_key(record.key())?;
+        if record.entry.meta().is_some_and(|m| !m.within_limits()) {
+            return Err(StoreError::MetaTooLong);
+        }
         if let Some(value) = record.entry.value() {
             self.check_value(record.key(), value)?;
         }
@@ -1144,6 +1225,51 @@ impl Store {
     pub fn purge(&self, now_ms: u64, grace_ms: u64) -> usize {
         let horizon = now_ms.saturating_sub(grace_ms);
         self.remove_where(|_, entry| is_purgeable(entry, horizon))
+    }
+
+    /// The current entry of a key (a tombstone or an expired one too) and
+    /// the versions it superseded, newest first.
+    pub fn history(&self, ty: i32, key: &str) -> (Option<Entry>, Vec<Entry>) {
+        let state = self.read_lock();
+        (state.get(ty, key).cloned(), state.history.versions(ty, key))
+    }
+
+    /// Version `version` of a key: the current entry or a kept one.
+    pub fn version_of(&self, ty: i32, key: &str, version: Version) -> Option<Entry> {
+        let state = self.read_lock();
+        match state.get(ty, key) {
+            Some(current) if current.version() == version => Some(current.clone()),
+            _ => state.history.version(ty, key, version),
+        }
+    }
+
+    /// Every kept version (for the data directory's snapshot).
+    pub fn history_records(&self) -> Vec<Record> {
+        self.read_lock().history.records()
+    }
+
+    /// The current state and the kept versions (taken one after the
+    /// other: a version a write moves in between is in the log that
+    /// follows the snapshot, and comes back when it is replayed).
+    pub fn snapshot_with_history(&self) -> (Vec<Record>, Vec<Record>) {
+        let history = self.history_records();
+        (self.snapshot(), history)
+    }
+
+    /// Takes back kept versions read from the data directory.
+    pub fn keep_history(&self, records: impl IntoIterator<Item = Record>) {
+        let mut state = self.write_lock();
+        for record in records {
+            let current = state.get(record.ty, record.key()).map(Entry::version);
+            if current != Some(record.entry.version()) {
+                state.history.keep(record.ty, &record.entry);
+            }
+        }
+    }
+
+    /// Versions kept as history, and the bytes they are counted as.
+    pub fn history_size(&self) -> (usize, usize) {
+        self.read_lock().history.size()
     }
 
     fn read_lock(&self) -> std::sync::RwLockReadGuard<'_, State> {

@@ -208,7 +208,8 @@ fn a_refusing_hook_leaves_the_store_unchanged() {
             ttl_secs: None,
         },
         NOW,
-        |records| {
+        None,
+        |records: &[Record]| {
             assert_eq!(records.len(), 1);
             Err("disk full")
         },
@@ -217,7 +218,7 @@ fn a_refusing_hook_leaves_the_store_unchanged() {
     assert!(s.get(1, "k", NOW).is_none());
     assert_eq!(s.held_bytes(), 0);
     s.set(1, "k", "v", None, NOW).expect("set");
-    let refused = s.commit(Change::Delete { ty: 1, key: "k" }, NOW, |_| Err(()));
+    let refused = s.commit(Change::Delete { ty: 1, key: "k" }, NOW, None, |_| Err(()));
     assert_eq!(refused, Err(Refused::Hook(())));
     assert!(s.get(1, "k", NOW).is_some(), "the delete was not applied");
 }

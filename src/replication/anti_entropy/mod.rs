@@ -37,7 +37,7 @@ use crate::metrics::label;
 use crate::proto::podcache::{
     DigestRequest, HelloRequest, RepairRequest, SnapshotRequest, replica_client::ReplicaClient,
 };
-use crate::proto::{record_from_wire, record_to_wire, wire_size};
+use crate::proto::{record_to_wire, records_from_wire, wire_size};
 use crate::replica::Replica;
 use crate::store::digest;
 
@@ -325,7 +325,7 @@ async fn exchange(
         .await?
         .into_inner();
         repaired += u64::from(response.applied);
-        let theirs: Vec<_> = response.entries.into_iter().map(record_from_wire).collect();
+        let theirs: Vec<_> = records_from_wire(response.entries);
         repaired += replica
             .apply_remote(theirs, "anti_entropy")
             .outcome
@@ -428,7 +428,7 @@ async fn full_resync(
         .into_inner();
     let mut records = Vec::new();
     while let Some(chunk) = within(Call::Snapshot, timeout, stream.message()).await? {
-        records.extend(chunk.entries.into_iter().map(record_from_wire));
+        records.extend(records_from_wire(chunk.entries));
     }
     let keep: HashSet<_> = records.iter().map(|r| (r.ty, r.key())).collect();
     let last_sync = replica.last_full_sync_ms();
