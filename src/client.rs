@@ -42,6 +42,9 @@ pub enum ClientError {
     /// The token cannot be sent in a header (control characters).
     #[error("the token holds characters that cannot go into an HTTP header")]
     BadToken,
+    /// The reason cannot be sent in a header (control characters).
+    #[error("the reason holds characters that cannot go into an HTTP header")]
+    BadReason,
 }
 
 fn client_with(config: rustls::ClientConfig) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
@@ -88,6 +91,8 @@ pub struct RestClient {
     timeout: Duration,
     /// `Authorization` header value, for nodes with `--auth-token-file`.
     bearer: Option<hyper::header::HeaderValue>,
+    /// `X-Podcache-Reason` sent with every request (writes keep it).
+    reason: Option<hyper::header::HeaderValue>,
 }
 
 impl RestClient {
@@ -123,6 +128,7 @@ impl RestClient {
             base,
             timeout: Duration::from_secs(30),
             bearer: None,
+            reason: None,
         })
     }
 
@@ -150,6 +156,15 @@ impl RestClient {
             .map_err(|_| ClientError::BadToken)?;
         value.set_sensitive(true);
         self.bearer = Some(value);
+        Ok(self)
+    }
+
+    /// The same client saying why it writes (`X-Podcache-Reason`, kept
+    /// with every entry it writes).
+    pub fn with_reason(mut self, reason: &str) -> Result<Self, ClientError> {
+        let value =
+            hyper::header::HeaderValue::from_str(reason).map_err(|_| ClientError::BadReason)?;
+        self.reason = Some(value);
         Ok(self)
     }
 
@@ -240,6 +255,9 @@ impl RestClient {
         }
         if let Some(bearer) = &self.bearer {
             request = request.header(hyper::header::AUTHORIZATION, bearer.clone());
+        }
+        if let Some(reason) = &self.reason {
+            request = request.header("x-podcache-reason", reason.clone());
         }
         let request = request.body(Full::new(body))?;
         self.client

@@ -1008,3 +1008,151 @@ async fn an_export_with_keys_named_format_and_type_imports_whole_and_a_cut_copy_
     drop(proc);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Who wrote an entry and why, and its history, are read back on every
+/// replica and after a restart of both with their data directories (the
+/// second after a compaction, so the history comes from a snapshot); a
+/// rollback through `ctl` reaches every replica.
+#[tokio::test]
+async fn authors_reasons_and_history_survive_a_restart_and_a_rollback_reaches_every_replica() {
+    let dir = temp_dir("history");
+    let specs = cluster(2, &dir, &["--fsync", "always"]);
+    let mut procs: Vec<_> = specs.iter().map(ServeSpec::spawn).collect();
+    for s in &specs {
+        s.wait_ready().await;
+    }
+    let ctl = |node: usize, args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["ctl", "--addr", &specs[node].http()])
+            .args(args)
+            .output()
+            .expect("ctl");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ctl(
+        0,
+        &["set", "3", "flag", "on", "--reason", "launch day", "--wait"],
+    );
+    ctl(
+        0,
+        &[
+            "set",
+            "3",
+            "flag",
+            "off",
+            "--reason",
+            "incident 12",
+            "--wait",
+        ],
+    );
+    ctl(1, &["delete", "3", "flag", "--reason", "cleanup", "--wait"]);
+    let history = |node: usize| {
+        let out = ctl(node, &["--json", "history", "3", "flag"]);
+        let json: serde_json::Value = serde_json::from_str(&out).expect("history JSON");
+        json["versions"].as_array().expect("versions").clone()
+    };
+    let expect = |versions: &[serde_json::Value], at: &str| {
+        let seen: Vec<(Option<&str>, Option<&str>, Option<&str>, bool)> = versions
+            .iter()
+            .map(|v| {
+                (
+                    v["value"].as_str(),
+                    v["reason"].as_str(),
+                    v["origin"].as_str(),
+                    v["deleted"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (None, Some("cleanup"), Some("durable-1"), true),
+                (Some("off"), Some("incident 12"), Some("durable-0"), false),
+                (Some("on"), Some("launch day"), Some("durable-0"), false),
+            ],
+            "{at}"
+        );
+        assert!(
+            versions
+                .iter()
+                .all(|v| v["author"] == "anonymous" && v["written_at"].as_str().is_some()),
+            "{at}: {versions:?}"
+        );
+    };
+    for node in 0..2 {
+        expect(&history(node), &format!("node {node}"));
+    }
+    // Both restart twice: the first start replays the logs and then writes
+    // a snapshot of what it loaded (history included), which the second
+    // start reads.
+    for round in 0..2 {
+        drop(std::mem::take(&mut procs));
+        procs = specs.iter().map(ServeSpec::spawn).collect();
+        for s in &specs {
+            s.wait_ready().await;
+        }
+        for node in 0..2 {
+            expect(
+                &history(node),
+                &format!("node {node} after restart {round}"),
+            );
+        }
+        let data = dir.join("data-0");
+        wait_until(
+            "a snapshot after the replayed start",
+            Duration::from_secs(20),
+            || {
+                let data = data.clone();
+                async move {
+                    std::fs::read_dir(&data)
+                        .map(|d| {
+                            d.flatten()
+                                .any(|e| e.file_name().to_string_lossy().starts_with("snapshot"))
+                        })
+                        .unwrap_or(false)
+                }
+            },
+        )
+        .await;
+    }
+    // Back to "on": a new version, everywhere, by the usual rule.
+    let on = history(0)[2]["version"]
+        .as_str()
+        .expect("version")
+        .to_owned();
+    ctl(
+        1,
+        &["rollback", "3", "flag", &on, "--reason", "undo", "--wait"],
+    );
+    for node in 0..2 {
+        let versions = history(node);
+        assert_eq!(versions.len(), 4, "node {node}: {versions:?}");
+        assert_eq!(versions[0]["value"], "on", "node {node}");
+        assert_eq!(versions[0]["reason"], "undo", "node {node}");
+        assert_eq!(versions[0]["origin"], "durable-1", "node {node}");
+        assert_ne!(versions[0]["version"], on.as_str(), "a new version");
+        let got = specs[node]
+            .client()
+            .get_value(3, "flag")
+            .await
+            .expect("get");
+        assert_eq!(got.as_deref(), Some("on"), "node {node}");
+    }
+    // A version no node holds.
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--addr", &specs[0].http()])
+        .args(["rollback", "3", "flag", "1.0@0000000000000001"])
+        .output()
+        .expect("ctl");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no version"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -285,3 +285,80 @@ async fn snapshot_true_mirrors_a_namespace_without_a_gap_while_it_is_written() {
     assert_eq!(mirror.len(), 90);
     cluster.shutdown().await;
 }
+
+/// A rollout is one change everywhere: 1,000 batches of 50 keys (all set
+/// to the batch's number, one of them deleted every tenth batch) written
+/// on one replica reach a watcher of another as `batch` events, each
+/// holding the whole batch, never one event per key; a reader applying
+/// them never holds part of one.
+#[tokio::test]
+async fn a_watcher_never_sees_part_of_a_batch_written_on_another_replica() {
+    const KEYS: usize = 50;
+    const BATCHES: usize = 1000;
+    let cluster = Cluster::start(2).await;
+    let raw = raw();
+    let mut stream = open(&raw, cluster.slots[1].http, "", None).await;
+    let writer = cluster.client(0).with_reason("rollout").expect("reason");
+    let reader = tokio::spawn(async move {
+        let mut mirror: BTreeMap<String, String> = BTreeMap::new();
+        let mut events = 0;
+        loop {
+            let event = stream.next(Duration::from_secs(30)).await;
+            assert_eq!(event.kind, "batch", "one event per batch: {event:?}");
+            assert_eq!(event.data["reason"], "rollout");
+            let entries = event.data["entries"].as_array().expect("entries").clone();
+            assert_eq!(entries.len(), KEYS, "the whole batch: {event:?}");
+            let version = &event.data["version"];
+            for e in &entries {
+                assert_eq!(&e["version"], version, "one version per batch");
+                let key = e["key"].as_str().expect("key").to_owned();
+                match e["value"].as_str() {
+                    Some(v) => mirror.insert(key, v.to_owned()),
+                    None => mirror.remove(&key),
+                };
+            }
+            events += 1;
+            let values: std::collections::BTreeSet<&String> = mirror.values().collect();
+            assert_eq!(values.len(), 1, "part of a batch: {values:?}");
+            if values.contains(&(BATCHES - 1).to_string()) {
+                return events;
+            }
+        }
+    });
+    for n in 0..BATCHES {
+        let body: serde_json::Map<String, Value> = (0..KEYS)
+            .map(|k| {
+                let value = if n % 10 == 0 && k == n % KEYS {
+                    Value::Null
+                } else {
+                    Value::String(n.to_string())
+                };
+                (format!("k{k}"), value)
+            })
+            .collect();
+        let answer = writer
+            .request(
+                hyper::Method::POST,
+                "/v1/cache/7",
+                Value::Object(body).to_string(),
+            )
+            .await
+            .expect("batch");
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+        let versions = answer.json()["versions"]
+            .as_object()
+            .expect("versions")
+            .clone();
+        let first = versions.values().next().expect("a version").clone();
+        assert!(versions.values().all(|v| *v == first), "one version");
+    }
+    let events = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the watcher reached the last batch")
+        .expect("the watcher saw only whole batches");
+    assert!(events >= 1);
+    eprintln!(
+        "{events} batch events for {BATCHES} batches (later ones merge earlier ones in flight)"
+    );
+    cluster.shutdown().await;
+}

@@ -43,8 +43,9 @@ const (
 
 // Event is one Server-Sent Event of GET /v1/watch/{type}.
 type Event struct {
-	// Kind is the SSE event name: KindChange, KindReset, KindLive, or a
-	// name this client does not know (then only Data is set).
+	// Kind is the SSE event name: KindChange, KindBatch, KindReset,
+	// KindLive, or a name this client does not know (then only Data is
+	// set).
 	Kind string
 	// ID is the event's own SSE id, to resume after it. A snapshot's
 	// entries and its reset have the snapshot's id (ending "-snapshot"):

@@ -1,5 +1,5 @@
 //! `podcache ctl`: a client for a running node's REST API (get, set,
-//! delete, list, watch, cluster).
+//! delete, list, watch, history, rollback, export, import, cluster).
 
 use clap::{Args, Subcommand};
 use hyper::Method;
@@ -28,6 +28,10 @@ pub(crate) struct CtlArgs {
     /// Print the node's JSON answers as they are.
     #[arg(long)]
     json: bool,
+    /// Why (kept with every entry written: X-Podcache-Reason, at most 256
+    /// bytes).
+    #[arg(long, global = true)]
+    reason: Option<String>,
     #[command(subcommand)]
     op: CtlOp,
 }
@@ -92,6 +96,27 @@ pub(crate) enum CtlOp {
         /// The file (`-` for stdin).
         file: std::path::PathBuf,
     },
+    /// Show a key's versions on this node, newest first: values and
+    /// deletions, who wrote them, where, when and why.
+    History {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+        /// The key.
+        key: String,
+    },
+    /// Write the value (or the deletion) of an earlier version again, as a
+    /// new version every replica converges on.
+    Rollback {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+        /// The key.
+        key: String,
+        /// The version to go back to (from `ctl history`).
+        version: String,
+        /// Wait until every peer acknowledged.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Show this node, its peers and their replication state.
     Cluster,
 }
@@ -112,6 +137,11 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::Config(format!("--token-file {}: {e}", path.display())))?;
         client = client
             .with_token(token.trim())
+            .map_err(|e| Failure::Config(e.to_string()))?;
+    }
+    if let Some(reason) = &args.reason {
+        client = client
+            .with_reason(reason)
             .map_err(|e| Failure::Config(e.to_string()))?;
     }
     match &args.op {
@@ -152,6 +182,27 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             (Method::DELETE, path, String::new())
         }
         CtlOp::List { r#type } => (Method::GET, format!("/v1/cache/{type}"), String::new()),
+        CtlOp::History { r#type, key } => (
+            Method::GET,
+            format!("{}/history", entry_path(*r#type, key)),
+            String::new(),
+        ),
+        CtlOp::Rollback {
+            r#type,
+            key,
+            version,
+            wait,
+        } => {
+            let mut path = format!(
+                "{}/rollback?version={}",
+                entry_path(*r#type, key),
+                podcache::client::percent_encode(version)
+            );
+            if *wait {
+                path.push_str("&wait=all");
+            }
+            (Method::POST, path, String::new())
+        }
         CtlOp::Watch { .. } | CtlOp::Export { .. } | CtlOp::Import { .. } => {
             return Ok(());
         }
@@ -179,7 +230,7 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
     }
     match &args.op {
         CtlOp::Get { .. } => println!("{}", json["value"].as_str().unwrap_or_default()),
-        CtlOp::Set { .. } | CtlOp::Delete { .. } => {
+        CtlOp::Set { .. } | CtlOp::Delete { .. } | CtlOp::Rollback { .. } => {
             println!("version {}", json["version"].as_str().unwrap_or("?"));
             for report in json["replication"].as_array().into_iter().flatten() {
                 println!(
@@ -199,10 +250,35 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
                 }
             }
         }
+        CtlOp::History { .. } => print_history(&json),
         CtlOp::Cluster => print_cluster(&json),
         CtlOp::Watch { .. } | CtlOp::Export { .. } | CtlOp::Import { .. } => {}
     }
     Ok(())
+}
+
+/// Prints a key's versions, newest first.
+fn print_history(json: &Value) {
+    println!(
+        "{:<34} {:<24} {:<16} {:<16} {:<24} VALUE",
+        "VERSION", "WRITTEN AT", "AUTHOR", "ORIGIN", "REASON"
+    );
+    for v in json["versions"].as_array().into_iter().flatten() {
+        let text = |name: &str| v[name].as_str().unwrap_or("-").to_owned();
+        let value = if v["deleted"].as_bool() == Some(true) {
+            "(deleted)".to_owned()
+        } else {
+            text("value")
+        };
+        println!(
+            "{:<34} {:<24} {:<16} {:<16} {:<24} {value}",
+            text("version"),
+            text("written_at"),
+            text("author"),
+            text("origin"),
+            text("reason")
+        );
+    }
 }
 
 /// Prints every change event of a namespace as it arrives.
@@ -254,6 +330,23 @@ async fn ctl_watch(
                 };
                 if json {
                     println!("{event}");
+                } else if let Some(entries) = event["entries"].as_array() {
+                    // A batch: one line per entry, marked as one change.
+                    for entry in entries {
+                        let change = if entry["deleted"] == true {
+                            "batch-del"
+                        } else {
+                            "batch-set"
+                        };
+                        println!(
+                            "{:<8} {:<24} {:<10} {:<34} {}",
+                            event["origin"].as_str().unwrap_or("?"),
+                            entry["key"].as_str().unwrap_or("?"),
+                            change,
+                            entry["version"].as_str().unwrap_or("?"),
+                            entry["value"].as_str().unwrap_or("")
+                        );
+                    }
                 } else {
                     let change = if event["deleted"] == true {
                         "delete"
