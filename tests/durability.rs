@@ -1057,7 +1057,8 @@ async fn authors_reasons_and_history_survive_a_restart_and_a_rollback_reaches_ev
         json["versions"].as_array().expect("versions").clone()
     };
     let expect = |versions: &[serde_json::Value], at: &str| {
-        let seen: Vec<(Option<&str>, Option<&str>, Option<&str>, bool)> = versions
+        type Seen<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>, bool);
+        let seen: Vec<Seen> = versions
             .iter()
             .map(|v| {
                 (
@@ -1129,18 +1130,14 @@ async fn authors_reasons_and_history_survive_a_restart_and_a_rollback_reaches_ev
         1,
         &["rollback", "3", "flag", &on, "--reason", "undo", "--wait"],
     );
-    for node in 0..2 {
+    for (node, spec) in specs.iter().enumerate() {
         let versions = history(node);
         assert_eq!(versions.len(), 4, "node {node}: {versions:?}");
         assert_eq!(versions[0]["value"], "on", "node {node}");
         assert_eq!(versions[0]["reason"], "undo", "node {node}");
         assert_eq!(versions[0]["origin"], "durable-1", "node {node}");
         assert_ne!(versions[0]["version"], on.as_str(), "a new version");
-        let got = specs[node]
-            .client()
-            .get_value(3, "flag")
-            .await
-            .expect("get");
+        let got = spec.client().get_value(3, "flag").await.expect("get");
         assert_eq!(got.as_deref(), Some("on"), "node {node}");
     }
     // A version no node holds.
