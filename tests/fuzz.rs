@@ -232,7 +232,10 @@ fn batch_is_valid(body: &Value) -> bool {
     };
     (1..=4).contains(&map.len())
         && map.iter().all(|(k, v)| {
-            !k.is_empty() && k.len() <= 64 && v.as_str().is_some_and(|s| s.len() <= 256)
+            // A null deletes (a tombstone: nothing to read back).
+            !k.is_empty()
+                && k.len() <= 64
+                && (v.is_null() || v.as_str().is_some_and(|s| s.len() <= 256))
         })
 }
 
@@ -262,7 +265,7 @@ fn fuzz_batch_json_against_an_oracle() {
                 .as_object()
                 .into_iter()
                 .flatten()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
                 .collect();
             prop_assert_eq!(stored, expected);
         } else {

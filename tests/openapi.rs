@@ -666,7 +666,7 @@ async fn plain_pair(rec: &mut Recorder) {
         n1,
         M::PUT,
         "/v1/cache/1/w?wait=all",
-        &[],
+        &[("x-podcache-reason", "flip w")],
         "from n1",
     )
     .await;
@@ -676,14 +676,28 @@ async fn plain_pair(rec: &mut Recorder) {
         n0,
         M::DELETE,
         "/v1/cache/1/a",
-        &[],
+        &[("x-podcache-reason", "cleanup")],
         "",
     )
     .await;
+    rec.expect(
+        200,
+        "a batch with a delete, watched",
+        n1,
+        M::POST,
+        "/v1/cache/1",
+        &[
+            ("content-type", "application/json"),
+            ("x-podcache-reason", "rollout"),
+        ],
+        r#"{"r1":"on","r2":null}"#,
+    )
+    .await;
     watch
-        .read_until("a peer's change and a delete", |e| {
+        .read_until("a peer's change, a delete and a batch", |e| {
             e.iter().any(|e| e.is_change("w", "peer", false))
                 && e.iter().any(|e| e.is_change("a", "local", true))
+                && e.iter().any(|e| e.is("batch"))
         })
         .await;
     let peer_id = watch

@@ -227,6 +227,47 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_one_event_whatever_order_its_entries_come_in() {
+        use crate::store::{Entry, Meta};
+        let batch = Some(Arc::new(Meta::new("ops", "pod-a", None, true)));
+        let single = Some(Arc::new(Meta::new("ops", "pod-a", None, false)));
+        let at = |key: &str, hlc: u64, meta: &Option<Arc<Meta>>| Record {
+            ty: 1,
+            entry: Entry::with_meta(key, Some("v"), Version { hlc, node: 1 }, 0, meta.clone()),
+        };
+        // As a peer's epoch may hand them over: two batches interleaved,
+        // a single write between them.
+        let records = [
+            at("a", 5, &batch),
+            at("x", 6, &single),
+            at("b", 7, &batch),
+            at("c", 5, &batch),
+            at("d", 7, &batch),
+        ];
+        let changes = group(&records);
+        let shape: Vec<(String, Vec<String>)> = changes
+            .iter()
+            .map(|(first, batch)| {
+                (
+                    first.key().to_owned(),
+                    batch
+                        .iter()
+                        .flat_map(|b| b.iter().map(|r| r.key().to_owned()))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("a".to_owned(), vec!["a".to_owned(), "c".to_owned()]),
+                ("x".to_owned(), vec![]),
+                ("b".to_owned(), vec!["b".to_owned(), "d".to_owned()]),
+            ]
+        );
+    }
+
+    #[test]
     fn a_watcher_resumes_after_its_last_event_or_is_told_to_reset() {
         let log = EventLog::new(0xab, 3);
         log.publish(&[record(0)], Origin::Local);

@@ -605,3 +605,69 @@ fn entries_of_equal_versions_merge_to_the_same_one_in_any_order() {
         "a tombstone wins the tie"
     );
 }
+
+#[test]
+fn a_batch_shares_one_version_and_may_delete() {
+    let s = store(1);
+    s.set(1, "gone", "x", None, NOW).expect("set");
+    let records = s
+        .commit(
+            Change::Batch {
+                ty: 1,
+                entries: &[("a", Some("1")), ("gone", None), ("never", None)],
+                ttl_secs: Some(60),
+            },
+            NOW,
+            None,
+            |_: &[Record]| Ok::<_, ()>(()),
+        )
+        .expect("batch");
+    assert_eq!(records.len(), 3);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.entry.version() == records[0].entry.version())
+    );
+    assert!(s.get(1, "gone", NOW).is_none());
+    assert!(records[1].entry.is_tombstone() && records[1].entry.expires_at_ms() == 0);
+    assert!(
+        records[0].entry.expires_at_ms() > NOW,
+        "the ttl is the values'"
+    );
+}
+
+#[test]
+fn superseded_and_late_versions_are_kept_as_history_and_survive_a_reload() {
+    let s = store(1);
+    let v1 = s
+        .set(1, "k", "one", None, NOW)
+        .expect("set")
+        .entry
+        .version();
+    s.set(1, "k", "two", None, NOW + 1).expect("set");
+    s.delete(1, "k", NOW + 2).expect("delete");
+    // A peer's older write arriving late is a version of the key too.
+    let late = Record::new(1, "k", Some("late"), Version { hlc: 1, node: 9 }, 0);
+    let outcome = s.merge([late], NOW + 3);
+    assert_eq!(outcome.stale, 1);
+    let (current, older) = s.history(1, "k");
+    assert!(current.expect("tombstone").is_tombstone());
+    let values: Vec<Option<&str>> = older.iter().map(Entry::value).collect();
+    assert_eq!(values, [Some("two"), Some("one"), Some("late")]);
+    assert_eq!(
+        s.version_of(1, "k", v1)
+            .and_then(|e| e.value().map(str::to_owned))
+            .as_deref(),
+        Some("one")
+    );
+    // What a snapshot writes, loaded into a new store: the same history,
+    // and no kept version becomes current.
+    let (state, history) = s.snapshot_with_history();
+    let t = store(1);
+    t.load(state, NOW + 4, 0);
+    t.keep_history(history);
+    let (current, older) = t.history(1, "k");
+    assert!(current.expect("tombstone").is_tombstone());
+    assert_eq!(older.len(), 3);
+    assert!(t.get(1, "k", NOW + 4).is_none());
+}

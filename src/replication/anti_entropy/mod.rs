@@ -39,7 +39,7 @@ use crate::proto::podcache::{
 };
 use crate::proto::{record_to_wire, records_from_wire, wire_size};
 use crate::replica::Replica;
-use crate::store::digest;
+use crate::store::{Record, digest};
 
 /// What an exchange did.
 enum Exchanged {
@@ -305,9 +305,32 @@ async fn exchange(
                 .map_or(0, |records| records.iter().map(wire_size).sum())
         })
         .collect();
+    // A batch is one change: the buckets holding this node's batch
+    // entries go in one request (while that stays within a few requests'
+    // bytes), so the peer merges each batch whole, and what the peer
+    // answers is applied once for the round, so this node does too.
+    let max_bytes = replica.config.max_batch_bytes;
+    let (batched, single): (Vec<usize>, Vec<usize>) = (0..repair.len()).partition(|&i| {
+        by_bucket
+            .get(&repair[i])
+            .is_some_and(|records| records.iter().any(|r| r.entry.in_batch()))
+    });
+    let batched_bytes: usize = batched.iter().map(|&i| sizes[i]).sum();
+    let mut groups: Vec<Vec<u32>> = Vec::new();
+    let rest = if !batched.is_empty() && batched_bytes <= 4 * max_bytes {
+        groups.push(batched.iter().map(|&i| repair[i]).collect());
+        single
+    } else {
+        (0..repair.len()).collect()
+    };
+    let rest_sizes: Vec<usize> = rest.iter().map(|&i| sizes[i]).collect();
+    for range in plan::group(&rest_sizes, max_bytes) {
+        groups.push(rest[range].iter().map(|&i| repair[i]).collect());
+    }
     let mut repaired = 0u64;
-    for group in plan::group(&sizes, replica.config.max_batch_bytes) {
-        let buckets = repair[group].to_vec();
+    let mut theirs: Vec<Record> = Vec::new();
+    let mut theirs_bytes = 0;
+    for buckets in groups {
         let records: Vec<_> = buckets
             .iter()
             .flat_map(|b| by_bucket.remove(b).unwrap_or_default())
@@ -325,7 +348,20 @@ async fn exchange(
         .await?
         .into_inner();
         repaired += u64::from(response.applied);
-        let theirs: Vec<_> = records_from_wire(response.entries);
+        let more = records_from_wire(response.entries);
+        theirs_bytes += more.iter().map(wire_size).sum::<usize>();
+        theirs.extend(more);
+        if theirs_bytes > 4 * max_bytes {
+            // Bounded: a large repair is applied as it goes.
+            repaired += replica
+                .apply_remote(std::mem::take(&mut theirs), "anti_entropy")
+                .outcome
+                .applied
+                .len() as u64;
+            theirs_bytes = 0;
+        }
+    }
+    if !theirs.is_empty() {
         repaired += replica
             .apply_remote(theirs, "anti_entropy")
             .outcome
