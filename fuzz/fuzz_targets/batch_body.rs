@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use podcache::store::{Limits, Store};
+use podcache::store::{Change, Limits, Record, Store};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(entries) = podcache::api::fuzzing::batch(data) else {
@@ -19,10 +19,25 @@ fuzz_target!(|data: &[u8]| {
             ..Limits::default()
         },
     );
-    let pairs: Vec<(&str, &str)> = entries.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, Option<&str>)> = entries
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
     let before = store.held_bytes();
-    match store.set_many(1, pairs.iter().copied(), None, 1_700_000_000_000) {
-        Ok(records) => assert_eq!(records.len(), pairs.len()),
+    let change = Change::Batch {
+        ty: 1,
+        entries: &pairs,
+        ttl_secs: None,
+    };
+    let hook = |_: &[Record]| Ok::<_, ()>(());
+    match store.commit(change, 1_700_000_000_000, None, hook) {
+        Ok(records) => {
+            assert_eq!(records.len(), pairs.len());
+            // One batch, one version.
+            assert!(records
+                .iter()
+                .all(|r| r.entry.version() == records[0].entry.version()));
+        }
         // Refused: nothing changed.
         Err(_) => assert_eq!(store.held_bytes(), before),
     }

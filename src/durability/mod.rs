@@ -74,9 +74,6 @@ pub use storage::{RealFs, Storage, StorageFile};
 
 use crate::store::Record;
 
-/// The record decoding of the data directory's files, for the fuzz
-/// targets: the records read from `bytes` (after a file's header, in
-/// either format) and how they end.
 /// `records` cut into the records they are written as: each batch's
 /// entries next to each other together (a batch is one record, so a power
 /// cut keeps all of it or none), every other entry on its own. A batch
@@ -111,6 +108,9 @@ fn changes(records: &[Record]) -> impl Iterator<Item = &[Record]> {
         })
 }
 
+/// The record decoding of the data directory's files, for the fuzz
+/// targets: the records read from `bytes` (after a file's header, in
+/// either format) and how they end.
 #[cfg(feature = "fuzzing")]
 pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
     let mut records = Vec::new();
