@@ -536,6 +536,102 @@ async fn plain_pair(rec: &mut Recorder) {
     )
     .await;
 
+    // A key's history and rollback.
+    let h = rec
+        .expect(200, "history", n0, M::GET, "/v1/cache/1/d/history", &[], "")
+        .await;
+    let version = |i: usize| {
+        h.json()["versions"][i]["version"]
+            .as_str()
+            .expect("a version")
+            .to_owned()
+    };
+    let (tomb, old) = (version(0), version(1));
+    assert_eq!(h.json()["versions"][0]["deleted"], true);
+    rec.expect(
+        200,
+        "head of history",
+        n0,
+        M::HEAD,
+        "/v1/cache/1/d/history",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        404,
+        "history, never written",
+        n0,
+        M::GET,
+        "/v1/cache/1/never/history",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "history, bad type",
+        n0,
+        M::GET,
+        "/v1/cache/x/d/history",
+        &[],
+        "",
+    )
+    .await;
+    let back = rec
+        .expect(
+            200,
+            "rollback, wait=all, reason",
+            n0,
+            M::POST,
+            &format!("/v1/cache/1/d/rollback?wait=all&version={old}"),
+            &[("x-podcache-reason", "undo")],
+            "",
+        )
+        .await;
+    assert_eq!(back.json()["reason"], "undo");
+    rec.expect(
+        200,
+        "rollback to a deletion",
+        n0,
+        M::POST,
+        &format!("/v1/cache/1/d/rollback?version={tomb}"),
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        404,
+        "rollback, unknown version",
+        n0,
+        M::POST,
+        "/v1/cache/1/d/rollback?version=1.0@0000000000000001",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "rollback, no version",
+        n0,
+        M::POST,
+        "/v1/cache/1/d/rollback",
+        &[],
+        "",
+    )
+    .await;
+    let long = "r".repeat(257);
+    rec.expect(
+        400,
+        "put, reason too long",
+        n0,
+        M::PUT,
+        "/v1/cache/1/k",
+        &[("x-podcache-reason", long.as_str())],
+        "v",
+    )
+    .await;
+
     // Namespaces and batches.
     let json_type = [("content-type", "application/json")];
     rec.expect(200, "namespace", n0, M::GET, "/v1/cache/1", &[], "")
@@ -991,6 +1087,43 @@ async fn small_node(rec: &mut Recorder) {
         r#"{"k1":"1","k2":"2"}"#,
     )
     .await;
+    let k2 = rec
+        .expect(
+            200,
+            "history of k2",
+            n,
+            M::GET,
+            "/v1/cache/1/k2/history",
+            &[],
+            "",
+        )
+        .await;
+    let v2 = k2.json()["versions"][0]["version"]
+        .as_str()
+        .expect("a version")
+        .to_owned();
+    rec.expect(200, "delete k2", n, M::DELETE, "/v1/cache/1/k2", &[], "")
+        .await;
+    rec.expect(
+        200,
+        "k5 takes its place",
+        n,
+        M::PUT,
+        "/v1/cache/1/k5",
+        &[],
+        "5",
+    )
+    .await;
+    rec.expect(
+        507,
+        "rollback past the capacity",
+        n,
+        M::POST,
+        &format!("/v1/cache/1/k2/rollback?version={v2}"),
+        &[],
+        "",
+    )
+    .await;
     let full = rec
         .expect(
             507,
@@ -1078,6 +1211,12 @@ async fn small_node(rec: &mut Recorder) {
         (M::HEAD, "/v1/cache/1/k1", ""),
         (M::PUT, "/v1/cache/1/k1", "v"),
         (M::DELETE, "/v1/cache/1/k1", ""),
+        (M::GET, "/v1/cache/1/k1/history", ""),
+        (
+            M::POST,
+            "/v1/cache/1/k1/rollback?version=1.0@0000000000000001",
+            "",
+        ),
         (M::GET, "/v1/cache/1", ""),
         (M::POST, "/v1/cache/1", r#"{"k1":"v"}"#),
         (M::GET, "/v1/watch/1", ""),
@@ -1132,7 +1271,11 @@ async fn small_node(rec: &mut Recorder) {
 async fn token_node(rec: &mut Recorder) {
     let dir = scratch_dir("tokens");
     let file = dir.join("tokens");
-    std::fs::write(&file, format!("write:{WRITE}\nread:{READ}\n")).expect("token file");
+    std::fs::write(
+        &file,
+        format!("write:{WRITE} name=flags-team\nread:{READ}\n"),
+    )
+    .expect("token file");
     let path = file.clone();
     let cluster = Cluster::start_with(1, move |c| {
         c.auth_token_file = Some(path.clone());
@@ -1146,16 +1289,18 @@ async fn token_node(rec: &mut Recorder) {
     let reader = [("authorization", read_auth.as_str())];
     let writer = [("authorization", write_auth.as_str())];
     let wrong = [("authorization", "Bearer not-a-token-of-this-node")];
-    rec.expect(
-        200,
-        "a write token writes",
-        n,
-        M::PUT,
-        "/v1/cache/1/k",
-        &writer,
-        "v",
-    )
-    .await;
+    let written = rec
+        .expect(
+            200,
+            "a write token writes",
+            n,
+            M::PUT,
+            "/v1/cache/1/k",
+            &writer,
+            "v",
+        )
+        .await;
+    assert_eq!(written.json()["author"], "flags-team", "the token's name");
     rec.expect(
         200,
         "a read token reads",
@@ -1173,6 +1318,12 @@ async fn token_node(rec: &mut Recorder) {
         (M::HEAD, "/v1/cache/1/k", ""),
         (M::PUT, "/v1/cache/1/k", "v"),
         (M::DELETE, "/v1/cache/1/k", ""),
+        (M::GET, "/v1/cache/1/k/history", ""),
+        (
+            M::POST,
+            "/v1/cache/1/k/rollback?version=1.0@0000000000000001",
+            "",
+        ),
         (M::GET, "/v1/cache/1", ""),
         (M::POST, "/v1/cache/1", r#"{"k":"v"}"#),
         (M::GET, "/v1/watch/1", ""),
