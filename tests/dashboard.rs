@@ -96,6 +96,8 @@ async fn the_dashboard_lists_the_members_and_shows_writes_without_console_errors
 
     cluster
         .client(1)
+        .with_reason("flip for the test")
+        .expect("reason")
         .put(77, "new", "entry", "wait=all")
         .await
         .expect("put");
@@ -373,6 +375,8 @@ async fn the_dashboard_updates_itself_after_a_write() {
 
     cluster
         .client(1)
+        .with_reason("flip for the test")
+        .expect("reason")
         .put(77, "new", "entry", "wait=all")
         .await
         .expect("put");
@@ -380,6 +384,15 @@ async fn the_dashboard_updates_itself_after_a_write() {
         .eval_until(
             "the new namespace appears",
             &format!("{namespaces}.includes('77')"),
+            within,
+        )
+        .await;
+    // Who wrote it, where and why, among the recent changes.
+    browser
+        .eval_until(
+            "the write among the recent changes, with its author, origin and reason",
+            "[...document.querySelectorAll('tr.change')].some(r => { const t = [...r.children].map(td => td.textContent); \
+             return t[2] === 'new' && t[4] === 'anonymous' && t[5].length > 0 && t[6] === 'flip for the test' && t[7] === 'peer'; })",
             within,
         )
         .await;

@@ -463,11 +463,7 @@ pub(super) async fn rollback(
             value,
             ttl_secs: None,
         },
-        None => Change::Batch {
-            ty,
-            entries: &[(&key, None)],
-            ttl_secs: None,
-        },
+        None => Change::Delete { ty, key: &key },
     };
     let outcome = api
         .replica
@@ -475,9 +471,22 @@ pub(super) async fn rollback(
         .await
         .inspect_err(|e| reject(api, e))?;
     count(api, "set");
-    let Some(record) = outcome.records.first() else {
-        return Err(ApiError::absent(ty, &key));
+    let record = match outcome.records.first() {
+        Some(record) => record.clone(),
+        // Back to a deletion of a key already deleted (or expired): there
+        // is nothing to write, and the answer is the deletion it holds.
+        None => match api.replica.store.history(ty, &key).0 {
+            Some(entry) => {
+                return Ok(Json(with_replication(
+                    deleted_json(&Record { ty, entry }),
+                    &outcome,
+                ))
+                .into_response());
+            }
+            None => return Err(ApiError::absent(ty, &key)),
+        },
     };
+    let record = &record;
     if record.entry.is_tombstone() {
         Ok(Json(with_replication(deleted_json(record), &outcome)).into_response())
     } else {
@@ -927,7 +936,29 @@ pub(crate) fn cluster_json(api: &Api) -> Value {
         "bootstrap": bootstrap,
         "state_source": state_source,
         "data_dir": data_dir,
+        "recent_changes": recent_json(api),
     })
+}
+
+/// The latest changes this node took, newest first: what, who, where
+/// from and why.
+fn recent_json(api: &Api) -> Vec<Value> {
+    api.replica
+        .recent_changes()
+        .iter()
+        .map(|(record, via)| {
+            let mut v = json!({
+                "type": record.ty,
+                "key": record.key(),
+                "deleted": record.entry.is_tombstone(),
+                "batch": record.entry.in_batch(),
+                "version": record.entry.version().to_string(),
+                "via": via.as_str(),
+            });
+            answer::meta_json(&mut v, &record.entry, "origin");
+            v
+        })
+        .collect()
 }
 
 fn system_ms(t: std::time::SystemTime) -> u64 {

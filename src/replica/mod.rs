@@ -113,7 +113,13 @@ pub struct Replica {
     /// The description of the last local write, shared by the next one
     /// when it is the same.
     last_meta: Mutex<Option<Arc<crate::store::Meta>>>,
+    /// The latest changes this node took, newest last, for the
+    /// dashboard's recent changes (`/v1/cluster`).
+    recent: Mutex<std::collections::VecDeque<(Record, Origin)>>,
 }
+
+/// Changes kept for [`Replica::recent_changes`].
+const RECENT_CHANGES: usize = 20;
 
 impl Replica {
     /// A replica of `identity` with an empty store.
@@ -138,6 +144,7 @@ impl Replica {
             data,
             loaded_from_disk: AtomicU64::new(0),
             last_meta: Mutex::new(None),
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CHANGES)),
         }
     }
 
@@ -233,7 +240,27 @@ impl Replica {
     }
 
     fn publish(&self, records: &[Record], origin: Origin) {
+        if records.is_empty() {
+            return;
+        }
         self.events.publish(records, origin);
+        if origin != Origin::Bootstrap {
+            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            let from = records.len().saturating_sub(RECENT_CHANGES);
+            for record in &records[from..] {
+                if recent.len() == RECENT_CHANGES {
+                    recent.pop_front();
+                }
+                recent.push_back((record.clone(), origin));
+            }
+        }
+    }
+
+    /// The latest changes this node took (not its bootstrap), newest
+    /// first.
+    pub(crate) fn recent_changes(&self) -> Vec<(Record, Origin)> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.iter().rev().cloned().collect()
     }
 
     /// The remote write path: merge by version, log, count, publish. What
