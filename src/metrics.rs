@@ -120,6 +120,10 @@ pub struct Metrics {
     pub held_bytes: Gauge,
     /// The configured limit on held bytes.
     pub capacity_bytes: Gauge,
+    /// Superseded versions kept as history.
+    pub history_versions: Gauge,
+    /// What the kept versions are counted as (`--history-max-bytes`).
+    pub history_bytes: Gauge,
     /// REST requests refused for missing or wrong credentials, by reason.
     pub auth_failures: Family<Labels, Counter>,
     /// Requests turned away because a concurrency limit was reached, by
@@ -372,6 +376,18 @@ impl Metrics {
             "The limit on held bytes (--max-memory-bytes); local writes past it get 507",
             capacity_bytes.clone(),
         );
+        let history_versions = Gauge::default();
+        registry.register(
+            "history_versions",
+            "Superseded versions kept as history (GET .../history, rollback)",
+            history_versions.clone(),
+        );
+        let history_bytes = Gauge::default();
+        registry.register(
+            "history_bytes",
+            "Bytes the kept versions are counted as against --history-max-bytes (keys, values, 96 per version)",
+            history_bytes.clone(),
+        );
         let auth_failures = Family::<Labels, Counter>::default();
         registry.register(
             "auth_failures",
@@ -400,6 +416,8 @@ impl Metrics {
             registry,
             held_bytes,
             capacity_bytes,
+            history_versions,
+            history_bytes,
             auth_failures,
             overloaded,
             connections_refused,

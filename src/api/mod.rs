@@ -1052,6 +1052,9 @@ pub(crate) fn render_metrics(api: &Api) -> String {
     m.held_bytes.set(api.replica.store.held_bytes() as i64);
     m.capacity_bytes
         .set(api.replica.store.limits().max_total_bytes as i64);
+    let (kept, kept_bytes) = api.replica.store.history_size();
+    m.history_versions.set(kept as i64);
+    m.history_bytes.set(kept_bytes as i64);
     for peer in api.replicator.peer_views() {
         let peer_label = label("peer", peer.grpc_addr);
         m.pending_entries
