@@ -302,6 +302,15 @@ impl NodeConfig {
         if self.pod_name.is_empty() {
             return Err(ConfigError::Invalid("pod name must not be empty".into()));
         }
+        if self.pod_name.len() > crate::store::Meta::MAX_FIELD_BYTES {
+            // Every entry names the pod that took it, and peers refuse
+            // names past this.
+            return Err(ConfigError::Invalid(format!(
+                "pod name is {} bytes, at most {} are allowed",
+                self.pod_name.len(),
+                crate::store::Meta::MAX_FIELD_BYTES
+            )));
+        }
         let durations = [
             self.anti_entropy_interval,
             self.secrets_reload_interval,

@@ -164,9 +164,27 @@ pub(super) fn meta_members(out: &mut JsonWriter, entry: &crate::store::Entry, or
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds.
+/// Past year 9999 (only a clock far off, or a hostile file, writes such
+/// a version) it is the milliseconds as they are: RFC 3339 has no year
+/// 10000.
 pub(super) fn written_at(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
+    use std::fmt::Write as _;
+    const YEAR_10000_MS: u64 = 253_402_300_800_000;
+    let mut out = String::with_capacity(24);
+    if ms >= YEAR_10000_MS
+        || write!(
+            out,
+            "{}",
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+            )
+        )
+        .is_err()
+    {
+        out.clear();
+        let _ = write!(out, "{ms}");
+    }
+    out
 }
 
 /// The same members as a JSON object's fields, for answers built with

@@ -235,6 +235,16 @@ impl Auth {
         }
     }
 
+    /// True when `headers` carry a token that may read (data that an open
+    /// page must not show without one).
+    pub(crate) fn may_read(&self, headers: &axum::http::HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|token| self.grant(token))
+            .is_some()
+    }
+
     fn grant(&self, presented: &[u8]) -> Option<(Access, Arc<str>)> {
         self.tokens
             .read()

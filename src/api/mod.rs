@@ -848,8 +848,17 @@ async fn watch(
         .into_response())
 }
 
-async fn cluster(State(api): State<Arc<Api>>) -> Json<Value> {
-    Json(cluster_json(&api))
+async fn cluster(State(api): State<Arc<Api>>, headers: HeaderMap) -> Json<Value> {
+    let mut body = cluster_json(&api);
+    // With --public-dashboard this answer is open: keys, authors and
+    // reasons only with a token that may read them.
+    if let Some(auth) = &api.auth
+        && !auth.may_read(&headers)
+        && let Some(body) = body.as_object_mut()
+    {
+        body.remove("recent_changes");
+    }
+    Json(body)
 }
 
 /// The `/v1/cluster` document.

@@ -13,8 +13,12 @@
 //! [`durability_loop`] for the background work.
 //!
 //! # Files
-//! - `FORMAT`: `podcache data directory, format 2`. Format 1 (an older
-//!   podcache) is read and upgraded in place; another format, or a
+//! - `FORMAT`: `podcache data directory, format 3`. Format 3 frames
+//!   records as format 2 did; its records may hold a whole batch
+//!   (`batch_entries`) or a kept version (`history`), which a podcache of
+//!   format 2 would misread (it would load a batch's first entry only, and
+//!   a kept version as current), so it must refuse the directory. Formats
+//!   1 and 2 (older podcaches) are read and upgraded in place; another format, or a
 //!   directory holding other files than a volume's `lost+found` but no
 //!   `FORMAT`, is refused.
 //! - `LOCK`: held with an exclusive lock while a node uses the directory.
@@ -130,7 +134,10 @@ pub fn fuzz_read_records(bytes: &[u8]) -> (Vec<Record>, String) {
 pub const MAX_ENTRY_BYTES: usize = frame::MAX_PAYLOAD - 1024;
 
 /// The text of the `FORMAT` file.
-const FORMAT: &str = "podcache data directory, format 2\n";
+const FORMAT: &str = "podcache data directory, format 3\n";
+
+/// The text of the `FORMAT` file of a podcache before batches and history.
+const FORMAT_2: &str = "podcache data directory, format 2\n";
 /// The text an older podcache wrote; its files are read and upgraded.
 const FORMAT_1: &str = "podcache data directory, format 1\n";
 
@@ -870,6 +877,12 @@ fn check_format(s: &dyn Storage, dir: &Path) -> Result<(), DurabilityError> {
     };
     match text.as_deref() {
         Some(t) if t == FORMAT.as_bytes() => Ok(()),
+        Some(t) if t == FORMAT_2.as_bytes() => {
+            // Its files are read as they are; from now on records may hold
+            // batches and history, which format 2 cannot read.
+            info!(dir = %dir.display(), "the data directory is in format 2 (an older podcache): reading it and writing format 3 from now on; an older podcache cannot read it afterwards");
+            write(FORMAT)
+        }
         Some(t) if t == FORMAT_1.as_bytes() => {
             // Format 1's files stay readable (each names its format in its
             // magic); new files are format 2, and the first compaction

@@ -59,9 +59,9 @@ fn a_directory_of_other_files_or_another_format_is_refused() {
     let err = DataDir::open(&d, Fsync::Never, 4096).expect_err("foreign");
     assert!(err.to_string().contains("notes.txt"), "{err}");
     fs::remove_file(d.join("notes.txt")).expect("rm");
-    fs::write(d.join("FORMAT"), "podcache data directory, format 3\n").expect("format");
-    let err = DataDir::open(&d, Fsync::Never, 4096).expect_err("format 3");
-    assert!(err.to_string().contains("format 3"), "{err}");
+    fs::write(d.join("FORMAT"), "podcache data directory, format 4\n").expect("format");
+    let err = DataDir::open(&d, Fsync::Never, 4096).expect_err("format 4");
+    assert!(err.to_string().contains("format 4"), "{err}");
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -82,6 +82,28 @@ fn a_new_volume_with_lost_and_found_is_taken() {
     assert!(DataDir::open(&e, Fsync::Never, 4096).is_err());
     let _ = fs::remove_dir_all(&d);
     let _ = fs::remove_dir_all(&e);
+}
+
+/// A directory of format 2 (before batches and history) is read as it is
+/// and marked format 3, which a podcache of format 2 refuses.
+#[test]
+fn a_format_2_directory_is_read_and_marked_format_3() {
+    let d = dir("format2");
+    fs::create_dir_all(&d).expect("dir");
+    fs::write(d.join("FORMAT"), FORMAT_2).expect("format");
+    {
+        let (data, _) = DataDir::open(&d, Fsync::Always, 4096).expect("a new directory");
+        data.append(&[record("a", 1)]).expect("append");
+        data.sync().expect("sync");
+    }
+    fs::write(d.join("FORMAT"), FORMAT_2).expect("format 2 again");
+    let (_, recovered) = DataDir::open(&d, Fsync::Always, 4096).expect("format 2 is read");
+    assert_eq!(keys(&recovered), ["a"]);
+    assert_eq!(
+        fs::read_to_string(d.join("FORMAT")).expect("format"),
+        FORMAT
+    );
+    assert!(FORMAT.contains("format 3"));
 }
 
 /// A directory an older podcache wrote (format 1) is read, then written

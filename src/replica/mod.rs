@@ -152,10 +152,12 @@ impl Replica {
     /// last synced with a peer); returns how many entries were kept.
     pub(crate) fn load(&self, recovered: crate::durability::Recovered) -> usize {
         let now = unix_ms();
+        // The snapshot's kept versions first: they are older than what the
+        // logs replay, and the byte bound drops the oldest kept first.
+        self.store.keep_history(recovered.history);
         let kept = self
             .store
             .load(recovered.records, now, self.purge_horizon(now));
-        self.store.keep_history(recovered.history);
         self.loaded_from_disk.store(kept as u64, Ordering::Release);
         if recovered.last_sync_ms != 0 {
             // Kept as saved: a node down longer than the tombstone grace is

@@ -102,7 +102,7 @@ impl History {
         }
         if let Some(old) = dropped {
             self.kept -= 1;
-            self.bytes -= Self::cost(&old);
+            self.bytes = self.bytes.saturating_sub(Self::cost(&old));
         }
         self.order.push_back((ty, entry.clone()));
         while self.bytes > self.max_bytes {
@@ -130,9 +130,13 @@ impl History {
         let Some(at) = versions.iter().position(|e| e.version() == entry.version()) else {
             return;
         };
-        versions.remove(at);
+        let removed = versions.remove(at);
         self.kept -= 1;
-        self.bytes -= Self::cost(entry);
+        // What was counted for the copy kept (a faulty peer's tie can hold
+        // another entry of the same version than the queue names).
+        self.bytes = self
+            .bytes
+            .saturating_sub(removed.as_ref().map_or(0, Self::cost));
         if versions.is_empty() {
             slot.remove();
         }

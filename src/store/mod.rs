@@ -923,6 +923,24 @@ impl Store {
     ) -> Result<Vec<Record>, Refused<E>> {
         self.check_batch(entries.clone(), ttl_secs)
             .map_err(Refused::Store)?;
+        // One version for all: a key named twice keeps its last value
+        // (two entries of one key and one version would be told apart by
+        // the tie rule elsewhere, not by their order).
+        let entries: Vec<(&str, Option<&str>)> = if entries.len() > 1 {
+            let mut last: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+            let all: Vec<_> = entries.collect();
+            for (i, (key, _)) in all.iter().enumerate() {
+                last.insert(key, i);
+            }
+            all.iter()
+                .enumerate()
+                .filter(|(i, (key, _))| last.get(key) == Some(i))
+                .map(|(_, e)| *e)
+                .collect()
+        } else {
+            entries.collect()
+        };
+        let entries = entries.iter().copied();
         let expires_at_ms = self.expiry(ttl_secs, now_ms).map_err(Refused::Store)?;
         let mut state = self.write_lock();
         state
@@ -1248,12 +1266,19 @@ impl Store {
         self.read_lock().history.records()
     }
 
-    /// The current state and the kept versions (taken one after the
-    /// other: a version a write moves in between is in the log that
-    /// follows the snapshot, and comes back when it is replayed).
+    /// The current state and the kept versions, under one lock (a
+    /// version a write moved into history between two reads would be in
+    /// neither, nor in the log that follows the snapshot).
     pub fn snapshot_with_history(&self) -> (Vec<Record>, Vec<Record>) {
-        let history = self.history_records();
-        (self.snapshot(), history)
+        let state = self.read_lock();
+        let mut out = Vec::new();
+        for (&ty, ns) in state.namespaces.iter() {
+            out.extend(ns.iter().map(|entry| Record {
+                ty,
+                entry: entry.clone(),
+            }));
+        }
+        (out, state.history.records())
     }
 
     /// Takes back kept versions read from the data directory.

@@ -634,6 +634,21 @@ fn a_batch_shares_one_version_and_may_delete() {
         records[0].entry.expires_at_ms() > NOW,
         "the ttl is the values'"
     );
+    // A key named twice in one batch keeps its last value, once.
+    let records = s
+        .commit(
+            Change::Batch {
+                ty: 1,
+                entries: &[("d", Some("first")), ("e", Some("x")), ("d", Some("last"))],
+                ttl_secs: None,
+            },
+            NOW,
+            None,
+            |_: &[Record]| Ok::<_, ()>(()),
+        )
+        .expect("batch");
+    let written: Vec<(&str, Option<&str>)> = records.iter().map(|r| r.entry.key_value()).collect();
+    assert_eq!(written, [("e", Some("x")), ("d", Some("last"))]);
 }
 
 #[test]

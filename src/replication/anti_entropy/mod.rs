@@ -310,6 +310,8 @@ async fn exchange(
     // bytes), so the peer merges each batch whole, and what the peer
     // answers is applied once for the round, so this node does too.
     let max_bytes = replica.config.max_batch_bytes;
+    // A request (and its answer) must stay within the gRPC message limit.
+    let whole_batches = (4 * max_bytes).min(replica.config.max_grpc_message_bytes / 2);
     let (batched, single): (Vec<usize>, Vec<usize>) = (0..repair.len()).partition(|&i| {
         by_bucket
             .get(&repair[i])
@@ -317,7 +319,7 @@ async fn exchange(
     });
     let batched_bytes: usize = batched.iter().map(|&i| sizes[i]).sum();
     let mut groups: Vec<Vec<u32>> = Vec::new();
-    let rest = if !batched.is_empty() && batched_bytes <= 4 * max_bytes {
+    let rest = if !batched.is_empty() && batched_bytes <= whole_batches {
         groups.push(batched.iter().map(|&i| repair[i]).collect());
         single
     } else {
@@ -340,18 +342,25 @@ async fn exchange(
             buckets,
             entries: records.iter().map(record_to_wire).collect(),
         };
-        let response = within(
+        let response = match within(
             Call::Repair,
             replica.config.rpc_timeout,
             client.repair(request),
         )
-        .await?
-        .into_inner();
+        .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(error) => {
+                // What earlier requests of the round brought is kept.
+                replica.apply_remote(theirs, "anti_entropy");
+                return Err(error);
+            }
+        };
         repaired += u64::from(response.applied);
         let more = records_from_wire(response.entries);
         theirs_bytes += more.iter().map(wire_size).sum::<usize>();
         theirs.extend(more);
-        if theirs_bytes > 4 * max_bytes {
+        if theirs_bytes > whole_batches {
             // Bounded: a large repair is applied as it goes.
             repaired += replica
                 .apply_remote(std::mem::take(&mut theirs), "anti_entropy")
