@@ -83,16 +83,24 @@ fn record_sharing(entry: podcache::Entry, last: &mut Option<Arc<Meta>>) -> Recor
     {
         None
     } else {
-        let meta = Meta::new(
-            &entry.author,
-            &entry.origin,
-            Some(entry.reason.as_str()),
-            entry.batch,
-        );
         match last {
-            Some(shared) if **shared == meta => Some(shared.clone()),
+            Some(shared)
+                if shared.is(
+                    &entry.author,
+                    &entry.origin,
+                    Some(entry.reason.as_str()),
+                    entry.batch,
+                ) =>
+            {
+                Some(shared.clone())
+            }
             _ => {
-                let meta = Arc::new(meta);
+                let meta = Arc::new(Meta::new(
+                    &entry.author,
+                    &entry.origin,
+                    Some(entry.reason.as_str()),
+                    entry.batch,
+                ));
                 *last = Some(meta.clone());
                 Some(meta)
             }

@@ -119,15 +119,16 @@ impl Replica {
     /// The description of a write by `by` on this node: the last one made
     /// when it is the same (one writer's writes share it), else a new one.
     fn meta(&self, by: Author<'_>, batch: bool) -> Arc<Meta> {
-        let meta = Meta::new(by.name, &self.identity.name, by.reason, batch);
         let mut last = self
             .last_meta
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &*last {
-            Some(shared) if **shared == meta => shared.clone(),
+            Some(shared) if shared.is(by.name, &self.identity.name, by.reason, batch) => {
+                shared.clone()
+            }
             _ => {
-                let meta = Arc::new(meta);
+                let meta = Arc::new(Meta::new(by.name, &self.identity.name, by.reason, batch));
                 *last = Some(meta.clone());
                 meta
             }

@@ -49,6 +49,16 @@ impl Meta {
         }
     }
 
+    /// True when it says what [`Meta::new`] would make of these (without
+    /// allocating: the write paths reuse the last one while this holds).
+    pub fn is(&self, author: &str, origin: &str, reason: Option<&str>, batch: bool) -> bool {
+        let reason = reason.filter(|r| !r.is_empty());
+        self.batch == batch
+            && *self.author == *author
+            && *self.origin == *origin
+            && self.reason.as_deref() == reason
+    }
+
     /// True when every field is within [`Meta::MAX_FIELD_BYTES`].
     pub fn within_limits(&self) -> bool {
         [

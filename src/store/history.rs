@@ -12,7 +12,6 @@
 //! are shared with the store (a pointer), never copied.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
@@ -23,17 +22,39 @@ use super::{Entry, Record, Version};
 /// memory rows, rounded up).
 const OVERHEAD: usize = 96;
 
+/// One key's kept versions. The key's hash and each version sit beside
+/// the entries, so finding a key and ordering its versions read this slot
+/// only, not the entries (a cache miss each: every write that supersedes
+/// a version pays for what this touches, under the store's lock; reading
+/// the entry's key to compare was most of the cost, measured with perf).
+/// A key is found by its namespace and 64-bit hash alone: two keys of one
+/// namespace with the same hash share a slot (and its per-key bound), and
+/// reads keep only the entries of the key asked for.
+#[derive(Debug)]
+struct Key {
+    ty: i32,
+    hash: u64,
+    /// Oldest first; never empty while in the table.
+    versions: VecDeque<(Version, Entry)>,
+}
+
+/// A kept version in the order it was kept, named without its entry.
+#[derive(Debug)]
+struct Kept {
+    ty: i32,
+    hash: u64,
+    version: Version,
+}
+
 /// Superseded versions by key, bounded.
 #[derive(Debug)]
 pub(crate) struct History {
-    /// Per key of each namespace: its superseded versions, oldest first.
-    keys: HashTable<(i32, VecDeque<Entry>)>,
+    keys: HashTable<Key>,
     /// Every version kept, in the order it was kept: the oldest is dropped
     /// first when the byte bound is passed. May name versions already
     /// dropped by the per-key bound; those are skipped, and the queue is
     /// compacted when they make up half of it.
-    order: VecDeque<(i32, Entry)>,
-    hasher: hashbrown::DefaultHashBuilder,
+    order: VecDeque<Kept>,
     /// Versions kept.
     kept: usize,
     /// What they cost, counted as [`History::cost`].
@@ -49,7 +70,6 @@ impl History {
         Self {
             keys: HashTable::new(),
             order: VecDeque::new(),
-            hasher: Default::default(),
             kept: 0,
             bytes: 0,
             max_versions,
@@ -61,83 +81,77 @@ impl History {
         entry.size() + OVERHEAD
     }
 
-    fn hash(&self, key: &[u8]) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
     /// Keeps `entry`, a version of its key that is not (or no longer) the
-    /// current one. A version already kept is not kept twice.
-    pub(crate) fn keep(&mut self, ty: i32, entry: &Entry) {
+    /// current one; `hash` is its key's hash (the store's). A version
+    /// already kept is not kept twice.
+    pub(crate) fn keep(&mut self, ty: i32, hash: u64, entry: &Entry) {
         if self.max_versions == 0 || Self::cost(entry) > self.max_bytes {
             return;
         }
-        let hash = self.hash(entry.key_bytes());
-        let hasher = &self.hasher;
-        let mut slot = self
+        let slot = self
             .keys
-            .entry(
+            .entry(hash, |k| k.ty == ty && k.hash == hash, |k| k.hash)
+            .or_insert_with(|| Key {
+                ty,
                 hash,
-                |(t, v)| {
-                    *t == ty
-                        && v.front()
-                            .is_some_and(|e| e.key_bytes() == entry.key_bytes())
-                },
-                |(_, v)| v.front().map_or(0, |e| hasher.hash_one(e.key_bytes())),
-            )
-            .or_insert_with(|| (ty, VecDeque::new()));
-        let versions = &mut slot.get_mut().1;
-        let at = versions.partition_point(|e| e.version() < entry.version());
-        if versions
-            .get(at)
-            .is_some_and(|e| e.version() == entry.version())
-        {
+                versions: VecDeque::new(),
+            });
+        let versions = &mut slot.into_mut().versions;
+        let version = entry.version();
+        let at = versions.partition_point(|(v, _)| *v < version);
+        if versions.get(at).is_some_and(|(v, _)| *v == version) {
             return;
         }
-        versions.insert(at, entry.clone());
+        versions.insert(at, (version, entry.clone()));
         self.kept += 1;
         self.bytes += Self::cost(entry);
-        let mut dropped = None;
-        if versions.len() > self.max_versions {
-            dropped = versions.pop_front();
-        }
-        if let Some(old) = dropped {
+        if versions.len() > self.max_versions
+            && let Some((_, old)) = versions.pop_front()
+        {
             self.kept -= 1;
             self.bytes = self.bytes.saturating_sub(Self::cost(&old));
         }
-        self.order.push_back((ty, entry.clone()));
+        self.order.push_back(Kept { ty, hash, version });
         while self.bytes > self.max_bytes {
-            let Some((ty, oldest)) = self.order.pop_front() else {
+            let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            self.forget(ty, &oldest);
+            self.forget(&oldest);
         }
         if self.order.len() > 64 && self.order.len() > 2 * self.kept {
             self.compact_order();
         }
     }
 
-    /// Drops `entry`'s version of its key if it is still kept.
-    fn forget(&mut self, ty: i32, entry: &Entry) {
-        let hash = self.hash(entry.key_bytes());
-        let Ok(mut slot) = self.keys.find_entry(hash, |(t, v)| {
-            *t == ty
-                && v.front()
-                    .is_some_and(|e| e.key_bytes() == entry.key_bytes())
+    /// The slot holding `kept`'s version, if it is still kept.
+    fn find_kept(&self, kept: &Kept) -> Option<&Key> {
+        self.keys.find(kept.hash, |k| {
+            k.ty == kept.ty
+                && k.hash == kept.hash
+                && k.versions.iter().any(|(v, _)| *v == kept.version)
+        })
+    }
+
+    /// Drops `kept`'s version of its key if it is still kept.
+    fn forget(&mut self, kept: &Kept) {
+        let Ok(mut slot) = self.keys.find_entry(kept.hash, |k| {
+            k.ty == kept.ty
+                && k.hash == kept.hash
+                && k.versions.iter().any(|(v, _)| *v == kept.version)
         }) else {
             return;
         };
-        let versions = &mut slot.get_mut().1;
-        let Some(at) = versions.iter().position(|e| e.version() == entry.version()) else {
+        let versions = &mut slot.get_mut().versions;
+        let Some(at) = versions.iter().position(|(v, _)| *v == kept.version) else {
             return;
         };
         let removed = versions.remove(at);
+        let empty = versions.is_empty();
         self.kept -= 1;
-        // What was counted for the copy kept (a faulty peer's tie can hold
-        // another entry of the same version than the queue names).
         self.bytes = self
             .bytes
-            .saturating_sub(removed.as_ref().map_or(0, Self::cost));
-        if versions.is_empty() {
+            .saturating_sub(removed.as_ref().map_or(0, |(_, e)| Self::cost(e)));
+        if empty {
             slot.remove();
         }
     }
@@ -146,33 +160,32 @@ impl History {
         let order = std::mem::take(&mut self.order);
         self.order = order
             .into_iter()
-            .filter(|(ty, e)| {
-                self.find(*ty, e.key())
-                    .is_some_and(|v| v.iter().any(|k| k.version() == e.version()))
-            })
+            .filter(|k| self.find_kept(k).is_some())
             .collect();
     }
 
-    fn find(&self, ty: i32, key: &str) -> Option<&VecDeque<Entry>> {
-        let hash = self.hash(key.as_bytes());
+    /// The entries kept for `key`, oldest first.
+    fn of_key<'a>(
+        &'a self,
+        ty: i32,
+        hash: u64,
+        key: &'a str,
+    ) -> impl DoubleEndedIterator<Item = &'a Entry> {
         self.keys
-            .find(hash, |(t, v)| {
-                *t == ty && v.front().is_some_and(|e| e.key_bytes() == key.as_bytes())
-            })
-            .map(|(_, v)| v)
+            .find(hash, |k| k.ty == ty && k.hash == hash)
+            .into_iter()
+            .flat_map(|k| k.versions.iter().map(|(_, e)| e))
+            .filter(move |e| e.key_bytes() == key.as_bytes())
     }
 
-    /// The kept versions of one key, newest first.
-    pub(crate) fn versions(&self, ty: i32, key: &str) -> Vec<Entry> {
-        self.find(ty, key)
-            .map(|v| v.iter().rev().cloned().collect())
-            .unwrap_or_default()
+    /// The kept versions of one key (`hash`: its hash), newest first.
+    pub(crate) fn versions(&self, ty: i32, hash: u64, key: &str) -> Vec<Entry> {
+        self.of_key(ty, hash, key).rev().cloned().collect()
     }
 
     /// One kept version of a key.
-    pub(crate) fn version(&self, ty: i32, key: &str, version: Version) -> Option<Entry> {
-        self.find(ty, key)?
-            .iter()
+    pub(crate) fn version(&self, ty: i32, hash: u64, key: &str, version: Version) -> Option<Entry> {
+        self.of_key(ty, hash, key)
             .find(|e| e.version() == version)
             .cloned()
     }
@@ -180,9 +193,9 @@ impl History {
     /// Every kept version, for the data directory's snapshot.
     pub(crate) fn records(&self) -> Vec<Record> {
         let mut records = Vec::with_capacity(self.kept);
-        for (ty, versions) in &self.keys {
-            records.extend(versions.iter().map(|entry| Record {
-                ty: *ty,
+        for key in &self.keys {
+            records.extend(key.versions.iter().map(|(_, entry)| Record {
+                ty: key.ty,
                 entry: entry.clone(),
             }));
         }
@@ -203,31 +216,55 @@ mod tests {
         Entry::new(key, Some(value), Version { hlc, node: 1 }, 0)
     }
 
+    /// Any hash works for these tests, as long as it is the same for a
+    /// key each time (FNV-1a).
+    fn hash(key: &str) -> u64 {
+        key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
+    fn keep(h: &mut History, ty: i32, e: &Entry) {
+        h.keep(ty, hash(e.key()), e);
+    }
+
     fn values(h: &History, key: &str) -> Vec<u64> {
-        h.versions(1, key).iter().map(|e| e.version().hlc).collect()
+        h.versions(1, hash(key), key)
+            .iter()
+            .map(|e| e.version().hlc)
+            .collect()
     }
 
     #[test]
     fn versions_are_sorted_newest_first_once_each_and_bounded_per_key() {
         let mut h = History::new(3, usize::MAX);
         for hlc in [5, 1, 3, 3, 4, 2] {
-            h.keep(1, &entry("k", "v", hlc));
+            keep(&mut h, 1, &entry("k", "v", hlc));
         }
         assert_eq!(values(&h, "k"), [5, 4, 3], "the two oldest dropped");
         assert_eq!(h.size().0, 3);
-        assert!(h.version(1, "k", Version { hlc: 4, node: 1 }).is_some());
-        assert!(h.version(1, "k", Version { hlc: 1, node: 1 }).is_none());
-        assert!(h.versions(2, "k").is_empty(), "another namespace");
+        assert!(
+            h.version(1, hash("k"), "k", Version { hlc: 4, node: 1 })
+                .is_some()
+        );
+        assert!(
+            h.version(1, hash("k"), "k", Version { hlc: 1, node: 1 })
+                .is_none()
+        );
+        assert!(
+            h.versions(2, hash("k"), "k").is_empty(),
+            "another namespace"
+        );
     }
 
     #[test]
     fn the_byte_bound_drops_the_oldest_kept_first_across_keys() {
         let cost = History::cost(&entry("a", "v", 1));
         let mut h = History::new(10, 3 * cost);
-        h.keep(1, &entry("a", "v", 1));
-        h.keep(1, &entry("b", "v", 2));
-        h.keep(1, &entry("a", "v", 3));
-        h.keep(1, &entry("b", "v", 4));
+        keep(&mut h, 1, &entry("a", "v", 1));
+        keep(&mut h, 1, &entry("b", "v", 2));
+        keep(&mut h, 1, &entry("a", "v", 3));
+        keep(&mut h, 1, &entry("b", "v", 4));
         assert_eq!(values(&h, "a"), [3]);
         assert_eq!(values(&h, "b"), [4, 2]);
         assert_eq!(h.size(), (3, 3 * cost));
@@ -240,16 +277,33 @@ mod tests {
     fn the_order_queue_stays_bounded_when_one_key_is_written_over_and_over() {
         let mut h = History::new(2, usize::MAX);
         for hlc in 0..10_000 {
-            h.keep(1, &entry("k", "v", hlc));
+            keep(&mut h, 1, &entry("k", "v", hlc));
         }
         assert_eq!(values(&h, "k"), [9_999, 9_998]);
         assert!(h.order.len() <= 2 * h.kept + 65, "{}", h.order.len());
     }
 
     #[test]
+    fn keys_with_one_hash_share_a_slot_but_reads_tell_them_apart() {
+        let mut h = History::new(4, usize::MAX);
+        h.keep(1, 7, &entry("a", "v", 1));
+        h.keep(1, 7, &entry("b", "v", 2));
+        h.keep(1, 7, &entry("a", "v", 3));
+        let of = |key: &str| -> Vec<u64> {
+            h.versions(1, 7, key)
+                .iter()
+                .map(|e| e.version().hlc)
+                .collect()
+        };
+        assert_eq!(of("a"), [3, 1]);
+        assert_eq!(of("b"), [2]);
+        assert!(h.version(1, 7, "b", Version { hlc: 1, node: 1 }).is_none());
+    }
+
+    #[test]
     fn no_history_keeps_nothing() {
         let mut h = History::new(0, usize::MAX);
-        h.keep(1, &entry("k", "v", 1));
+        keep(&mut h, 1, &entry("k", "v", 1));
         assert_eq!(h.size(), (0, 0));
     }
 }

@@ -563,7 +563,7 @@ impl State {
         {
             if held.version() != entry.version() {
                 // An older version of the key, late: still one it had.
-                self.history.keep(ty, entry);
+                self.history.keep(ty, hash, entry);
             }
             return Ok(false);
         }
@@ -593,7 +593,7 @@ impl State {
         };
         self.account(ty, Some(entry), old.as_ref());
         if let Some(old) = &old {
-            self.history.keep(ty, old);
+            self.history.keep(ty, hash, old);
         }
         Ok(true)
     }
@@ -628,7 +628,7 @@ impl State {
         };
         self.account(ty, Some(&entry), old.as_ref());
         if let Some(old) = &old {
-            self.history.keep(ty, old);
+            self.history.keep(ty, hash, old);
         }
     }
 
@@ -1249,7 +1249,11 @@ impl Store {
     /// the versions it superseded, newest first.
     pub fn history(&self, ty: i32, key: &str) -> (Option<Entry>, Vec<Entry>) {
         let state = self.read_lock();
-        (state.get(ty, key).cloned(), state.history.versions(ty, key))
+        let hash = state.hasher.hash_one(key.as_bytes());
+        (
+            state.get(ty, key).cloned(),
+            state.history.versions(ty, hash, key),
+        )
     }
 
     /// Version `version` of a key: the current entry or a kept one.
@@ -1257,7 +1261,10 @@ impl Store {
         let state = self.read_lock();
         match state.get(ty, key) {
             Some(current) if current.version() == version => Some(current.clone()),
-            _ => state.history.version(ty, key, version),
+            _ => {
+                let hash = state.hasher.hash_one(key.as_bytes());
+                state.history.version(ty, hash, key, version)
+            }
         }
     }
 
@@ -1287,7 +1294,8 @@ impl Store {
         for record in records {
             let current = state.get(record.ty, record.key()).map(Entry::version);
             if current != Some(record.entry.version()) {
-                state.history.keep(record.ty, &record.entry);
+                let hash = state.hasher.hash_one(record.entry.key_bytes());
+                state.history.keep(record.ty, hash, &record.entry);
             }
         }
     }
