@@ -257,11 +257,42 @@ fn reason(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 }
 
 /// Who a request writes as (set by the gate: token name, certificate
-/// subject or `anonymous`).
-fn caller(extensions: &axum::http::Extensions) -> Arc<str> {
-    extensions
-        .get::<auth::Caller>()
-        .map_or_else(|| Arc::from("anonymous"), |c| c.0.clone())
+/// subject or `anonymous`) and why (its `X-Podcache-Reason`, checked).
+struct Writer<'a> {
+    name: Arc<str>,
+    reason: Option<&'a str>,
+}
+
+impl<'a> Writer<'a> {
+    /// The writer of a request; 400 for a bad reason (checked before the
+    /// body is read).
+    fn of(parts: &'a axum::http::request::Parts) -> Result<Self, ApiError> {
+        Ok(Self {
+            reason: reason(&parts.headers)?,
+            name: parts
+                .extensions
+                .get::<auth::Caller>()
+                .map_or_else(|| Arc::from("anonymous"), |c| c.0.clone()),
+        })
+    }
+
+    /// Writes `change` as this writer, counting a refusal by its reason.
+    async fn write(
+        &self,
+        api: &Api,
+        change: Change<'_>,
+        wait: bool,
+    ) -> Result<WriteOutcome, ApiError> {
+        let by = Author {
+            name: &self.name,
+            reason: self.reason,
+        };
+        Ok(api
+            .replica
+            .write_as(change, wait, by)
+            .await
+            .inspect_err(|e| reject(api, e))?)
+    }
 }
 
 fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
@@ -289,8 +320,7 @@ async fn put_entry(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let options = write_options(Query::try_from_uri(&parts.uri))?;
-    let reason = reason(&parts.headers)?;
-    let author = caller(&parts.extensions);
+    let writer = Writer::of(&parts)?;
     let body = read_body(api, &parts.headers, body).await?;
     let value = std::str::from_utf8(&body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the value must be UTF-8 text: {e}"))
@@ -301,15 +331,7 @@ async fn put_entry(
         value,
         ttl_secs: options.ttl_secs,
     };
-    let by = Author {
-        name: &author,
-        reason,
-    };
-    let outcome = api
-        .replica
-        .write_as(change, options.wait_all, by)
-        .await
-        .inspect_err(|e| reject(api, e))?;
+    let outcome = writer.write(api, change, options.wait_all).await?;
     count(api, "set");
     debug!(ty, key = %key, "set");
     Ok(answer::entry(
@@ -333,23 +355,16 @@ async fn delete_entry(
     request: &axum::http::request::Parts,
 ) -> Result<Json<Value>, ApiError> {
     let options = write_options(Query::try_from_uri(&request.uri))?;
-    let reason = reason(&request.headers)?;
-    let author = caller(&request.extensions);
-    let by = Author {
-        name: &author,
-        reason,
-    };
+    let writer = Writer::of(request)?;
     if options.ttl_secs.is_some() {
         return Err(ApiError::bad_request(
             "invalid_query",
             "ttl has no meaning on a delete",
         ));
     }
-    let outcome = api
-        .replica
-        .write_as(Change::Delete { ty, key: &key }, options.wait_all, by)
-        .await
-        .inspect_err(|e| reject(api, e))?;
+    let outcome = writer
+        .write(api, Change::Delete { ty, key: &key }, options.wait_all)
+        .await?;
     let Some(record) = outcome.records.first() else {
         return Err(ApiError::absent(ty, &key));
     };
@@ -443,12 +458,7 @@ pub(super) async fn rollback(
             format!("version must be <wall ms>.<logical>@<16 hex digits>, got {raw:?}"),
         )
     })?;
-    let reason = reason(&request.headers)?;
-    let author = caller(&request.extensions);
-    let by = Author {
-        name: &author,
-        reason,
-    };
+    let writer = Writer::of(request)?;
     let Some(old) = api.replica.store.version_of(ty, &key, version) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -465,11 +475,7 @@ pub(super) async fn rollback(
         },
         None => Change::Delete { ty, key: &key },
     };
-    let outcome = api
-        .replica
-        .write_as(change, options.wait_all, by)
-        .await
-        .inspect_err(|e| reject(api, e))?;
+    let outcome = writer.write(api, change, options.wait_all).await?;
     count(api, "set");
     let record = match outcome.records.first() {
         Some(record) => record.clone(),
@@ -486,11 +492,10 @@ pub(super) async fn rollback(
             None => return Err(ApiError::absent(ty, &key)),
         },
     };
-    let record = &record;
     if record.entry.is_tombstone() {
-        Ok(Json(with_replication(deleted_json(record), &outcome)).into_response())
+        Ok(Json(with_replication(deleted_json(&record), &outcome)).into_response())
     } else {
-        Ok(answer::entry(record, outcome.replication.as_deref()))
+        Ok(answer::entry(&record, outcome.replication.as_deref()))
     }
 }
 
@@ -576,8 +581,7 @@ async fn post_batch(
     let ty = type_path(path)?;
     let options = write_options(query)?;
     let (parts, body) = request.into_parts();
-    let reason = reason(&parts.headers)?;
-    let author = caller(&parts.extensions);
+    let writer = Writer::of(&parts)?;
     let body = read_body(&api, &parts.headers, body).await?;
     let parsed = parse_batch(&body)?;
     let entries: Vec<(&str, Option<&str>)> = parsed
@@ -589,15 +593,7 @@ async fn post_batch(
         entries: &entries,
         ttl_secs: options.ttl_secs,
     };
-    let by = Author {
-        name: &author,
-        reason,
-    };
-    let outcome = api
-        .replica
-        .write_as(change, options.wait_all, by)
-        .await
-        .inspect_err(|e| reject(&api, e))?;
+    let outcome = writer.write(&api, change, options.wait_all).await?;
     count(&api, "batch");
     Ok(answer::batch(
         ty,

@@ -632,6 +632,18 @@ impl State {
         }
     }
 
+    /// Every record (tombstones included) whose type and entry pass `keep`.
+    fn records_where(&self, keep: impl Fn(i32, &Entry) -> bool) -> Vec<Record> {
+        let mut out = Vec::new();
+        for (&ty, ns) in self.namespaces.iter() {
+            out.extend(ns.iter().filter(|e| keep(ty, e)).map(|entry| Record {
+                ty,
+                entry: entry.clone(),
+            }));
+        }
+        out
+    }
+
     fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
         let hash = self.hasher.hash_one(key.as_bytes());
         self.namespaces
@@ -1114,15 +1126,7 @@ impl Store {
 
     /// Every record (tombstones included) whose type and entry pass `keep`.
     fn records_where(&self, keep: impl Fn(i32, &Entry) -> bool) -> Vec<Record> {
-        let state = self.read_lock();
-        let mut out = Vec::new();
-        for (&ty, ns) in state.namespaces.iter() {
-            out.extend(ns.iter().filter(|e| keep(ty, e)).map(|entry| Record {
-                ty,
-                entry: entry.clone(),
-            }));
-        }
-        out
+        State::records_where(&self.read_lock(), keep)
     }
 
     /// The digest: one hash per bucket over the keys, versions and expiry of
@@ -1268,24 +1272,15 @@ impl Store {
         }
     }
 
-    /// Every kept version (for the data directory's snapshot).
-    pub fn history_records(&self) -> Vec<Record> {
-        self.read_lock().history.records()
-    }
-
     /// The current state and the kept versions, under one lock (a
     /// version a write moved into history between two reads would be in
     /// neither, nor in the log that follows the snapshot).
     pub fn snapshot_with_history(&self) -> (Vec<Record>, Vec<Record>) {
         let state = self.read_lock();
-        let mut out = Vec::new();
-        for (&ty, ns) in state.namespaces.iter() {
-            out.extend(ns.iter().map(|entry| Record {
-                ty,
-                entry: entry.clone(),
-            }));
-        }
-        (out, state.history.records())
+        (
+            State::records_where(&state, |_, _| true),
+            state.history.records(),
+        )
     }
 
     /// Takes back kept versions read from the data directory.

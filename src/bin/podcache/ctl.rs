@@ -333,38 +333,28 @@ async fn ctl_watch(
                 } else if let Some(entries) = event["entries"].as_array() {
                     // A batch: one line per entry, marked as one change.
                     for entry in entries {
-                        let change = if entry["deleted"] == true {
-                            "batch-del"
-                        } else {
-                            "batch-set"
-                        };
-                        println!(
-                            "{:<8} {:<24} {:<10} {:<34} {}",
-                            event["origin"].as_str().unwrap_or("?"),
-                            entry["key"].as_str().unwrap_or("?"),
-                            change,
-                            entry["version"].as_str().unwrap_or("?"),
-                            entry["value"].as_str().unwrap_or("")
-                        );
+                        print_change(&event["origin"], entry, ["batch-set", "batch-del"]);
                     }
                 } else {
-                    let change = if event["deleted"] == true {
-                        "delete"
-                    } else {
-                        "set"
-                    };
-                    println!(
-                        "{:<8} {:<24} {:<10} {:<34} {}",
-                        event["origin"].as_str().unwrap_or("?"),
-                        event["key"].as_str().unwrap_or("?"),
-                        change,
-                        event["version"].as_str().unwrap_or("?"),
-                        event["value"].as_str().unwrap_or("")
-                    );
+                    print_change(&event["origin"], &event, ["set", "delete"]);
                 }
             }
         }
     }
+}
+
+/// One line of `ctl watch`: how it arrived, the key, the change (`names`
+/// of a set and of a delete), the version and the value.
+fn print_change(origin: &Value, entry: &Value, names: [&str; 2]) {
+    let change = names[usize::from(entry["deleted"] == true)];
+    println!(
+        "{:<8} {:<24} {:<10} {:<34} {}",
+        origin.as_str().unwrap_or("?"),
+        entry["key"].as_str().unwrap_or("?"),
+        change,
+        entry["version"].as_str().unwrap_or("?"),
+        entry["value"].as_str().unwrap_or("")
+    );
 }
 
 fn print_cluster(json: &Value) {
