@@ -84,8 +84,8 @@ impl History {
     /// Keeps `entry`, a version of its key that is not (or no longer) the
     /// current one; `hash` is its key's hash (the store's). A version
     /// already kept is not kept twice.
-    pub(crate) fn keep(&mut self, ty: i32, hash: u64, entry: &Entry) {
-        if self.max_versions == 0 || Self::cost(entry) > self.max_bytes {
+    pub(crate) fn keep(&mut self, ty: i32, hash: u64, entry: Entry) {
+        if self.max_versions == 0 || Self::cost(&entry) > self.max_bytes {
             return;
         }
         let slot = self
@@ -98,19 +98,34 @@ impl History {
             });
         let versions = &mut slot.into_mut().versions;
         let version = entry.version();
-        let at = versions.partition_point(|(v, _)| *v < version);
-        if versions.get(at).is_some_and(|(v, _)| *v == version) {
-            return;
+        // Versions mostly arrive in order: the newest goes last, and only
+        // a late one searches (a binary search reads several cache lines
+        // of the slot's versions; the last one is one).
+        let mut at = if versions.back().is_none_or(|(v, _)| *v < version) {
+            versions.len()
+        } else {
+            let at = versions.partition_point(|(v, _)| *v < version);
+            if versions.get(at).is_some_and(|(v, _)| *v == version) {
+                return;
+            }
+            at
+        };
+        if versions.len() >= self.max_versions {
+            if at == 0 {
+                // Older than all the key keeps, and it keeps all it may.
+                return;
+            }
+            // Room first, so a full key's buffer never grows past the
+            // bound (one more would double its capacity).
+            if let Some((_, old)) = versions.pop_front() {
+                self.kept -= 1;
+                self.bytes = self.bytes.saturating_sub(Self::cost(&old));
+            }
+            at -= 1;
         }
-        versions.insert(at, (version, entry.clone()));
         self.kept += 1;
-        self.bytes += Self::cost(entry);
-        if versions.len() > self.max_versions
-            && let Some((_, old)) = versions.pop_front()
-        {
-            self.kept -= 1;
-            self.bytes = self.bytes.saturating_sub(Self::cost(&old));
-        }
+        self.bytes += Self::cost(&entry);
+        versions.insert(at, (version, entry));
         self.order.push_back(Kept { ty, hash, version });
         while self.bytes > self.max_bytes {
             let Some(oldest) = self.order.pop_front() else {
@@ -225,7 +240,7 @@ mod tests {
     }
 
     fn keep(h: &mut History, ty: i32, e: &Entry) {
-        h.keep(ty, hash(e.key()), e);
+        h.keep(ty, hash(e.key()), e.clone());
     }
 
     fn values(h: &History, key: &str) -> Vec<u64> {
@@ -284,11 +299,24 @@ mod tests {
     }
 
     #[test]
+    fn a_full_key_keeps_its_buffer_at_the_bound_and_refuses_older_versions() {
+        let mut h = History::new(16, usize::MAX);
+        for hlc in 100..200 {
+            keep(&mut h, 1, &entry("k", "v", hlc));
+        }
+        keep(&mut h, 1, &entry("k", "v", 5));
+        assert_eq!(values(&h, "k"), (184..200).rev().collect::<Vec<_>>());
+        let slot = h.keys.iter().next().map(|k| k.versions.capacity());
+        assert_eq!(slot, Some(16), "one more before the drop doubled it");
+        assert_eq!(h.size().0, 16);
+    }
+
+    #[test]
     fn keys_with_one_hash_share_a_slot_but_reads_tell_them_apart() {
         let mut h = History::new(4, usize::MAX);
-        h.keep(1, 7, &entry("a", "v", 1));
-        h.keep(1, 7, &entry("b", "v", 2));
-        h.keep(1, 7, &entry("a", "v", 3));
+        h.keep(1, 7, entry("a", "v", 1));
+        h.keep(1, 7, entry("b", "v", 2));
+        h.keep(1, 7, entry("a", "v", 3));
         let of = |key: &str| -> Vec<u64> {
             h.versions(1, 7, key)
                 .iter()

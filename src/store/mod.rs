@@ -563,7 +563,7 @@ impl State {
         {
             if held.version() != entry.version() {
                 // An older version of the key, late: still one it had.
-                self.history.keep(ty, hash, entry);
+                self.history.keep(ty, hash, entry.clone());
             }
             return Ok(false);
         }
@@ -592,7 +592,7 @@ impl State {
             }
         };
         self.account(ty, Some(entry), old.as_ref());
-        if let Some(old) = &old {
+        if let Some(old) = old {
             self.history.keep(ty, hash, old);
         }
         Ok(true)
@@ -627,7 +627,7 @@ impl State {
             }
         };
         self.account(ty, Some(&entry), old.as_ref());
-        if let Some(old) = &old {
+        if let Some(old) = old {
             self.history.keep(ty, hash, old);
         }
     }
@@ -1290,7 +1290,7 @@ impl Store {
             let current = state.get(record.ty, record.key()).map(Entry::version);
             if current != Some(record.entry.version()) {
                 let hash = state.hasher.hash_one(record.entry.key_bytes());
-                state.history.keep(record.ty, hash, &record.entry);
+                state.history.keep(record.ty, hash, record.entry);
             }
         }
     }
