@@ -189,6 +189,19 @@ impl RestClient {
         self.send(method, path, body.into(), None).await
     }
 
+    /// Any request with extra headers (`Accept`, `If-None-Match`, ...),
+    /// sent after the client's own.
+    pub async fn request_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, ClientError> {
+        self.send_with(method, path, body.into(), None, headers)
+            .await
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -196,7 +209,18 @@ impl RestClient {
         body: Bytes,
         content_type: Option<&str>,
     ) -> Result<Answer, ClientError> {
-        let response = self.start(method, path, body, content_type);
+        self.send_with(method, path, body, content_type, &[]).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, ClientError> {
+        let response = self.start(method, path, body, content_type, headers);
         let call = async {
             let response = response.await?;
             let status = response.status();
@@ -235,7 +259,9 @@ impl RestClient {
         &self,
         path: &str,
     ) -> Result<(StatusCode, hyper::body::Incoming), ClientError> {
-        let response = self.start(Method::GET, path, Bytes::new(), None).await?;
+        let response = self
+            .start(Method::GET, path, Bytes::new(), None, &[])
+            .await?;
         Ok((response.status(), response.into_body()))
     }
 
@@ -246,6 +272,7 @@ impl RestClient {
         path: &str,
         body: Bytes,
         content_type: Option<&str>,
+        headers: &[(&str, &str)],
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let mut request = Request::builder()
             .method(method)
@@ -258,6 +285,9 @@ impl RestClient {
         }
         if let Some(reason) = &self.reason {
             request = request.header("x-podcache-reason", reason.clone());
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let request = request.body(Full::new(body))?;
         self.client

@@ -325,6 +325,40 @@ async fn answers_have_the_contract_shapes() {
     cluster.shutdown().await;
 }
 
+/// `text` parsed by the Python prometheus_client parser of `format`
+/// (`prometheus` or `openmetrics`, tests/interop/parse_metrics.py in the
+/// venv scripts/test creates): the families as JSON.
+fn parse_metrics(format: &str, text: &str) -> Value {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv-interop/bin/python");
+    assert!(
+        python.exists(),
+        "run scripts/test: it creates .venv-interop with prometheus_client"
+    );
+    use std::io::Write;
+    let mut child = std::process::Command::new(python)
+        .arg(root.join("tests/interop/parse_metrics.py"))
+        .arg(format)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to python");
+    let out = child.wait_with_output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "the {format} parser refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from the parser")
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics_answer() {
     let cluster = Cluster::start(2).await;
@@ -334,19 +368,71 @@ async fn health_readiness_and_metrics_answer() {
     let ready = client.get("/readyz").await.expect("readyz");
     assert_eq!(ready.status, StatusCode::OK);
     client.put(1, "a", "b", "wait=all").await.expect("put");
+    // The classic Prometheus text format by default.
     let metrics = client.get("/metrics").await.expect("metrics");
     assert_eq!(metrics.status, StatusCode::OK);
+    assert_eq!(
+        metrics.content_type.as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
     let text = metrics.text();
     for needle in [
-        "# HELP podcache_requests Cache operations served",
+        "# HELP podcache_requests_total Cache operations served",
+        "# TYPE podcache_requests_total counter",
         "podcache_requests_total{op=\"set\"} 1",
         "podcache_entries{type=\"1\"} 1",
         "podcache_ready 1",
         "podcache_peers 1",
         "podcache_replication_batches_sent_total{peer=",
-        "# EOF",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("# EOF") && !text.contains("# UNIT"),
+        "{text}"
+    );
+    let classic = parse_metrics("prometheus", &text);
+    assert_eq!(classic["podcache_requests"]["type"], "counter", "{classic}");
+    assert!(
+        classic["podcache_requests"]["samples"]
+            .as_array()
+            .is_some_and(
+                |samples| samples.iter().any(|s| s[0] == "podcache_requests_total"
+                    && s[1] == json!({"op": "set"})
+                    && s[2].as_f64() == Some(1.0))
+            ),
+        "{classic}"
+    );
+    // OpenMetrics when the scraper asks for it, as Prometheus does.
+    let accept =
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    let open = client
+        .request_with_headers(Method::GET, "/metrics", "", &[("accept", accept)])
+        .await
+        .expect("metrics");
+    assert_eq!(
+        open.content_type.as_deref(),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let open = open.text();
+    for needle in [
+        "# HELP podcache_requests Cache operations served",
+        "# TYPE podcache_requests counter",
+        "podcache_requests_total{op=\"set\"} 1",
+        "# EOF",
+    ] {
+        assert!(open.contains(needle), "missing {needle:?} in:\n{open}");
+    }
+    let parsed = parse_metrics("openmetrics", &open);
+    for family in [
+        "podcache_requests",
+        "podcache_ready",
+        "podcache_replication_lag_seconds",
+    ] {
+        assert_eq!(
+            parsed[family]["type"], classic[family]["type"],
+            "{family} the same in both formats"
+        );
     }
     let peer_metrics = cluster
         .client(1)

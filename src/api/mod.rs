@@ -1008,13 +1008,22 @@ async fn readyz(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
     }
 }
 
-async fn metrics(State(api): State<Arc<Api>>) -> Response {
+/// The classic Prometheus text format, or OpenMetrics when the scraper's
+/// `Accept` prefers it (Prometheus itself does).
+async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::from_accept(accept);
+    let text = render_metrics(&api);
+    let body = match format {
+        crate::metrics::Format::OpenMetrics => text,
+        crate::metrics::Format::Prometheus => crate::metrics::to_prometheus_text(&text),
+    };
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        render_metrics(&api),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        body,
     )
         .into_response()
 }

@@ -3,6 +3,10 @@
 //! Owns: metric handles and their registry. One [`Metrics`] per node, never
 //! a global, so several nodes in one process (tests, the demo) stay apart.
 
+mod format;
+
+pub use format::{Format, to_prometheus_text};
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -463,7 +467,8 @@ impl Metrics {
         }
     }
 
-    /// The registry in Prometheus / OpenMetrics text format.
+    /// The registry in OpenMetrics text format ([`to_prometheus_text`]
+    /// gives the classic Prometheus format).
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
