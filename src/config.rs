@@ -206,6 +206,18 @@ pub struct NodeConfig {
     #[arg(long = "max-concurrent-rpcs", env = "PODCACHE_MAX_CONCURRENT_RPCS", help_heading = "Limits",
           default_value_t = NodeConfig::defaults().max_concurrent_rpcs_per_connection)]
     pub max_concurrent_rpcs_per_connection: usize,
+    /// Serve OpenFeature's remote evaluation protocol (OFREP,
+    /// `POST /ofrep/v1/evaluate/flags[/{key}]`) on the REST port, with the
+    /// entries of this type as the flags. Default: off (those paths
+    /// answer 404).
+    #[arg(
+        long,
+        env = "PODCACHE_OFREP_TYPE",
+        help_heading = "Network",
+        value_name = "TYPE",
+        allow_negative_numbers = true
+    )]
+    pub ofrep_type: Option<i32>,
 }
 
 /// Default REST port (the original service's container port).
@@ -269,6 +281,7 @@ impl NodeConfig {
             max_watch_streams: 256,
             watch_replay_events: 10_000,
             max_concurrent_rpcs_per_connection: 256,
+            ofrep_type: None,
         }
     }
 
@@ -575,5 +588,17 @@ mod tests {
             parse(&["--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"]).expect("all three");
         assert_eq!(tls.tls.map(|t| t.ca), Some(PathBuf::from("a")));
         assert!(parse(&["--tls-cert", "c"]).is_err(), "cert alone");
+    }
+
+    #[test]
+    fn ofrep_is_off_unless_a_type_is_named() {
+        assert_eq!(parse(&[]).expect("no flags").ofrep_type, None);
+        let on = parse(&["--ofrep-type", "-3"]).expect("a negative type is an int32 too");
+        assert_eq!(on.ofrep_type, Some(-3));
+        assert!(parse(&["--ofrep-type", "flags"]).is_err());
+        assert!(
+            parse(&["--ofrep-type", "2147483648"]).is_err(),
+            "past int32"
+        );
     }
 }

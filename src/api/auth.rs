@@ -230,6 +230,8 @@ impl Auth {
             "/" | "/openapi.json" => Access::Open,
             "/metrics" if self.public_metrics || self.public_dashboard => Access::Open,
             "/v1/cluster" if self.public_dashboard => Access::Open,
+            // OFREP evaluations are reads (of `--ofrep-type`), sent as POST.
+            _ if path.starts_with("/ofrep/") => Access::Read,
             _ if method == Method::GET || method == Method::HEAD => Access::Read,
             _ => Access::Write,
         }

@@ -12,6 +12,7 @@ mod backup;
 mod error;
 mod front;
 mod listener;
+mod ofrep;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -76,7 +77,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
 /// Every endpoint but `/v1/cache/{type}/{key}` (served by [`front`], which
 /// also runs the request gate before these).
 fn routes(api: Arc<Api>) -> Router {
-    Router::new()
+    ofrep::mount(Router::new(), &api)
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
         .route("/v1/watch/{type}", get(watch))
         .route("/v1/export", get(backup::export))
