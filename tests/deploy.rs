@@ -1,20 +1,31 @@
 //! The deployment files.
 //!
-//! - Every manifest `deploy/*.yaml` validates, strictly, against the
-//!   Kubernetes schemas (kubernetes-validate from PyPI, in the venv
-//!   `scripts/test` creates), of the newest version it knows and of the
-//!   oldest the manifests need; the validator does reject a broken one.
-//! - What a schema cannot say is checked on the parsed manifests (PyYAML
-//!   from the same venv turns them into JSON): every pod passes the
-//!   "restricted" Pod Security level and spreads its replicas over nodes
-//!   and zones, every object has the app.kubernetes.io labels while
-//!   selectors keep to the stable `app` label, SIGTERM's delay and drain fit
-//!   in the termination grace period, `--selector` finds the workload's own
-//!   pods with RBAC that allows it, the sidecar is a native one.
+//! - deploy/ is a Kustomize base (deploy/base) with overlays
+//!   (deploy/overlays/*): each overlay is rendered with `kubectl kustomize`
+//!   (where a kubectl with kustomize v4 or newer is on PATH, or
+//!   `PODCACHE_KUBECTL` names one; otherwise the tests that need a render
+//!   say so in one line on stderr and pass), must render exactly the
+//!   objects listed in [`OVERLAYS`], and its output is what every check
+//!   below reads. A broken overlay (a resource missing from the base, a
+//!   patch of an object that is not there) fails the render, and the test.
+//! - Every render validates, strictly, against the Kubernetes schemas
+//!   (kubernetes-validate from PyPI, in the venv `scripts/test` creates), of
+//!   the newest version it knows and of the oldest the manifests need; the
+//!   validator does reject a broken one. Every complete object file of the
+//!   base and the overlays (not the patches) validates on its own too, with
+//!   or without kubectl, and every file there is used by a kustomization.
+//! - What a schema cannot say is checked on the parsed renders (PyYAML from
+//!   the same venv turns them into JSON): every pod passes the "restricted"
+//!   Pod Security level and spreads its replicas over nodes and zones,
+//!   every object has the app.kubernetes.io labels while selectors keep to
+//!   the stable `app` label, SIGTERM's delay and drain fit in the
+//!   termination grace period, `--selector` finds the workload's own pods
+//!   with RBAC in the same overlay that allows it, every `--flag` exists,
+//!   the sidecar is a native one.
 //! - `deploy/monitoring/servicemonitor.yaml` is a Prometheus Operator
 //!   resource: its kind has no schema among Kubernetes' own (a CRD), so it
-//!   is kept out of the strictly validated set and checked here against
-//!   the Service it must select instead.
+//!   is kept out of the overlays and checked here against the base's
+//!   Services instead.
 //! - The Grafana dashboard is valid JSON and queries only metrics (and
 //!   labels) that real nodes expose on /metrics, started in-process and
 //!   driven until every series it needs exists.
@@ -26,26 +37,49 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::Cluster;
 use hyper::Method;
 use serde_json::Value;
 
-/// The manifests checked one by one below (every `deploy/*.yaml` is
-/// validated against the schemas whatever its name).
-const MANIFESTS: [&str; 5] = [
-    "podcache.yaml",
-    "etcd-discovery.yaml",
-    "secure.yaml",
-    "statefulset.yaml",
-    "sidecar.yaml",
+/// What the base renders, in every standalone overlay.
+const BASE: [&str; 6] = [
+    "ServiceAccount/podcache",
+    "Role/podcache-pod-reader",
+    "RoleBinding/podcache-pod-reader",
+    "Service/podcache-peers",
+    "Service/podcache",
+    "PodDisruptionBudget/podcache",
+];
+
+/// The sidecar overlay's objects: the application's, no base.
+const SIDECAR: [&str; 7] = [
+    "ServiceAccount/hello",
+    "Role/hello-pod-reader",
+    "RoleBinding/hello-pod-reader",
+    "Service/hello",
+    "Deployment/hello",
+    "NetworkPolicy/hello",
+    "PodDisruptionBudget/hello",
+];
+
+/// Every overlay under deploy/overlays/, with the objects it renders (the
+/// base's besides the workload named, or the sidecar's own).
+const OVERLAYS: [(&str, Option<&str>); 5] = [
+    ("deployment", Some("Deployment/podcache")),
+    ("secure", Some("Deployment/podcache")),
+    ("etcd", Some("Deployment/podcache")),
+    ("statefulset", Some("StatefulSet/podcache")),
+    ("sidecar", None),
 ];
 
 /// The oldest Kubernetes the manifests need: native sidecars (1.29) and
-/// the preStop sleep action (1.30) of sidecar.yaml.
+/// the preStop sleep action (1.30) of the sidecar overlay.
 const OLDEST_KUBERNETES: &str = "1.30.0";
 
 fn root() -> PathBuf {
@@ -61,14 +95,15 @@ fn venv_bin(name: &str) -> PathBuf {
     path
 }
 
-fn validate(path: &Path, version: Option<&str>) -> (bool, String) {
+/// kubernetes-validate --strict over `paths`, at `version` (else its newest).
+fn validate(paths: &[PathBuf], version: Option<&str>) -> (bool, String) {
     let mut command = Command::new(venv_bin("kubernetes-validate"));
     command.arg("--strict");
     if let Some(version) = version {
         command.args(["--kubernetes-version", version]);
     }
     let out = command
-        .arg(path)
+        .args(paths)
         .output()
         .expect("kubernetes-validate runs");
     (
@@ -79,6 +114,23 @@ fn validate(path: &Path, version: Option<&str>) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Validates `paths` at the newest and the oldest version: no error, no
+/// warning (a kind without a schema passes with one), every object passed.
+#[track_caller]
+fn assert_valid(paths: &[PathBuf], objects: usize) {
+    for version in [None, Some(OLDEST_KUBERNETES)] {
+        let (ok, output) = validate(paths, version);
+        assert!(ok, "{paths:?} ({version:?}):\n{output}");
+        assert!(!output.contains("ERROR"), "{output}");
+        assert!(!output.contains("WARN"), "{output}");
+        assert_eq!(
+            output.matches(" passed for resource ").count(),
+            objects,
+            "every object was validated ({version:?}):\n{output}"
+        );
+    }
 }
 
 /// Every document of a YAML file, as JSON (PyYAML of the venv, the parser
@@ -103,8 +155,103 @@ fn documents(path: &Path) -> Vec<Value> {
     serde_json::from_slice(&out.stdout).expect("JSON from PyYAML")
 }
 
-fn manifest(name: &str) -> Vec<Value> {
-    documents(&root().join("deploy").join(name))
+/// A kubectl whose `kustomize` reads these overlays, or why there is none.
+/// They use `resources:` naming directories and `patches:`, which need
+/// kustomize v4 or newer (kubectl 1.21 and later; Debian's
+/// `kubernetes-client` is kubectl 1.20, with kustomize v2.0.3).
+fn kubectl() -> Result<PathBuf, String> {
+    let kubectl = std::env::var_os("PODCACHE_KUBECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("kubectl"));
+    let out = Command::new(&kubectl)
+        .args(["version", "--client"])
+        .output()
+        .map_err(|e| format!("no {} to run ({e})", kubectl.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Kustomize Version: v"))
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+    // `Client Version: v1.32.4`, or 1.20's `version.Info{...GitVersion:"v1.20.2"...}`.
+    let first = text.lines().next().unwrap_or("no version");
+    let version = match first.split_once("GitVersion:\"") {
+        Some((_, rest)) => rest.split('"').next().unwrap_or(rest),
+        None => first.trim_start_matches("Client Version: "),
+    };
+    match major {
+        Some(major) if major >= 4 => Ok(kubectl),
+        _ => Err(format!(
+            "{} {version} has no kustomize v4 or newer",
+            kubectl.display()
+        )),
+    }
+}
+
+/// `kubectl kustomize dir`: the rendered YAML, or kustomize's error.
+fn kustomize(kubectl: &Path, dir: &Path) -> Result<String, String> {
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// One overlay, rendered: where the render was written, and its objects.
+struct Rendered {
+    overlay: &'static str,
+    path: PathBuf,
+    objects: Vec<Value>,
+}
+
+/// Every overlay rendered once for this test binary. A failed render
+/// fails every test that reads it; no kubectl skips them.
+fn render_all() -> &'static Result<Vec<Rendered>, String> {
+    static RENDERED: OnceLock<Result<Vec<Rendered>, String>> = OnceLock::new();
+    RENDERED.get_or_init(|| {
+        let kubectl = kubectl()?;
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("kustomize-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a directory for the renders");
+        let mut all = Vec::new();
+        for (overlay, _) in OVERLAYS {
+            let yaml = kustomize(&kubectl, &root().join("deploy/overlays").join(overlay))
+                .unwrap_or_else(|e| panic!("kubectl kustomize deploy/overlays/{overlay}: {e}"));
+            let path = dir.join(format!("{overlay}.yaml"));
+            std::fs::write(&path, yaml).expect("write the render");
+            let objects = documents(&path);
+            all.push(Rendered {
+                overlay,
+                path,
+                objects,
+            });
+        }
+        Ok(all)
+    })
+}
+
+/// The rendered overlays, or None after one line on stderr saying why
+/// `test` checked nothing (written past the test harness's capture).
+fn rendered(test: &str) -> Option<&'static [Rendered]> {
+    match render_all() {
+        Ok(all) => Some(all),
+        Err(why) => {
+            skipped(test, why);
+            None
+        }
+    }
+}
+
+/// The one line a test that checked nothing prints, past the capture.
+fn skipped(test: &str, why: &str) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "tests/deploy.rs: {test} skipped: {why} (kubectl >= 1.21 renders deploy/overlays)"
+    );
 }
 
 fn name_of(object: &Value) -> String {
@@ -138,22 +285,19 @@ fn labels(value: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The Deployments and StatefulSets of every manifest, with the file each
-/// is in.
-fn workloads() -> Vec<(&'static str, Value)> {
+/// The Deployments and StatefulSets of every rendered overlay, with the
+/// overlay each is in; None (after a line) where nothing is rendered.
+fn workloads(test: &str) -> Option<Vec<(&'static str, Value)>> {
     let mut found = Vec::new();
-    for name in MANIFESTS {
-        for object in manifest(name) {
+    for overlay in rendered(test)? {
+        for object in &overlay.objects {
             if matches!(object["kind"].as_str(), Some("Deployment" | "StatefulSet")) {
-                found.push((name, object));
+                found.push((overlay.overlay, object.clone()));
             }
         }
     }
-    assert!(
-        found.len() >= MANIFESTS.len(),
-        "every manifest has a workload"
-    );
-    found
+    assert_eq!(found.len(), OVERLAYS.len(), "one workload per overlay");
+    Some(found)
 }
 
 /// Every container of a pod spec with whether it is a native sidecar.
@@ -199,69 +343,227 @@ fn seconds(duration: &str) -> f64 {
         }
 }
 
-#[test]
-fn every_manifest_validates_against_the_kubernetes_schemas() {
-    let dir = root().join("deploy");
-    let mut checked = BTreeSet::new();
-    for entry in std::fs::read_dir(&dir).expect("deploy/") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            for version in [None, Some(OLDEST_KUBERNETES)] {
-                let (ok, output) = validate(&path, version);
-                assert!(ok, "{} ({version:?}):\n{output}", path.display());
-                assert!(!output.contains("ERROR"), "{output}");
-                // A kind without a schema passes with a warning: none here.
-                assert!(!output.contains("WARN"), "{output}");
+/// What a kustomization.yaml names: its `resources` (files and
+/// directories, relative to it) and its patches' files.
+fn kustomization(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let file = dir.join("kustomization.yaml");
+    let docs = documents(&file);
+    assert_eq!(docs.len(), 1, "{}", file.display());
+    let k = &docs[0];
+    assert_eq!(k["kind"], "Kustomization", "{}", file.display());
+    let patches = k["patches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["path"].as_str().map(str::to_owned))
+        .collect();
+    (strings(&k["resources"]), patches)
+}
+
+/// The complete objects' files (a kustomization's `resources`, not its
+/// patches) of deploy/base and every overlay.
+fn object_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for dir in kustomization_dirs() {
+        for resource in kustomization(&dir).0 {
+            let path = dir.join(resource);
+            if path.is_file() {
+                files.push(path);
             }
-            checked.insert(
-                path.file_name()
-                    .expect("name")
-                    .to_string_lossy()
-                    .into_owned(),
+        }
+    }
+    files
+}
+
+/// The directories holding a kustomization: deploy/base and every overlay.
+fn kustomization_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![root().join("deploy/base")];
+    for (overlay, _) in OVERLAYS {
+        dirs.push(root().join("deploy/overlays").join(overlay));
+    }
+    dirs
+}
+
+#[test]
+fn every_overlay_renders_its_objects_and_validates_against_the_kubernetes_schemas() {
+    let Some(all) = rendered("every_overlay_renders_its_objects_and_validates...") else {
+        return;
+    };
+    let mut total = 0;
+    for (overlay, (name, workload)) in all.iter().zip(OVERLAYS) {
+        assert_eq!(overlay.overlay, name);
+        let mut wanted: BTreeSet<String> = match workload {
+            Some(workload) => BASE
+                .iter()
+                .chain([&workload])
+                .map(|s| s.to_string())
+                .collect(),
+            None => SIDECAR.iter().map(|s| s.to_string()).collect(),
+        };
+        let got: Vec<String> = overlay.objects.iter().map(name_of).collect();
+        for object in &got {
+            assert!(
+                wanted.remove(object),
+                "deploy/overlays/{name} renders {object} (once at most): {got:?}"
+            );
+        }
+        assert!(
+            wanted.is_empty(),
+            "deploy/overlays/{name} renders no {wanted:?}: {got:?}"
+        );
+        total += got.len();
+    }
+    let paths: Vec<PathBuf> = all.iter().map(|o| o.path.clone()).collect();
+    assert_valid(&paths, total);
+}
+
+#[test]
+fn every_file_of_the_base_and_overlays_is_used_and_each_object_file_validates() {
+    // Every overlay directory is one the tests render.
+    let overlays: BTreeSet<String> = std::fs::read_dir(root().join("deploy/overlays"))
+        .expect("deploy/overlays")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let known: BTreeSet<String> = OVERLAYS.iter().map(|(o, _)| o.to_string()).collect();
+    assert_eq!(overlays, known, "deploy/overlays/ and OVERLAYS");
+    let mut objects = Vec::new();
+    let mut count = 0;
+    for dir in kustomization_dirs() {
+        let (resources, patches) = kustomization(&dir);
+        let mut used: BTreeSet<String> = patches.iter().cloned().collect();
+        for resource in &resources {
+            let path = dir.join(resource);
+            assert!(path.exists(), "{}: {resource} is missing", dir.display());
+            if path.is_file() {
+                count += documents(&path).len();
+                objects.push(path);
+                used.insert(resource.clone());
+            } else {
+                assert!(
+                    path.join("kustomization.yaml").exists(),
+                    "{}: {resource} is no kustomization",
+                    dir.display()
+                );
+            }
+        }
+        for entry in std::fs::read_dir(&dir).expect("dir") {
+            let name = entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            assert!(
+                name == "kustomization.yaml" || used.contains(&name),
+                "{}/{name} is in no kustomization: it would never be applied",
+                dir.display()
             );
         }
     }
-    for name in MANIFESTS {
-        assert!(checked.contains(name), "{name} was validated: {checked:?}");
-    }
+    // The complete objects (not the patches) validate as they are, with or
+    // without a kustomize to render them.
+    assert!(count >= BASE.len() + SIDECAR.len() + 2, "{objects:?}");
+    assert_valid(&objects, count);
 }
 
 #[test]
 fn the_validator_rejects_a_broken_manifest() {
     let path = std::env::temp_dir().join(format!("podcache-broken-{}.yaml", std::process::id()));
-    let broken = std::fs::read_to_string(root().join("deploy/podcache.yaml"))
+    let broken = std::fs::read_to_string(root().join("deploy/overlays/deployment/deployment.yaml"))
         .expect("manifest")
         .replace("replicas: 3", "replicas: three");
     std::fs::write(&path, broken).expect("write");
-    let (ok, output) = validate(&path, None);
+    let (ok, output) = validate(std::slice::from_ref(&path), None);
     let _ = std::fs::remove_file(&path);
     assert!(!ok, "a string replica count must fail: {output}");
 }
 
+/// Copies deploy/base and deploy/overlays to a scratch directory.
+fn copy_deploy(to: &Path) {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("dir") {
+            let path = entry.expect("entry").path();
+            let target = to.join(path.file_name().expect("name"));
+            if path.is_dir() {
+                copy(&path, &target);
+            } else {
+                std::fs::copy(&path, &target).expect("copy");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(to);
+    for part in ["base", "overlays"] {
+        copy(&root().join("deploy").join(part), &to.join(part));
+    }
+}
+
+#[test]
+fn kustomize_refuses_a_broken_overlay() {
+    let kubectl = match kubectl() {
+        Ok(kubectl) => kubectl,
+        Err(why) => {
+            skipped("kustomize_refuses_a_broken_overlay", &why);
+            return;
+        }
+    };
+    let scratch = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("kustomize-broken-{}", std::process::id()));
+    let overlay = |name: &str| scratch.join("overlays").join(name);
+    // The copy renders as it is.
+    copy_deploy(&scratch);
+    for (name, _) in OVERLAYS {
+        kustomize(&kubectl, &overlay(name)).expect("an unchanged copy renders");
+    }
+    // The base names a file that is not there.
+    std::fs::remove_file(scratch.join("base/pdb.yaml")).expect("remove");
+    let error = kustomize(&kubectl, &overlay("statefulset")).expect_err("a missing base file");
+    assert!(error.contains("pdb.yaml"), "{error}");
+    // An overlay names a base that is not there.
+    copy_deploy(&scratch);
+    std::fs::rename(scratch.join("base"), scratch.join("base-moved")).expect("rename");
+    kustomize(&kubectl, &overlay("deployment")).expect_err("a missing base");
+    // A patch of a Deployment the overlay does not have.
+    copy_deploy(&scratch);
+    let patch = overlay("secure").join("tls-and-tokens.yaml");
+    let text = std::fs::read_to_string(&patch).expect("patch");
+    std::fs::write(
+        &patch,
+        text.replace("name: podcache\n", "name: podcache-renamed\n"),
+    )
+    .expect("write");
+    kustomize(&kubectl, &overlay("secure")).expect_err("a patch of nothing");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 #[test]
 fn the_manifests_only_use_flags_the_binary_has() {
+    let Some(workloads) = workloads("the_manifests_only_use_flags_the_binary_has") else {
+        return;
+    };
     let help = Command::new(env!("CARGO_BIN_EXE_podcache"))
         .args(["serve", "--help"])
         .output()
         .expect("help");
     let help = String::from_utf8_lossy(&help.stdout);
     let mut flags = 0;
-    for name in MANIFESTS {
-        let manifest = std::fs::read_to_string(root().join("deploy").join(name)).expect("manifest");
-        for line in manifest.lines().map(str::trim) {
-            if let Some(flag) = line.strip_prefix("- --") {
-                let flag = flag.split('=').next().unwrap_or_default();
-                assert!(
-                    help.contains(&format!("--{flag} ")) || help.contains(&format!("--{flag}\n")),
-                    "{name}: --{flag} is not a flag of podcache serve"
-                );
-                flags += 1;
+    for (overlay, workload) in &workloads {
+        let pod = &workload["spec"]["template"]["spec"];
+        for (container, _) in containers(pod) {
+            for arg in strings(&container["args"]) {
+                if let Some(flag) = arg.strip_prefix("--") {
+                    let flag = flag.split('=').next().unwrap_or_default();
+                    assert!(
+                        help.contains(&format!("--{flag} "))
+                            || help.contains(&format!("--{flag}\n")),
+                        "{overlay}: --{flag} is not a flag of podcache serve"
+                    );
+                    flags += 1;
+                }
             }
         }
     }
     assert!(flags >= 10, "flags were found");
 }
-
 /// What the "restricted" Pod Security Standard (and the baseline it
 /// includes) refuses in a pod spec, as the admission controller checks it.
 fn pod_security_violations(pod: &Value) -> Vec<String> {
@@ -353,13 +655,16 @@ fn pod_security_violations(pod: &Value) -> Vec<String> {
 
 #[test]
 fn every_pod_passes_the_restricted_pod_security_level() {
-    for (file, workload) in workloads() {
+    let Some(workloads) = workloads("every_pod_passes_the_restricted_pod_security_level") else {
+        return;
+    };
+    for (file, workload) in &workloads {
         let pod = &workload["spec"]["template"]["spec"];
         let refused = pod_security_violations(pod);
         assert!(
             refused.is_empty(),
             "{file} {}: {refused:?}",
-            name_of(&workload)
+            name_of(workload)
         );
         // Not required by the level, but by these manifests: nothing writes
         // to the image's filesystem.
@@ -372,7 +677,7 @@ fn every_pod_passes_the_restricted_pod_security_level() {
         }
     }
     // The check does refuse what the level refuses.
-    let (_, workload) = &workloads()[0];
+    let (_, workload) = &workloads[0];
     let mut pod = workload["spec"]["template"]["spec"].clone();
     pod["securityContext"]
         .as_object_mut()
@@ -385,7 +690,11 @@ fn every_pod_passes_the_restricted_pod_security_level() {
 
 #[test]
 fn every_workload_spreads_its_replicas_over_nodes_and_zones() {
-    for (file, workload) in workloads() {
+    let Some(workloads) = workloads("every_workload_spreads_its_replicas_over_nodes_and_zones")
+    else {
+        return;
+    };
+    for (file, workload) in &workloads {
         let selector = labels(&workload["spec"]["selector"]["matchLabels"]);
         let pod_labels = labels(&workload["spec"]["template"]["metadata"]["labels"]);
         let constraints = workload["spec"]["template"]["spec"]["topologySpreadConstraints"]
@@ -440,11 +749,23 @@ fn every_object_has_the_recommended_labels_and_selectors_keep_to_the_stable_one(
         "app.kubernetes.io/version",
         "app.kubernetes.io/managed-by",
     ];
-    let mut files: Vec<String> = MANIFESTS.iter().map(|s| (*s).to_owned()).collect();
-    files.push("monitoring/servicemonitor.yaml".into());
-    for file in &files {
-        for object in manifest(file) {
-            let what = format!("{file} {}", name_of(&object));
+    // The renders where there is a kustomize, else the object files they
+    // are made of (the labels are written out in them, no patch sets one).
+    let mut sources: Vec<(String, Vec<Value>)> = match render_all() {
+        Ok(all) => all
+            .iter()
+            .map(|o| (format!("deploy/overlays/{}", o.overlay), o.objects.clone()))
+            .collect(),
+        Err(_) => object_files()
+            .into_iter()
+            .map(|f| (f.display().to_string(), documents(&f)))
+            .collect(),
+    };
+    let monitor = root().join("deploy/monitoring/servicemonitor.yaml");
+    sources.push(("servicemonitor.yaml".into(), documents(&monitor)));
+    for (file, objects) in &sources {
+        for object in objects {
+            let what = format!("{file} {}", name_of(object));
             let own = labels(&object["metadata"]["labels"]);
             let app = own
                 .get("app")
@@ -505,7 +826,11 @@ fn every_object_has_the_recommended_labels_and_selectors_keep_to_the_stable_one(
 
 #[test]
 fn sigterm_delay_and_drain_fit_in_the_termination_grace_period() {
-    for (file, workload) in workloads() {
+    let Some(workloads) = workloads("sigterm_delay_and_drain_fit_in_the_termination_grace_period")
+    else {
+        return;
+    };
+    for (file, workload) in &workloads {
         let pod = &workload["spec"]["template"]["spec"];
         let (podcache, sidecar) =
             podcache_container(pod).unwrap_or_else(|| panic!("{file}: no podcache container"));
@@ -550,8 +875,17 @@ fn sigterm_delay_and_drain_fit_in_the_termination_grace_period() {
 
 #[test]
 fn discovery_finds_the_workloads_own_pods_with_the_rbac_it_needs() {
-    let objects: Vec<Value> = MANIFESTS.iter().flat_map(|f| manifest(f)).collect();
-    for (file, workload) in workloads() {
+    let Some(all) = rendered("discovery_finds_the_workloads_own_pods_with_the_rbac_it_needs")
+    else {
+        return;
+    };
+    for overlay in all {
+        let file = overlay.overlay;
+        let objects = &overlay.objects;
+        let workload = objects
+            .iter()
+            .find(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+            .expect("a workload");
         let pod = &workload["spec"]["template"]["spec"];
         let (podcache, _) = podcache_container(pod).expect("podcache container");
         let pod_labels = labels(&workload["spec"]["template"]["metadata"]["labels"]);
@@ -569,9 +903,8 @@ fn discovery_finds_the_workloads_own_pods_with_the_rbac_it_needs() {
         if flag(podcache, "discovery").as_deref() != Some("kubernetes") {
             continue;
         }
-        // A RoleBinding of this account (in this file or in podcache.yaml,
-        // which secure.yaml and statefulset.yaml are applied after) to a
-        // Role that may get, list and watch pods.
+        // A RoleBinding of this account, in the same overlay, to a Role
+        // that may get, list and watch pods.
         let allowed = objects.iter().any(|binding| {
             binding["kind"] == "RoleBinding"
                 && binding["subjects"]
@@ -607,7 +940,14 @@ fn discovery_finds_the_workloads_own_pods_with_the_rbac_it_needs() {
 
 #[test]
 fn the_sidecar_is_native_and_the_app_talks_to_it_on_localhost() {
-    let objects = manifest("sidecar.yaml");
+    let Some(all) = rendered("the_sidecar_is_native_and_the_app_talks_to_it_on_localhost") else {
+        return;
+    };
+    let objects = &all
+        .iter()
+        .find(|o| o.overlay == "sidecar")
+        .expect("the sidecar overlay")
+        .objects;
     let app = objects
         .iter()
         .find(|o| o["kind"] == "Deployment")
@@ -661,7 +1001,7 @@ fn the_sidecar_is_native_and_the_app_talks_to_it_on_localhost() {
 
 #[test]
 fn the_service_monitor_scrapes_the_client_services_metrics_port() {
-    let monitors = manifest("monitoring/servicemonitor.yaml");
+    let monitors = documents(&root().join("deploy/monitoring/servicemonitor.yaml"));
     assert_eq!(monitors.len(), 1);
     let monitor = &monitors[0];
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
@@ -693,7 +1033,8 @@ fn the_service_monitor_scrapes_the_client_services_metrics_port() {
     );
     let wanted = labels(&spec["selector"]["matchLabels"]);
     assert!(!wanted.is_empty());
-    let services: Vec<Value> = manifest("podcache.yaml")
+    // The base's Services: those of every standalone overlay.
+    let services: Vec<Value> = documents(&root().join("deploy/base/services.yaml"))
         .into_iter()
         .filter(|o| o["kind"] == "Service")
         .filter(|s| {
@@ -1142,7 +1483,8 @@ fn the_image_is_built_with_the_projects_toolchain_stripped_and_not_as_root() {
         "a numeric non-root user (runAsNonRoot can only check a number): {user}"
     );
     // The manifests run as that user.
-    for (file, workload) in workloads() {
+    let workloads = workloads("the_image_is_built_with_..._not_as_root (its manifests' user)");
+    for (file, workload) in workloads.iter().flatten() {
         assert_eq!(
             workload["spec"]["template"]["spec"]["securityContext"]["runAsUser"].to_string(),
             uid,
