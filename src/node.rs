@@ -378,12 +378,16 @@ async fn membership_loop(
             }
             if set.state != DiscoveryState::Pending {
                 replicator.update_peers(&set.peers);
-                replica.metrics.peers.set(set.peers.len() as i64);
+                let selves = replicator.selves();
+                let peers = set.peers.iter().filter(|p| !selves.contains(&p.grpc_addr));
+                replica.metrics.peers.set(peers.count() as i64);
             }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = peers_rx.changed() => if changed.is_err() { return },
+            // A peer address turned out to be this node: close its link.
+            _ = replicator.selves().changed() => {}
         }
     }
 }
@@ -415,7 +419,7 @@ async fn bootstrap_then_ready(
     } else {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            report = run_bootstrap(&replica, tls.as_ref(), &peers) => report,
+            report = run_bootstrap(&replica, tls.as_ref(), &peers, replicator.selves()) => report,
         }
     };
     replica

@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::next_block;
 use common::process::{BIN, free_port, wait_readyz};
+use common::{next_block, wait_until};
 use podcache::client::RestClient;
 
 /// Two distinct free ports on `ip` (both held at once while chosen).
@@ -200,12 +200,64 @@ async fn serve_processes_replicate_and_exit_zero_on_sigterm_and_sigint() {
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
     assert!(err.contains("no entry"), "{err}");
 
+    // Tables: a header above rows, each line ended; nothing for nothing.
+    let list = ctl(&node_b.http, &["list", "4"]);
+    let rows = String::from_utf8_lossy(&list.stdout);
+    assert!(rows.starts_with("KEY   VALUE\nflag  on\n"), "{rows:?}");
+    assert!(rows.ends_with('\n'), "{rows:?}");
+    let empty = ctl(&node_b.http, &["list", "9"]);
+    assert!(empty.status.success());
+    assert_eq!(String::from_utf8_lossy(&empty.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&empty.stderr),
+        "no entries in type 9\n"
+    );
+
+    // A watch whose node goes away before any change prints the error
+    // alone, not under a header.
+    let watch = Command::new(BIN)
+        .args(["ctl", "--addr", &node_b.http, "watch", "9"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctl watch runs");
+    let watches = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("podcache_requests_total{op=\"watch\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let metrics = RestClient::new(&node_b.http).expect("client");
+    wait_until(
+        "the plain watch subscribed",
+        Duration::from_secs(10),
+        || async {
+            let text = metrics
+                .get("/metrics")
+                .await
+                .map(|a| a.text())
+                .unwrap_or_default();
+            watches(&text) >= 2.0
+        },
+    )
+    .await;
+
     signal(&node_b.child, "TERM");
     assert_eq!(
         wait_exit(&mut node_b.child, Duration::from_secs(15))
             .await
             .code(),
         Some(0)
+    );
+    let watched = watch.wait_with_output().expect("ctl watch ends");
+    assert!(!watched.status.success());
+    assert_eq!(String::from_utf8_lossy(&watched.stdout), "", "no header");
+    assert_eq!(
+        String::from_utf8_lossy(&watched.stderr).lines().count(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
     );
     signal(&node_a.child, "INT");
     assert_eq!(
@@ -572,4 +624,99 @@ async fn without_max_memory_bytes_the_capacity_follows_the_containers_memory_lim
     }
     assert!(refused, "capacity enforced");
     let _ = std::fs::remove_file(&limit);
+}
+
+/// A node that its peers list under an address other than its `--pod-ip`
+/// (it listens on every address, as a pod started without `--pod-ip`
+/// that took the host's first address) dials itself there. It knows itself
+/// by its node id in the answer to `Hello`: one warning, and that address
+/// is no peer (not in `/v1/cluster`, not in `podcache_peers`), while the
+/// real peer replicates both ways.
+#[tokio::test]
+async fn a_node_listed_under_another_address_drops_itself_with_one_warning() {
+    let block = next_block();
+    let (a, b, alias) = (
+        Ipv4Addr::from(block | 2),
+        Ipv4Addr::from(block | 3),
+        Ipv4Addr::from(block | 7),
+    );
+    let grpc_a = free_port(Ipv4Addr::UNSPECIFIED);
+    let grpc_b = free_port(b);
+    let peers = [format!("{alias}:{grpc_a}"), format!("{b}:{grpc_b}")].join(",");
+    let http_a = format!("{a}:{}", free_port(a));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--http-addr", &http_a])
+        .args(["--grpc-addr", &format!("0.0.0.0:{grpc_a}")])
+        .args(["--pod-ip", &a.to_string(), "--pod-name", "pod-a"])
+        .args(["--peers", &peers])
+        .env("PODCACHE_SHUTDOWN_GRACE_MS", "3000")
+        .env("PODCACHE_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("podcache serve starts");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            lines.lock().expect("log").push(line);
+        }
+    });
+    let node_a = Server {
+        child,
+        http: format!("http://{http_a}"),
+    };
+    wait_ready(&node_a.http).await;
+    let node_b = spawn_serve(b, grpc_b, std::slice::from_ref(&peers), "pod-b");
+    wait_ready(&node_b.http).await;
+
+    let warnings = || {
+        log.lock()
+            .expect("log")
+            .iter()
+            .filter(|l| l.contains("reaches this node itself"))
+            .count()
+    };
+    let client_a = RestClient::new(&node_a.http).expect("client");
+    let only_b = || async {
+        let view = client_a.get("/v1/cluster").await.expect("cluster").json();
+        let peers = view["peers"].as_array().cloned().unwrap_or_default();
+        peers.len() == 1 && peers[0]["grpc_addr"] == format!("{b}:{grpc_b}")
+    };
+    wait_until(
+        "a drops itself and keeps b",
+        Duration::from_secs(20),
+        || async { warnings() >= 1 && only_b().await },
+    )
+    .await;
+    let text = client_a.get("/metrics").await.expect("metrics").text();
+    assert!(text.lines().any(|l| l == "podcache_peers 1"), "{text}");
+
+    // b is a peer both ways.
+    let set = ctl(&node_a.http, &["set", "4", "from-a", "1", "--wait"]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let got = ctl(&node_b.http, &["get", "4", "from-a"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "1");
+    let set = ctl(&node_b.http, &["set", "4", "from-b", "2", "--wait"]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let got = ctl(&node_a.http, &["get", "4", "from-b"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "2");
+    assert!(
+        only_b().await,
+        "the address it reached itself at stays dropped"
+    );
+    assert_eq!(warnings(), 1, "one warning: {:?}", log.lock().expect("log"));
 }

@@ -65,6 +65,7 @@ pub(crate) async fn run_bootstrap(
     replica: &Replica,
     tls: Option<&Arc<crate::tls::PeerTls>>,
     peers: &[Peer],
+    selves: &super::SelfAddrs,
 ) -> BootstrapReport {
     let started = Instant::now();
     let mut report = BootstrapReport {
@@ -87,6 +88,18 @@ pub(crate) async fn run_bootstrap(
             }
         })
         .collect();
+    // A peer address that answered with this node's own id is this node:
+    // pulling from it would pull nothing and call it done.
+    let me = replica.identity.to_wire();
+    candidates.retain(|c| {
+        if !super::SelfAddrs::is_me(&me, c.info.as_ref()) {
+            return true;
+        }
+        if selves.found(&c.peer.grpc_addr) {
+            warn!(peer = %c.peer.grpc_addr, "this peer address reaches this node itself (set --pod-ip to the address peers dial); dropping it from the peers");
+        }
+        false
+    });
     candidates.sort_by_key(Candidate::order);
     // Peers that turned the pull away (busy serving others) are asked
     // again, after a pause, until one serves or none is busy any more: a

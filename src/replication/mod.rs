@@ -56,6 +56,56 @@ pub(crate) struct Target {
     pub(crate) state: Arc<PeerState>,
 }
 
+/// Addresses at which this node reached itself: a peer list that names the
+/// node under an address other than its own dial address (a node started
+/// without `--pod-ip` takes the host's first address, while its peers list
+/// it by the one it listens on). Found when the answer to `Hello` carries
+/// this node's own id; such an address is no peer, whatever discovery
+/// says, and is dropped with one warning.
+#[derive(Debug, Default)]
+pub(crate) struct SelfAddrs {
+    addrs: Mutex<std::collections::BTreeSet<String>>,
+    /// Wakes the membership loop, which closes the link and recounts.
+    found: tokio::sync::Notify,
+}
+
+impl SelfAddrs {
+    /// True when `answer` (a peer's answer to `Hello`) is this node, `me`.
+    pub(crate) fn is_me(
+        me: &crate::proto::podcache::NodeInfo,
+        answer: Option<&crate::proto::podcache::NodeInfo>,
+    ) -> bool {
+        answer.is_some_and(|n| n.node_id == me.node_id && n.started_at_ms == me.started_at_ms)
+    }
+
+    /// Records that `addr` reaches this node; true the first time (the
+    /// caller warns then, once per address).
+    pub(crate) fn found(&self, addr: &str) -> bool {
+        let new = self
+            .addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.to_owned());
+        if new {
+            self.found.notify_one();
+        }
+        new
+    }
+
+    /// True when `addr` is known to reach this node.
+    pub(crate) fn contains(&self, addr: &str) -> bool {
+        self.addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(addr)
+    }
+
+    /// Resolves when an address is found after the last call.
+    pub(crate) async fn changed(&self) {
+        self.found.notified().await;
+    }
+}
+
 /// The set of peer links of one node.
 pub(crate) struct Replicator {
     /// Open links by peer address. Locked only for short, await-free work.
@@ -127,6 +177,7 @@ impl Replicator {
                 repair_tx,
                 drain: CancellationToken::new(),
                 links: Default::default(),
+                selves: Default::default(),
             }),
             tracker: TaskTracker::new(),
             cancel,
@@ -155,7 +206,9 @@ impl Replicator {
         let mut links = self.links();
         let wanted: BTreeMap<&str, &Peer> = peers
             .iter()
-            .filter(|p| p.grpc_addr != self.ctx.me.grpc_addr)
+            .filter(|p| {
+                p.grpc_addr != self.ctx.me.grpc_addr && !self.ctx.selves.contains(&p.grpc_addr)
+            })
             .map(|p| (p.grpc_addr.as_str(), p))
             .collect();
         let gone: Vec<String> = links
@@ -221,10 +274,16 @@ impl Replicator {
             .store(links.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The addresses found to reach this node itself.
+    pub(crate) fn selves(&self) -> &SelfAddrs {
+        &self.ctx.selves
+    }
+
     /// Every peer with its channel, for anti-entropy.
     pub(crate) fn targets(&self) -> Vec<Target> {
         self.links()
             .iter()
+            .filter(|(addr, _)| !self.ctx.selves.contains(addr))
             .map(|(addr, link)| Target {
                 addr: addr.clone(),
                 channel: link.channel.clone(),
@@ -235,7 +294,12 @@ impl Replicator {
 
     /// The state of every link, for `/v1/cluster` and metrics.
     pub(crate) fn peer_views(&self) -> Vec<PeerView> {
-        let states: Vec<Arc<PeerState>> = self.links().values().map(|l| l.state.clone()).collect();
+        let states: Vec<Arc<PeerState>> = self
+            .links()
+            .iter()
+            .filter(|(addr, _)| !self.ctx.selves.contains(addr))
+            .map(|(_, l)| l.state.clone())
+            .collect();
         states.iter().map(|s| s.view(&self.ctx.replica)).collect()
     }
 
@@ -252,5 +316,42 @@ impl Replicator {
         }
         self.cancel.cancel();
         self.tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SelfAddrs;
+    use crate::proto::podcache::NodeInfo;
+
+    #[test]
+    fn an_answer_is_this_node_by_its_id_and_start_whatever_its_address() {
+        let me = NodeInfo {
+            node_id: 7,
+            started_at_ms: 100,
+            grpc_addr: "10.0.0.1:9090".into(),
+            ..Default::default()
+        };
+        let alias = NodeInfo {
+            grpc_addr: "127.0.0.61:9090".into(),
+            ..me.clone()
+        };
+        assert!(SelfAddrs::is_me(&me, Some(&alias)));
+        let other = NodeInfo {
+            node_id: 8,
+            ..me.clone()
+        };
+        let restarted_twin = NodeInfo {
+            started_at_ms: 101,
+            ..me.clone()
+        };
+        assert!(!SelfAddrs::is_me(&me, Some(&other)));
+        assert!(!SelfAddrs::is_me(&me, Some(&restarted_twin)));
+        assert!(!SelfAddrs::is_me(&me, None), "a legacy peer says nothing");
+
+        let selves = SelfAddrs::default();
+        assert!(selves.found("127.0.0.61:9090"), "first: warn");
+        assert!(!selves.found("127.0.0.61:9090"), "then: once");
+        assert!(selves.contains("127.0.0.61:9090") && !selves.contains("10.0.0.2:9090"));
     }
 }

@@ -35,6 +35,8 @@ pub(crate) struct LinkContext {
     pub(crate) drain: CancellationToken,
     /// Links open now: an idle link's heartbeat stretches with it.
     pub(crate) links: std::sync::atomic::AtomicUsize,
+    /// Addresses that turned out to reach this node itself.
+    pub(crate) selves: super::SelfAddrs,
 }
 
 impl LinkContext {
@@ -311,6 +313,16 @@ pub(crate) async fn run(
                     result = transport.hello(&ctx.me) => result,
                 };
                 match &result {
+                    Ok(answer) if super::SelfAddrs::is_me(&ctx.me, answer.node.as_ref()) => {
+                        // This address is this node: no peer. Nothing is
+                        // held for it, its link ends here, and the
+                        // membership loop closes it.
+                        if ctx.selves.found(&peer) {
+                            warn!(%peer, "this peer address reaches this node itself (set --pod-ip to the address peers dial); dropping it from the peers");
+                        }
+                        replica.changes().detach(state.cursor);
+                        break;
+                    }
                     Ok(answer) => {
                         state.record_hello(answer.node.clone(), answer.ready, answer.stale);
                         state.succeeded();

@@ -241,13 +241,18 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
                 );
             }
         }
-        CtlOp::List { .. } => {
-            if let Some(entries) = json["entries"].as_object() {
-                let width = entries.keys().map(|k| k.len()).max().unwrap_or(3).max(3);
-                println!("{:<width$}  VALUE", "KEY");
-                for (key, value) in entries {
-                    println!("{key:<width$}  {}", value.as_str().unwrap_or_default());
-                }
+        CtlOp::List { r#type } => {
+            let entries = json["entries"].as_object().filter(|e| !e.is_empty());
+            // As kubectl does: nothing on stdout for nothing, a note on
+            // stderr, exit 0.
+            let Some(entries) = entries else {
+                eprintln!("no entries in type {type}");
+                return Ok(());
+            };
+            let width = entries.keys().map(|k| k.len()).max().unwrap_or(3).max(3);
+            println!("{:<width$}  VALUE", "KEY");
+            for (key, value) in entries {
+                println!("{key:<width$}  {}", value.as_str().unwrap_or_default());
             }
         }
         CtlOp::History { .. } => print_history(&json),
@@ -257,13 +262,18 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Prints a key's versions, newest first.
+/// Prints a key's versions, newest first (a header only above rows).
 fn print_history(json: &Value) {
+    let versions = json["versions"].as_array().filter(|v| !v.is_empty());
+    let Some(versions) = versions else {
+        eprintln!("no versions of this key on this node");
+        return;
+    };
     println!(
         "{:<34} {:<24} {:<16} {:<16} {:<24} VALUE",
         "VERSION", "WRITTEN AT", "AUTHOR", "ORIGIN", "REASON"
     );
-    for v in json["versions"].as_array().into_iter().flatten() {
+    for v in versions {
         let text = |name: &str| v[name].as_str().unwrap_or("-").to_owned();
         let value = if v["deleted"].as_bool() == Some(true) {
             "(deleted)".to_owned()
@@ -300,12 +310,9 @@ async fn ctl_watch(
     if !status.is_success() {
         return Err(Failure::Run(anyhow::anyhow!("watch refused ({status})")));
     }
-    if !json {
-        println!(
-            "{:<8} {:<24} {:<10} {:<34} VALUE",
-            "ORIGIN", "KEY", "CHANGE", "VERSION"
-        );
-    }
+    // The header goes above the first row, so an error before any change
+    // (the node going away) is never printed under a header.
+    let mut header = !json;
     let mut buffer = String::new();
     let stop = shutdown_signal();
     tokio::pin!(stop);
@@ -328,6 +335,12 @@ async fn ctl_watch(
                 let Ok(event) = serde_json::from_str::<Value>(line.trim()) else {
                     continue;
                 };
+                if std::mem::take(&mut header) {
+                    println!(
+                        "{:<8} {:<24} {:<10} {:<34} VALUE",
+                        "ORIGIN", "KEY", "CHANGE", "VERSION"
+                    );
+                }
                 if json {
                     println!("{event}");
                 } else if let Some(entries) = event["entries"].as_array() {
