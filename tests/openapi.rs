@@ -1022,6 +1022,7 @@ async fn small_node(rec: &mut Recorder) {
         c.max_watch_streams = 1;
         c.data_dir = Some(data.clone());
         c.shutdown_delay = Duration::from_secs(3);
+        c.ofrep_type = Some(1);
     })
     .await;
     let n = &cluster.slots[0].http.to_string();
@@ -1067,6 +1068,19 @@ async fn small_node(rec: &mut Recorder) {
         format!(r#"{{"a":"{big}"}}"#),
     )
     .await;
+    for path in ["/ofrep/v1/evaluate/flags/k", "/ofrep/v1/evaluate/flags"] {
+        let context = format!(r#"{{"context":{{"x":"{big}"}}}}"#);
+        rec.expect(
+            413,
+            "OFREP context too large",
+            n,
+            M::POST,
+            path,
+            &[],
+            context,
+        )
+        .await;
+    }
     rec.expect(
         413,
         "import too large",
@@ -1226,6 +1240,8 @@ async fn small_node(rec: &mut Recorder) {
         (M::GET, "/metrics", ""),
         (M::GET, "/", ""),
         (M::GET, "/openapi.json", ""),
+        (M::POST, "/ofrep/v1/evaluate/flags/k1", ""),
+        (M::POST, "/ofrep/v1/evaluate/flags", ""),
     ] {
         rec.expect(503, "requests over the limit", n, method, path, &[], body)
             .await;
@@ -1280,6 +1296,7 @@ async fn token_node(rec: &mut Recorder) {
     let cluster = Cluster::start_with(1, move |c| {
         c.auth_token_file = Some(path.clone());
         c.public_metrics = false;
+        c.ofrep_type = Some(1);
     })
     .await;
     let n = &cluster.slots[0].http.to_string();
@@ -1345,6 +1362,30 @@ async fn token_node(rec: &mut Recorder) {
         rec.expect(200, "open without a token", n, M::GET, path, &[], "")
             .await;
     }
+    for path in ["/ofrep/v1/evaluate/flags/k", "/ofrep/v1/evaluate/flags"] {
+        let json_type = ("content-type", "application/json");
+        rec.expect(
+            401,
+            "OFREP without a token",
+            n,
+            M::POST,
+            path,
+            &[json_type],
+            "{}",
+        )
+        .await;
+        let headers = [reader[0], json_type];
+        rec.expect(
+            200,
+            "OFREP with a read token",
+            n,
+            M::POST,
+            path,
+            &headers,
+            "{}",
+        )
+        .await;
+    }
     rec.expect(
         405,
         "an open path, another method",
@@ -1357,6 +1398,159 @@ async fn token_node(rec: &mut Recorder) {
     .await;
     cluster.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Two nodes serving OFREP from type 3: every kind of flag, one and all,
+/// `ETag` and 304, and each OFREP error.
+async fn ofrep_pair(rec: &mut Recorder) {
+    let cluster = Cluster::start_with(2, |c| c.ofrep_type = Some(3)).await;
+    let n0 = &cluster.slots[0].http.to_string();
+    let n1 = &cluster.slots[1].http.to_string();
+    use Method as M;
+    let flags = r#"{"on":"true","text":"hello","n":"2.5","obj":"{\"a\":1}","dir/x":"slash",
+        "def":"{\"state\":\"ENABLED\",\"variants\":{\"a\":1,\"b\":2},\"defaultVariant\":\"b\",\"targeting\":{\"if\":[true,\"a\"]},\"metadata\":{\"team\":\"web\"}}",
+        "off":"{\"state\":\"DISABLED\",\"variants\":{\"a\":1},\"defaultVariant\":\"a\"}",
+        "bad":"{\"state\":\"ON\",\"variants\":{}}"}"#;
+    let json_type = ("content-type", "application/json");
+    rec.expect(
+        200,
+        "the flags",
+        n0,
+        M::POST,
+        "/v1/cache/3?wait=all",
+        &[json_type],
+        flags,
+    )
+    .await;
+    let ctx = r#"{"context":{"targetingKey":"user-1","plan":"pro"}}"#;
+    let one = "/ofrep/v1/evaluate/flags";
+    for key in ["on", "text", "n", "obj", "dir%2Fx", "def", "off"] {
+        let path = format!("{one}/{key}");
+        rec.expect(200, "OFREP flag", n1, M::POST, &path, &[json_type], ctx)
+            .await;
+    }
+    rec.expect(
+        200,
+        "OFREP, no body",
+        n1,
+        M::POST,
+        "/ofrep/v1/evaluate/flags/on",
+        &[],
+        "",
+    )
+    .await;
+    let missing = rec
+        .expect(
+            404,
+            "OFREP, no such flag",
+            n1,
+            M::POST,
+            "/ofrep/v1/evaluate/flags/nope",
+            &[json_type],
+            ctx,
+        )
+        .await;
+    assert_eq!(missing.json()["errorCode"], "FLAG_NOT_FOUND");
+    for (note, path, body) in [
+        (
+            "OFREP, malformed definition",
+            "/ofrep/v1/evaluate/flags/bad",
+            ctx,
+        ),
+        ("OFREP, not JSON", "/ofrep/v1/evaluate/flags/on", "{"),
+        (
+            "OFREP, context not an object",
+            "/ofrep/v1/evaluate/flags/on",
+            r#"{"context":[]}"#,
+        ),
+        ("OFREP, empty key", "/ofrep/v1/evaluate/flags/", ctx),
+        ("OFREP, key not UTF-8", "/ofrep/v1/evaluate/flags/%FF", ctx),
+        ("OFREP bulk, not JSON", "/ofrep/v1/evaluate/flags", "{"),
+        (
+            "OFREP bulk, bad targetingKey",
+            "/ofrep/v1/evaluate/flags",
+            r#"{"context":{"targetingKey":1}}"#,
+        ),
+    ] {
+        rec.expect(400, note, n0, M::POST, path, &[json_type], body)
+            .await;
+    }
+    let bulk = rec
+        .expect(
+            200,
+            "OFREP bulk",
+            n0,
+            M::POST,
+            "/ofrep/v1/evaluate/flags",
+            &[json_type],
+            ctx,
+        )
+        .await;
+    assert_eq!(
+        bulk.json()["flags"].as_array().map(Vec::len),
+        Some(8),
+        "{}",
+        bulk.body
+    );
+    // The tag of this flag set (the same on both replicas: wait=all above).
+    let tag = {
+        let response = rec
+            .start(
+                n0,
+                &M::POST,
+                "/ofrep/v1/evaluate/flags",
+                &[json_type],
+                &Bytes::from(ctx),
+            )
+            .await;
+        response.headers()["etag"]
+            .to_str()
+            .expect("ETag")
+            .to_owned()
+    };
+    let unchanged = [json_type, ("if-none-match", tag.as_str())];
+    rec.expect(
+        304,
+        "OFREP bulk, unchanged",
+        n1,
+        M::POST,
+        "/ofrep/v1/evaluate/flags",
+        &unchanged,
+        ctx,
+    )
+    .await;
+    let stale = [json_type, ("if-none-match", "\"0123\"")];
+    rec.expect(
+        200,
+        "OFREP bulk, changed",
+        n1,
+        M::POST,
+        "/ofrep/v1/evaluate/flags",
+        &stale,
+        ctx,
+    )
+    .await;
+    rec.expect(
+        405,
+        "OFREP, GET",
+        n0,
+        M::GET,
+        "/ofrep/v1/evaluate/flags/on",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        405,
+        "OFREP bulk, GET",
+        n0,
+        M::GET,
+        "/ofrep/v1/evaluate/flags",
+        &[],
+        "",
+    )
+    .await;
+    cluster.shutdown().await;
 }
 
 /// A copy of the document broken in four ways the check must report:
@@ -1389,6 +1583,7 @@ async fn the_openapi_document_matches_every_answer_and_every_answer_is_in_it() {
     plain_pair(&mut rec).await;
     small_node(&mut rec).await;
     token_node(&mut rec).await;
+    ofrep_pair(&mut rec).await;
 
     let dir = scratch_dir("check");
     let answers = dir.join("answers.json");
