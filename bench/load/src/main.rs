@@ -16,6 +16,9 @@
 //! - `write`: one entry per operation (PUT / SET / put);
 //! - `batch`: `--batch` entries per operation (POST / pipelined SETs / txn);
 //! - `read`: one entry per operation (GET / GET / range);
+//! - `ofrep` (podcache only): one OpenFeature flag evaluation per operation
+//!   (`POST /ofrep/v1/evaluate/flags/{key}` with a small context) on the
+//!   read target, for nodes started with `--ofrep-type 1`;
 //! - `fill`: loads `--keys` entries as fast as possible (for bootstrap and
 //!   memory figures), no latency figures;
 //! - `lag`: writes probe keys to the first target at `--probe-rate` per
@@ -57,6 +60,7 @@ enum Workload {
     Write,
     Batch,
     Read,
+    Ofrep,
     Fill,
     Lag,
 }
@@ -320,6 +324,14 @@ async fn op(
         (Conn::Http(c), Workload::Read) => {
             http(c, "GET", &format!("/v1/cache/1/{}", key(n % keys)), b"").await?;
         }
+        (Conn::Http(c), Workload::Ofrep) => {
+            let path = format!("/ofrep/v1/evaluate/flags/{}", key(n % keys));
+            let context = br#"{"context":{"targetingKey":"user-1","plan":"pro"}}"#;
+            http(c, "POST", &path, context).await?;
+        }
+        (Conn::Redis(_), Workload::Ofrep) => {
+            bail!("the ofrep workload is podcache's alone")
+        }
         (Conn::Redis(reader), workload) => {
             let count = match workload {
                 Workload::Batch => args.batch,
@@ -341,6 +353,7 @@ async fn op(
             }
         }
         (Conn::Etcd(client), workload) => match workload {
+            Workload::Ofrep => bail!("the ofrep workload is podcache's alone"),
             Workload::Read => {
                 client.range_prefix(key(n % keys).as_bytes()).await?;
             }
@@ -399,7 +412,9 @@ fn summary(
 /// Runs `workload` with `connections` workers; returns the summary.
 async fn run_load(args: Arc<Args>, workload: Workload) -> anyhow::Result<serde_json::Value> {
     let target = match workload {
-        Workload::Read => args.targets[args.read_from.min(args.targets.len() - 1)].clone(),
+        Workload::Read | Workload::Ofrep => {
+            args.targets[args.read_from.min(args.targets.len() - 1)].clone()
+        }
         _ => args.targets[0].clone(),
     };
     let value = Bytes::from(vec![b'v'; args.value_size]);

@@ -24,6 +24,7 @@ async fn cluster(n: u8) -> Vec<NodeHandle> {
     for i in 0..n {
         let mut config = NodeConfig::for_test(ip(i));
         config.grpc_addr = SocketAddr::new(ip(i).into(), port);
+        config.ofrep_type = Some(1);
         let node = NodeBuilder::new(config)
             .discovery(peers.discovery())
             .start()
@@ -60,7 +61,7 @@ async fn the_load_tool_runs_every_workload_against_podcache() {
         .map(|n| n.http_addr().expect("http").to_string())
         .collect();
     let targets = targets.join(",");
-    for workload in ["write", "batch", "read"] {
+    for workload in ["write", "batch", "read", "ofrep"] {
         let result = tokio::task::block_in_place(|| {
             run(&targets, &["--workload", workload, "--keys", "1000"])
         });
