@@ -700,4 +700,52 @@ mod tests {
         assert!(!none_match("\"x\"", &base));
         assert!(!none_match("", &base));
     }
+
+    /// A JSON value of any shape, flagd-like objects included.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[a-zA-Z ]{0,6}".prop_map(Value::String),
+            prop::sample::select(vec!["ENABLED", "DISABLED", "state", "variants", "a", "b"])
+                .prop_map(|s| json!(s)),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            let names = prop::sample::select(vec![
+                "state",
+                "variants",
+                "defaultVariant",
+                "targeting",
+                "metadata",
+                "context",
+                "targetingKey",
+                "a",
+                "b",
+            ]);
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(names, inner, 0..6).prop_map(|m| Value::Object(
+                    m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// No input makes a panic; every answer is one of OFREP's shapes.
+        #[test]
+        fn any_value_or_body_gets_an_answer(value in any_json(), bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let text = value.to_string();
+            let body = flag_json("k", &evaluate(&text, V));
+            proptest::prop_assert!(body.get("reason").is_some() || body["errorCode"] == "PARSE_ERROR", "{}", body);
+            if let Some(v) = body.get("value") {
+                proptest::prop_assert!(is_flag_value(v), "{}", body);
+            }
+            let _ = parse_request(text.as_bytes());
+            let _ = parse_request(&bytes);
+            let _ = evaluate(&String::from_utf8_lossy(&bytes), V);
+        }
+    }
 }
