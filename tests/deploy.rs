@@ -32,7 +32,9 @@
 //! - The Dockerfile and .dockerignore: the image's toolchain is
 //!   rust-toolchain.toml's, its binary stripped, its user not root; the
 //!   build context keeps what the build needs and nothing large. No Docker
-//!   engine runs on the test machines, so the image itself is not built.
+//!   engine runs on the test machines, so this image is not built;
+//!   tests/image.rs builds the offline one (deploy/image) and compares its
+//!   layout with this Dockerfile's.
 
 mod common;
 
