@@ -127,12 +127,14 @@ impl History {
                 versions: VecDeque::new(),
             })
             .into_mut();
-        if slot.min_seq < base {
-            // Places the byte bound dropped since the key was last kept.
+        // Places the byte bound dropped since the key was last kept are
+        // cleared only where they matter: before a search (which must not
+        // see a dropped version as kept) and before the key's bound counts
+        // its versions. A newer version is kept without reading the list.
+        let in_order = slot.versions.is_empty() || slot.newest < version;
+        if slot.min_seq < base && (!in_order || slot.versions.len() >= self.max_versions) {
             slot.clear_dropped(base);
         }
-        // Versions mostly arrive in order: the newest goes last, deciding
-        // from the slot alone; only a late one searches its key's list.
         let mut at = if slot.versions.is_empty() || slot.newest < version {
             slot.versions.len()
         } else {
