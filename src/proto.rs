@@ -56,7 +56,38 @@ pub fn record_to_wire(record: &Record) -> podcache::Entry {
         batch: record.entry.in_batch(),
         batch_entries: Vec::new(),
         history: false,
+        meta_as_previous: false,
     }
+}
+
+/// True when `record` can name its writer as the previous record of the
+/// same list did (`meta_as_previous`): both have one, and it is the same.
+fn same_meta(record: &Record, previous: Option<&Record>) -> bool {
+    match (record.entry.meta(), previous.and_then(|p| p.entry.meta())) {
+        (Some(meta), Some(before)) => std::ptr::eq(meta, before) || meta == before,
+        _ => false,
+    }
+}
+
+/// Records as one list of wire entries, each naming its writer only where
+/// it differs from the previous entry's (`meta_as_previous`).
+pub fn records_to_wire(records: &[Record]) -> Vec<podcache::Entry> {
+    let mut previous = None;
+    records
+        .iter()
+        .map(|record| {
+            let mut entry = record_to_wire(record);
+            if same_meta(record, previous) {
+                entry.author.clear();
+                entry.origin.clear();
+                entry.reason.clear();
+                entry.batch = false;
+                entry.meta_as_previous = true;
+            }
+            previous = Some(record);
+            entry
+        })
+        .collect()
 }
 
 /// A wire entry as a record. Limits are checked by the store when it merges.
@@ -66,7 +97,8 @@ pub fn record_from_wire(entry: podcache::Entry) -> Record {
 
 /// Wire entries as records; consecutive entries with the same author,
 /// origin, reason and batch flag (a batch, or one writer's writes) share
-/// one [`Meta`].
+/// one [`Meta`], and an entry that says `meta_as_previous` takes the
+/// previous entry's (none when it is the first).
 pub fn records_from_wire(entries: Vec<podcache::Entry>) -> Vec<Record> {
     let mut last = None;
     entries
@@ -76,11 +108,15 @@ pub fn records_from_wire(entries: Vec<podcache::Entry>) -> Vec<Record> {
 }
 
 fn record_sharing(entry: podcache::Entry, last: &mut Option<Arc<Meta>>) -> Record {
-    let meta = if entry.author.is_empty()
+    let meta = if entry.meta_as_previous {
+        last.clone()
+    } else if entry.author.is_empty()
         && entry.origin.is_empty()
         && entry.reason.is_empty()
         && !entry.batch
     {
+        // The next entry's `meta_as_previous` means none, too.
+        *last = None;
         None
     } else {
         match last {
@@ -139,8 +175,8 @@ pub fn log_record_from_wire(mut entry: podcache::Entry) -> (Vec<Record>, bool) {
 /// (straight from the record, no intermediate message); decode it with
 /// `podcache::Entry::decode` and [`record_from_wire`].
 pub fn encode_entry(record: &Record, buf: &mut Vec<u8>) {
-    buf.reserve(replicate_batch::entry_len(record));
-    replicate_batch::encode_entry_fields(record, buf);
+    buf.reserve(replicate_batch::entry_len(record, false));
+    replicate_batch::encode_entry_fields(record, false, buf);
 }
 
 /// Appends one data directory record: the first of `records` as an
@@ -153,7 +189,7 @@ pub fn encode_log_record(records: &[Record], history: bool, buf: &mut Vec<u8>) {
     };
     encode_entry(first, buf);
     for more in rest {
-        replicate_batch::put_entry_field(12, more, buf);
+        replicate_batch::put_entry_field(12, more, false, buf);
     }
     if history {
         prost::encoding::encode_key(13, prost::encoding::WireType::Varint, buf);
@@ -313,8 +349,13 @@ mod replicate_batch {
         }
     }
 
-    /// The fields of a `podcache.v1.Entry` message for `record`.
-    pub(super) fn encode_entry_fields(record: &Record, buf: &mut impl BufMut) {
+    /// `Entry.meta_as_previous`.
+    const META_AS_PREVIOUS: u32 = 14;
+
+    /// The fields of a `podcache.v1.Entry` message for `record`; with
+    /// `as_previous`, its author, origin, reason and batch are left out
+    /// and `meta_as_previous` is set (see [`super::same_meta`]).
+    pub(super) fn encode_entry_fields(record: &Record, as_previous: bool, buf: &mut impl BufMut) {
         let (key, value) = record.entry.key_value();
         let [ty, deleted, hlc, node, expires, batch] = varints(record);
         put_varint(ty.0, ty.1, buf);
@@ -323,30 +364,55 @@ mod replicate_batch {
         for (tag, value) in [deleted, hlc, node, expires] {
             put_varint(tag, value, buf);
         }
+        if as_previous {
+            put_varint(META_AS_PREVIOUS, 1, buf);
+            return;
+        }
         for (tag, text) in texts(record) {
             put_string(tag, text, buf);
         }
         put_varint(batch.0, batch.1, buf);
     }
 
-    pub(super) fn entry_len(record: &Record) -> usize {
+    pub(super) fn entry_len(record: &Record, as_previous: bool) -> usize {
         let (key, value) = record.entry.key_value();
-        let numbers: usize = varints(record)
+        let [ty, deleted, hlc, node, expires, batch] = varints(record);
+        let numbers: usize = [ty, deleted, hlc, node, expires]
             .iter()
             .map(|&(tag, value)| varint_len(tag, value))
             .sum();
-        let texts: usize = texts(record)
-            .iter()
-            .map(|&(tag, text)| string_len(tag, text))
-            .sum();
-        numbers + texts + string_len(2, key) + string_len(3, value.unwrap_or_default())
+        let meta = if as_previous {
+            varint_len(META_AS_PREVIOUS, 1)
+        } else {
+            let texts: usize = texts(record)
+                .iter()
+                .map(|&(tag, text)| string_len(tag, text))
+                .sum();
+            texts + varint_len(batch.0, batch.1)
+        };
+        numbers + meta + string_len(2, key) + string_len(3, value.unwrap_or_default())
     }
 
     /// `record` as a nested `Entry` message in field `tag`.
-    pub(super) fn put_entry_field(tag: u32, record: &Record, buf: &mut impl BufMut) {
+    pub(super) fn put_entry_field(
+        tag: u32,
+        record: &Record,
+        as_previous: bool,
+        buf: &mut impl BufMut,
+    ) {
         encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(entry_len(record) as u64, buf);
-        encode_entry_fields(record, buf);
+        encode_varint(entry_len(record, as_previous) as u64, buf);
+        encode_entry_fields(record, as_previous, buf);
+    }
+
+    /// Each record with whether it names its writer as the one before it.
+    fn with_previous(records: &[Record]) -> impl Iterator<Item = (&Record, bool)> {
+        let mut previous = None;
+        records.iter().map(move |record| {
+            let as_previous = super::same_meta(record, previous);
+            previous = Some(record);
+            (record, as_previous)
+        })
     }
 
     impl prost::Message for ReplicateBatch {
@@ -354,8 +420,8 @@ mod replicate_batch {
             if let Some(sender) = &self.sender {
                 encoding::message::encode(SENDER, sender, buf);
             }
-            for record in self.entries() {
-                put_entry_field(ENTRIES, record, buf);
+            for (record, as_previous) in with_previous(self.entries()) {
+                put_entry_field(ENTRIES, record, as_previous, buf);
             }
             put_varint(MORE, u64::from(self.more), buf);
         }
@@ -376,11 +442,9 @@ mod replicate_batch {
                 .sender
                 .as_ref()
                 .map_or(0, |s| encoding::message::encoded_len(SENDER, s));
-            let entries: usize = self
-                .entries()
-                .iter()
-                .map(|r| {
-                    let len = entry_len(r);
+            let entries: usize = with_previous(self.entries())
+                .map(|(r, as_previous)| {
+                    let len = entry_len(r, as_previous);
                     key_len(ENTRIES) + encoded_len_varint(len as u64) + len
                 })
                 .sum();
@@ -440,6 +504,31 @@ mod tests {
                 u64::MAX,
             ),
         ];
+        // Writers: one batch's shared description, an equal one of its
+        // own, another writer, and none between.
+        let batch = Arc::new(Meta::new("ops", "pod-a", Some("rollout 7"), true));
+        let with = |key: &str, meta: Option<Arc<Meta>>| Record {
+            ty: 3,
+            entry: Entry::with_meta(key, Some("x"), Version { hlc: 9, node: 2 }, 0, meta),
+        };
+        let records = [
+            records.to_vec(),
+            vec![
+                with("b1", Some(batch.clone())),
+                with("b2", Some(batch.clone())),
+                with(
+                    "b3",
+                    Some(Arc::new(Meta::new("ops", "pod-a", Some("rollout 7"), true))),
+                ),
+                with(
+                    "other",
+                    Some(Arc::new(Meta::new("ci", "pod-b", None, false))),
+                ),
+                with("none", None),
+                with("after-none", Some(batch.clone())),
+            ],
+        ]
+        .concat();
         let sender = podcache::NodeInfo {
             node_id: 42,
             name: "pod-a".into(),
@@ -459,7 +548,7 @@ mod tests {
                 };
                 let theirs = podcache::ReplicateRequest {
                     sender: sender.clone(),
-                    entries: records[..n].iter().map(record_to_wire).collect(),
+                    entries: records_to_wire(&records[..n]),
                     more,
                 };
                 let bytes = ours.encode_to_vec();
@@ -470,8 +559,20 @@ mod tests {
                 assert_eq!(bytes.len(), ours.encoded_len());
                 let decoded =
                     podcache::ReplicateRequest::decode(bytes.as_slice()).expect("decodes");
-                let back: Vec<Record> = decoded.entries.into_iter().map(record_from_wire).collect();
+                let as_previous = decoded
+                    .entries
+                    .iter()
+                    .filter(|e| e.meta_as_previous)
+                    .count();
+                assert_eq!(as_previous, n.saturating_sub(5).min(2), "b2 and b3 only");
+                let back = records_from_wire(decoded.entries);
                 assert_eq!(back, records[..n]);
+                let metas: Vec<_> = back.iter().map(|r| r.entry.meta().cloned()).collect();
+                let wanted: Vec<_> = records[..n]
+                    .iter()
+                    .map(|r| r.entry.meta().cloned())
+                    .collect();
+                assert_eq!(metas, wanted, "who wrote each entry comes back");
                 for record in &records[..n] {
                     let mut bytes = Vec::new();
                     encode_entry(record, &mut bytes);
@@ -479,5 +580,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_entry_as_its_previous_one_with_none_before_it_has_no_writer() {
+        let entry = |key: &str, author: &str, as_previous: bool| podcache::Entry {
+            r#type: 1,
+            key: key.into(),
+            value: "v".into(),
+            hlc: 1,
+            node: 1,
+            author: author.into(),
+            meta_as_previous: as_previous,
+            ..Default::default()
+        };
+        let back = records_from_wire(vec![
+            entry("first", "", true),
+            entry("a", "ops", false),
+            entry("b", "", true),
+            entry("plain", "", false),
+            entry("c", "", true),
+        ]);
+        let authors: Vec<Option<&str>> = back
+            .iter()
+            .map(|r| r.entry.meta().map(|m| &*m.author))
+            .collect();
+        assert_eq!(authors, [None, Some("ops"), Some("ops"), None, None]);
     }
 }
