@@ -136,15 +136,26 @@ impl Entry {
         &self.0.header.header
     }
 
+    /// The key's and the value's bytes (the value's empty for a tombstone).
+    fn byte_parts(&self) -> (&[u8], &[u8]) {
+        let slice = &self.0.slice;
+        slice
+            .split_at_checked(self.header().key_len as usize)
+            .unwrap_or((&[], &[]))
+    }
+
+    /// `bytes` as text. The bytes were copied from a key `&str` and a value
+    /// `&str` and are never changed, so the check cannot fail (and the
+    /// fallback cannot be reached); each part is checked on its own, so
+    /// reading the key does not pay for checking the value.
+    fn text(bytes: &[u8]) -> &str {
+        std::str::from_utf8(bytes).unwrap_or_default()
+    }
+
     /// The key and the value text (empty for a tombstone).
     fn parts(&self) -> (&str, &str) {
-        // The bytes were copied from a key `&str` followed by a value `&str`
-        // and are never changed, so they are UTF-8 with a character boundary
-        // at `key_len`: the fallback cannot be reached.
-        std::str::from_utf8(&self.0.slice)
-            .ok()
-            .and_then(|text| text.split_at_checked(self.header().key_len as usize))
-            .unwrap_or(("", ""))
+        let (key, value) = self.byte_parts();
+        (Self::text(key), Self::text(value))
     }
 
     /// The key's bytes (for hashing and comparing without a UTF-8 check).
@@ -157,12 +168,12 @@ impl Entry {
 
     /// The key.
     pub fn key(&self) -> &str {
-        self.parts().0
+        Self::text(self.byte_parts().0)
     }
 
     /// The value, or `None` for a tombstone (expired or not).
     pub fn value(&self) -> Option<&str> {
-        (!self.header().deleted).then(|| self.parts().1)
+        (!self.header().deleted).then(|| Self::text(self.byte_parts().1))
     }
 
     /// The key and [`Entry::value`] together, for one UTF-8 check instead
