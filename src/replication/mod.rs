@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use error::ReplicationError;
 pub use peer_link::PeerView;
@@ -218,7 +218,11 @@ impl Replicator {
             .collect();
         for addr in gone {
             if let Some(link) = links.remove(&addr) {
-                info!(peer = %addr, "peer left; closing its link and releasing its pending writes");
+                if self.ctx.selves.contains(&addr) {
+                    debug!(peer = %addr, "closing the link to this node's own address");
+                } else {
+                    info!(peer = %addr, "peer left; closing its link and releasing its pending writes");
+                }
                 self.close(&addr, link);
             }
         }
