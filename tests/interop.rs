@@ -22,16 +22,7 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 fn python() -> PathBuf {
-    if let Some(path) = std::env::var_os("PODCACHE_TEST_PYTHON") {
-        return PathBuf::from(path);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-interop/bin/python");
-    assert!(
-        venv.exists(),
-        "the interop test needs Python with grpcio and grpcio-tools: run scripts/test \
-         (it creates .venv-interop), or set PODCACHE_TEST_PYTHON"
-    );
-    venv
+    common::venv_python("grpcio and grpcio-tools")
 }
 
 fn script() -> PathBuf {

@@ -414,16 +414,7 @@ async fn without_ofrep_type_the_paths_do_not_exist() {
 }
 
 fn python() -> PathBuf {
-    if let Some(path) = std::env::var_os("PODCACHE_TEST_PYTHON") {
-        return PathBuf::from(path);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-interop/bin/python");
-    assert!(
-        venv.exists(),
-        "the OFREP test needs Python with openfeature-sdk and openfeature-provider-ofrep: \
-         run scripts/test (it creates .venv-interop), or set PODCACHE_TEST_PYTHON"
-    );
-    venv
+    common::venv_python("openfeature-sdk and openfeature-provider-ofrep")
 }
 
 #[tokio::test]

@@ -330,11 +330,7 @@ async fn answers_have_the_contract_shapes() {
 /// venv scripts/test creates): the families as JSON.
 fn parse_metrics(format: &str, text: &str) -> Value {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv-interop/bin/python");
-    assert!(
-        python.exists(),
-        "run scripts/test: it creates .venv-interop with prometheus_client"
-    );
+    let python = common::venv_python("prometheus_client");
     use std::io::Write;
     let mut child = std::process::Command::new(python)
         .arg(root.join("tests/interop/parse_metrics.py"))

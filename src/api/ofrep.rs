@@ -440,12 +440,7 @@ async fn evaluate_one(
         Err(refusal) => return refusal_response(None, refusal),
     };
     let (parts, body) = request.into_parts();
-    let checked = async {
-        let ty = flag_type(&api)?;
-        read_context(&api, &parts.headers, body).await?;
-        Ok::<_, Refusal>(ty)
-    };
-    let ty = match checked.await {
+    let ty = match checked_type(&api, &parts.headers, body).await {
         Ok(ty) => ty,
         Err(refusal) => return refusal_response(Some(&key), refusal),
     };
@@ -472,6 +467,14 @@ async fn evaluate_one(
     }
 }
 
+/// The flags' type, once the request's body (its context) is read and
+/// checked: what both evaluations check before they read the store.
+async fn checked_type(api: &Api, headers: &HeaderMap, body: Body) -> Result<i32, Refusal> {
+    let ty = flag_type(api)?;
+    read_context(api, headers, body).await?;
+    Ok(ty)
+}
+
 fn evaluate_entry(entry: &Entry) -> Evaluation {
     match entry.value() {
         Some(value) => evaluate(value, &entry.version().to_string()),
@@ -487,12 +490,7 @@ fn evaluate_entry(entry: &Entry) -> Evaluation {
 /// `If-None-Match` names it.
 async fn evaluate_all(State(api): State<Arc<Api>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let checked = async {
-        let ty = flag_type(&api)?;
-        read_context(&api, &parts.headers, body).await?;
-        Ok::<_, Refusal>(ty)
-    };
-    let ty = match checked.await {
+    let ty = match checked_type(&api, &parts.headers, body).await {
         Ok(ty) => ty,
         Err(refusal) => return refusal_response(None, refusal),
     };

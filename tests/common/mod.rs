@@ -320,3 +320,19 @@ pub async fn wait_for_peers(node: &NodeHandle, n: usize, within: Duration) {
     })
     .await;
 }
+
+/// The Python of the venv `scripts/test` creates (`.venv-interop`), or
+/// `PODCACHE_TEST_PYTHON`; `needs` says what the caller's test uses.
+pub fn venv_python(needs: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("PODCACHE_TEST_PYTHON") {
+        return std::path::PathBuf::from(path);
+    }
+    let venv =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-interop/bin/python");
+    assert!(
+        venv.exists(),
+        "this test needs Python with {needs}: run scripts/test \
+         (it creates .venv-interop), or set PODCACHE_TEST_PYTHON"
+    );
+    venv
+}
