@@ -67,6 +67,8 @@ pub struct Answer {
     pub status: StatusCode,
     /// The `Content-Type` header, if any.
     pub content_type: Option<String>,
+    /// `ETag`, when the answer has one (an entry's version, quoted).
+    pub etag: Option<String>,
     /// The raw body.
     pub body: Bytes,
 }
@@ -229,10 +231,16 @@ impl RestClient {
                 .get(hyper::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            let etag = response
+                .headers()
+                .get(hyper::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = response.into_body().collect().await?.to_bytes();
             Ok(Answer {
                 status,
                 content_type,
+                etag,
                 body,
             })
         };

@@ -263,6 +263,17 @@ impl EtcdClient {
         }
     }
 
+    /// One range request as it is (a single key, or `range_end` set).
+    pub async fn range(&self, request: RangeRequest) -> Result<Vec<KeyValue>, EtcdError> {
+        let response = self
+            .call(|ch| {
+                let request = request.clone();
+                async move { KvClient::new(ch).range(request).await }
+            })
+            .await?;
+        Ok(response.kvs)
+    }
+
     /// Sets `key`; returns the new revision.
     pub async fn put(&self, key: &[u8], value: &[u8], lease: i64) -> Result<i64, EtcdError> {
         let request = PutRequest {

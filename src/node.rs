@@ -221,6 +221,14 @@ impl NodeBuilder {
             repair_tx,
             cancel.child_token(),
         ));
+        let decider = crate::replication::decider::Decider::start(
+            replica.clone(),
+            replicator.clone(),
+            discovery.election(),
+            replica.ready_watch(),
+            &tracker,
+            cancel.child_token(),
+        );
         info!(
             name = %replica.identity.name,
             node_id = format!("{:016x}", replica.identity.node_id),
@@ -233,6 +241,7 @@ impl NodeBuilder {
         let api = Arc::new(Api {
             replica: replica.clone(),
             replicator: replicator.clone(),
+            decider: decider.clone(),
             peers_rx: peers_rx.clone(),
             discovery_name,
             auth: auth.clone(),
@@ -248,6 +257,7 @@ impl NodeBuilder {
         let serving = TaskTracker::new();
         let rpc = RpcContext {
             replica: replica.clone(),
+            decider,
             tls: tls.clone(),
             stop: stop_serving.clone(),
             tasks: serving.clone(),

@@ -133,7 +133,22 @@ pub(super) fn entry(record: &Record, replication: Option<&[DeliveryReport]>) -> 
     meta_members(&mut out, &record.entry, "origin");
     replication_member(&mut out, replication);
     out.raw("}");
-    out.into_response()
+    let mut response = out.into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(record.entry.version()));
+    response
+}
+
+/// A version as an `ETag`: its text, quoted.
+pub(super) fn etag(version: Version) -> HeaderValue {
+    let text = version.text();
+    let mut quoted = Vec::with_capacity(text.as_str().len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(text.as_str().as_bytes());
+    quoted.push(b'"');
+    // The text is digits, '.', '@' and hex digits: always a valid value.
+    HeaderValue::from_bytes(&quoted).unwrap_or(HeaderValue::from_static("\"\""))
 }
 
 /// `,"author","<origin name>","reason","written_at"` of an entry (null

@@ -20,6 +20,18 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for people.
     pub message: String,
+    /// More members of the body, and an `ETag`, for the few errors that
+    /// carry them (a failed precondition names the current version).
+    pub extra: Option<Box<Extra>>,
+}
+
+/// What some errors add to the body and the headers.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// Members added to the JSON body after `error` and `message`.
+    pub fields: Vec<(&'static str, serde_json::Value)>,
+    /// An `ETag` header (already quoted).
+    pub etag: Option<String>,
 }
 
 impl ApiError {
@@ -29,7 +41,31 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            extra: None,
         }
+    }
+
+    /// 412 for a conditional write whose expectation of `key` failed; the
+    /// body and the `ETag` name the version the key holds now.
+    pub fn precondition(
+        message: String,
+        key: &str,
+        current: Option<crate::store::Version>,
+    ) -> Self {
+        let mut err = Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            message,
+        );
+        let current_text = current.map(|v| v.to_string());
+        err.extra = Some(Box::new(Extra {
+            fields: vec![
+                ("key", json!(key)),
+                ("current_version", json!(current_text)),
+            ],
+            etag: current_text.map(|v| format!("\"{v}\"")),
+        }));
+        err
     }
 
     /// 400 with `code`.
@@ -77,6 +113,9 @@ impl From<StoreError> for ApiError {
             StoreError::ClockSkew(_) => (StatusCode::BAD_REQUEST, "clock_skew"),
             StoreError::MetaTooLong => (StatusCode::BAD_REQUEST, "invalid_meta"),
             StoreError::Full { .. } => (StatusCode::INSUFFICIENT_STORAGE, "capacity_exhausted"),
+            StoreError::Precondition { key, current } => {
+                return Self::precondition(err.to_string(), key, *current);
+            }
         };
         Self::new(status, code, err.to_string())
     }
@@ -100,6 +139,11 @@ impl From<WriteError> for ApiError {
                     "{err}; nothing was written, reads go on, writes resume when the disk does"
                 ),
             ),
+            WriteError::Fenced => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_decider",
+                format!("{err}; nothing was written, retry: a new decider is being chosen"),
+            ),
             WriteError::NotDurable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_durable",
@@ -109,12 +153,68 @@ impl From<WriteError> for ApiError {
     }
 }
 
+impl From<crate::replication::decider::Refusal> for ApiError {
+    fn from(refusal: crate::replication::decider::Refusal) -> Self {
+        use crate::proto::podcache::decide_response::Outcome;
+        use crate::replication::decider::Refusal;
+        let message = refusal.to_string();
+        match refusal {
+            Refusal::Write(e) => e.into(),
+            Refusal::NoDecider(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_decider",
+                format!(
+                    "{message}; nothing was written, retry (conditional writes need the decider)"
+                ),
+            ),
+            Refusal::NotReplicated { records, .. } => {
+                let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_replicated", message);
+                if let Some(record) = records.first() {
+                    err.extra = Some(Box::new(Extra {
+                        fields: vec![("version", json!(record.entry.version().to_string()))],
+                        etag: None,
+                    }));
+                }
+                err
+            }
+            Refusal::Remote { kind, .. } => {
+                let (status, code) = match kind {
+                    Outcome::Capacity => (StatusCode::INSUFFICIENT_STORAGE, "capacity_exhausted"),
+                    Outcome::DiskFull => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
+                    Outcome::StorageUnavailable => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+                    }
+                    Outcome::NotDurable => (StatusCode::SERVICE_UNAVAILABLE, "not_durable"),
+                    Outcome::Invalid => (StatusCode::BAD_REQUEST, "invalid_write"),
+                    Outcome::NotReplicated => (StatusCode::SERVICE_UNAVAILABLE, "not_replicated"),
+                    Outcome::Decided | Outcome::PreconditionFailed | Outcome::NoDecider => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "no_decider")
+                    }
+                };
+                Self::new(status, code, message)
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": self.code, "message": self.message })),
-        )
-            .into_response()
+        let mut body = json!({ "error": self.code, "message": self.message });
+        let Some(extra) = self.extra else {
+            return (self.status, Json(body)).into_response();
+        };
+        for (name, value) in extra.fields {
+            body[name] = value;
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(etag) = extra
+            .etag
+            .and_then(|t| axum::http::HeaderValue::from_str(&t).ok())
+        {
+            response
+                .headers_mut()
+                .insert(axum::http::header::ETAG, etag);
+        }
+        response
     }
 }

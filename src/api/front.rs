@@ -115,7 +115,7 @@ impl tower::Service<Request> for Front {
             return Either::Left(ready(Ok(answer.into_response())));
         }
         if is_read && sub == Sub::Entry {
-            let answer = super::get_entry(&self.api, ty, &key);
+            let answer = super::get_entry(&self.api, ty, &key, request.headers());
             return Either::Left(ready(Ok(answer.into_response())));
         }
         let api = self.api.clone();

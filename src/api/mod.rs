@@ -23,7 +23,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -43,8 +43,9 @@ use crate::identity::unix_ms;
 use crate::metrics::label;
 use crate::replica::{Author, Change, DeliveryReport, Replica, WriteOutcome};
 use crate::replication::Replicator;
+use crate::replication::decider::{Conditional, Decided, Op};
 use crate::replication::oldest::{self, Age};
-use crate::store::{Entry, Record, Version};
+use crate::store::{Entry, Expect, Record, Version};
 
 /// What the REST API uses of the node.
 #[derive(Debug)]
@@ -52,6 +53,8 @@ pub(crate) struct Api {
     pub(crate) replica: Arc<Replica>,
     /// The peer links, for `/v1/cluster` and the per-peer gauges.
     pub(crate) replicator: Arc<Replicator>,
+    /// Who decides conditional writes, and the forwarding to it.
+    pub(crate) decider: Arc<crate::replication::decider::Decider>,
     /// The latest membership published by discovery.
     pub(crate) peers_rx: tokio::sync::watch::Receiver<PeerSet>,
     /// Name of the discovery source.
@@ -277,6 +280,24 @@ impl<'a> Writer<'a> {
         })
     }
 
+    /// A conditional write by this writer.
+    fn conditional(
+        &self,
+        ty: i32,
+        op: Op,
+        ttl_secs: Option<u64>,
+        guards: Vec<(String, Expect)>,
+    ) -> Conditional {
+        Conditional {
+            ty,
+            op,
+            ttl_secs,
+            guards,
+            author: self.name.to_string(),
+            reason: self.reason.map(str::to_owned),
+        }
+    }
+
     /// Writes `change` as this writer, counting a refusal by its reason.
     async fn write(
         &self,
@@ -303,14 +324,121 @@ fn with_replication(mut body: Value, outcome: &WriteOutcome) -> Value {
     body
 }
 
-fn get_entry(api: &Api, ty: i32, key: &str) -> Result<Response, ApiError> {
+fn get_entry(api: &Api, ty: i32, key: &str, headers: &HeaderMap) -> Result<Response, ApiError> {
     count(api, "get");
     let entry = api
         .replica
         .store
         .get(ty, key, unix_ms())
         .ok_or_else(|| ApiError::absent(ty, key))?;
+    if let Some(tags) = headers.get(header::IF_NONE_MATCH)
+        && etag_matches(tags.as_bytes(), entry.version())
+    {
+        return Ok(not_modified(entry.version()));
+    }
     Ok(answer::entry(&Record { ty, entry }, None))
+}
+
+/// 304 for a read whose `If-None-Match` names the version held.
+fn not_modified(version: Version) -> Response {
+    let mut response = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// True when the `If-None-Match` list of a read names `version` (or is
+/// `*`). Weak tags compare weakly, as RFC 9110 says for this header.
+fn etag_matches(tags: &[u8], version: Version) -> bool {
+    let Ok(tags) = std::str::from_utf8(tags) else {
+        return false;
+    };
+    tags.split(',').map(str::trim).any(|tag| {
+        tag == "*"
+            || tag
+                .trim_start_matches("W/")
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(parse_version)
+                == Some(version)
+    })
+}
+
+/// The expectation of a single-entry write: `If-Match: "<version>"` (the
+/// key is at exactly that version), `If-Match: *` (it holds a value),
+/// `If-None-Match: *` (it holds none); `None` without either header.
+fn expectation(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
+    let bad = |why: String| ApiError::bad_request("invalid_precondition", why);
+    fn text<'h>(value: &'h HeaderValue, name: &str) -> Result<&'h str, ApiError> {
+        value.to_str().map(str::trim).map_err(|_| {
+            ApiError::bad_request("invalid_precondition", format!("{name} must be ASCII text"))
+        })
+    }
+    match (
+        headers.get(header::IF_MATCH),
+        headers.get(header::IF_NONE_MATCH),
+    ) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(bad(
+            "a write takes If-Match or If-None-Match, not both".into()
+        )),
+        (None, Some(value)) => match text(value, "If-None-Match")? {
+            "*" => Ok(Some(Expect::Absent)),
+            other => Err(bad(format!(
+                "on a write, If-None-Match takes only * (the key must be absent), got {:?}",
+                other.chars().take(64).collect::<String>()
+            ))),
+        },
+        (Some(value), None) => {
+            let raw = text(value, "If-Match")?;
+            if raw == "*" {
+                return Ok(Some(Expect::Present));
+            }
+            if raw.starts_with("W/") {
+                return Err(bad(
+                    "If-Match needs a strong ETag: a weak one never matches a write".into(),
+                ));
+            }
+            raw.strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(parse_version)
+                .map(|v| Some(Expect::Version(v)))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "If-Match must be one quoted version, \"<wall ms>.<logical>@<16 hex digits>\" (the ETag of a read), or *; got {:?}",
+                        raw.chars().take(64).collect::<String>()
+                    ))
+                })
+        }
+    }
+}
+
+/// A conditional write: decided by the decider (here or forwarded), with
+/// `wait=all` implied. The answer is that of the unconditional write, with
+/// the decider named.
+async fn conditional(api: &Api, write: Conditional) -> Result<Decided, ApiError> {
+    // Limits first, here: a bad change is refused without a trip to the
+    // decider (which checks them again).
+    let check = match &write.op {
+        Op::Set { key, value } => api.replica.store.check_batch(
+            [(key.as_str(), Some(value.as_str()))].into_iter(),
+            write.ttl_secs,
+        ),
+        Op::Delete { key } => api
+            .replica
+            .store
+            .check_batch([(key.as_str(), None)].into_iter(), None),
+        Op::Batch { entries } => api.replica.store.check_batch(
+            entries.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+            write.ttl_secs,
+        ),
+    };
+    check.map_err(ApiError::from)?;
+    let decided = api.decider.decide(write, false).await;
+    let decided = decided.map_err(ApiError::from)?;
+    api.replica.metrics.ops.conditional.inc();
+    Ok(decided)
 }
 
 async fn put_entry(
@@ -322,10 +450,28 @@ async fn put_entry(
     let (parts, body) = request.into_parts();
     let options = write_options(Query::try_from_uri(&parts.uri))?;
     let writer = Writer::of(&parts)?;
+    let expect = expectation(&parts.headers)?;
     let body = read_body(api, &parts.headers, body).await?;
     let value = std::str::from_utf8(&body).map_err(|e| {
         ApiError::bad_request("invalid_utf8", format!("the value must be UTF-8 text: {e}"))
     })?;
+    if let Some(expect) = expect {
+        let write = writer.conditional(
+            ty,
+            Op::Set {
+                key: key.clone(),
+                value: value.to_owned(),
+            },
+            options.ttl_secs,
+            vec![(key, expect)],
+        );
+        let decided = conditional(api, write).await?;
+        count(api, "set");
+        return Ok(answer::entry(
+            &decided.records[0],
+            Some(&decided.replication),
+        ));
+    }
     let change = Change::Set {
         ty,
         key: &key,
@@ -362,6 +508,22 @@ async fn delete_entry(
             "invalid_query",
             "ttl has no meaning on a delete",
         ));
+    }
+    if let Some(expect) = expectation(&request.headers)? {
+        let write = writer.conditional(
+            ty,
+            Op::Delete { key: key.clone() },
+            None,
+            vec![(key.clone(), expect)],
+        );
+        let decided = conditional(api, write).await?;
+        let Some(record) = decided.records.first() else {
+            return Err(ApiError::absent(ty, &key));
+        };
+        count(api, "delete");
+        let mut body = deleted_json(record);
+        body["replication"] = replication_json(&decided.replication);
+        return Ok(Json(body));
     }
     let outcome = writer
         .write(api, Change::Delete { ty, key: &key }, options.wait_all)
@@ -467,6 +629,27 @@ pub(super) async fn rollback(
             format!("type {ty} key {key:?} has no version {raw} in this node's history"),
         ));
     };
+    if let Some(expect) = expectation(&request.headers)? {
+        let op = match old.value() {
+            Some(value) => Op::Set {
+                key: key.clone(),
+                value: value.to_owned(),
+            },
+            None => Op::Delete { key: key.clone() },
+        };
+        let write = writer.conditional(ty, op, None, vec![(key.clone(), expect)]);
+        let decided = conditional(api, write).await?;
+        count(api, "set");
+        return Ok(match decided.records.first() {
+            Some(record) if record.entry.is_tombstone() => {
+                let mut body = deleted_json(record);
+                body["replication"] = replication_json(&decided.replication);
+                Json(body).into_response()
+            }
+            Some(record) => answer::entry(record, Some(&decided.replication)),
+            None => return Err(ApiError::absent(ty, &key)),
+        });
+    }
     let change = match old.value() {
         Some(value) => Change::Set {
             ty,
@@ -573,6 +756,132 @@ fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Option<Text<'_>>>, ApiE
     })
 }
 
+/// One entry of a batch with expectations: `{"value": "<v>"|null,
+/// "if_version": "<version>" | "if_absent": true | "if_present": true}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardedEntry {
+    value: Option<String>,
+    if_version: Option<String>,
+    if_absent: Option<bool>,
+    if_present: Option<bool>,
+}
+
+/// A batch whose values may be objects with expectations: `None` when no
+/// value is an object (the body is then a plain batch, or bad as one).
+#[allow(clippy::type_complexity)]
+fn parse_guarded_batch(
+    body: &[u8],
+) -> Result<Option<Vec<(String, Option<String>, Option<Expect>)>>, ApiError> {
+    let Ok(parsed) = serde_json::from_slice::<BTreeMap<String, Value>>(body) else {
+        return Ok(None);
+    };
+    if !parsed.values().any(Value::is_object) {
+        return Ok(None);
+    }
+    let bad = |key: &str, why: String| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("key {:?}: {why}", key.chars().take(64).collect::<String>()),
+        )
+    };
+    let mut entries = Vec::with_capacity(parsed.len());
+    for (key, value) in parsed {
+        let entry = match value {
+            Value::Null => (key, None, None),
+            Value::String(v) => (key, Some(v), None),
+            Value::Object(_) => {
+                let e: GuardedEntry = serde_json::from_value(value).map_err(|err| {
+                    bad(
+                        &key,
+                        format!(
+                            "an entry object has \"value\" (a string or null) and at most one of \"if_version\", \"if_absent\": true, \"if_present\": true: {err}"
+                        ),
+                    )
+                })?;
+                let expect = match (e.if_version, e.if_absent, e.if_present) {
+                    (None, None | Some(false), None | Some(false)) => None,
+                    (Some(text), None, None) => {
+                        Some(Expect::Version(parse_version(&text).ok_or_else(|| {
+                            bad(
+                                &key,
+                                format!(
+                                    "if_version is not a version: {:?}",
+                                    text.chars().take(64).collect::<String>()
+                                ),
+                            )
+                        })?))
+                    }
+                    (None, Some(true), None) => Some(Expect::Absent),
+                    (None, None, Some(true)) => Some(Expect::Present),
+                    _ => {
+                        return Err(bad(
+                            &key,
+                            "name at most one of if_version, if_absent, if_present".into(),
+                        ));
+                    }
+                };
+                (key, e.value, expect)
+            }
+            other => {
+                return Err(bad(
+                    &key,
+                    format!(
+                        "the value must be a string, null or an entry object, got {}",
+                        json_kind(&other)
+                    ),
+                ));
+            }
+        };
+        entries.push(entry);
+    }
+    Ok(Some(entries))
+}
+
+/// A batch with expectations: decided whole by the decider, or refused
+/// whole. One without any expectation is a plain batch.
+async fn guarded_batch(
+    api: &Api,
+    writer: &Writer<'_>,
+    ty: i32,
+    options: &WriteOptions,
+    entries: Vec<(String, Option<String>, Option<Expect>)>,
+) -> Result<Response, ApiError> {
+    let ttl_secs = options.ttl_secs;
+    let guards: Vec<(String, Expect)> = entries
+        .iter()
+        .filter_map(|(k, _, e)| Some((k.clone(), (*e)?)))
+        .collect();
+    let entries: Vec<(String, Option<String>)> =
+        entries.into_iter().map(|(k, v, _)| (k, v)).collect();
+    if guards.is_empty() {
+        let borrowed: Vec<(&str, Option<&str>)> = entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        let change = Change::Batch {
+            ty,
+            entries: &borrowed,
+            ttl_secs,
+        };
+        let outcome = writer.write(api, change, options.wait_all).await?;
+        count(api, "batch");
+        return Ok(answer::batch(
+            ty,
+            &outcome.records,
+            outcome.replication.as_deref(),
+        ));
+    }
+    let write = writer.conditional(ty, Op::Batch { entries }, ttl_secs, guards);
+    let decided = conditional(api, write).await?;
+    count(api, "batch");
+    Ok(answer::batch(
+        ty,
+        &decided.records,
+        Some(&decided.replication),
+    ))
+}
+
 async fn post_batch(
     State(api): State<Arc<Api>>,
     path: Result<Path<String>, PathRejection>,
@@ -584,7 +893,15 @@ async fn post_batch(
     let (parts, body) = request.into_parts();
     let writer = Writer::of(&parts)?;
     let body = read_body(&api, &parts.headers, body).await?;
-    let parsed = parse_batch(&body)?;
+    let parsed = match parse_batch(&body) {
+        Ok(parsed) => parsed,
+        Err(plain) => {
+            let Some(guarded) = parse_guarded_batch(&body)? else {
+                return Err(plain);
+            };
+            return guarded_batch(&api, &writer, ty, &options, guarded).await;
+        }
+    };
     let entries: Vec<(&str, Option<&str>)> = parsed
         .iter()
         .map(|(k, v)| (&*k.0, v.as_ref().map(|v| &*v.0)))
@@ -919,7 +1236,16 @@ pub(crate) fn cluster_json(api: &Api) -> Value {
             "healthy": d.healthy(),
         })
     });
+    let decider = match api.decider.holder() {
+        Some((name, addr, me)) => json!({
+            "rule": api.decider.backend(), "name": name, "grpc_addr": addr, "me": me,
+        }),
+        None => {
+            json!({ "rule": api.decider.backend(), "name": null, "grpc_addr": null, "me": false })
+        }
+    };
     json!({
+        "decider": decider,
         "node": {
             "name": me.name,
             "node_id": format!("{:016x}", me.node_id),

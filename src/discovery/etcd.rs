@@ -60,6 +60,13 @@ impl Discovery for EtcdDiscovery {
         "etcd"
     }
 
+    fn election(&self) -> Option<Box<dyn super::election::Election>> {
+        Some(Box::new(super::election::EtcdElection {
+            settings: self.settings.clone(),
+            key: super::election::EtcdElection::pods_key(&self.filter),
+        }))
+    }
+
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let mut filter = self.filter.clone();
         filter.self_pod_ip = ctx.identity.pod_ip.clone();

@@ -110,6 +110,15 @@ impl Discovery for EtcdLeaseDiscovery {
         "etcd-lease"
     }
 
+    fn election(&self) -> Option<Box<dyn super::election::Election>> {
+        // Beside the members' prefix, not under it (members are listed by
+        // the prefix).
+        Some(Box::new(super::election::EtcdElection {
+            settings: self.settings.clone(),
+            key: format!("/podcache-decider{}", self.prefix),
+        }))
+    }
+
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let mut members = Members::default();
         let mut publisher = Publisher::new();

@@ -92,6 +92,19 @@ impl Discovery for EtcdV2Discovery {
         "etcd-v2"
     }
 
+    fn election(&self) -> Option<Box<dyn super::election::Election>> {
+        // The same etcd serves its v3 API, where leases are: etcd 3 serves
+        // both on one port (the v2 store is an option of it).
+        Some(Box::new(super::election::EtcdElection {
+            settings: crate::etcd::EtcdSettings {
+                endpoints: self.endpoints.clone(),
+                tls: crate::etcd::EtcdTls::default(),
+                timeout: self.timeout,
+            },
+            key: super::election::EtcdElection::pods_key(&self.filter),
+        }))
+    }
+
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let mut filter = self.filter.clone();
         filter.self_pod_ip = ctx.identity.pod_ip.clone();

@@ -6,6 +6,7 @@
 //! set into a `watch` channel, and readers see the latest snapshot.
 
 pub mod dns;
+pub mod election;
 pub mod etcd;
 pub mod etcd_lease;
 pub mod etcd_v2;
@@ -142,4 +143,11 @@ pub trait Discovery: Send + Sync + 'static {
     /// until `ctx.cancel` fires. Failures are published as
     /// [`DiscoveryState::Stale`], never returned: discovery outlives them.
     async fn run(self: Box<Self>, ctx: DiscoveryContext);
+
+    /// Where the decider's lease is held with this source (an etcd key, a
+    /// Kubernetes Lease), or `None`: the oldest ready replica decides (see
+    /// `crate::replication::decider`).
+    fn election(&self) -> Option<Box<dyn election::Election>> {
+        None
+    }
 }

@@ -32,6 +32,9 @@ pub struct OpCounters {
     pub list: Counter,
     /// `op="watch"`.
     pub watch: Counter,
+    /// `op="conditional"`: conditional writes decided (also counted under
+    /// their own op).
+    pub conditional: Counter,
 }
 
 /// Every metric of one node.
@@ -345,6 +348,7 @@ impl Metrics {
             set: op("set"),
             delete: op("delete"),
             batch: op("batch"),
+            conditional: op("conditional"),
             list: op("list"),
             watch: op("watch"),
         };

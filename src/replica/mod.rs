@@ -22,7 +22,7 @@ use tokio::sync::{Notify, broadcast};
 use tracing::warn;
 
 pub use events::ChangeEvent;
-pub use write::{Author, Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome};
+pub use write::{Author, Change, DeliveryReport, DeliveryStatus, Terms, WriteError, WriteOutcome};
 
 use self::changes::ChangeLog;
 use crate::config::NodeConfig;
@@ -98,6 +98,9 @@ pub struct Replica {
     changed: Notify,
     /// True once the bootstrap pull is done; `/readyz` answers from it.
     ready: AtomicBool,
+    /// The same, for those who wait for it to change (the decider's
+    /// election campaigns only while the node is ready).
+    ready_tx: tokio::sync::watch::Sender<bool>,
     /// When this node last completed anti-entropy with a peer (or had no
     /// peer to sync with, or finished its bootstrap), Unix ms. Older than
     /// the tombstone grace means the node is stale: see
@@ -139,6 +142,7 @@ impl Replica {
             changes: Mutex::new(ChangeLog::new()),
             changed: Notify::new(),
             ready: AtomicBool::new(false),
+            ready_tx: tokio::sync::watch::channel(false).0,
             last_full_sync_ms: AtomicU64::new(0),
             bootstrap: Mutex::new(None),
             data,
@@ -195,9 +199,15 @@ impl Replica {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Follows readiness.
+    pub(crate) fn ready_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready_tx.subscribe()
+    }
+
     /// Marks the node ready (after the bootstrap), or not (at shutdown).
     pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+        self.ready_tx.send_replace(ready);
         self.metrics.ready.set(i64::from(ready));
     }
 

@@ -24,7 +24,7 @@ use super::changes::{Frontier, PeerLabel, Tracking};
 use super::{Origin, Replica};
 use crate::durability::DiskError;
 use crate::identity::unix_ms;
-use crate::store::{Meta, Record, Refused, StoreError};
+use crate::store::{Expect, Meta, Record, Refused, StoreError};
 
 pub use crate::store::Change;
 
@@ -44,6 +44,38 @@ pub enum WriteError {
     /// node's disk.
     #[error("applied, but not known to be on disk: {0}")]
     NotDurable(DiskError),
+    /// A conditional write reached the store after this node's lease as
+    /// the decider ran out: nothing was changed.
+    #[error("this node's lease as the decider ran out before the write was applied")]
+    Fenced,
+}
+
+/// What a conditional write adds to a change: its expectations, and the
+/// fence of the decider that took it.
+#[derive(Clone, Copy, Default)]
+pub struct Terms<'a> {
+    /// What each key must hold for the change to apply (all or nothing).
+    pub guards: &'a [(&'a str, Expect)],
+    /// Given the wall-clock milliseconds of the version the change was
+    /// stamped with, under the store's lock: `false` refuses it
+    /// ([`WriteError::Fenced`]). The decider passes "my lease is still
+    /// valid at that time".
+    pub fence: Option<&'a (dyn Fn(u64) -> bool + Send + Sync)>,
+}
+
+impl std::fmt::Debug for Terms<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terms")
+            .field("guards", &self.guards)
+            .field("fence", &self.fence.is_some())
+            .finish()
+    }
+}
+
+/// Why the hook before the store applies a change refused it.
+enum HookError {
+    Disk(DiskError),
+    Fenced,
 }
 
 /// What happened to one write at one peer.
@@ -150,8 +182,22 @@ impl Replica {
         wait: bool,
         by: Author<'_>,
     ) -> Result<WriteOutcome, WriteError> {
+        self.write_with(change, wait, by, Terms::default()).await
+    }
+
+    /// [`Replica::write_as`] of a conditional write: `terms` are checked
+    /// under the store's lock, and a failed one changes nothing. Only the
+    /// decider calls it with expectations (`crate::replication::decider`):
+    /// a check on any other replica would not hold across replicas.
+    pub(crate) async fn write_with(
+        &self,
+        change: Change<'_>,
+        wait: bool,
+        by: Author<'_>,
+        terms: Terms<'_>,
+    ) -> Result<WriteOutcome, WriteError> {
         let meta = self.meta(by, matches!(change, Change::Batch { .. }));
-        let (records, waiters, lsn) = self.commit(change, wait, meta)?;
+        let (records, waiters, lsn) = self.commit(change, wait, meta, terms)?;
         if !records.is_empty() {
             self.changed.notify_waiters();
             self.publish(&records, Origin::Local);
@@ -178,18 +224,30 @@ impl Replica {
         change: Change<'_>,
         wait: bool,
         meta: Arc<Meta>,
+        terms: Terms<'_>,
     ) -> Result<(Vec<Record>, Waiters, Option<u64>), WriteError> {
         let mut changes = self.changes();
         let mut lsn = None;
         let records = self
             .store
-            .commit(change, unix_ms(), Some(meta), |records| match &self.data {
-                Some(data) => data.append(records).map(|at| lsn = Some(at)),
-                None => Ok(()),
+            .commit_guarded(change, terms.guards, unix_ms(), Some(meta), |records| {
+                if let (Some(fence), Some(first)) = (terms.fence, records.first())
+                    && !fence(crate::store::clock::hlc_ms(first.entry.version().hlc))
+                {
+                    return Err(HookError::Fenced);
+                }
+                match &self.data {
+                    Some(data) => data
+                        .append(records)
+                        .map(|at| lsn = Some(at))
+                        .map_err(HookError::Disk),
+                    None => Ok(()),
+                }
             })
             .map_err(|refused| match refused {
                 Refused::Store(e) => WriteError::Store(e),
-                Refused::Hook(e) => WriteError::Disk(e),
+                Refused::Hook(HookError::Disk(e)) => WriteError::Disk(e),
+                Refused::Hook(HookError::Fenced) => WriteError::Fenced,
             })?;
         if records.is_empty()
             && let Some(data) = &self.data

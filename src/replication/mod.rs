@@ -14,6 +14,7 @@
 pub mod anti_entropy;
 pub(crate) mod batch;
 pub mod bootstrap;
+pub mod decider;
 pub mod error;
 pub(crate) mod link;
 pub mod oldest;

@@ -29,8 +29,9 @@ use crate::proto::hellorpc::sync_server::{Sync as SyncRpc, SyncServer};
 use crate::proto::hellorpc::{SyncData, SyncRequest, SyncResponse};
 use crate::proto::podcache::replica_server::{Replica, ReplicaServer};
 use crate::proto::podcache::{
-    DigestRequest, DigestResponse, HelloRequest, HelloResponse, RepairRequest, RepairResponse,
-    ReplicateRequest, ReplicateResponse, SnapshotChunk, SnapshotRequest,
+    DecideRequest, DecideResponse, DigestRequest, DigestResponse, HelloRequest, HelloResponse,
+    RepairRequest, RepairResponse, ReplicateRequest, ReplicateResponse, SnapshotChunk,
+    SnapshotRequest,
 };
 use crate::proto::{
     FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, records_from_wire, wire_size,
@@ -47,7 +48,9 @@ impl From<crate::replica::WriteError> for Status {
         match err {
             WriteError::Store(e) => e.into(),
             WriteError::Disk(DiskError::Full(_)) => Status::resource_exhausted(err.to_string()),
-            WriteError::Disk(_) | WriteError::NotDurable(_) => Status::unavailable(err.to_string()),
+            WriteError::Disk(_) | WriteError::NotDurable(_) | WriteError::Fenced => {
+                Status::unavailable(err.to_string())
+            }
         }
     }
 }
@@ -56,6 +59,8 @@ impl From<crate::replica::WriteError> for Status {
 #[derive(Debug, Clone)]
 pub(crate) struct RpcContext {
     pub(crate) replica: Arc<Node>,
+    /// Decides the conditional writes forwarded to this node.
+    pub(crate) decider: Arc<crate::replication::decider::Decider>,
     /// Mutual TLS for incoming connections, when configured.
     pub(crate) tls: Option<Arc<crate::tls::PeerTls>>,
     /// Fires when the node stops serving: open `ReplicateStream` calls end.
@@ -355,6 +360,20 @@ type Disk = Result<Option<u64>, crate::durability::DiskError>;
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
+    async fn decide(
+        &self,
+        request: Request<DecideRequest>,
+    ) -> Result<Response<DecideResponse>, Status> {
+        use crate::replication::decider;
+        let write = decider::from_request(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let result = self.ctx.decider.decide(write, true).await;
+        Ok(Response::new(decider::answer_to_wire(
+            result,
+            &self.ctx.replica.identity.name,
+        )))
+    }
+
     async fn hello(
         &self,
         request: Request<HelloRequest>,

@@ -265,6 +265,46 @@ pub enum StoreError {
         /// The configured limit.
         limit: usize,
     },
+    /// A conditional write's expectation of a key does not hold: nothing
+    /// of the change was applied.
+    #[error("precondition failed: key {key:?} is {}", describe_current(*.current))]
+    Precondition {
+        /// The first key whose expectation failed (truncated for display).
+        key: String,
+        /// The version the key holds now (`None`: absent, deleted or
+        /// expired).
+        current: Option<Version>,
+    },
+}
+
+fn describe_current(current: Option<Version>) -> String {
+    match current {
+        Some(version) => format!("at version {version}"),
+        None => "absent".to_owned(),
+    }
+}
+
+/// What a conditional write expects of one key, checked under the store's
+/// write lock together with the change (`If-Match`, `If-None-Match: *`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key holds a live value at exactly this version.
+    Version(Version),
+    /// The key holds no live value (absent, deleted or expired).
+    Absent,
+    /// The key holds a live value, at any version (`If-Match: *`).
+    Present,
+}
+
+impl Expect {
+    /// True when a key whose live version is `current` meets it.
+    pub fn holds(self, current: Option<Version>) -> bool {
+        match self {
+            Expect::Version(v) => current == Some(v),
+            Expect::Absent => current.is_none(),
+            Expect::Present => current.is_some(),
+        }
+    }
 }
 
 /// How far past its own limits a store still takes records from peers: a
@@ -652,6 +692,28 @@ impl State {
     }
 }
 
+/// Checks every expectation of a conditional write against `state`.
+fn check_guards(
+    state: &State,
+    ty: i32,
+    guards: &[(&str, Expect)],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    for &(key, expect) in guards {
+        let current = state
+            .get(ty, key)
+            .filter(|e| e.is_live(now_ms))
+            .map(Entry::version);
+        if !expect.holds(current) {
+            return Err(StoreError::Precondition {
+                key: key.chars().take(64).collect(),
+                current,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The thread-safe store of one node.
 #[derive(Debug)]
 pub struct Store {
@@ -839,6 +901,21 @@ impl Store {
         meta: Option<Arc<Meta>>,
         before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
     ) -> Result<Vec<Record>, Refused<E>> {
+        self.commit_guarded(change, &[], now_ms, meta, before_apply)
+    }
+
+    /// [`Store::commit`] of a conditional write: every expectation in
+    /// `guards` (keys of the change's namespace) is checked under the same
+    /// lock as the change, and a failed one refuses the whole change with
+    /// [`StoreError::Precondition`]. The original `Sync/Set` takes none.
+    pub fn commit_guarded<E>(
+        &self,
+        change: Change<'_>,
+        guards: &[(&str, Expect)],
+        now_ms: u64,
+        meta: Option<Arc<Meta>>,
+        before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
+    ) -> Result<Vec<Record>, Refused<E>> {
         match change {
             Change::Set {
                 ty,
@@ -848,7 +925,7 @@ impl Store {
             } => self.commit_set(
                 ty,
                 [(key, Some(value))].into_iter(),
-                ttl_secs,
+                (ttl_secs, guards),
                 now_ms,
                 meta,
                 before_apply,
@@ -860,7 +937,7 @@ impl Store {
             } => self.commit_set(
                 ty,
                 entries.iter().copied(),
-                ttl_secs,
+                (ttl_secs, guards),
                 now_ms,
                 meta,
                 before_apply,
@@ -868,6 +945,7 @@ impl Store {
             Change::Delete { ty, key } => {
                 self.check_key(key).map_err(Refused::Store)?;
                 let mut state = self.write_lock();
+                check_guards(&state, ty, guards, now_ms).map_err(Refused::Store)?;
                 if state.get(ty, key).is_none_or(|e| !e.is_live(now_ms)) {
                     return Ok(Vec::new());
                 }
@@ -880,6 +958,14 @@ impl Store {
                 Ok(vec![tombstone])
             }
             Change::Unversioned { ty, entries } => {
+                if let Some((key, _)) = guards.first() {
+                    // Not reachable from any caller: the original protocol
+                    // has no conditions. Refused rather than ignored.
+                    return Err(Refused::Store(StoreError::Precondition {
+                        key: key.chars().take(64).collect(),
+                        current: None,
+                    }));
+                }
                 self.check_batch(entries.iter().map(|(k, v)| (*k, Some(*v))), None)
                     .map_err(Refused::Store)?;
                 let mut state = self.write_lock();
@@ -928,7 +1014,7 @@ impl Store {
         &self,
         ty: i32,
         entries: impl ExactSizeIterator<Item = (&'a str, Option<&'a str>)> + Clone,
-        ttl_secs: Option<u64>,
+        (ttl_secs, guards): (Option<u64>, &[(&str, Expect)]),
         now_ms: u64,
         meta: Option<Arc<Meta>>,
         before_apply: impl FnOnce(&[Record]) -> Result<(), E>,
@@ -955,6 +1041,7 @@ impl Store {
         let entries = entries.iter().copied();
         let expires_at_ms = self.expiry(ttl_secs, now_ms).map_err(Refused::Store)?;
         let mut state = self.write_lock();
+        check_guards(&state, ty, guards, now_ms).map_err(Refused::Store)?;
         state
             .check_room(ty, entries.clone(), &self.limits, 1)
             .map_err(Refused::Store)?;
