@@ -82,10 +82,10 @@ pub struct NodeConfig {
     pub decider_lease: Duration,
     /// How far the clocks of two replicas may drift apart during one lease:
     /// the decider stops deciding this long before its lease runs out.
-    #[arg(long, env = "PODCACHE_MAX_CLOCK_DRIFT", help_heading = "Replication",
+    #[arg(long, env = "PODCACHE_DECIDER_CLOCK_DRIFT", help_heading = "Replication",
           value_name = "DURATION", value_parser = parse_duration,
-          default_value = format_duration(NodeConfig::defaults().max_clock_drift))]
-    pub max_clock_drift: Duration,
+          default_value = format_duration(NodeConfig::defaults().decider_clock_drift))]
+    pub decider_clock_drift: Duration,
     /// Deadline of one peer call (of one chunk, for a snapshot).
     #[arg(long, env = "PODCACHE_RPC_TIMEOUT", help_heading = "Replication",
           value_name = "DURATION", value_parser = parse_duration,
@@ -269,7 +269,7 @@ impl NodeConfig {
             max_batch_bytes: 1024 * 1024,
             wait_timeout: Duration::from_secs(5),
             decider_lease: Duration::from_secs(10),
-            max_clock_drift: Duration::from_millis(500),
+            decider_clock_drift: Duration::from_millis(500),
             rpc_timeout: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(2),
             max_retry_backoff: Duration::from_secs(2),
@@ -317,7 +317,7 @@ impl NodeConfig {
         config.grpc_addr = SocketAddr::new(ip.into(), 0);
         config.wait_timeout = Duration::from_secs(3);
         config.decider_lease = Duration::from_secs(2);
-        config.max_clock_drift = Duration::from_millis(200);
+        config.decider_clock_drift = Duration::from_millis(200);
         config.rpc_timeout = Duration::from_secs(2);
         config.heartbeat_interval = Duration::from_millis(200);
         config.max_retry_backoff = Duration::from_millis(200);
@@ -365,9 +365,9 @@ impl NodeConfig {
                 "--decider-lease must be a whole number of seconds, at least 2s".into(),
             ));
         }
-        if self.max_clock_drift * 2 >= self.decider_lease {
+        if self.decider_clock_drift * 2 >= self.decider_lease {
             return Err(ConfigError::Invalid(
-                "--max-clock-drift must be less than half of --decider-lease".into(),
+                "--decider-clock-drift must be less than half of --decider-lease".into(),
             ));
         }
         if self.compact_log_bytes < 4096 {

@@ -750,3 +750,303 @@ async fn chaos_converges_and_loses_no_acknowledged_write() {
     drop(c);
     let _ = std::fs::remove_dir_all(&log_dir);
 }
+
+// ---------------------------------------------------------------------
+// The compare-and-set register, in the style of Jepsen's cas-register.
+// ---------------------------------------------------------------------
+
+/// What happens to the decider in the middle of a register run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeciderFault {
+    None,
+    /// `kill -9`.
+    Kill,
+    /// `SIGSTOP` for longer than its lease, then `SIGCONT`.
+    Stop,
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct RegisterTally {
+    /// Increments answered 200.
+    ok: u64,
+    /// Increments answered 412 (another client got there first).
+    lost_race: u64,
+    /// Increments whose outcome is unknown (no answer, 503 not_replicated).
+    unknown: u64,
+    /// Increments refused with nothing written (503 no_decider, ...).
+    refused: u64,
+    /// When each 200 came back.
+    ok_at: Vec<Instant>,
+}
+
+/// The decider as node `i` of `specs` names it.
+async fn decider_of(specs: &[common::process::ServeSpec], i: usize) -> Option<usize> {
+    let view = specs[i].client().get("/v1/cluster").await.ok()?.json();
+    let addr = view["decider"]["grpc_addr"].as_str()?.to_owned();
+    specs.iter().position(|s| s.grpc() == addr)
+}
+
+/// One client: read the counter on a random node, then compare-and-set
+/// it to one more, until `until`.
+async fn register_client(
+    specs: Vec<common::process::ServeSpec>,
+    seed: u64,
+    until: Instant,
+    tally: Arc<Mutex<RegisterTally>>,
+) {
+    let mut rng = Rng(seed | 1);
+    let clients: Vec<RestClient> = specs
+        .iter()
+        .map(|s| s.client().with_timeout(Duration::from_secs(3)))
+        .collect();
+    while Instant::now() < until {
+        let client = &clients[rng.below(clients.len() as u64) as usize];
+        let Ok(read) = client.get("/v1/cache/1/counter").await else {
+            continue;
+        };
+        let (Some(etag), Some(n)) = (
+            read.etag.clone(),
+            read.json()["value"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        let client = &clients[rng.below(clients.len() as u64) as usize];
+        let answer = client
+            .request_with_headers(
+                hyper::Method::PUT,
+                "/v1/cache/1/counter",
+                (n + 1).to_string(),
+                &[("If-Match", &etag)],
+            )
+            .await;
+        let mut t = tally.lock().expect("tally");
+        match answer {
+            Ok(a) if a.status == hyper::StatusCode::OK => {
+                t.ok += 1;
+                t.ok_at.push(Instant::now());
+            }
+            Ok(a) if a.status == hyper::StatusCode::PRECONDITION_FAILED => t.lost_race += 1,
+            Ok(a) if a.json()["error"] == "not_replicated" => t.unknown += 1,
+            Ok(a) if a.status.is_server_error() && a.json()["error"] == "no_decider" => {
+                t.refused += 1
+            }
+            // Any other answer, or none: it may have been applied.
+            _ => t.unknown += 1,
+        }
+    }
+}
+
+/// 3 `podcache serve` processes on etcd-lease discovery, 8 clients
+/// incrementing one counter by read, then compare-and-set, for
+/// `REGISTER_SECONDS` (default 10), the decider hit by `fault` halfway.
+/// No increment answered 200 may be lost: the final value is at least the
+/// number of 200s, and at most that plus the increments whose outcome was
+/// unknown (none without a fault).
+async fn cas_register(fault: DeciderFault) {
+    let seconds: u64 = std::env::var("REGISTER_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let etcd = LocalEtcd::start().await.expect("etcd");
+    let block = common::next_block();
+    let dir = std::env::temp_dir().join(format!(
+        "podcache-register-{:?}-{}",
+        fault,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let prefix = format!("/podcache-register/{block}/");
+    let specs: Vec<common::process::ServeSpec> = (0..3)
+        .map(|i| {
+            let ip = Ipv4Addr::from(block | (i as u32 + 2));
+            let mut spec = common::process::ServeSpec::new(ip, &format!("reg-{i}"), &dir);
+            spec.extra = [
+                "--discovery",
+                "etcd-lease",
+                "--etcd-endpoints",
+                &etcd.client_url(),
+                "--etcd-prefix",
+                &prefix,
+                "--lease-ttl-secs",
+                "2",
+                "--decider-lease",
+                "2s",
+                "--decider-clock-drift",
+                "200ms",
+                "--wait-timeout",
+                "1s",
+                "--rpc-timeout",
+                "1s",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            spec
+        })
+        .collect();
+    let mut procs: Vec<common::process::Proc> = specs.iter().map(|s| s.spawn()).collect();
+    for spec in &specs {
+        spec.wait_ready().await;
+    }
+    common::wait_until(
+        "every node names one decider",
+        Duration::from_secs(20),
+        || {
+            let specs = &specs;
+            async move {
+                let mut seen = Vec::new();
+                for i in 0..specs.len() {
+                    seen.push(decider_of(specs, i).await);
+                }
+                seen[0].is_some() && seen.iter().all(|d| *d == seen[0])
+            }
+        },
+    )
+    .await;
+    let decider = decider_of(&specs, 0).await.expect("a decider");
+    let start = specs[0]
+        .client()
+        .request_with_headers(
+            hyper::Method::PUT,
+            "/v1/cache/1/counter",
+            "0",
+            &[("If-None-Match", "*")],
+        )
+        .await
+        .expect("create");
+    assert_eq!(start.status, hyper::StatusCode::OK, "{}", start.text());
+
+    let began = Instant::now();
+    let until = began + Duration::from_secs(seconds);
+    let tally = Arc::new(Mutex::new(RegisterTally::default()));
+    let clients: Vec<_> = (0..8u64)
+        .map(|c| {
+            tokio::spawn(register_client(
+                specs.clone(),
+                0x9e37_79b9 ^ (c << 20) ^ u64::from(block),
+                until,
+                tally.clone(),
+            ))
+        })
+        .collect();
+    let halfway = began + Duration::from_secs(seconds / 2);
+    tokio::time::sleep_until(halfway).await;
+    let pid = procs[decider].child.id().to_string();
+    match fault {
+        DeciderFault::None => {}
+        DeciderFault::Kill => procs[decider].kill9(),
+        DeciderFault::Stop => {
+            assert!(sh(&["kill", "-STOP", &pid]));
+        }
+    }
+    if fault == DeciderFault::Stop {
+        // Past its lease (2 s) and its membership (2 s), then back.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(sh(&["kill", "-CONT", &pid]));
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+    let running: Vec<usize> = (0..specs.len())
+        .filter(|&i| !(fault == DeciderFault::Kill && i == decider))
+        .collect();
+    common::wait_until(
+        "every running node holds one value",
+        Duration::from_secs(20),
+        || {
+            let specs = &specs;
+            let running = &running;
+            async move {
+                let mut values = Vec::new();
+                for &i in running {
+                    values.push(
+                        specs[i]
+                            .client()
+                            .get_value(1, "counter")
+                            .await
+                            .ok()
+                            .flatten(),
+                    );
+                }
+                values.iter().all(|v| v.is_some() && *v == values[0])
+            }
+        },
+    )
+    .await;
+    let final_value: u64 = specs[running[0]]
+        .client()
+        .get_value(1, "counter")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+        .expect("a number");
+    let t = tally.lock().expect("tally");
+    // The longest stretch without a 200 after the fault.
+    let mut times: Vec<Instant> = t
+        .ok_at
+        .iter()
+        .copied()
+        .filter(|at| *at >= halfway)
+        .collect();
+    times.sort();
+    let mut longest = times
+        .first()
+        .map_or(until - halfway, |first| *first - halfway);
+    for pair in times.windows(2) {
+        longest = longest.max(pair[1] - pair[0]);
+    }
+    println!(
+        "register {fault:?}: final {final_value}, 200s {}, 412s {}, unknown {}, refused {}; after the fault, conditional writes went {} ms without a 200",
+        t.ok,
+        t.lost_race,
+        t.unknown,
+        t.refused,
+        longest.as_millis()
+    );
+    assert!(t.ok > 20, "the register made progress: {t:?}");
+    assert!(
+        final_value >= t.ok,
+        "an increment answered 200 was lost: final {final_value}, 200s {}",
+        t.ok
+    );
+    assert!(
+        final_value <= t.ok + t.unknown,
+        "more increments than answered: final {final_value}, 200s {}, unknown {}",
+        t.ok,
+        t.unknown
+    );
+    if fault == DeciderFault::None {
+        assert_eq!(t.unknown, 0, "no fault, no unknown outcome");
+        assert_eq!(final_value, t.ok);
+    } else {
+        assert!(
+            times.len() > 5,
+            "a new decider took over and conditional writes went on: {t:?}"
+        );
+    }
+    drop(t);
+    for proc in &mut procs {
+        proc.kill9();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_register_counts_every_increment_answered() {
+    cas_register(DeciderFault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_register_loses_no_increment_when_the_decider_is_killed() {
+    cas_register(DeciderFault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_register_loses_no_increment_when_the_decider_is_stopped_past_its_lease() {
+    cas_register(DeciderFault::Stop).await;
+}

@@ -15,7 +15,7 @@
 //! A holder publishes how long its lease is known to be valid, counted from
 //! when it *sent* the request that granted or renewed it (etcd and the API
 //! server count from when they received it, so this is never later). The
-//! decider subtracts `--max-clock-drift` from that.
+//! decider subtracts `--decider-clock-drift` from that.
 //!
 //! Owns: the lease protocol with each source. Must not touch: what is
 //! decided (the decider), membership (the discovery backends).

@@ -49,7 +49,7 @@ pub enum KubernetesError {
 }
 
 impl KubernetesDiscovery {
-    async fn client(&self) -> Result<Client, KubernetesError> {
+    pub(crate) async fn client(&self) -> Result<Client, KubernetesError> {
         let config = match &self.kubeconfig {
             Some(path) => {
                 let file = kube::config::Kubeconfig::read_from(path)
@@ -70,6 +70,13 @@ impl KubernetesDiscovery {
 impl Discovery for KubernetesDiscovery {
     fn name(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn election(&self) -> Option<Box<dyn super::election::Election>> {
+        Some(Box::new(super::kubernetes_election::KubernetesElection {
+            name: lease_name(&selector_string(&self.filter.selector)),
+            discovery: self.clone(),
+        }))
     }
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
@@ -150,6 +157,20 @@ impl Discovery for KubernetesDiscovery {
             }
         }
     }
+}
+
+/// The decider Lease's name for pods selected by `selector`: a DNS label,
+/// `podcache-decider-<selector, lower-cased, other characters as '-'>`.
+pub fn lease_name(selector: &str) -> String {
+    let mut name: String = format!("podcache-decider-{selector}")
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .collect();
+    name.truncate(63);
+    name.trim_end_matches('-').to_owned()
 }
 
 /// A pod as the key and JSON value [`PodTable`] decodes, the same shape

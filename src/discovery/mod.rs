@@ -12,6 +12,8 @@ pub mod etcd_lease;
 pub mod etcd_v2;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes_election;
 pub mod pod;
 mod pod_table;
 pub mod static_list;

@@ -7,7 +7,7 @@
 //! Who decides:
 //! - with a lease backend from discovery (etcd, Kubernetes: see
 //!   [`crate::discovery::election`]), the holder of the lease, and only
-//!   while the lease is valid minus `--max-clock-drift`: the change's
+//!   while the lease is valid minus `--decider-clock-drift`: the change's
 //!   version must be stamped before that (checked under the store's lock),
 //!   and the lease must still be valid when the answer goes out, so a
 //!   decider paused past its lease (a `SIGSTOP`, a long GC-like stall)
@@ -280,7 +280,7 @@ impl Decider {
         else {
             return None;
         };
-        let drift = self.replica.config.max_clock_drift;
+        let drift = self.replica.config.decider_clock_drift;
         let term = Term {
             id,
             until: until.checked_sub(drift)?,
