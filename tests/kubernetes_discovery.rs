@@ -49,6 +49,8 @@ struct ApiState {
     /// Query strings of every request, to check what the client sent.
     queries: Vec<String>,
     unauthorized: usize,
+    /// `coordination.k8s.io/v1` Leases by name.
+    leases: BTreeMap<String, Value>,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,14 @@ impl FakeApiServer {
         };
         let app = axum::Router::new()
             .route("/api/v1/namespaces/{ns}/pods", axum::routing::get(pods))
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                axum::routing::post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                axum::routing::get(get_lease).put(replace_lease),
+            )
             .with_state(server.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         server
@@ -237,6 +247,100 @@ async fn pods(
         .header("content-type", "application/json")
         .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A `Status` answer, as the API server sends with an error.
+fn status(code: StatusCode, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    (code, axum::Json(body)).into_response()
+}
+
+fn authorized(headers: &HeaderMap) -> bool {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {TOKEN}"))
+}
+
+/// `GET .../leases/{name}`.
+async fn get_lease(
+    State(api): State<FakeApiServer>,
+    Path((_, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&headers) {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no token");
+    }
+    let state = api.state.lock().expect("lock");
+    match state.leases.get(&name) {
+        Some(lease) => axum::Json(lease.clone()).into_response(),
+        None => status(StatusCode::NOT_FOUND, "NotFound", "lease not found"),
+    }
+}
+
+/// `POST .../leases`: creates it, or 409 `AlreadyExists`.
+async fn create_lease(
+    State(api): State<FakeApiServer>,
+    Path(namespace): Path<String>,
+    headers: HeaderMap,
+    axum::Json(mut lease): axum::Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no token");
+    }
+    let mut state = api.state.lock().expect("lock");
+    let Some(name) = lease["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "name is required",
+        );
+    };
+    if state.leases.contains_key(&name) {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            "lease already exists",
+        );
+    }
+    state.resource_version += 1;
+    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+    lease["kind"] = json!("Lease");
+    lease["metadata"]["namespace"] = json!(namespace);
+    lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+    state.leases.insert(name, lease.clone());
+    (StatusCode::CREATED, axum::Json(lease)).into_response()
+}
+
+/// `PUT .../leases/{name}`: replaces it only at the `resourceVersion` the
+/// client read, else 409 `Conflict` (optimistic concurrency).
+async fn replace_lease(
+    State(api): State<FakeApiServer>,
+    Path((_, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    axum::Json(mut lease): axum::Json<Value>,
+) -> Response {
+    if !authorized(&headers) {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "no token");
+    }
+    let mut state = api.state.lock().expect("lock");
+    let Some(current) = state.leases.get(&name) else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "lease not found");
+    };
+    if lease["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+        return status(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "the object has been modified; please apply your changes to the latest version",
+        );
+    }
+    state.resource_version += 1;
+    lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+    state.leases.insert(name, lease.clone());
+    axum::Json(lease).into_response()
 }
 
 fn temp_dir(tag: &str) -> std::path::PathBuf {
@@ -430,6 +534,151 @@ async fn nodes_find_each_other_through_the_api_server_and_replicate() {
     assert_eq!(report.source_name.as_deref(), Some("pod-2"), "{report:?}");
     assert_eq!(newcomer.get(7, "route").as_deref(), Some("eu"));
     for node in nodes.into_iter().chain([newcomer]) {
+        node.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The decider's lease as a `coordination.k8s.io/v1` Lease: three nodes
+/// agree on the holder the Lease names, a conditional write on another
+/// replica is forwarded to it, and when the holder shuts down it gives the
+/// Lease up and another replica takes it over and decides.
+#[tokio::test]
+async fn the_decider_holds_a_kubernetes_lease_and_hands_it_over_at_shutdown() {
+    let api = FakeApiServer::start().await;
+    let dir = temp_dir("lease");
+    let kubeconfig = api.kubeconfig(&dir);
+    let block = next_block();
+    let ip = |host: u32| Ipv4Addr::from(block | host);
+    let port = free_low_port(ip(2)).expect("port");
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for host in 2..=4 {
+        let name = format!("pod-{host}");
+        let started = format!("2026-01-01T00:00:0{host}Z");
+        api.apply(
+            pod(&name, &ip(host).to_string(), "Running", &started),
+            false,
+        );
+        let mut config = NodeConfig::for_test(ip(host));
+        config.pod_name = name;
+        config.grpc_addr = std::net::SocketAddr::new(ip(host).into(), port);
+        let mut filter = hello_filter();
+        filter.grpc_port = port;
+        let node = NodeBuilder::new(config)
+            .discovery(KubernetesDiscovery {
+                filter,
+                kubeconfig: Some(kubeconfig.clone()),
+            })
+            .start()
+            .await
+            .expect("node");
+        node.wait_ready().await;
+        nodes.push(node);
+    }
+    for node in &nodes {
+        wait_for_peers(node, 2, Duration::from_secs(10)).await;
+    }
+    let client = |node: &NodeHandle| {
+        podcache::client::RestClient::new(&node.http_addr().expect("http").to_string())
+            .expect("client")
+    };
+    let decider_of = |node: &NodeHandle| {
+        let client = client(node);
+        async move { client.get("/v1/cluster").await.expect("cluster").json()["decider"].clone() }
+    };
+    let lease_holder = || {
+        let state = api.state.lock().expect("lock");
+        let lease = state.leases.values().next().cloned().unwrap_or(Value::Null);
+        (
+            lease["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+            lease["spec"]["leaseTransitions"].as_i64().unwrap_or(-1),
+        )
+    };
+    wait_until(
+        "every node names the Lease's holder",
+        Duration::from_secs(15),
+        || async {
+            let (holder, _) = lease_holder();
+            let mut all = true;
+            for node in &nodes {
+                let d = decider_of(node).await;
+                let named = format!(
+                    "{}_{}",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["grpc_addr"].as_str().unwrap_or("?")
+                );
+                all &= d["rule"] == "kubernetes" && named == holder;
+            }
+            all
+        },
+    )
+    .await;
+    let (holder, transitions) = lease_holder();
+    let leader = nodes
+        .iter()
+        .position(|n| holder.ends_with(&n.grpc_addr().to_string()))
+        .expect("the holder is one of the nodes");
+    let other = (leader + 1) % nodes.len();
+    let created = client(&nodes[other])
+        .request_with_headers(
+            hyper::Method::PUT,
+            "/v1/cache/7/limit",
+            "1",
+            &[("If-None-Match", "*")],
+        )
+        .await
+        .expect("put");
+    assert_eq!(created.status, hyper::StatusCode::OK, "{}", created.text());
+
+    let leaving = nodes.remove(leader);
+    leaving.shutdown().await;
+    // As the kubelet does: the pod that stopped is gone from the API, so
+    // the others stop waiting for its acknowledgements.
+    api.delete(&format!("pod-{}", leader + 2), false);
+    for node in &nodes {
+        wait_for_peers(node, 1, Duration::from_secs(10)).await;
+    }
+    wait_until(
+        "another replica took the Lease over",
+        Duration::from_secs(15),
+        || async {
+            let (now, _) = lease_holder();
+            !now.is_empty() && now != holder
+        },
+    )
+    .await;
+    let (_, after) = lease_holder();
+    assert!(
+        after > transitions,
+        "a new holder counts a transition: {transitions} -> {after}"
+    );
+    let etag = created.etag.expect("etag");
+    wait_until(
+        "the new decider decides",
+        Duration::from_secs(15),
+        || async {
+            let a = client(&nodes[0])
+                .request_with_headers(
+                    hyper::Method::PUT,
+                    "/v1/cache/7/limit",
+                    "2",
+                    &[("If-Match", &etag)],
+                )
+                .await
+                .expect("put");
+            assert!(
+                a.status == hyper::StatusCode::OK || a.json()["error"] == "no_decider",
+                "{}",
+                a.text()
+            );
+            a.status == hyper::StatusCode::OK
+        },
+    )
+    .await;
+    for node in nodes {
         node.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(dir);
