@@ -141,6 +141,36 @@ async fn serve_processes_replicate_and_exit_zero_on_sigterm_and_sigint() {
     assert!(out.contains("acked") && out.contains("pod-b"), "{out}");
     let get = ctl(&node_b.http, &["get", "4", "flag"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "on");
+    // Compare-and-set from the command line: the version read, then a
+    // stale one refused with the current version named.
+    let read = ctl(&node_b.http, &["--json", "get", "4", "flag"]);
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).expect("json");
+    let version = read["version"].as_str().expect("version").to_owned();
+    let cas = ctl(
+        &node_b.http,
+        &["set", "4", "flag", "off", "--if-version", &version],
+    );
+    assert!(
+        cas.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cas.stderr)
+    );
+    let stale = ctl(
+        &node_a.http,
+        &["set", "4", "flag", "lost", "--if-version", &version],
+    );
+    assert!(!stale.status.success());
+    let err = String::from_utf8_lossy(&stale.stderr);
+    assert!(
+        err.contains("precondition failed") && err.contains("412"),
+        "{err}"
+    );
+    let exists = ctl(&node_a.http, &["set", "4", "flag", "new", "--if-absent"]);
+    assert!(!exists.status.success());
+    let get = ctl(&node_a.http, &["get", "4", "flag"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "off");
+    let set = ctl(&node_a.http, &["set", "4", "flag", "on"]);
+    assert!(set.status.success());
     let list = ctl(&node_b.http, &["--json", "list", "4"]);
     let json: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
     assert_eq!(json["entries"]["flag"], "on");

@@ -918,16 +918,30 @@ fn discovery_finds_the_workloads_own_pods_with_the_rbac_it_needs() {
                     role["kind"] == "Role"
                         && binding["roleRef"]["kind"] == "Role"
                         && role["metadata"]["name"] == binding["roleRef"]["name"]
-                        && role["rules"].as_array().into_iter().flatten().any(|rule| {
-                            strings(&rule["apiGroups"]) == [""]
-                                && strings(&rule["resources"]).iter().any(|r| r == "pods")
-                                && ["get", "list", "watch"]
-                                    .iter()
-                                    .all(|v| strings(&rule["verbs"]).iter().any(|x| x == v))
+                        && [
+                            ("", "pods", &["get", "list", "watch"][..]),
+                            (
+                                "coordination.k8s.io",
+                                "leases",
+                                &["get", "create", "update"][..],
+                            ),
+                        ]
+                        .iter()
+                        .all(|(group, resource, verbs)| {
+                            role["rules"].as_array().into_iter().flatten().any(|rule| {
+                                strings(&rule["apiGroups"]) == [*group]
+                                    && strings(&rule["resources"]).iter().any(|r| r == resource)
+                                    && verbs
+                                        .iter()
+                                        .all(|v| strings(&rule["verbs"]).iter().any(|x| x == v))
+                            })
                         })
                 })
         });
-        assert!(allowed, "{file}: {account} may not list and watch pods");
+        assert!(
+            allowed,
+            "{file}: {account} may not list and watch pods, or take the decider's Lease"
+        );
         // The token reaches the podcache container, mounted by default or
         // by hand.
         let mounted = pod["automountServiceAccountToken"] != false

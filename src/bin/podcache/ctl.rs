@@ -59,6 +59,15 @@ pub(crate) enum CtlOp {
         /// Wait until every peer acknowledged, and show what each said.
         #[arg(long)]
         wait: bool,
+        /// Only if the entry is at exactly this version (as `get --json`
+        /// or `history` shows it): a compare-and-set, decided by the
+        /// decider. Otherwise nothing is written and the command fails,
+        /// naming the current version.
+        #[arg(long, value_name = "VERSION", conflicts_with = "if_absent")]
+        if_version: Option<String>,
+        /// Only if the key holds no value (create, never overwrite).
+        #[arg(long)]
+        if_absent: bool,
     },
     /// Delete one entry everywhere.
     Delete {
@@ -69,6 +78,9 @@ pub(crate) enum CtlOp {
         /// Wait until every peer acknowledged.
         #[arg(long)]
         wait: bool,
+        /// Only if the entry is at exactly this version.
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<String>,
     },
     /// List a whole namespace.
     List {
@@ -152,6 +164,21 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
         CtlOp::Import { file } => return crate::backup::import(&client, file).await,
         _ => {}
     }
+    let mut headers: Vec<(&str, String)> = Vec::new();
+    match &args.op {
+        CtlOp::Set {
+            if_version: Some(v),
+            ..
+        }
+        | CtlOp::Delete {
+            if_version: Some(v),
+            ..
+        } => headers.push(("If-Match", format!("\"{v}\""))),
+        CtlOp::Set {
+            if_absent: true, ..
+        } => headers.push(("If-None-Match", "*".to_owned())),
+        _ => {}
+    }
     let (method, path, body) = match &args.op {
         CtlOp::Get { r#type, key } => (Method::GET, entry_path(*r#type, key), String::new()),
         CtlOp::Set {
@@ -160,6 +187,7 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             value,
             ttl,
             wait,
+            ..
         } => {
             let mut query = Vec::new();
             if let Some(ttl) = ttl {
@@ -174,7 +202,9 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             }
             (Method::PUT, path, value.clone())
         }
-        CtlOp::Delete { r#type, key, wait } => {
+        CtlOp::Delete {
+            r#type, key, wait, ..
+        } => {
             let mut path = entry_path(*r#type, key);
             if *wait {
                 path.push_str("?wait=all");
@@ -208,8 +238,9 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
         }
         CtlOp::Cluster => (Method::GET, "/v1/cluster".to_owned(), String::new()),
     };
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let answer = client
-        .request(method, &path, body)
+        .request_with_headers(method, &path, body, &headers)
         .await
         .map_err(|e| Failure::Run(e.into()))?;
     let json = answer.json();
