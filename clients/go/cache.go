@@ -164,6 +164,12 @@ func writeRequest(opts []WriteOption) (url.Values, http.Header, error) {
 		opt(q)
 	}
 	header := http.Header{}
+	for param, name := range map[string]string{ifMatchParam: "If-Match", ifNoneMatchParam: "If-None-Match"} {
+		if values, ok := q[param]; ok {
+			delete(q, param)
+			header.Set(name, values[0])
+		}
+	}
 	if reasons, ok := q[reasonParam]; ok {
 		delete(q, reasonParam)
 		reason := strings.Trim(reasons[0], " \t")

@@ -169,6 +169,10 @@ type Error struct {
 	Code string
 	// Message is the node's sentence for people (or the start of the body).
 	Message string
+	// CurrentVersion is, for a failed precondition (412
+	// "precondition_failed"), the version the key holds now; empty when
+	// it holds none.
+	CurrentVersion string
 }
 
 func (e *Error) Error() string {
@@ -231,11 +235,15 @@ func readError(resp *http.Response) error {
 	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	e := &Error{StatusCode: resp.StatusCode}
 	var body struct {
-		Error   string `json:"error"`
-		Message string `json:"message"`
+		Error          string  `json:"error"`
+		Message        string  `json:"message"`
+		CurrentVersion *string `json:"current_version"`
 	}
 	if json.Unmarshal(raw, &body) == nil && body.Error != "" {
 		e.Code, e.Message = body.Error, body.Message
+		if body.CurrentVersion != nil {
+			e.CurrentVersion = *body.CurrentVersion
+		}
 	} else {
 		e.Message = strings.TrimSpace(string(raw))
 		if len(e.Message) > 200 {

@@ -232,38 +232,47 @@ impl Decider {
         }
     }
 
-    /// The oldest ready member: this node (if ready) or an answering,
-    /// ready peer.
+    /// The oldest member this node sees: itself or a peer that answered
+    /// (whose start time it knows), by the one seniority rule. Readiness
+    /// is not compared (a peer's last `Hello` may predate its bootstrap,
+    /// and two nodes would then each take itself for the oldest ready
+    /// one): the oldest decides once it is ready, and refuses until then.
+    /// `None` while a peer was never reached yet, so that a node does not
+    /// take itself for the oldest before it knows the others' ages.
     fn oldest(&self) -> Option<(String, String, bool)> {
         let me = &self.replica.identity;
-        let mut best = self.replica.is_ready().then(|| {
+        let key = seniority(&Age {
+            discovered_ms: None,
+            own_ms: Some(me.started_at_ms),
+            node_id: Some(me.node_id),
+            addr: &me.grpc_addr,
+        });
+        let mut best = (key, (me.name.clone(), me.grpc_addr.clone(), true));
+        for view in self.replicator.peer_views() {
+            match view.status {
+                "unknown" => return None,
+                "up" => {}
+                _ => continue,
+            }
+            let Some(node_id) = view
+                .node_id
+                .as_deref()
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+            else {
+                continue;
+            };
             let key = seniority(&Age {
                 discovered_ms: None,
-                own_ms: Some(me.started_at_ms),
-                node_id: Some(me.node_id),
-                addr: &me.grpc_addr,
-            });
-            (key, (me.name.clone(), me.grpc_addr.clone(), true))
-        });
-        for view in self.replicator.peer_views() {
-            if view.status != "up" || view.ready != Some(true) {
-                continue;
-            }
-            let key = seniority(&Age {
-                discovered_ms: view.started_at_ms,
                 own_ms: view.started_at_ms,
-                node_id: view
-                    .node_id
-                    .as_deref()
-                    .and_then(|id| u64::from_str_radix(id, 16).ok()),
+                node_id: Some(node_id),
                 addr: &view.grpc_addr,
             });
-            if best.as_ref().is_none_or(|(b, _)| key < *b) {
+            if key < best.0 {
                 let name = view.name.clone().unwrap_or_else(|| view.grpc_addr.clone());
-                best = Some((key, (name, view.grpc_addr.clone(), false)));
+                best = (key, (name, view.grpc_addr.clone(), false));
             }
         }
-        best.map(|(_, holder)| holder)
+        Some(best.1)
     }
 
     /// This node's term as the lease's holder, less the drift, if it holds
@@ -305,6 +314,11 @@ impl Decider {
     }
 
     async fn decide_here(&self, write: Conditional) -> Result<Decided, Refusal> {
+        if !self.replica.is_ready() {
+            return Err(Refusal::NoDecider(
+                "the decider has not finished its bootstrap yet".into(),
+            ));
+        }
         let lease = matches!(self.rule, Rule::Lease(_));
         let term = if lease {
             let term = self.term().ok_or_else(|| {
