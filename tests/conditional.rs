@@ -22,6 +22,22 @@ async fn put_if(client: &RestClient, key: &str, value: &str, headers: &[(&str, &
         .expect("put")
 }
 
+/// Waits until every node of `cluster` knows who decides (right after a
+/// start, a node that has not reached every peer answers 503 no_decider).
+async fn wait_decider(cluster: &Cluster) {
+    for i in cluster.running() {
+        let client = cluster.client(i);
+        wait_until("a decider is known", Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                client.get("/v1/cluster").await.expect("cluster").json()["decider"]["name"]
+                    .is_string()
+            }
+        })
+        .await;
+    }
+}
+
 fn quoted(version: &str) -> String {
     format!("\"{version}\"")
 }
@@ -29,6 +45,7 @@ fn quoted(version: &str) -> String {
 #[tokio::test]
 async fn if_match_if_none_match_and_etags_guard_single_writes_on_every_replica() {
     let cluster = Cluster::start(3).await;
+    wait_decider(&cluster).await;
     let (a, b) = (cluster.client(0), cluster.client(2));
 
     // If-None-Match: * creates only an absent key.
@@ -145,6 +162,7 @@ async fn if_match_if_none_match_and_etags_guard_single_writes_on_every_replica()
 #[tokio::test]
 async fn a_batch_with_expectations_applies_whole_or_not_at_all() {
     let cluster = Cluster::start(2).await;
+    wait_decider(&cluster).await;
     let client = cluster.client(1);
     let first = client
         .request(Method::POST, "/v1/cache/4", r#"{"a":"1","b":"2"}"#)
@@ -218,6 +236,7 @@ async fn a_batch_with_expectations_applies_whole_or_not_at_all() {
 #[tokio::test]
 async fn two_replicas_racing_against_one_version_let_exactly_one_win() {
     let cluster = Cluster::start(3).await;
+    wait_decider(&cluster).await;
     let clients: Vec<RestClient> = (0..3).map(|i| cluster.client(i)).collect();
     for round in 0..20 {
         let key = format!("race-{round}");

@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 
 	"podcache.dev/podcache"
 	"podcache.dev/podcache/internal/testnode"
@@ -18,7 +19,19 @@ func TestSetIfAndDeleteIf(t *testing.T) {
 	ctx := bg(t)
 	a, b := client(t, nodes[0]), client(t, nodes[2])
 	const typ = 61
-	created, err := a.SetIf(ctx, typ, "limit", "10", "")
+	// Right after a start a node may not know the decider yet: it answers
+	// 503 no_decider, with nothing written, until it does.
+	var created *podcache.Entry
+	var err error
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		created, err = a.SetIf(ctx, typ, "limit", "10", "")
+		var e *podcache.Error
+		if err == nil || !errors.As(err, &e) || e.Code != "no_decider" || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -307,9 +307,10 @@ impl Decider {
             Some((name, _, false)) => Err(Refusal::NoDecider(format!(
                 "this node is not the decider ({name} is)"
             ))),
-            None => Err(Refusal::NoDecider(
-                "no replica holds the decider's lease right now".into(),
-            )),
+            None => Err(Refusal::NoDecider(match self.rule {
+                Rule::Lease(_) => "no replica holds the decider's lease right now".into(),
+                Rule::Oldest => "this node has not reached every peer yet".into(),
+            })),
         }
     }
 
