@@ -327,6 +327,155 @@ async fn plain_pair(rec: &mut Recorder) {
     use Method as M;
     let text = [("content-type", "text/plain; charset=utf-8")];
 
+    // Conditional writes (compare-and-set), once every node knows the
+    // decider.
+    for node in [n0, n1] {
+        let client = podcache::client::RestClient::new(node).expect("client");
+        wait_until("a decider is known", Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                client.get("/v1/cluster").await.expect("cluster").json()["decider"]["name"]
+                    .is_string()
+            }
+        })
+        .await;
+    }
+    let created = rec
+        .expect(
+            200,
+            "create only (If-None-Match: *)",
+            n0,
+            M::PUT,
+            "/v1/cache/1/cas",
+            &[("if-none-match", "*")],
+            "1",
+        )
+        .await;
+    let v1 = format!(
+        "\"{}\"",
+        created.json()["version"].as_str().expect("version")
+    );
+    rec.expect(
+        304,
+        "read, unchanged (If-None-Match)",
+        n1,
+        M::GET,
+        "/v1/cache/1/cas",
+        &[("if-none-match", v1.as_str())],
+        "",
+    )
+    .await;
+    rec.expect(
+        304,
+        "HEAD, unchanged (If-None-Match)",
+        n1,
+        M::HEAD,
+        "/v1/cache/1/cas",
+        &[("if-none-match", v1.as_str())],
+        "",
+    )
+    .await;
+    let updated = rec
+        .expect(
+            200,
+            "compare-and-set (If-Match)",
+            n1,
+            M::PUT,
+            "/v1/cache/1/cas",
+            &[("if-match", v1.as_str())],
+            "2",
+        )
+        .await;
+    let v2 = format!(
+        "\"{}\"",
+        updated.json()["version"].as_str().expect("version")
+    );
+    rec.expect(
+        412,
+        "compare-and-set, stale version",
+        n0,
+        M::PUT,
+        "/v1/cache/1/cas",
+        &[("if-match", v1.as_str())],
+        "3",
+    )
+    .await;
+    rec.expect(
+        412,
+        "conditional delete, stale version",
+        n0,
+        M::DELETE,
+        "/v1/cache/1/cas",
+        &[("if-match", v1.as_str())],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "bad If-Match",
+        n0,
+        M::PUT,
+        "/v1/cache/1/cas",
+        &[("if-match", "nope")],
+        "3",
+    )
+    .await;
+    rec.expect(
+        412,
+        "rollback, stale version",
+        n0,
+        M::POST,
+        &format!("/v1/cache/1/cas/rollback?version={}", v1.trim_matches('"')),
+        &[("if-match", v1.as_str())],
+        "",
+    )
+    .await;
+    let guarded = format!(
+        r#"{{"cas":{{"value":"4","if_version":{v2}}},"cas-new":{{"value":"x","if_absent":true}}}}"#
+    );
+    rec.expect(
+        200,
+        "batch with expectations",
+        n1,
+        M::POST,
+        "/v1/cache/1",
+        &[("content-type", "application/json")],
+        guarded.clone(),
+    )
+    .await;
+    rec.expect(
+        412,
+        "batch with a stale expectation",
+        n1,
+        M::POST,
+        "/v1/cache/1",
+        &[("content-type", "application/json")],
+        guarded,
+    )
+    .await;
+    let now = rec
+        .expect(
+            200,
+            "read the version",
+            n0,
+            M::GET,
+            "/v1/cache/1/cas",
+            &[],
+            "",
+        )
+        .await;
+    let v4 = format!("\"{}\"", now.json()["version"].as_str().expect("version"));
+    rec.expect(
+        200,
+        "conditional delete",
+        n0,
+        M::DELETE,
+        "/v1/cache/1/cas",
+        &[("if-match", v4.as_str())],
+        "",
+    )
+    .await;
+
     // Single entries.
     rec.expect(200, "set", n0, M::PUT, "/v1/cache/1/a", &[], "va")
         .await;
