@@ -63,6 +63,11 @@ enum Workload {
     Ofrep,
     Fill,
     Lag,
+    /// Read a key, then compare-and-set it (podcache: `If-Match` of the
+    /// version read, or `If-None-Match: *`; etcd: a transaction comparing
+    /// the key's mod revision). One operation = the read and the write; a
+    /// write that lost the race (412, a failed compare) counts as decided.
+    Cas,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -163,11 +168,22 @@ impl HttpConn {
         path: &str,
         body: &[u8],
     ) -> anyhow::Result<(u16, &[u8])> {
+        self.send_with(method, path, "", body).await
+    }
+
+    /// [`HttpConn::send`] with extra header lines (each ending in CRLF).
+    async fn send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, &[u8])> {
         use std::io::Write as _;
         self.request.clear();
         write!(
             self.request,
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\n{headers}\r\n",
             self.host,
             body.len()
         )?;
@@ -324,6 +340,28 @@ async fn op(
         (Conn::Http(c), Workload::Read) => {
             http(c, "GET", &format!("/v1/cache/1/{}", key(n % keys)), b"").await?;
         }
+        (Conn::Http(c), Workload::Cas) => {
+            let path = format!("/v1/cache/1/{}", key(n % keys));
+            let (status, answer) = c.send("GET", &path, b"").await?;
+            let expect = match status {
+                404 => "if-none-match: *\r\n".to_owned(),
+                200 => {
+                    let text = std::str::from_utf8(answer)?;
+                    let version = text
+                        .split("\"version\":\"")
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .context("no version in the answer")?;
+                    format!("if-match: \"{version}\"\r\n")
+                }
+                other => bail!("HTTP {other} on the read"),
+            };
+            let (status, answer) = c.send_with("PUT", &path, &expect, value).await?;
+            if status != 200 && status != 412 {
+                bail!("HTTP {status}: {}", String::from_utf8_lossy(answer));
+            }
+        }
+        (Conn::Redis(_), Workload::Cas) => bail!("no cas workload for Redis"),
         (Conn::Http(c), Workload::Ofrep) => {
             let path = format!("/ofrep/v1/evaluate/flags/{}", key(n % keys));
             let context = br#"{"context":{"targetingKey":"user-1","plan":"pro"}}"#;
@@ -354,6 +392,36 @@ async fn op(
         }
         (Conn::Etcd(client), workload) => match workload {
             Workload::Ofrep => bail!("the ofrep workload is podcache's alone"),
+            Workload::Cas => {
+                let k = key(n % keys).into_bytes();
+                let held = client
+                    .range(podcache::proto::etcd::RangeRequest {
+                        key: k.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+                let revision = held.first().map_or(0, |kv| kv.mod_revision);
+                use podcache::proto::etcd::{Compare, compare};
+                client
+                    .txn(TxnRequest {
+                        compare: vec![Compare {
+                            result: compare::CompareResult::Equal as i32,
+                            target: compare::CompareTarget::Mod as i32,
+                            key: k.clone(),
+                            target_union: Some(compare::TargetUnion::ModRevision(revision)),
+                            range_end: Vec::new(),
+                        }],
+                        success: vec![RequestOp {
+                            request: Some(request_op::Request::RequestPut(PutRequest {
+                                key: k,
+                                value: value.to_vec(),
+                                ..PutRequest::default()
+                            })),
+                        }],
+                        failure: vec![],
+                    })
+                    .await?;
+            }
             Workload::Read => {
                 client.range_prefix(key(n % keys).as_bytes()).await?;
             }
