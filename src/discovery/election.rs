@@ -142,7 +142,9 @@ impl EtcdElection {
         )
     }
 
-    async fn holder(&self, client: &EtcdClient) -> Result<Holder, EtcdError> {
+    /// Who the key names (this node's own record from before a restart at
+    /// the same address counts as nobody: its lease runs out by itself).
+    async fn holder(&self, client: &EtcdClient, me: &Candidate) -> Result<Holder, EtcdError> {
         let request = RangeRequest {
             key: self.key.as_bytes().to_vec(),
             ..RangeRequest::default()
@@ -150,6 +152,7 @@ impl EtcdElection {
         let kvs = client.range(request).await?;
         Ok(match kvs.first().map(|kv| parse_record(&kv.value)) {
             None => Holder::Unknown,
+            Some(Some(record)) if record.addr == me.addr => Holder::Unknown,
             Some(Some(record)) => Holder::Other {
                 addr: record.addr,
                 name: record.name,
@@ -159,6 +162,20 @@ impl EtcdElection {
                 Holder::Unknown
             }
         })
+    }
+
+    /// True while the key names this node (a record from before a
+    /// restart): it cannot be taken until it goes.
+    async fn held_by(&self, client: &EtcdClient, me: &Candidate) -> Result<bool, EtcdError> {
+        let request = RangeRequest {
+            key: self.key.as_bytes().to_vec(),
+            ..RangeRequest::default()
+        };
+        let kvs = client.range(request).await?;
+        Ok(kvs
+            .first()
+            .and_then(|kv| parse_record(&kv.value))
+            .is_some_and(|r| r.addr == me.addr))
     }
 
     /// One try to take the lease; while it is held, renews it until it is
@@ -220,7 +237,7 @@ impl EtcdElection {
                 _ => None,
             });
             let holder = match held.and_then(|kv| parse_record(&kv.value)) {
-                Some(record) if record.addr == me.addr && record.node_id == me.node_id => {
+                Some(record) if record.addr == me.addr => {
                     // This node's own key from before a restart with the
                     // same address: its lease is still running. Wait it
                     // out rather than decide under a lease not renewed.
@@ -331,8 +348,8 @@ impl EtcdElection {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(me.period()) => {}
             }
-            let holder = self.holder(client).await?;
-            let gone = holder == Holder::Unknown;
+            let holder = self.holder(client, me).await?;
+            let gone = holder == Holder::Unknown && !self.held_by(client, me).await?;
             holder_tx.send_if_modified(|h| replace(h, holder));
             if gone {
                 return Ok(());
@@ -373,7 +390,7 @@ impl Election for EtcdElection {
         while !cancel.is_cancelled() {
             if !*eligible.borrow_and_update() {
                 // Not ready: follow whoever holds it, campaign later.
-                if let Ok(holder) = self.holder(&client).await {
+                if let Ok(holder) = self.holder(&client, &me).await {
                     holder_tx.send_if_modified(|h| replace(h, holder));
                 }
                 tokio::select! {
