@@ -269,6 +269,14 @@ impl Replica for FailingOldest {
     ) -> Result<Response<ReplicateResponse>, Status> {
         Ok(Response::new(ReplicateResponse::default()))
     }
+    async fn decide(
+        &self,
+        _: Request<podcache::proto::podcache::DecideRequest>,
+    ) -> Result<Response<podcache::proto::podcache::DecideResponse>, Status> {
+        Err(Status::unimplemented(
+            "a peer from before conditional writes",
+        ))
+    }
     type SnapshotStream = Chunks;
     async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Chunks>, Status> {
         Err(Status::unavailable("disk on fire"))
