@@ -214,6 +214,8 @@ async fn a_batch_with_expectations_applies_whole_or_not_at_all() {
         r#"{"a":{"value":"1","if_absent":true,"if_present":true}}"#,
         r#"{"a":{"value":"1","unknown":1}}"#,
         r#"{"a":{"value":1,"if_absent":true}}"#,
+        r#"{"a":{}}"#,
+        r#"{"a":{"if_absent":true}}"#,
     ] {
         let answer = client
             .request(Method::POST, "/v1/cache/4", bad)

@@ -248,6 +248,16 @@ fn fuzz_batch_json_against_an_oracle() {
     let mut runner = TestRunner::new(config());
     let next_type = std::sync::atomic::AtomicI32::new(0);
     let result = runner.run(&batch_body(), |body| {
+        // An object value is an entry with an expectation only when it
+        // holds "value" (then decided by the decider, and answered 412 as
+        // often as 200): this oracle leaves those to tests/conditional.rs.
+        prop_assume!(
+            !body
+                .as_object()
+                .into_iter()
+                .flatten()
+                .any(|(_, v)| v.get("value").is_some())
+        );
         let ty = next_type.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let text = body.to_string();
         let answer = rt

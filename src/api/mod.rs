@@ -761,7 +761,9 @@ fn parse_batch(body: &[u8]) -> Result<BTreeMap<Text<'_>, Option<Text<'_>>>, ApiE
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GuardedEntry {
-    value: Option<String>,
+    /// Required: a string, or null to delete (a missing `value` is an
+    /// error, not a delete).
+    value: Value,
     if_version: Option<String>,
     if_absent: Option<bool>,
     if_present: Option<bool>,
@@ -821,7 +823,20 @@ fn parse_guarded_batch(
                         ));
                     }
                 };
-                (key, e.value, expect)
+                let value = match e.value {
+                    Value::Null => None,
+                    Value::String(v) => Some(v),
+                    other => {
+                        return Err(bad(
+                            &key,
+                            format!(
+                                "an entry object's \"value\" must be a string or null, got {}",
+                                json_kind(&other)
+                            ),
+                        ));
+                    }
+                };
+                (key, value, expect)
             }
             other => {
                 return Err(bad(
