@@ -20,6 +20,10 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for people.
     pub message: String,
+    /// Fields a script may read beside `error` and `message` (e.g. the
+    /// type and token name of `forbidden_type`, the key, JSON pointer and
+    /// keyword of `schema_violation`); usually none.
+    pub fields: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl ApiError {
@@ -29,7 +33,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            fields: None,
         }
+    }
+
+    /// This error with one more field in its body.
+    pub fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.fields
+            .get_or_insert_with(Default::default)
+            .insert(name.to_owned(), value);
+        self
     }
 
     /// 400 with `code`.
@@ -100,6 +113,23 @@ impl From<WriteError> for ApiError {
                     "{err}; nothing was written, reads go on, writes resume when the disk does"
                 ),
             ),
+            WriteError::ReservedType => Self::bad_request("invalid_type", err.to_string()),
+            WriteError::Schema(v) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "schema_violation",
+                v.to_string(),
+            )
+            .with("type", v.ty.into())
+            .with("key", v.key.into())
+            .with("location", v.location.into())
+            .with("keyword", v.keyword.into())
+            .with("schema_path", v.schema_path.into()),
+            WriteError::SchemaUnusable { ty, .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "invalid_schema",
+                err.to_string(),
+            )
+            .with("type", ty.into()),
             WriteError::NotDurable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_durable",
@@ -109,12 +139,29 @@ impl From<WriteError> for ApiError {
     }
 }
 
+impl From<crate::replica::schema::SchemaWriteError> for ApiError {
+    fn from(err: crate::replica::schema::SchemaWriteError) -> Self {
+        use crate::replica::schema::{SchemaError, SchemaWriteError};
+        match err {
+            SchemaWriteError::Write(e) => e.into(),
+            SchemaWriteError::Schema(e @ SchemaError::TooLarge { .. }) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "schema_too_large",
+                e.to_string(),
+            ),
+            SchemaWriteError::Schema(e) => Self::bad_request("invalid_schema", e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": self.code, "message": self.message })),
-        )
-            .into_response()
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let (Some(fields), Some(object)) = (self.fields, body.as_object_mut()) {
+            for (name, value) in *fields {
+                object.entry(name).or_insert(value);
+            }
+        }
+        (self.status, Json(body)).into_response()
     }
 }

@@ -12,6 +12,7 @@
 
 pub(crate) mod changes;
 pub(crate) mod events;
+pub mod schema;
 mod write;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use tokio::sync::{Notify, broadcast};
 use tracing::warn;
 
 pub use events::ChangeEvent;
+pub use schema::SCHEMA_TYPE;
 pub use write::{Author, Change, DeliveryReport, DeliveryStatus, WriteError, WriteOutcome};
 
 use self::changes::ChangeLog;
@@ -116,6 +118,8 @@ pub struct Replica {
     /// The latest changes this node took, newest last, for the
     /// dashboard's recent changes (`/v1/cluster`).
     recent: Mutex<std::collections::VecDeque<(Record, Origin)>>,
+    /// The compiled schemas of the types that have one, by version.
+    schemas: schema::Schemas,
 }
 
 /// Changes kept for [`Replica::recent_changes`].
@@ -145,6 +149,7 @@ impl Replica {
             loaded_from_disk: AtomicU64::new(0),
             last_meta: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CHANGES)),
+            schemas: schema::Schemas::default(),
         }
     }
 

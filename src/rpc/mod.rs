@@ -48,6 +48,10 @@ impl From<crate::replica::WriteError> for Status {
             WriteError::Store(e) => e.into(),
             WriteError::Disk(DiskError::Full(_)) => Status::resource_exhausted(err.to_string()),
             WriteError::Disk(_) | WriteError::NotDurable(_) => Status::unavailable(err.to_string()),
+            WriteError::ReservedType | WriteError::Schema(_) => {
+                Status::invalid_argument(err.to_string())
+            }
+            WriteError::SchemaUnusable { .. } => Status::failed_precondition(err.to_string()),
         }
     }
 }
@@ -180,6 +184,19 @@ impl SyncRpc for SyncService {
                     .map(|(k, v)| (k.as_str(), Some(v.as_str()))),
                 None,
             )?;
+        }
+        // The reserved type and schemas, for every type first: all or
+        // nothing.
+        for data in request.data.iter().filter(|d| !d.data.is_empty()) {
+            let entries: Vec<(&str, &str)> = data
+                .data
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            self.replica.check(&Change::Unversioned {
+                ty: data.r#type,
+                entries: &entries,
+            })?;
         }
         let mut answer = Vec::with_capacity(request.data.len());
         for data in request.data {
