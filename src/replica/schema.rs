@@ -262,16 +262,17 @@ pub fn validate(
     ty: i32,
     key: &str,
     value: &str,
-) -> Result<(), Violation> {
-    let violation =
-        |location: String, keyword: &str, schema_path: String, detail: String| Violation {
+) -> Result<(), Box<Violation>> {
+    let violation = |location: String, keyword: &str, schema_path: String, detail: String| {
+        Box::new(Violation {
             ty,
             key: cut(key),
             location,
             keyword: keyword.to_owned(),
             schema_path,
             detail,
-        };
+        })
+    };
     let parsed: Value = serde_json::from_str(value).map_err(|e| {
         violation(
             String::new(),

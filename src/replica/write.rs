@@ -54,7 +54,7 @@ pub enum WriteError {
     /// A value is not JSON valid under its type's schema: nothing was
     /// written.
     #[error(transparent)]
-    Schema(#[from] super::schema::Violation),
+    Schema(Box<super::schema::Violation>),
     /// The type's schema, as this node holds it, does not compile here
     /// (e.g. set through a peer with other limits): writes of the type are
     /// refused until it is set again.
