@@ -224,6 +224,29 @@ async fn a_schema_set_on_one_replica_refuses_bad_writes_on_another_until_deleted
         metrics.contains("podcache_rejected_requests_total{reason=\"schema_violation\"}"),
         "refusals are counted"
     );
+    // Many checked writes, one compilation of the replicated version here;
+    // none where the schema was set (its PUT compiled it already).
+    assert!(
+        metrics.contains("podcache_schema_compiles_total 1\n"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("schema_compiles"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        n0.put(5, "z", r#"{"on":true}"#, "")
+            .await
+            .expect("put")
+            .status,
+        StatusCode::OK
+    );
+    let set_here = n0.get("/metrics").await.expect("metrics").text();
+    assert!(
+        set_here.contains("podcache_schema_compiles_total 0\n"),
+        "node 0 compiled again"
+    );
 
     // The reserved type is refused on every user-facing path.
     let reserved = i32::MIN;

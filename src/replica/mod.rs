@@ -134,6 +134,7 @@ impl Replica {
         data: Option<Arc<DataDir>>,
     ) -> Self {
         let events = events::EventLog::new(identity.node_id, config.watch_replay_events);
+        let schemas = schema::Schemas::new(metrics.schema_compiles.clone());
         Self {
             store: Store::new(identity.node_id, config.limits.clone()),
             config,
@@ -149,7 +150,7 @@ impl Replica {
             loaded_from_disk: AtomicU64::new(0),
             last_meta: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CHANGES)),
-            schemas: schema::Schemas::default(),
+            schemas,
         }
     }
 

@@ -151,9 +151,10 @@ type Compiled = Result<Arc<jsonschema::Validator>, String>;
 #[derive(Default)]
 pub(crate) struct Schemas {
     compiled: Mutex<HashMap<i32, (Version, Compiled)>>,
-    /// Schema versions compiled by [`Schemas::check`] (for tests and
-    /// `/metrics`).
+    /// Schema versions compiled by [`Schemas::check`] (for tests).
     compiles: AtomicU64,
+    /// The same, in `/metrics` (`podcache_schema_compiles_total`).
+    counter: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Schemas {
@@ -165,6 +166,14 @@ impl std::fmt::Debug for Schemas {
 }
 
 impl Schemas {
+    /// No schema compiled yet; compilations are counted in `counter`.
+    pub(crate) fn new(counter: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            counter,
+            ..Self::default()
+        }
+    }
+
     /// Checks a local change before it is written: refused when it writes
     /// the reserved type, or a value its type's schema refuses. A type
     /// without a schema costs one lookup of a missing entry (no JSON is
@@ -212,21 +221,26 @@ impl Schemas {
     /// The compiled schema of `ty` at `version`, compiled now when the
     /// cache holds another version (or none).
     fn compiled(&self, ty: i32, version: Version, text: &str) -> Compiled {
+        let mut cache = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, compiled)) = cache.get(&ty)
+            && *at == version
         {
-            let cache = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((at, compiled)) = cache.get(&ty)
-                && *at == version
-            {
-                return compiled.clone();
-            }
+            return compiled.clone();
         }
-        // Compiled outside the lock: other types' writes go on meanwhile
-        // (two writes racing here may both compile; the result is equal).
+        // Compiled under the lock, so each version is compiled once however
+        // many writes need it at once; only writes of types with a schema
+        // wait here, and only for the first write of a version.
         self.compiles.fetch_add(1, Ordering::Relaxed);
+        self.counter.inc();
         let compiled = compile(text, usize::MAX)
             .map(Arc::new)
             .map_err(|e| e.to_string());
-        self.remember(ty, version, compiled.clone());
+        match cache.get(&ty) {
+            Some((at, _)) if *at > version => {}
+            _ => {
+                cache.insert(ty, (version, compiled.clone()));
+            }
+        }
         compiled
     }
 
