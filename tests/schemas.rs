@@ -319,6 +319,21 @@ async fn a_schema_survives_a_restart_from_the_data_directory() {
         client.put(9, "n", "42", "").await.expect("put").status,
         StatusCode::OK
     );
+    // An embedding service sees it too, and is checked like any writer.
+    let node = cluster.node(0);
+    assert_eq!(node.schema(9).as_deref(), Some(r#"{"type":"integer"}"#));
+    assert!(
+        node.set(9, "n", "x", None).await.is_err(),
+        "a library write"
+    );
+    assert!(
+        node.set(i32::MIN, "9", "{}", None).await.is_err(),
+        "the reserved type"
+    );
+    assert!(
+        !node.snapshot().contains_key(&i32::MIN),
+        "no schemas in snapshots"
+    );
     cluster.kill(0).await;
     cluster.restart(0).await;
     let client = cluster.client(0);
