@@ -350,6 +350,13 @@ async fn a_schema_survives_a_restart_from_the_data_directory() {
         client.get_value(9, "n").await.expect("get").as_deref(),
         Some("42")
     );
+    let node = cluster.node(0);
+    assert!(node.set_schema(9, Some("{")).await.is_err(), "not a schema");
+    node.set_schema(9, None)
+        .await
+        .expect("deleted by the library");
+    assert_eq!(node.schema(9), None);
+    node.set(9, "n", "x", None).await.expect("unchecked again");
     cluster.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
