@@ -50,6 +50,12 @@ pub struct NodeConfig {
     #[arg(long, env = "PODCACHE_MAX_BODY_BYTES", help_heading = "Limits",
           default_value_t = NodeConfig::defaults().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// Largest JSON Schema accepted by `PUT /v1/schema/{type}`, in bytes
+    /// (413 above); every write of a type with a schema is checked
+    /// against it, so keep schemas small.
+    #[arg(long, env = "PODCACHE_MAX_SCHEMA_BYTES", help_heading = "Limits",
+          default_value_t = NodeConfig::defaults().max_schema_bytes)]
+    pub max_schema_bytes: usize,
     /// Largest gRPC message this node accepts, in bytes. Fan-out batches
     /// and snapshot chunks are cut well below it.
     #[arg(long, env = "PODCACHE_MAX_GRPC_MESSAGE_BYTES", help_heading = "Limits",
@@ -264,6 +270,7 @@ impl NodeConfig {
             host_ip: None,
             limits: Limits::default(),
             max_body_bytes: 8 * 1024 * 1024,
+            max_schema_bytes: 64 * 1024,
             max_grpc_message_bytes: 16 * 1024 * 1024,
             down_peer_retention: Duration::from_secs(600),
             max_batch_bytes: 1024 * 1024,
@@ -368,6 +375,17 @@ impl NodeConfig {
         if self.decider_clock_drift * 2 >= self.decider_lease {
             return Err(ConfigError::Invalid(
                 "--decider-clock-drift must be less than half of --decider-lease".into(),
+            ));
+        }
+        if self.ofrep_type == Some(crate::replica::SCHEMA_TYPE) {
+            return Err(ConfigError::Invalid(format!(
+                "--ofrep-type {} is the reserved type of the schemas",
+                crate::replica::SCHEMA_TYPE
+            )));
+        }
+        if self.max_schema_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-schema-bytes must be at least 1".into(),
             ));
         }
         if self.compact_log_bytes < 4096 {

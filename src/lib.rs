@@ -26,7 +26,10 @@
 //! - [`client`]: a small REST client (used by `podcache ctl` and the demo).
 //!
 //! # How a write flows
-//! `PUT /v1/cache/1/k` → [`replica::Replica::write`]: the store stamps a
+//! `PUT /v1/cache/1/k` → the REST gate (tokens, and a token's `types=`)
+//! → [`replica::Replica::write`]: the reserved type of the schemas is
+//! refused and, when type 1 has a JSON Schema ([`replica::schema`]), the
+//! value is checked against it; the store stamps a
 //! new version and stores it, and under the same lock it goes into the
 //! open epoch of the change index → watchers see it → each peer link,
 //! woken, seals the epoch its cursor points at and sends it with

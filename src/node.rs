@@ -70,6 +70,18 @@ pub enum NodeError {
     /// A write was refused by the data directory.
     #[error(transparent)]
     Write(#[from] crate::replica::WriteError),
+    /// A JSON Schema was refused (not valid, too large).
+    #[error(transparent)]
+    Schema(#[from] crate::replica::schema::SchemaError),
+}
+
+impl From<crate::replica::schema::SchemaWriteError> for NodeError {
+    fn from(err: crate::replica::schema::SchemaWriteError) -> Self {
+        match err {
+            crate::replica::schema::SchemaWriteError::Schema(e) => e.into(),
+            crate::replica::schema::SchemaWriteError::Write(e) => e.into(),
+        }
+    }
 }
 
 /// Builds and starts a node.
@@ -578,13 +590,35 @@ impl NodeHandle {
         Ok((!outcome.records.is_empty()).then_some(outcome))
     }
 
-    /// Every live entry, by namespace then key.
+    /// Sets (`Some`) or deletes (`None`) type `ty`'s JSON Schema (draft
+    /// 2020-12), as `PUT`/`DELETE /v1/schema/{type}` do: from then on
+    /// every write of the type on this node, and on every replica once it
+    /// arrived, must be JSON valid under it.
+    pub async fn set_schema(
+        &self,
+        ty: i32,
+        schema: Option<&str>,
+    ) -> Result<WriteOutcome, NodeError> {
+        Ok(self
+            .replica
+            .write_schema(ty, schema, false, crate::replica::Author::LIBRARY)
+            .await?)
+    }
+
+    /// Type `ty`'s JSON Schema as this replica holds it, if any.
+    pub fn schema(&self, ty: i32) -> Option<String> {
+        self.get(crate::replica::SCHEMA_TYPE, &ty.to_string())
+    }
+
+    /// Every live entry, by namespace then key (the schemas' reserved
+    /// type left out: see [`NodeHandle::schema`]).
     pub fn snapshot(&self) -> BTreeMap<i32, BTreeMap<String, String>> {
         let now = unix_ms();
         let store = &self.replica.store;
         store
             .types()
             .into_iter()
+            .filter(|ty| *ty != crate::replica::SCHEMA_TYPE)
             .map(|ty| {
                 (
                     ty,

@@ -750,3 +750,59 @@ async fn a_node_listed_under_another_address_drops_itself_with_one_warning() {
     );
     assert_eq!(warnings(), 1, "one warning: {:?}", log.lock().expect("log"));
 }
+
+#[tokio::test]
+async fn ctl_schema_sets_shows_and_deletes_a_types_schema() {
+    let dir = std::env::temp_dir().join(format!(
+        "podcache-cli-schema-{}-{}",
+        std::process::id(),
+        next_block()
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let schema = dir.join("schema.json");
+    std::fs::write(&schema, r#"{"type":"integer","minimum":0}"#).expect("schema");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"type":"nope"}"#).expect("schema");
+    let ip = Ipv4Addr::from(next_block() | 2);
+    let (grpc, _) = two_free_ports(ip);
+    let server = spawn_serve(ip, grpc, &[], "schemas");
+    wait_ready(&server.http).await;
+    let text = |out: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let set = ctl(
+        &server.http,
+        &["schema", "set", "4", &schema.to_string_lossy(), "--wait"],
+    );
+    assert_eq!(set.status.code(), Some(0), "{}", text(&set));
+    assert!(text(&set).starts_with("version "), "{}", text(&set));
+    let get = ctl(&server.http, &["schema", "get", "4"]);
+    assert_eq!(get.status.code(), Some(0), "{}", text(&get));
+    let shown: serde_json::Value = serde_json::from_slice(&get.stdout).expect("JSON");
+    assert_eq!(shown["minimum"], 0, "{shown}");
+    let refused = ctl(&server.http, &["set", "4", "n", "--", "-1"]);
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(text(&refused).contains("minimum"), "{}", text(&refused));
+    let invalid = ctl(
+        &server.http,
+        &["schema", "set", "4", &bad.to_string_lossy()],
+    );
+    assert_ne!(invalid.status.code(), Some(0));
+    assert!(
+        text(&invalid).contains("draft 2020-12"),
+        "{}",
+        text(&invalid)
+    );
+    let deleted = ctl(&server.http, &["schema", "delete", "4"]);
+    assert_eq!(deleted.status.code(), Some(0), "{}", text(&deleted));
+    let through = ctl(&server.http, &["set", "4", "n", "--", "-1"]);
+    assert_eq!(through.status.code(), Some(0), "{}", text(&through));
+    let none = ctl(&server.http, &["schema", "get", "4"]);
+    assert_ne!(none.status.code(), Some(0));
+    assert!(text(&none).contains("no schema"), "{}", text(&none));
+    let _ = std::fs::remove_dir_all(dir);
+}

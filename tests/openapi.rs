@@ -27,6 +27,7 @@ use tokio::io::AsyncWriteExt;
 
 const WRITE: &str = "write-token-openapi-0123456789";
 const READ: &str = "read-token-openapi-0123456789";
+const SCOPED: &str = "read-token-openapi-scoped-0123456789";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -1138,7 +1139,128 @@ async fn plain_pair(rec: &mut Recorder) {
         "",
     )
     .await;
+    // JSON Schemas: set, read, refused values, bad schemas, delete.
+    let old = rec
+        .expect(
+            200,
+            "written before the schema",
+            n0,
+            M::PUT,
+            "/v1/cache/40/s",
+            &text,
+            "not json",
+        )
+        .await;
+    let old = old.json()["version"].as_str().expect("version").to_owned();
+    let reason = [("x-podcache-reason", "schema for type 40")];
+    rec.expect(
+        200,
+        "set a schema, wait=all, reason",
+        n0,
+        M::PUT,
+        "/v1/schema/40?wait=all",
+        &reason,
+        r#"{"type":"object","properties":{"on":{"type":"boolean"}},"required":["on"]}"#,
+    )
+    .await;
+    rec.expect(200, "read a schema", n1, M::GET, "/v1/schema/40", &[], "")
+        .await;
+    rec.expect(404, "no schema", n0, M::GET, "/v1/schema/41", &[], "")
+        .await;
+    rec.expect(
+        400,
+        "schema of a bad type",
+        n0,
+        M::GET,
+        "/v1/schema/x",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "not a schema",
+        n0,
+        M::PUT,
+        "/v1/schema/40",
+        &[],
+        r#"{"type":"nope"}"#,
+    )
+    .await;
+    rec.expect(
+        400,
+        "the reserved type",
+        n0,
+        M::GET,
+        "/v1/cache/-2147483648/40",
+        &[],
+        "",
+    )
+    .await;
+    let refused = rec
+        .expect(
+            422,
+            "a value the schema refuses",
+            n0,
+            M::PUT,
+            "/v1/cache/40/k",
+            &text,
+            r#"{"on":1}"#,
+        )
+        .await;
+    assert_eq!(refused.json()["location"], "/on");
+    rec.expect(
+        422,
+        "a batch value the schema refuses",
+        n0,
+        M::POST,
+        "/v1/cache/40",
+        &[],
+        r#"{"a":"{\"on\":true}","b":"no"}"#,
+    )
+    .await;
+    rec.expect(
+        422,
+        "a rollback to a value the schema refuses",
+        n0,
+        M::POST,
+        &format!("/v1/cache/40/s/rollback?version={old}"),
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        400,
+        "delete the schema of a bad type",
+        n0,
+        M::DELETE,
+        "/v1/schema/x",
+        &[],
+        "",
+    )
+    .await;
+    rec.expect(
+        200,
+        "delete a schema, wait=all, reason",
+        n0,
+        M::DELETE,
+        "/v1/schema/40?wait=all",
+        &reason,
+        "",
+    )
+    .await;
+    rec.expect(
+        404,
+        "delete no schema",
+        n0,
+        M::DELETE,
+        "/v1/schema/40",
+        &[],
+        "",
+    )
+    .await;
     for (method, path) in [
+        (M::POST, "/v1/schema/40"),
         (M::POST, "/v1/cache/1/a"),
         (M::PATCH, "/v1/cache/1/a"),
         (M::PUT, "/v1/cache/1"),
@@ -1167,6 +1289,7 @@ async fn small_node(rec: &mut Recorder) {
         c.limits.max_value_bytes = 64;
         c.limits.max_batch_entries = 3;
         c.max_body_bytes = 1024;
+        c.max_schema_bytes = 100;
         c.max_concurrent_requests = 1;
         c.max_watch_streams = 1;
         c.data_dir = Some(data.clone());
@@ -1315,6 +1438,30 @@ async fn small_node(rec: &mut Recorder) {
         .expect(507, "max types", n, M::PUT, "/v1/cache/3/k", &[], "v")
         .await;
     assert!(types.body.contains("--max-types"), "{}", types.body);
+    // A schema is an entry of one more (reserved) type.
+    rec.expect(
+        507,
+        "a schema past --max-types",
+        n,
+        M::PUT,
+        "/v1/schema/1",
+        &[],
+        r#"{"type":"string"}"#,
+    )
+    .await;
+    let schema_big = format!(r#"{{"description":"{}"}}"#, "d".repeat(200));
+    let too_big = rec
+        .expect(
+            413,
+            "a schema over --max-schema-bytes",
+            n,
+            M::PUT,
+            "/v1/schema/1",
+            &[],
+            schema_big,
+        )
+        .await;
+    assert_eq!(too_big.json()["error"], "schema_too_large");
     let view = rec
         .expect(
             200,
@@ -1391,6 +1538,9 @@ async fn small_node(rec: &mut Recorder) {
         (M::GET, "/openapi.json", ""),
         (M::POST, "/ofrep/v1/evaluate/flags/k1", ""),
         (M::POST, "/ofrep/v1/evaluate/flags", ""),
+        (M::GET, "/v1/schema/1", ""),
+        (M::PUT, "/v1/schema/1", "{}"),
+        (M::DELETE, "/v1/schema/1", ""),
     ] {
         rec.expect(503, "requests over the limit", n, method, path, &[], body)
             .await;
@@ -1438,7 +1588,7 @@ async fn token_node(rec: &mut Recorder) {
     let file = dir.join("tokens");
     std::fs::write(
         &file,
-        format!("write:{WRITE} name=flags-team\nread:{READ}\n"),
+        format!("write:{WRITE} name=flags-team\nread:{READ}\nread:{SCOPED} name=dash types=5\n"),
     )
     .expect("token file");
     let path = file.clone();
@@ -1497,7 +1647,43 @@ async fn token_node(rec: &mut Recorder) {
         (M::POST, "/v1/import", ""),
         (M::GET, "/v1/cluster", ""),
         (M::GET, "/metrics", ""),
+        (M::GET, "/v1/schema/1", ""),
+        (M::PUT, "/v1/schema/1", "{}"),
+        (M::DELETE, "/v1/schema/1", ""),
     ];
+    // A token limited to type 5: every read of type 1 is refused.
+    let scoped_auth = format!("Bearer {SCOPED}");
+    let scoped = [
+        ("authorization", scoped_auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (method, path, body) in [
+        (M::GET, "/v1/cache/1/k", ""),
+        (M::HEAD, "/v1/cache/1/k", ""),
+        (M::GET, "/v1/cache/1/k/history", ""),
+        (M::GET, "/v1/cache/1", ""),
+        (M::GET, "/v1/watch/1", ""),
+        (M::GET, "/v1/export?type=1", ""),
+        (M::GET, "/v1/export", ""),
+        (M::GET, "/v1/schema/1", ""),
+        (M::POST, "/ofrep/v1/evaluate/flags/k", "{}"),
+        (M::POST, "/ofrep/v1/evaluate/flags", "{}"),
+    ] {
+        let answer = rec
+            .expect(
+                403,
+                "a token of other types",
+                n,
+                method.clone(),
+                path,
+                &scoped,
+                body,
+            )
+            .await;
+        if method != M::HEAD {
+            assert_eq!(answer.json()["error"], "forbidden_type", "{path}");
+        }
+    }
     for (method, path, body) in guarded {
         let writes = !matches!(method, M::GET | M::HEAD);
         rec.expect(401, "no token", n, method.clone(), path, &[], body)

@@ -165,7 +165,9 @@ type Error struct {
 	// Code is the stable machine code, e.g. "not_found", "invalid_key",
 	// "unauthorized", "forbidden", "payload_too_large", "not_ready",
 	// "capacity_exhausted". Empty when the body was not podcache's JSON
-	// (a proxy's answer, say).
+	// (a proxy's answer, say). "forbidden_type" and "schema_violation"
+	// come as a *ForbiddenTypeError and a *SchemaViolationError, which
+	// hold this Error.
 	Code string
 	// Message is the node's sentence for people (or the start of the body).
 	Message string
@@ -244,6 +246,7 @@ func readError(resp *http.Response) error {
 		if body.CurrentVersion != nil {
 			e.CurrentVersion = *body.CurrentVersion
 		}
+		return typedError(e, raw)
 	} else {
 		e.Message = strings.TrimSpace(string(raw))
 		if len(e.Message) > 200 {

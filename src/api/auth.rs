@@ -12,6 +12,10 @@
 //! it writes. A token without a name writes as `token:<8 hex digits of
 //! its SHA-256>`, never the token itself. Blank lines and `#` comments are
 //! ignored. A token is at least 16 characters with no white space.
+//! A line may also limit its token to some types, `types=1,7-9` (a list
+//! of int32 types and inclusive ranges): outside them every request with
+//! a type is 403 `forbidden_type` (see [`Scope`] and docs/SECURITY.md for
+//! the endpoints without one). A token without `types=` covers every type.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -65,11 +69,116 @@ pub enum TokenFileError {
     Empty,
 }
 
+/// The types a token is limited to (`types=` of its line): sorted,
+/// merged, inclusive ranges. A token without `types=` has no `Scope` at
+/// all, so the check costs unscoped tokens one branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    ranges: Arc<[(i32, i32)]>,
+}
+
+impl Scope {
+    /// Most items in one `types=` list: a scope is searched per request.
+    pub const MAX_ITEMS: usize = 256;
+
+    /// Parses `1,7-9,-3,-10--5`: comma-separated int32 types and inclusive
+    /// ranges `lo-hi` (`lo <= hi`); a `-` right after a digit separates a
+    /// range, any other is a sign.
+    pub fn parse(list: &str) -> Result<Self, &'static str> {
+        if list.is_empty() {
+            return Err("types= needs a list of types, e.g. types=1,7-9");
+        }
+        let mut ranges = Vec::new();
+        for item in list.split(',') {
+            if ranges.len() >= Self::MAX_ITEMS {
+                return Err("types= holds more than 256 items");
+            }
+            let split = item
+                .char_indices()
+                .skip(1)
+                .find(|&(i, c)| c == '-' && item.as_bytes()[i - 1].is_ascii_digit())
+                .map(|(i, _)| i);
+            let number = |text: &str| {
+                if text.is_empty() || text.starts_with('+') {
+                    return Err("types= items are int32 types or ranges lo-hi, e.g. types=1,7-9");
+                }
+                text.parse::<i32>()
+                    .map_err(|_| "types= items are int32 types or ranges lo-hi, e.g. types=1,7-9")
+            };
+            let (lo, hi) = match split {
+                Some(i) => (number(&item[..i])?, number(&item[i + 1..])?),
+                None => {
+                    let one = number(item)?;
+                    (one, one)
+                }
+            };
+            if lo > hi {
+                return Err("a types= range must not end below its start");
+            }
+            ranges.push((lo, hi));
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(i32, i32)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if i64::from(lo) <= i64::from(last.1) + 1 => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        Ok(Self {
+            ranges: merged.into(),
+        })
+    }
+
+    /// True when `ty` is one of the scope's types.
+    pub fn covers(&self, ty: i32) -> bool {
+        let after = self.ranges.partition_point(|&(lo, _)| lo <= ty);
+        after > 0 && self.ranges[after - 1].1 >= ty
+    }
+}
+
+impl std::fmt::Display for Scope {
+    /// The canonical list, `1,7-9`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (lo, hi)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a valid token grants: its access, the name it writes as, and the
+/// types it is limited to (none: every type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Read or write.
+    pub access: Access,
+    /// Its name (or fingerprint).
+    pub name: Arc<str>,
+    /// Its `types=`, if any.
+    pub scope: Option<Scope>,
+}
+
+/// One line of the file.
+#[derive(Debug, PartialEq, Eq)]
+struct TokenLine {
+    token: Vec<u8>,
+    name: Arc<str>,
+    scope: Option<Scope>,
+}
+
 /// The accepted tokens, each with the name it writes as.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Tokens {
-    read: Vec<(Vec<u8>, Arc<str>)>,
-    write: Vec<(Vec<u8>, Arc<str>)>,
+    read: Vec<TokenLine>,
+    write: Vec<TokenLine>,
 }
 
 /// The name a token without `name=` writes as: a short fingerprint.
@@ -98,12 +207,22 @@ impl Tokens {
             let mut words = line.split_whitespace();
             let spec = words.next().unwrap_or_default();
             let mut name = None;
+            let mut scope = None;
             for word in words {
+                if let Some(list) = word.strip_prefix("types=") {
+                    if scope.is_some() {
+                        return Err(error("types= is given twice"));
+                    }
+                    scope = Some(Scope::parse(list).map_err(error)?);
+                    continue;
+                }
                 match word.strip_prefix("name=") {
                     Some(given) if !given.is_empty() && given.len() <= 128 => name = Some(given),
                     Some(_) => return Err(error("a token's name= must be 1 to 128 characters")),
                     None if word.contains('=') => {
-                        return Err(error("unknown attribute after the token (known: name=)"));
+                        return Err(error(
+                            "unknown attribute after the token (known: name=, types=)",
+                        ));
                     }
                     None => return Err(error("a token must not contain white space")),
                 }
@@ -125,7 +244,11 @@ impl Tokens {
                 Some(name) => name.into(),
                 None => fingerprint(token.as_bytes()).into(),
             };
-            list.push((token.as_bytes().to_vec(), name));
+            list.push(TokenLine {
+                token: token.as_bytes().to_vec(),
+                name,
+                scope,
+            });
         }
         if tokens.read.is_empty() && tokens.write.is_empty() {
             return Err(TokenFileError::Empty);
@@ -151,23 +274,33 @@ impl Tokens {
 
     /// [`Tokens::grant`] with the name the token writes as.
     pub fn grant_named(&self, presented: &[u8]) -> Option<(Access, Arc<str>)> {
+        self.grant_full(presented).map(|g| (g.access, g.name))
+    }
+
+    /// Everything `presented` grants: access, name and scope.
+    pub fn grant_full(&self, presented: &[u8]) -> Option<Grant> {
         let mut write = None;
-        for (token, name) in &self.write {
-            if constant_time_eq(token, presented) {
-                write = Some(name);
+        for line in &self.write {
+            if constant_time_eq(&line.token, presented) {
+                write = Some(line);
             }
         }
         let mut read = None;
-        for (token, name) in &self.read {
-            if constant_time_eq(token, presented) {
-                read = Some(name);
+        for line in &self.read {
+            if constant_time_eq(&line.token, presented) {
+                read = Some(line);
             }
         }
-        match (write, read) {
-            (Some(name), _) => Some((Access::Write, name.clone())),
-            (None, Some(name)) => Some((Access::Read, name.clone())),
-            (None, None) => None,
-        }
+        let (access, line) = match (write, read) {
+            (Some(line), _) => (Access::Write, line),
+            (None, Some(line)) => (Access::Read, line),
+            (None, None) => return None,
+        };
+        Some(Grant {
+            access,
+            name: line.name.clone(),
+            scope: line.scope.clone(),
+        })
     }
 }
 
@@ -237,22 +370,114 @@ impl Auth {
         }
     }
 
-    /// True when `headers` carry a token that may read (data that an open
-    /// page must not show without one).
-    pub(crate) fn may_read(&self, headers: &axum::http::HeaderMap) -> bool {
+    /// What the token of `headers` grants, if it is valid (for data that
+    /// an open page must not show without one).
+    pub(crate) fn granted(&self, headers: &axum::http::HeaderMap) -> Option<Grant> {
         headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .and_then(|token| self.grant(token))
-            .is_some()
     }
 
-    fn grant(&self, presented: &[u8]) -> Option<(Access, Arc<str>)> {
+    fn grant(&self, presented: &[u8]) -> Option<Grant> {
         self.tokens
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .grant_named(presented)
+            .grant_full(presented)
     }
+}
+
+/// The limit of a token with `types=`, for the handlers that filter
+/// rather than refuse (`/v1/export`, `/v1/cluster`): set by the gate only
+/// for such tokens, so its absence means every type.
+#[derive(Debug, Clone)]
+pub(crate) struct Scoped {
+    /// The token's name (never the token).
+    pub(crate) name: Arc<str>,
+    /// Its types.
+    pub(crate) scope: Scope,
+}
+
+impl Scoped {
+    /// 403 `forbidden_type` for `ty`, naming the type and the token.
+    pub(crate) fn refuse(&self, ty: i32) -> ApiError {
+        forbidden_type(
+            &self.name,
+            &self.scope,
+            Some(ty),
+            format!(
+                "token {} may not use type {ty}: it covers types {} only",
+                self.name, self.scope
+            ),
+        )
+    }
+
+    /// 403 `forbidden_type` for what only a token without `types=` may do.
+    pub(crate) fn refuse_whole(&self, what: &str) -> ApiError {
+        forbidden_type(
+            &self.name,
+            &self.scope,
+            None,
+            format!(
+                "{what} needs a token without types=; token {} covers types {} only",
+                self.name, self.scope
+            ),
+        )
+    }
+}
+
+fn forbidden_type(name: &str, scope: &Scope, ty: Option<i32>, message: String) -> ApiError {
+    let mut error = ApiError::new(StatusCode::FORBIDDEN, "forbidden_type", message)
+        .with("token", name.into())
+        .with("types", scope.to_string().into());
+    if let Some(ty) = ty {
+        error = error.with("type", ty.into());
+    }
+    error
+}
+
+/// The type a request's path names, read as its handler reads it (the
+/// first segment after `/v1/cache/`, `/v1/watch/` or `/v1/schema/`,
+/// percent-decoded; `--ofrep-type` for OFREP). None when the path names
+/// none, or one that does not parse (the handler answers 400 for it).
+pub(crate) fn path_type(path: &str, ofrep_type: Option<i32>) -> Option<i32> {
+    if path.starts_with("/ofrep/") {
+        return ofrep_type;
+    }
+    let rest = ["/v1/cache/", "/v1/watch/", "/v1/schema/"]
+        .iter()
+        .find_map(|prefix| path.strip_prefix(prefix))?;
+    let segment = rest.split('/').next().unwrap_or_default();
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Why a token limited to some types may not make this request, if so.
+/// Requests with a type outside them; schema changes and imports (they
+/// lift or bypass the checks on a type's writers); exports and the
+/// cluster view filter in their handlers instead.
+pub(crate) fn scope_refusal(
+    scoped: &Scoped,
+    method: &Method,
+    path: &str,
+    ofrep_type: Option<i32>,
+) -> Option<ApiError> {
+    if let Some(ty) = path_type(path, ofrep_type)
+        && !scoped.scope.covers(ty)
+    {
+        return Some(scoped.refuse(ty));
+    }
+    let reads = method == Method::GET || method == Method::HEAD;
+    if path.starts_with("/v1/schema/") && !reads {
+        return Some(scoped.refuse_whole("changing a schema"));
+    }
+    if path == "/v1/import" {
+        return Some(scoped.refuse_whole("an import"));
+    }
+    None
 }
 
 /// Who a request writes as: its token's name, else its client
@@ -338,7 +563,7 @@ fn admit_inner(
                     "unauthorized",
                     "the bearer token is not valid",
                 )),
-                Some(Some((granted, _))) if *granted < needed => Some((
+                Some(Some(grant)) if grant.access < needed => Some((
                     "forbidden",
                     StatusCode::FORBIDDEN,
                     "forbidden",
@@ -361,8 +586,26 @@ fn admit_inner(
                 }
                 return Err(Box::new(response));
             }
-            if let Some(Some((_, name))) = granted {
-                request.extensions_mut().insert(Caller(name));
+            if let Some(Some(grant)) = granted {
+                if let Some(scope) = grant.scope {
+                    let scoped = Scoped {
+                        name: grant.name.clone(),
+                        scope,
+                    };
+                    let ofrep_type = api.replica.config.ofrep_type;
+                    if let Some(refusal) =
+                        scope_refusal(&scoped, request.method(), path, ofrep_type)
+                    {
+                        api.replica
+                            .metrics
+                            .auth_failures
+                            .get_or_create(&label("reason", "forbidden_type"))
+                            .inc();
+                        return Err(Box::new(refusal.into_response()));
+                    }
+                    request.extensions_mut().insert(scoped);
+                }
+                request.extensions_mut().insert(Caller(grant.name));
             }
         }
     }
@@ -400,7 +643,7 @@ mod tests {
         assert!(name.starts_with("token:") && name.len() == 14, "{name}");
         assert!(!name.contains(R) && !R.contains(&name[6..]), "{name}");
         assert_eq!(name, fingerprint(R.as_bytes()).into(), "stable");
-        for bad in [format!("write:{W} name=\n"), format!("write:{W} types=1\n")] {
+        for bad in [format!("write:{W} name=\n"), format!("write:{W} color=1\n")] {
             assert!(Tokens::parse(&bad).is_err(), "{bad}");
         }
     }
@@ -420,6 +663,124 @@ mod tests {
             assert!(err.contains(expect), "{text:?}: {err}");
             assert!(!err.contains("short") && !err.contains("space in"), "{err}");
         }
+    }
+
+    #[test]
+    fn types_lists_parse_to_merged_ranges_and_refuse_nonsense() {
+        let scope = Scope::parse("9,1,7-8,-3,-10--5,-4").expect("valid");
+        assert_eq!(scope.to_string(), "-10--3,1,7-9");
+        for ty in [-10, -7, -3, 1, 7, 8, 9] {
+            assert!(scope.covers(ty), "{ty}");
+        }
+        for ty in [i32::MIN, -11, -2, 0, 2, 6, 10, i32::MAX] {
+            assert!(!scope.covers(ty), "{ty}");
+        }
+        let all = Scope::parse("-2147483648-2147483647").expect("everything");
+        assert!(all.covers(i32::MIN) && all.covers(0) && all.covers(i32::MAX));
+        assert_eq!(Scope::parse("5").expect("one").to_string(), "5");
+        let too_many = (0..=Scope::MAX_ITEMS)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>();
+        for bad in [
+            "",
+            ",",
+            "1,",
+            "a",
+            "1-",
+            "-",
+            "--5",
+            "9-7",
+            "1--5",
+            "+1",
+            "2147483648",
+            "1-2-3",
+            "1.5",
+            &too_many.join(","),
+        ] {
+            assert!(Scope::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_line_may_limit_its_types_and_bad_lists_never_show_the_token() {
+        let tokens = Tokens::parse(&format!(
+            "write:{W} name=flags-team types=1,7-9\nread:{R} types=-3\nbare-token-0123456789\n"
+        ))
+        .expect("valid");
+        let grant = tokens.grant_full(W.as_bytes()).expect("granted");
+        assert_eq!((grant.access, &*grant.name), (Access::Write, "flags-team"));
+        let scope = grant.scope.expect("scoped");
+        assert!(scope.covers(8) && !scope.covers(2));
+        let read = tokens.grant_full(R.as_bytes()).expect("granted");
+        assert_eq!(read.scope.map(|s| s.to_string()).as_deref(), Some("-3"));
+        let bare = tokens
+            .grant_full(b"bare-token-0123456789")
+            .expect("granted");
+        assert_eq!(bare.scope, None, "no types=: every type");
+        for (line, expect) in [
+            (format!("write:{W} types=\n"), "line 1: types= needs a list"),
+            (format!("write:{W} types=9-7\n"), "must not end below"),
+            (format!("write:{W} types=x\n"), "int32 types or ranges"),
+            (format!("write:{W} types=1 types=2\n"), "given twice"),
+        ] {
+            let err = Tokens::parse(&line).expect_err(&line).to_string();
+            assert!(err.contains(expect), "{line}: {err}");
+            assert!(!err.contains(W), "{err}");
+        }
+    }
+
+    fn scoped(list: &str) -> Scoped {
+        Scoped {
+            name: "flags-team".into(),
+            scope: Scope::parse(list).expect("valid"),
+        }
+    }
+
+    #[test]
+    fn a_scoped_token_is_refused_every_path_of_another_type() {
+        let flags = scoped("1,7-9");
+        let refused = |method: Method, path: &str| {
+            scope_refusal(&flags, &method, path, Some(3)).map(|e| (e.status, e.code, e.message))
+        };
+        for (method, path) in [
+            (Method::GET, "/v1/cache/8/k"),
+            (Method::PUT, "/v1/cache/7/k/x"),
+            (Method::GET, "/v1/cache/%39/k/history"),
+            (Method::POST, "/v1/cache/1/k/rollback"),
+            (Method::GET, "/v1/cache/1"),
+            (Method::POST, "/v1/cache/9"),
+            (Method::GET, "/v1/watch/7"),
+            (Method::GET, "/v1/schema/7"),
+            (Method::GET, "/v1/export"),
+            (Method::GET, "/v1/cluster"),
+            (Method::GET, "/v1/cache/x/k"),
+        ] {
+            assert_eq!(refused(method.clone(), path), None, "{method} {path}");
+        }
+        for (method, path, ty) in [
+            (Method::GET, "/v1/cache/2/k", Some(2)),
+            (Method::PUT, "/v1/cache/10/k", Some(10)),
+            (Method::GET, "/v1/cache/-1/k/history", Some(-1)),
+            (Method::POST, "/v1/cache/2/k/rollback", Some(2)),
+            (Method::GET, "/v1/cache/2", Some(2)),
+            (Method::POST, "/v1/cache/%32", Some(2)),
+            (Method::GET, "/v1/watch/2", Some(2)),
+            (Method::GET, "/v1/schema/2", Some(2)),
+            (Method::POST, "/ofrep/v1/evaluate/flags/k", Some(3)),
+            (Method::POST, "/ofrep/v1/evaluate/flags", Some(3)),
+            (Method::PUT, "/v1/schema/7", None),
+            (Method::DELETE, "/v1/schema/7", None),
+            (Method::POST, "/v1/import", None),
+        ] {
+            let (status, code, message) = refused(method.clone(), path).expect(path);
+            assert_eq!((status, code), (StatusCode::FORBIDDEN, "forbidden_type"));
+            assert!(message.contains("flags-team"), "{message}");
+            if let Some(ty) = ty {
+                assert!(message.contains(&format!("type {ty}")), "{message}");
+            }
+        }
+        // Without --ofrep-type OFREP has no type (and no route).
+        assert!(scope_refusal(&flags, &Method::POST, "/ofrep/v1/evaluate/flags", None).is_none());
     }
 
     #[test]

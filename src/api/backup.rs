@@ -154,6 +154,7 @@ fn is_header(line: &str) -> bool {
 /// `GET /v1/export[?type=T]`.
 pub(super) async fn export(
     State(api): State<Arc<Api>>,
+    scoped: Option<axum::Extension<super::auth::Scoped>>,
     query: Result<Query<ExportParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
@@ -161,6 +162,15 @@ pub(super) async fn export(
         None => None,
         Some(raw) => Some(super::parse_type(raw)?),
     };
+    // A token limited to some types exports one of them at a time: a
+    // backup that silently left types out would restore a partial state.
+    if let Some(axum::Extension(scoped)) = scoped {
+        match only {
+            None => return Err(scoped.refuse_whole("a whole export (without ?type=)")),
+            Some(ty) if !scoped.scope.covers(ty) => return Err(scoped.refuse(ty)),
+            Some(_) => {}
+        }
+    }
     let mut records = api.replica.store.snapshot();
     if let Some(ty) = only {
         records.retain(|r| r.ty == ty);
@@ -266,6 +276,7 @@ pub(super) async fn import(
 ) -> Result<Response, ApiError> {
     let body = read_body(&api, &headers, body).await?;
     let records = parse(&body)?;
+    check_schemas(&records)?;
     let total = records.len();
     let outcome = import_into(&api.replica, records).await?;
     Ok(axum::Json(json!({
@@ -276,6 +287,34 @@ pub(super) async fn import(
         "first_rejection": outcome.rejected.first().map(ToString::to_string),
     }))
     .into_response())
+}
+
+/// The schema lines of an import (entries of the reserved type, which an
+/// export holds so that a restore brings its schemas back) must be what
+/// `PUT /v1/schema/{type}` would have stored: keyed by a type's decimal
+/// id, and a schema that compiles, or a deletion.
+fn check_schemas(records: &[Record]) -> Result<(), ApiError> {
+    use crate::replica::SCHEMA_TYPE;
+    for record in records.iter().filter(|r| r.ty == SCHEMA_TYPE) {
+        let bad = |why: String| {
+            ApiError::bad_request(
+                "invalid_export",
+                format!(
+                    "the schema entry {:?}: {why}; nothing was imported",
+                    record.key().chars().take(32).collect::<String>()
+                ),
+            )
+        };
+        match record.key().parse::<i32>() {
+            Ok(ty) if ty != SCHEMA_TYPE && record.key() == ty.to_string() => {}
+            _ => return Err(bad("its key is not a type's decimal id".into())),
+        }
+        if let Some(text) = record.entry.value() {
+            crate::replica::schema::compile(text, usize::MAX)
+                .map_err(|e| bad(format!("not a valid schema: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 async fn import_into(

@@ -20,18 +20,13 @@ pub struct ApiError {
     pub code: &'static str,
     /// What went wrong, for people.
     pub message: String,
-    /// More members of the body, and an `ETag`, for the few errors that
-    /// carry them (a failed precondition names the current version).
-    pub extra: Option<Box<Extra>>,
-}
-
-/// What some errors add to the body and the headers.
-#[derive(Debug, Clone, Default)]
-pub struct Extra {
-    /// Members added to the JSON body after `error` and `message`.
-    pub fields: Vec<(&'static str, serde_json::Value)>,
-    /// An `ETag` header (already quoted).
-    pub etag: Option<String>,
+    /// Fields a script may read beside `error` and `message` (e.g. the
+    /// type and token name of `forbidden_type`, the key, JSON pointer and
+    /// keyword of `schema_violation`); usually none.
+    pub fields: Option<Box<serde_json::Map<String, serde_json::Value>>>,
+    /// An `ETag` header (already quoted): a failed precondition names the
+    /// version the key holds now.
+    pub etag: Option<Box<str>>,
 }
 
 impl ApiError {
@@ -41,8 +36,17 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            extra: None,
+            fields: None,
+            etag: None,
         }
+    }
+
+    /// This error with one more field in its body.
+    pub fn with(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.fields
+            .get_or_insert_with(Default::default)
+            .insert(name.to_owned(), value);
+        self
     }
 
     /// 412 for a conditional write whose expectation of `key` failed; the
@@ -52,19 +56,15 @@ impl ApiError {
         key: &str,
         current: Option<crate::store::Version>,
     ) -> Self {
+        let current_text = current.map(|v| v.to_string());
         let mut err = Self::new(
             StatusCode::PRECONDITION_FAILED,
             "precondition_failed",
             message,
-        );
-        let current_text = current.map(|v| v.to_string());
-        err.extra = Some(Box::new(Extra {
-            fields: vec![
-                ("key", json!(key)),
-                ("current_version", json!(current_text)),
-            ],
-            etag: current_text.map(|v| format!("\"{v}\"")),
-        }));
+        )
+        .with("key", json!(key))
+        .with("current_version", json!(current_text));
+        err.etag = current_text.map(|v| format!("\"{v}\"").into_boxed_str());
         err
     }
 
@@ -144,6 +144,23 @@ impl From<WriteError> for ApiError {
                 "no_decider",
                 format!("{err}; nothing was written, retry: a new decider is being chosen"),
             ),
+            WriteError::ReservedType => Self::bad_request("invalid_type", err.to_string()),
+            WriteError::Schema(v) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "schema_violation",
+                v.to_string(),
+            )
+            .with("type", v.ty.into())
+            .with("key", v.key.into())
+            .with("location", v.location.into())
+            .with("keyword", v.keyword.into())
+            .with("schema_path", v.schema_path.into()),
+            WriteError::SchemaUnusable { ty, .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "invalid_schema",
+                err.to_string(),
+            )
+            .with("type", ty.into()),
             WriteError::NotDurable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not_durable",
@@ -168,14 +185,11 @@ impl From<crate::replication::decider::Refusal> for ApiError {
                 ),
             ),
             Refusal::NotReplicated { records, .. } => {
-                let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_replicated", message);
-                if let Some(record) = records.first() {
-                    err.extra = Some(Box::new(Extra {
-                        fields: vec![("version", json!(record.entry.version().to_string()))],
-                        etag: None,
-                    }));
+                let err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_replicated", message);
+                match records.first() {
+                    Some(record) => err.with("version", json!(record.entry.version().to_string())),
+                    None => err,
                 }
-                err
             }
             Refusal::Remote { kind, .. } => {
                 let (status, code) = match kind {
@@ -186,6 +200,9 @@ impl From<crate::replication::decider::Refusal> for ApiError {
                     }
                     Outcome::NotDurable => (StatusCode::SERVICE_UNAVAILABLE, "not_durable"),
                     Outcome::Invalid => (StatusCode::BAD_REQUEST, "invalid_write"),
+                    Outcome::SchemaViolation => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "schema_violation")
+                    }
                     Outcome::NotReplicated => (StatusCode::SERVICE_UNAVAILABLE, "not_replicated"),
                     Outcome::Decided | Outcome::PreconditionFailed | Outcome::NoDecider => {
                         (StatusCode::SERVICE_UNAVAILABLE, "no_decider")
@@ -197,17 +214,31 @@ impl From<crate::replication::decider::Refusal> for ApiError {
     }
 }
 
+impl From<crate::replica::schema::SchemaWriteError> for ApiError {
+    fn from(err: crate::replica::schema::SchemaWriteError) -> Self {
+        use crate::replica::schema::{SchemaError, SchemaWriteError};
+        match err {
+            SchemaWriteError::Write(e) => e.into(),
+            SchemaWriteError::Schema(e @ SchemaError::TooLarge { .. }) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "schema_too_large",
+                e.to_string(),
+            ),
+            SchemaWriteError::Schema(e) => Self::bad_request("invalid_schema", e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({ "error": self.code, "message": self.message });
-        let Some(extra) = self.extra else {
-            return (self.status, Json(body)).into_response();
-        };
-        for (name, value) in extra.fields {
-            body[name] = value;
+        if let (Some(fields), Some(object)) = (self.fields, body.as_object_mut()) {
+            for (name, value) in *fields {
+                object.entry(name).or_insert(value);
+            }
         }
         let mut response = (self.status, Json(body)).into_response();
-        if let Some(etag) = extra
+        if let Some(etag) = self
             .etag
             .and_then(|t| axum::http::HeaderValue::from_str(&t).ok())
         {

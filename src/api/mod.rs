@@ -13,6 +13,7 @@ mod error;
 mod front;
 mod listener;
 mod ofrep;
+mod schema;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -85,6 +86,12 @@ fn routes(api: Arc<Api>) -> Router {
         .route("/v1/watch/{type}", get(watch))
         .route("/v1/export", get(backup::export))
         .route("/v1/import", axum::routing::post(backup::import))
+        .route(
+            "/v1/schema/{type}",
+            get(schema::get_schema)
+                .put(schema::put_schema)
+                .delete(schema::delete_schema),
+        )
         .route("/", get(dashboard))
         .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
@@ -116,9 +123,10 @@ fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Parses `{type}`: an int32 namespace.
+/// Parses `{type}`: an int32 namespace, not the reserved type of the
+/// schemas (every user-facing path with a type reads it here).
 fn parse_type(raw: &str) -> Result<i32, ApiError> {
-    raw.parse::<i32>().map_err(|_| {
+    let ty = raw.parse::<i32>().map_err(|_| {
         ApiError::bad_request(
             "invalid_type",
             format!(
@@ -126,7 +134,11 @@ fn parse_type(raw: &str) -> Result<i32, ApiError> {
                 raw.chars().take(32).collect::<String>()
             ),
         )
-    })
+    })?;
+    if ty == crate::replica::SCHEMA_TYPE {
+        return Err(crate::replica::WriteError::ReservedType.into());
+    }
+    Ok(ty)
 }
 
 fn type_path(path: Result<Path<String>, PathRejection>) -> Result<i32, ApiError> {
@@ -298,6 +310,14 @@ impl<'a> Writer<'a> {
         }
     }
 
+    /// Who writes, as the write path takes it.
+    fn author(&self) -> Author<'_> {
+        Author {
+            name: &self.name,
+            reason: self.reason,
+        }
+    }
+
     /// Writes `change` as this writer, counting a refusal by its reason.
     async fn write(
         &self,
@@ -435,6 +455,30 @@ async fn conditional(api: &Api, write: Conditional) -> Result<Decided, ApiError>
         ),
     };
     check.map_err(ApiError::from)?;
+    // The schema too: the replica that takes a write checks it.
+    let entries: Vec<(&str, Option<&str>)> = match &write.op {
+        Op::Batch { entries } => entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let change = match &write.op {
+        Op::Set { key, value } => Change::Set {
+            ty: write.ty,
+            key,
+            value,
+            ttl_secs: write.ttl_secs,
+        },
+        Op::Delete { key } => Change::Delete { ty: write.ty, key },
+        Op::Batch { .. } => Change::Batch {
+            ty: write.ty,
+            entries: &entries,
+            ttl_secs: write.ttl_secs,
+        },
+    };
+    api.replica.check(&change).map_err(ApiError::from)?;
+    drop(entries);
     let decided = api.decider.decide(write, false).await;
     let decided = decided.map_err(ApiError::from)?;
     api.replica.metrics.ops.conditional.inc();
@@ -488,10 +532,15 @@ async fn put_entry(
 }
 
 fn reject(api: &Api, err: &crate::replica::WriteError) {
+    count_rejected(api, &ApiError::from(err.clone()));
+}
+
+/// Counts a refused write in `rejected_requests`, by its error code.
+fn count_rejected(api: &Api, err: &ApiError) {
     api.replica
         .metrics
         .rejected
-        .get_or_create(&label("reason", ApiError::from(err.clone()).code))
+        .get_or_create(&label("reason", err.code))
         .inc();
 }
 
@@ -1180,14 +1229,40 @@ async fn watch(
 async fn cluster(State(api): State<Arc<Api>>, headers: HeaderMap) -> Json<Value> {
     let mut body = cluster_json(&api);
     // With --public-dashboard this answer is open: keys, authors and
-    // reasons only with a token that may read them.
+    // reasons only with a token that may read them, and of its types only.
     if let Some(auth) = &api.auth
-        && !auth.may_read(&headers)
-        && let Some(body) = body.as_object_mut()
+        && let Some(object) = body.as_object_mut()
     {
-        body.remove("recent_changes");
+        match auth.granted(&headers) {
+            None => {
+                object.remove("recent_changes");
+            }
+            Some(auth::Grant {
+                scope: Some(scope), ..
+            }) => {
+                if let Some(Value::Array(changes)) = object.get_mut("recent_changes") {
+                    changes.retain(|change| recent_change_covered(change, &scope));
+                }
+            }
+            Some(_) => {}
+        }
     }
     Json(body)
+}
+
+/// Whether a token limited to `scope` may see one of the recent changes:
+/// of one of its types, or the schema of one.
+fn recent_change_covered(change: &Value, scope: &auth::Scope) -> bool {
+    let Some(ty) = change["type"].as_i64().and_then(|t| i32::try_from(t).ok()) else {
+        return false;
+    };
+    if ty == crate::replica::SCHEMA_TYPE {
+        return change["key"]
+            .as_str()
+            .and_then(|k| k.parse().ok())
+            .is_some_and(|ty| scope.covers(ty));
+    }
+    scope.covers(ty)
 }
 
 /// The `/v1/cluster` document.

@@ -131,6 +131,9 @@ pub struct Metrics {
     pub history_versions: Gauge,
     /// What the kept versions are counted as (`--history-max-bytes`).
     pub history_bytes: Gauge,
+    /// JSON Schema versions compiled to check writes (at most one per
+    /// schema version and replica).
+    pub schema_compiles: Counter,
     /// REST requests refused for missing or wrong credentials, by reason.
     pub auth_failures: Family<Labels, Counter>,
     /// Requests turned away because a concurrency limit was reached, by
@@ -396,6 +399,12 @@ impl Metrics {
             "Bytes the kept versions are counted as against --history-max-bytes (keys, values, 96 per version)",
             history_bytes.clone(),
         );
+        let schema_compiles = Counter::default();
+        registry.register(
+            "schema_compiles",
+            "JSON Schema versions this node compiled to check writes (once per version)",
+            schema_compiles.clone(),
+        );
         let auth_failures = Family::<Labels, Counter>::default();
         registry.register(
             "auth_failures",
@@ -426,6 +435,7 @@ impl Metrics {
             capacity_bytes,
             history_versions,
             history_bytes,
+            schema_compiles,
             auth_failures,
             overloaded,
             connections_refused,

@@ -12,6 +12,7 @@
 
 pub(crate) mod changes;
 pub(crate) mod events;
+pub mod schema;
 mod write;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use tokio::sync::{Notify, broadcast};
 use tracing::warn;
 
 pub use events::ChangeEvent;
+pub use schema::SCHEMA_TYPE;
 pub use write::{Author, Change, DeliveryReport, DeliveryStatus, Terms, WriteError, WriteOutcome};
 
 use self::changes::ChangeLog;
@@ -119,6 +121,8 @@ pub struct Replica {
     /// The latest changes this node took, newest last, for the
     /// dashboard's recent changes (`/v1/cluster`).
     recent: Mutex<std::collections::VecDeque<(Record, Origin)>>,
+    /// The compiled schemas of the types that have one, by version.
+    schemas: schema::Schemas,
 }
 
 /// Changes kept for [`Replica::recent_changes`].
@@ -133,6 +137,7 @@ impl Replica {
         data: Option<Arc<DataDir>>,
     ) -> Self {
         let events = events::EventLog::new(identity.node_id, config.watch_replay_events);
+        let schemas = schema::Schemas::new(metrics.schema_compiles.clone());
         Self {
             store: Store::new(identity.node_id, config.limits.clone()),
             config,
@@ -149,6 +154,7 @@ impl Replica {
             loaded_from_disk: AtomicU64::new(0),
             last_meta: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_CHANGES)),
+            schemas,
         }
     }
 

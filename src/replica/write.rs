@@ -44,6 +44,27 @@ pub enum WriteError {
     /// node's disk.
     #[error("applied, but not known to be on disk: {0}")]
     NotDurable(DiskError),
+    /// The change writes the reserved type of the schemas
+    /// ([`super::SCHEMA_TYPE`]), which only the schema endpoints write.
+    #[error(
+        "type {} is reserved for podcache's schemas; use /v1/schema/{{type}}",
+        super::SCHEMA_TYPE
+    )]
+    ReservedType,
+    /// A value is not JSON valid under its type's schema: nothing was
+    /// written.
+    #[error(transparent)]
+    Schema(Box<super::schema::Violation>),
+    /// The type's schema, as this node holds it, does not compile here
+    /// (e.g. set through a peer with other limits): writes of the type are
+    /// refused until it is set again.
+    #[error("the schema of type {ty} does not compile on this node ({reason}); set it again")]
+    SchemaUnusable {
+        /// The type.
+        ty: i32,
+        /// Why it does not compile.
+        reason: String,
+    },
     /// A conditional write reached the store after this node's lease as
     /// the decider ran out: nothing was changed.
     #[error("this node's lease as the decider ran out before the write was applied")]
@@ -190,6 +211,79 @@ impl Replica {
     /// decider calls it with expectations (`crate::replication::decider`):
     /// a check on any other replica would not hold across replicas.
     pub(crate) async fn write_with(
+        &self,
+        change: Change<'_>,
+        wait: bool,
+        by: Author<'_>,
+        terms: Terms<'_>,
+    ) -> Result<WriteOutcome, WriteError> {
+        self.check(&change)?;
+        self.write_checked(change, wait, by, terms).await
+    }
+
+    /// What [`Replica::write_as`] checks before it writes: not the
+    /// reserved type, and values valid under their type's schema (see
+    /// [`super::schema`]). For adapters that must refuse several changes
+    /// whole before writing any.
+    pub fn check(&self, change: &Change<'_>) -> Result<(), WriteError> {
+        self.schemas.check(&self.store, change, unix_ms())
+    }
+
+    /// Sets (`Some`) or deletes type `ty`'s schema: an entry of the
+    /// reserved type, written through the same path as every write. The
+    /// text must be a valid schema within `--max-schema-bytes` (checked
+    /// here); it is compiled once, and kept compiled by its version.
+    pub async fn write_schema(
+        &self,
+        ty: i32,
+        schema: Option<&str>,
+        wait: bool,
+        by: Author<'_>,
+    ) -> Result<WriteOutcome, super::schema::SchemaWriteError> {
+        use super::schema::{SCHEMA_TYPE, SchemaWriteError};
+        if ty == SCHEMA_TYPE {
+            return Err(SchemaWriteError::Write(WriteError::ReservedType));
+        }
+        let key = ty.to_string();
+        let Some(text) = schema else {
+            let outcome = self
+                .write_checked(
+                    Change::Delete {
+                        ty: SCHEMA_TYPE,
+                        key: &key,
+                    },
+                    wait,
+                    by,
+                    Terms::default(),
+                )
+                .await?;
+            self.schemas.forget(ty);
+            return Ok(outcome);
+        };
+        let compiled = super::schema::compile(text, self.config.max_schema_bytes)?;
+        let change = Change::Set {
+            ty: SCHEMA_TYPE,
+            key: &key,
+            value: text,
+            ttl_secs: None,
+        };
+        let outcome = self
+            .write_checked(change, wait, by, Terms::default())
+            .await?;
+        if let Some(record) = outcome.records.first() {
+            self.schemas
+                .remember(ty, record.entry.version(), Ok(Arc::new(compiled)));
+        }
+        Ok(outcome)
+    }
+
+    /// Schema versions this node compiled to check writes.
+    pub fn schema_compiles(&self) -> u64 {
+        self.schemas.compiles()
+    }
+
+    /// [`Replica::write_as`] after its checks.
+    async fn write_checked(
         &self,
         change: Change<'_>,
         wait: bool,

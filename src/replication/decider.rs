@@ -698,7 +698,9 @@ pub(crate) fn answer_to_wire(result: Result<Decided, Refusal>, decider: &str) ->
                     Outcome::PreconditionFailed
                 }
                 Refusal::Write(WriteError::Store(StoreError::Full { .. })) => Outcome::Capacity,
-                Refusal::Write(WriteError::Store(_)) => Outcome::Invalid,
+                Refusal::Write(WriteError::Store(_) | WriteError::ReservedType) => Outcome::Invalid,
+                Refusal::Write(WriteError::Schema(_)) => Outcome::SchemaViolation,
+                Refusal::Write(WriteError::SchemaUnusable { .. }) => Outcome::Invalid,
                 Refusal::Write(WriteError::Disk(crate::durability::DiskError::Full(_))) => {
                     Outcome::DiskFull
                 }

@@ -51,6 +51,10 @@ impl From<crate::replica::WriteError> for Status {
             WriteError::Disk(_) | WriteError::NotDurable(_) | WriteError::Fenced => {
                 Status::unavailable(err.to_string())
             }
+            WriteError::ReservedType | WriteError::Schema(_) => {
+                Status::invalid_argument(err.to_string())
+            }
+            WriteError::SchemaUnusable { .. } => Status::failed_precondition(err.to_string()),
         }
     }
 }
@@ -185,6 +189,19 @@ impl SyncRpc for SyncService {
                     .map(|(k, v)| (k.as_str(), Some(v.as_str()))),
                 None,
             )?;
+        }
+        // The reserved type and schemas, for every type first: all or
+        // nothing.
+        for data in request.data.iter().filter(|d| !d.data.is_empty()) {
+            let entries: Vec<(&str, &str)> = data
+                .data
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            self.replica.check(&Change::Unversioned {
+                ty: data.r#type,
+                entries: &entries,
+            })?;
         }
         let mut answer = Vec::with_capacity(request.data.len());
         for data in request.data {

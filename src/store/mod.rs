@@ -365,6 +365,18 @@ pub enum Change<'a> {
     },
 }
 
+impl Change<'_> {
+    /// The namespace the change writes.
+    pub fn ty(&self) -> i32 {
+        match self {
+            Change::Set { ty, .. }
+            | Change::Batch { ty, .. }
+            | Change::Delete { ty, .. }
+            | Change::Unversioned { ty, .. } => *ty,
+        }
+    }
+}
+
 /// Why a local change was refused; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused<E> {

@@ -225,9 +225,13 @@ class Checker:
                         f"{where}: security {'names' if bearer else 'lacks'} bearerAuth but 401 is "
                         f"{'not ' if bearer else ''}documented"
                     )
-                if ("write" in roles) != ("403" in codes):
+                # 403: a read token that writes, or a token whose types=
+                # leave out the operation's type (`x-forbidden-type`).
+                refuses = "write" in roles or op.get("x-forbidden-type") is True
+                if refuses != ("403" in codes):
                     self.mismatches.append(
-                        f"{where}: 403 must be documented exactly when a write token is needed"
+                        f"{where}: 403 must be documented exactly when a write token is needed "
+                        f"or the operation is marked x-forbidden-type"
                     )
         return True
 

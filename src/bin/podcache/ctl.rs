@@ -1,5 +1,6 @@
 //! `podcache ctl`: a client for a running node's REST API (get, set,
-//! delete, list, watch, history, rollback, export, import, cluster).
+//! delete, list, watch, history, rollback, export, import, schema,
+//! cluster).
 
 use clap::{Args, Subcommand};
 use hyper::Method;
@@ -129,8 +130,66 @@ pub(crate) enum CtlOp {
         #[arg(long)]
         wait: bool,
     },
+    /// Set, show or delete a type's JSON Schema (draft 2020-12), checked
+    /// on every write of the type.
+    Schema {
+        #[command(subcommand)]
+        op: SchemaOp,
+    },
     /// Show this node, its peers and their replication state.
     Cluster,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SchemaOp {
+    /// Set the type's schema from a file (`-` for stdin).
+    Set {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+        /// The schema's file (JSON).
+        file: std::path::PathBuf,
+        /// Wait until every peer acknowledged.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the type's schema (as JSON).
+    Get {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+    },
+    /// Delete the type's schema: its writes are no longer checked.
+    Delete {
+        /// The namespace (an int32, SyncData.type).
+        r#type: i32,
+        /// Wait until every peer acknowledged.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// The request of a `ctl schema` command.
+fn schema_request(op: &SchemaOp) -> Result<(Method, String, String), Failure> {
+    let path = |ty: i32, wait: bool| {
+        let mut path = format!("/v1/schema/{ty}");
+        if wait {
+            path.push_str("?wait=all");
+        }
+        path
+    };
+    Ok(match op {
+        SchemaOp::Set { r#type, file, wait } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Failure::Config(format!("reading the schema from stdin: {e}")))?
+            } else {
+                std::fs::read_to_string(file)
+                    .map_err(|e| Failure::Config(format!("{}: {e}", file.display())))?
+            };
+            (Method::PUT, path(*r#type, *wait), text)
+        }
+        SchemaOp::Get { r#type } => (Method::GET, path(*r#type, false), String::new()),
+        SchemaOp::Delete { r#type, wait } => (Method::DELETE, path(*r#type, *wait), String::new()),
+    })
 }
 
 pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
@@ -236,6 +295,7 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
         CtlOp::Watch { .. } | CtlOp::Export { .. } | CtlOp::Import { .. } => {
             return Ok(());
         }
+        CtlOp::Schema { op } => schema_request(op)?,
         CtlOp::Cluster => (Method::GET, "/v1/cluster".to_owned(), String::new()),
     };
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -287,6 +347,15 @@ pub(crate) async fn run(args: CtlArgs) -> Result<(), Failure> {
             }
         }
         CtlOp::History { .. } => print_history(&json),
+        CtlOp::Schema {
+            op: SchemaOp::Get { .. },
+        } => println!(
+            "{}",
+            serde_json::to_string_pretty(&json["schema"]).unwrap_or_default()
+        ),
+        CtlOp::Schema { .. } => {
+            println!("version {}", json["version"].as_str().unwrap_or("?"));
+        }
         CtlOp::Cluster => print_cluster(&json),
         CtlOp::Watch { .. } | CtlOp::Export { .. } | CtlOp::Import { .. } => {}
     }
