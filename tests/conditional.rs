@@ -300,3 +300,70 @@ async fn the_cluster_view_names_the_decider_and_every_replica_agrees() {
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_conditional_write_is_checked_against_the_types_schema() {
+    let cluster = Cluster::start(2).await;
+    wait_decider(&cluster).await;
+    let client = cluster.client(1);
+    let schema = client
+        .request(
+            Method::PUT,
+            "/v1/schema/9",
+            r#"{"type":"object","required":["on"]}"#,
+        )
+        .await
+        .expect("schema");
+    assert_eq!(schema.status, StatusCode::OK, "{}", schema.text());
+    for i in cluster.running() {
+        let client = cluster.client(i);
+        wait_until("the schema everywhere", Duration::from_secs(10), || {
+            let client = client.clone();
+            async move {
+                client
+                    .get("/v1/schema/9")
+                    .await
+                    .is_ok_and(|a| a.status == StatusCode::OK)
+            }
+        })
+        .await;
+    }
+    for node in [0, 1] {
+        let bad = cluster
+            .client(node)
+            .request_with_headers(
+                Method::PUT,
+                &entry_path(9, "flag"),
+                "{}",
+                &[("If-None-Match", "*")],
+            )
+            .await
+            .expect("put");
+        assert_eq!(
+            bad.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            bad.text()
+        );
+        assert_eq!(bad.json()["error"], "schema_violation");
+    }
+    let good = put_if(&cluster.client(0), "flag", "x", &[("If-None-Match", "*")]).await;
+    assert_eq!(
+        good.status,
+        StatusCode::OK,
+        "type 1 has no schema: {}",
+        good.text()
+    );
+    let ok = cluster
+        .client(1)
+        .request_with_headers(
+            Method::PUT,
+            &entry_path(9, "flag"),
+            r#"{"on":true}"#,
+            &[("If-None-Match", "*")],
+        )
+        .await
+        .expect("put");
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    cluster.shutdown().await;
+}
