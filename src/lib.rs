@@ -39,6 +39,15 @@
 //! the link acknowledges the epoch in the index, which answers
 //! `?wait=all`.
 //!
+//! A conditional write (`If-Match`, `If-None-Match: *`, a batch with
+//! expectations) takes one more step first: the replica that took it
+//! checks limits and the schema, then hands it to
+//! [`replication::decider`], which forwards it over
+//! `podcache.v1.Replica/Decide` unless this node is the decider. The
+//! decider writes it through the same path, with the expectations checked
+//! under the store's lock and its lease fencing the version, and answers
+//! once every live peer acknowledged it.
+//!
 //! # Embedding
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -3,7 +3,8 @@
 //! the bootstrap pull, and anti-entropy.
 //!
 //! Owns: peer links (their channels, tasks and status), the bootstrap and
-//! anti-entropy exchanges. The decisions are plain types beside the calls
+//! anti-entropy exchanges, and who decides conditional writes
+//! ([`decider`]: the rule, the forwarding). The decisions are plain types beside the calls
 //! that carry them: `link` (a link's state machine), `batch` (cutting
 //! an epoch into requests), `anti_entropy::plan`, [`oldest`] (which
 //! member has run longest). Must not touch: the merge rule (the store
