@@ -377,10 +377,10 @@ impl NodeConfig {
                 "--decider-clock-drift must be less than half of --decider-lease".into(),
             ));
         }
-        if self.ofrep_type == Some(crate::replica::SCHEMA_TYPE) {
+        if self.ofrep_type == Some(crate::store::SCHEMA_TYPE) {
             return Err(ConfigError::Invalid(format!(
                 "--ofrep-type {} is the reserved type of the schemas",
-                crate::replica::SCHEMA_TYPE
+                crate::store::SCHEMA_TYPE
             )));
         }
         if self.max_schema_bytes == 0 {

@@ -37,32 +37,11 @@ pub struct KubernetesDiscovery {
     pub kubeconfig: Option<PathBuf>,
 }
 
-/// Why the API client could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum KubernetesError {
-    /// No usable in-cluster or kubeconfig configuration.
-    #[error("no Kubernetes configuration: {0}")]
-    Config(String),
-    /// The client could not be built from the configuration.
-    #[error("cannot build the Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
-}
+pub use super::kube_client::KubernetesError;
 
 impl KubernetesDiscovery {
-    pub(crate) async fn client(&self) -> Result<Client, KubernetesError> {
-        let config = match &self.kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| KubernetesError::Config(format!("{}: {e}", path.display())))?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
-                    .await
-                    .map_err(|e| KubernetesError::Config(format!("{}: {e}", path.display())))?
-            }
-            None => kube::Config::infer()
-                .await
-                .map_err(|e| KubernetesError::Config(e.to_string()))?,
-        };
-        Client::try_from(config).map_err(KubernetesError::Client)
+    async fn client(&self) -> Result<Client, KubernetesError> {
+        super::kube_client::client(self.kubeconfig.as_deref()).await
     }
 }
 
@@ -75,7 +54,8 @@ impl Discovery for KubernetesDiscovery {
     fn election(&self) -> Option<Box<dyn super::election::Election>> {
         Some(Box::new(super::kubernetes_election::KubernetesElection {
             name: lease_name(&selector_string(&self.filter.selector)),
-            discovery: self.clone(),
+            namespace: self.filter.namespace.clone(),
+            kubeconfig: self.kubeconfig.clone(),
         }))
     }
 

@@ -36,10 +36,12 @@ use crate::identity::unix_ms;
 /// The decider's lease as a Kubernetes Lease.
 #[derive(Debug, Clone)]
 pub struct KubernetesElection {
-    /// How to reach the API server (the discovery's own settings).
-    pub discovery: super::kubernetes::KubernetesDiscovery,
-    /// The Lease's name (in the pods' namespace).
+    /// The Lease's name.
     pub name: String,
+    /// Its namespace (the pods').
+    pub namespace: String,
+    /// The kubeconfig pod discovery uses, if any.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 /// The identity a holder writes into the Lease.
@@ -208,7 +210,7 @@ impl Election for KubernetesElection {
         cancel: CancellationToken,
     ) {
         let client = loop {
-            match self.discovery.client().await {
+            match super::kube_client::client(self.kubeconfig.as_deref()).await {
                 Ok(client) => break client,
                 Err(error) => debug!(%error, "decider election: no Kubernetes client yet"),
             }
@@ -217,7 +219,7 @@ impl Election for KubernetesElection {
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             }
         };
-        let leases: Api<Lease> = Api::namespaced(client, &self.discovery.filter.namespace);
+        let leases: Api<Lease> = Api::namespaced(client, &self.namespace);
         let mut observed = None;
         loop {
             let ready = *eligible.borrow_and_update();

@@ -11,6 +11,8 @@ pub mod etcd;
 pub mod etcd_lease;
 pub mod etcd_v2;
 #[cfg(feature = "kubernetes")]
+mod kube_client;
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes_election;

@@ -26,9 +26,7 @@ use serde_json::Value;
 use super::WriteError;
 use crate::store::{Change, Store, Version};
 
-/// The reserved type that holds the schemas: refused on every user-facing
-/// path (REST, watch, `hellorpc.Sync/Set`, the library's writes).
-pub const SCHEMA_TYPE: i32 = i32::MIN;
+pub use crate::store::SCHEMA_TYPE;
 
 /// The one `$schema` a schema may name (or none).
 const DRAFT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema";

@@ -284,6 +284,12 @@ fn describe_current(current: Option<Version>) -> String {
     }
 }
 
+/// The reserved type that holds the schemas (`crate::replica::schema`):
+/// refused on every user-facing path (REST, watch, `hellorpc.Sync/Set`,
+/// the library's writes). Here, below the configuration and the replica,
+/// so that both name it without importing each other.
+pub const SCHEMA_TYPE: i32 = i32::MIN;
+
 /// What a conditional write expects of one key, checked under the store's
 /// write lock together with the change (`If-Match`, `If-None-Match: *`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
