@@ -153,7 +153,7 @@ struct WriteParams {
     ttl: Option<String>,
 }
 
-struct WriteOptions {
+pub(super) struct WriteOptions {
     wait_all: bool,
     ttl_secs: Option<u64>,
 }
@@ -182,6 +182,18 @@ fn write_options(
         })?),
     };
     Ok(WriteOptions { wait_all, ttl_secs })
+}
+
+/// 400 when `options` carry a TTL, which has no meaning `on` this write
+/// (a delete, a rollback, a schema).
+pub(super) fn refuse_ttl(options: &WriteOptions, on: &str) -> Result<(), ApiError> {
+    match options.ttl_secs {
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("ttl has no meaning {on}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Reads the body, refusing more than the configured limit.
@@ -325,13 +337,9 @@ impl<'a> Writer<'a> {
         change: Change<'_>,
         wait: bool,
     ) -> Result<WriteOutcome, ApiError> {
-        let by = Author {
-            name: &self.name,
-            reason: self.reason,
-        };
         Ok(api
             .replica
-            .write_as(change, wait, by)
+            .write_as(change, wait, self.author())
             .await
             .inspect_err(|e| reject(api, e))?)
     }
@@ -438,46 +446,14 @@ fn expectation(headers: &HeaderMap) -> Result<Option<Expect>, ApiError> {
 /// `wait=all` implied. The answer is that of the unconditional write, with
 /// the decider named.
 async fn conditional(api: &Api, write: Conditional) -> Result<Decided, ApiError> {
-    // Limits first, here: a bad change is refused without a trip to the
-    // decider (which checks them again).
-    let check = match &write.op {
-        Op::Set { key, value } => api.replica.store.check_batch(
-            [(key.as_str(), Some(value.as_str()))].into_iter(),
-            write.ttl_secs,
-        ),
-        Op::Delete { key } => api
-            .replica
-            .store
-            .check_batch([(key.as_str(), None)].into_iter(), None),
-        Op::Batch { entries } => api.replica.store.check_batch(
-            entries.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
-            write.ttl_secs,
-        ),
-    };
-    check.map_err(ApiError::from)?;
-    // The schema too: the replica that takes a write checks it.
-    let entries: Vec<(&str, Option<&str>)> = match &write.op {
-        Op::Batch { entries } => entries
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let change = match &write.op {
-        Op::Set { key, value } => Change::Set {
-            ty: write.ty,
-            key,
-            value,
-            ttl_secs: write.ttl_secs,
-        },
-        Op::Delete { key } => Change::Delete { ty: write.ty, key },
-        Op::Batch { .. } => Change::Batch {
-            ty: write.ty,
-            entries: &entries,
-            ttl_secs: write.ttl_secs,
-        },
-    };
-    api.replica.check(&change).map_err(ApiError::from)?;
+    // Limits and the schema first, here (the replica that takes a write
+    // checks it): a bad change is refused without a trip to the decider,
+    // which checks them again.
+    let entries = write.entries();
+    api.replica
+        .store
+        .check_batch(entries.iter().copied(), write.ttl_secs)?;
+    api.replica.check(&write.change(&entries))?;
     drop(entries);
     let decided = api.decider.decide(write, false).await;
     let decided = decided.map_err(ApiError::from)?;
@@ -552,12 +528,7 @@ async fn delete_entry(
 ) -> Result<Json<Value>, ApiError> {
     let options = write_options(Query::try_from_uri(&request.uri))?;
     let writer = Writer::of(request)?;
-    if options.ttl_secs.is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "ttl has no meaning on a delete",
-        ));
-    }
+    refuse_ttl(&options, "on a delete")?;
     if let Some(expect) = expectation(&request.headers)? {
         let write = writer.conditional(
             ty,
@@ -653,12 +624,7 @@ pub(super) async fn rollback(
     request: &axum::http::request::Parts,
 ) -> Result<Response, ApiError> {
     let options = write_options(Query::try_from_uri(&request.uri))?;
-    if options.ttl_secs.is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "ttl has no meaning on a rollback",
-        ));
-    }
+    refuse_ttl(&options, "on a rollback")?;
     let Query(params) = Query::<RollbackParams>::try_from_uri(&request.uri)
         .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let raw = params.version.ok_or_else(|| {

@@ -70,12 +70,7 @@ pub(super) async fn put_schema(
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let options = write_options(query)?;
-    if options.ttl_secs.is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "ttl has no meaning for a schema",
-        ));
-    }
+    super::refuse_ttl(&options, "for a schema")?;
     let (parts, body) = request.into_parts();
     let writer = Writer::of(&parts)?;
     let body = read_body(&api, &parts.headers, body).await?;
@@ -105,12 +100,7 @@ pub(super) async fn delete_schema(
 ) -> Result<Response, ApiError> {
     let ty = type_path(path)?;
     let options = write_options(query)?;
-    if options.ttl_secs.is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "ttl has no meaning on a delete",
-        ));
-    }
+    super::refuse_ttl(&options, "on a delete")?;
     let (parts, _) = request.into_parts();
     let writer = Writer::of(&parts)?;
     let outcome = api

@@ -130,10 +130,11 @@ impl KubernetesElection {
             }
             let mut renewed = current.clone();
             renewed.spec = Some(Self::spec(me, transitions, spec.acquire_time.clone()));
-            let renewed = leases
+            leases
                 .replace(&self.name, &PostParams::default(), &renewed)
                 .await?;
-            return Ok(mine(sent, sent_wall, term_of_spec(&spec, &renewed)));
+            // A renewal keeps the term: the transitions it was taken at.
+            return Ok(mine(sent, sent_wall, transitions.max(0) as u64));
         }
         // Held by another, or by nobody (an empty holder).
         let changed = observed
@@ -189,11 +190,6 @@ fn term_of(lease: &Lease) -> u64 {
         .and_then(|s| s.lease_transitions)
         .unwrap_or(0)
         .max(0) as u64
-}
-
-/// The term of a renewal: the transitions of the Lease as it was.
-fn term_of_spec(before: &LeaseSpec, _after: &Lease) -> u64 {
-    before.lease_transitions.unwrap_or(0).max(0) as u64
 }
 
 #[async_trait::async_trait]

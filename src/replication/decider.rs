@@ -27,7 +27,6 @@
 //! limits (the store), HTTP and gRPC servers (`api`, `rpc` adapt).
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -83,6 +82,41 @@ pub struct Conditional {
     pub author: String,
     /// Why.
     pub reason: Option<String>,
+}
+
+impl Conditional {
+    /// Every key the write names with its new value (`None`: delete), in
+    /// order, borrowed: what the limits are checked on, and what
+    /// [`Conditional::change`] takes for a batch.
+    pub fn entries(&self) -> Vec<(&str, Option<&str>)> {
+        match &self.op {
+            Op::Set { key, value } => vec![(key.as_str(), Some(value.as_str()))],
+            Op::Delete { key } => vec![(key.as_str(), None)],
+            Op::Batch { entries } => entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect(),
+        }
+    }
+
+    /// The change as the write path takes it; `entries` are
+    /// [`Conditional::entries`].
+    pub fn change<'a>(&'a self, entries: &'a [(&'a str, Option<&'a str>)]) -> Change<'a> {
+        match &self.op {
+            Op::Set { key, value } => Change::Set {
+                ty: self.ty,
+                key,
+                value,
+                ttl_secs: self.ttl_secs,
+            },
+            Op::Delete { key } => Change::Delete { ty: self.ty, key },
+            Op::Batch { .. } => Change::Batch {
+                ty: self.ty,
+                entries,
+                ttl_secs: self.ttl_secs,
+            },
+        }
+    }
 }
 
 /// A decided write.
@@ -335,27 +369,8 @@ impl Decider {
         };
         let guards: Vec<(&str, Expect)> =
             write.guards.iter().map(|(k, e)| (k.as_str(), *e)).collect();
-        let entries: Vec<(&str, Option<&str>)>;
-        let change = match &write.op {
-            Op::Set { key, value } => Change::Set {
-                ty: write.ty,
-                key,
-                value,
-                ttl_secs: write.ttl_secs,
-            },
-            Op::Delete { key } => Change::Delete { ty: write.ty, key },
-            Op::Batch { entries: all } => {
-                entries = all
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_deref()))
-                    .collect();
-                Change::Batch {
-                    ty: write.ty,
-                    entries: &entries,
-                    ttl_secs: write.ttl_secs,
-                }
-            }
-        };
+        let entries = write.entries();
+        let change = write.change(&entries);
         let by = Author {
             name: &write.author,
             reason: write.reason.as_deref(),
@@ -752,11 +767,6 @@ fn from_wire(answer: DecideResponse) -> Result<Decided, Refusal> {
             message: answer.message,
         }),
     }
-}
-
-/// How long a forwarded call may take at most (for the REST answer).
-pub fn forward_timeout(config: &crate::config::NodeConfig) -> Duration {
-    config.wait_timeout + config.rpc_timeout
 }
 
 #[cfg(test)]
