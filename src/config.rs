@@ -424,6 +424,12 @@ impl NodeConfig {
                 crate::durability::MAX_ENTRY_BYTES
             )));
         }
+        if self.limits.history_versions > crate::store::MAX_HISTORY_VERSIONS {
+            return Err(ConfigError::Invalid(format!(
+                "--history-versions must be at most {}",
+                crate::store::MAX_HISTORY_VERSIONS
+            )));
+        }
         for (name, value) in [
             ("max concurrent requests", self.max_concurrent_requests),
             ("max connections", self.max_connections),
@@ -599,6 +605,19 @@ mod tests {
         let err = config.validate().expect_err("too small").to_string();
         assert!(
             err.contains("--anti-entropy-interval must be at least 10ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn history_versions_past_what_a_key_can_keep_are_refused() {
+        let mut config = NodeConfig::new("a", Ipv4Addr::LOCALHOST.into());
+        config.limits.history_versions = crate::store::MAX_HISTORY_VERSIONS;
+        assert!(config.validate().is_ok());
+        config.limits.history_versions += 1;
+        let err = config.validate().expect_err("too many").to_string();
+        assert!(
+            err.contains("--history-versions must be at most 10000"),
             "{err}"
         );
     }

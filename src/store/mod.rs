@@ -21,6 +21,9 @@ pub mod digest;
 mod entry;
 mod history;
 
+/// Most superseded versions a key may keep (`--history-versions`).
+pub const MAX_HISTORY_VERSIONS: usize = history::MAX_VERSIONS;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
@@ -169,7 +172,7 @@ pub struct Limits {
           default_value_t = Limits::default().max_total_bytes)]
     pub max_total_bytes: usize,
     /// Superseded versions kept per key for `GET .../history` and
-    /// rollback (values and deletions); 0 keeps none.
+    /// rollback (values and deletions); 0 keeps none, at most 10,000.
     #[arg(long, env = "PODCACHE_HISTORY_VERSIONS", help_heading = "History",
           default_value_t = Limits::default().history_versions)]
     pub history_versions: usize,
@@ -428,7 +431,16 @@ pub struct NamespaceStats {
 
 /// One namespace: entries found by their key. The table holds one pointer
 /// per entry; the key lives in the entry itself.
-type Namespace = HashTable<Entry>;
+type Namespace = HashTable<Held>;
+
+/// A key's slot in its namespace: its current entry, and where the
+/// versions it superseded start (kept here so that a write, which already
+/// holds the slot, keeps the old version without a second lookup).
+#[derive(Debug)]
+struct Held {
+    entry: Entry,
+    history: history::Head,
+}
 
 /// Entries plus the digest kept up to date with them.
 #[derive(Debug)]
@@ -509,14 +521,15 @@ impl State {
             return;
         };
         let removed = ns
-            .find_entry(hash, |e| e.key_bytes() == key.as_bytes())
+            .find_entry(hash, |h| h.entry.key_bytes() == key.as_bytes())
             .ok()
             .map(|slot| slot.remove().0);
         if ns.is_empty() {
             self.namespaces.remove(&ty);
         }
         if let Some(old) = removed {
-            self.account(ty, None, Some(&old));
+            self.account(ty, None, Some(&old.entry));
+            self.history.orphan(ty, hash, old.history);
         }
     }
 
@@ -607,24 +620,26 @@ impl State {
         let hash = hasher.hash_one(entry.key_bytes());
         let held_values = self.values.get(&ty).copied().unwrap_or(0);
         let ns = self.namespaces.entry(ty).or_default();
-        let slot = ns.entry(
+        let mut slot = ns.entry(
             hash,
-            |held| held.key_bytes() == entry.key_bytes(),
-            |held| hasher.hash_one(held.key_bytes()),
+            |held| held.entry.key_bytes() == entry.key_bytes(),
+            |held| hasher.hash_one(held.entry.key_bytes()),
         );
+        if let Slot::Occupied(occupied) = &mut slot {
+            let held = occupied.get_mut();
+            if !supersedes(entry, &held.entry) {
+                if held.entry.version() != entry.version() {
+                    // An older version of the key, late: still one it had.
+                    self.history.keep_late(ty, &mut held.history, entry.clone());
+                    self.compact_history();
+                }
+                return Ok(false);
+            }
+        }
         let held = match &slot {
-            Slot::Occupied(slot) => Some(slot.get()),
+            Slot::Occupied(slot) => Some(&slot.get().entry),
             Slot::Vacant(_) => None,
         };
-        if let Some(held) = held
-            && !supersedes(entry, held)
-        {
-            if held.version() != entry.version() {
-                // An older version of the key, late: still one it had.
-                self.history.keep(ty, hash, entry.clone());
-            }
-            return Ok(false);
-        }
         let held_size = held.map_or(0, Entry::size);
         let held_value = held.is_some_and(|held| !held.is_tombstone());
         let values_after =
@@ -643,17 +658,42 @@ impl State {
             return Err(err);
         }
         let old = match slot {
-            Slot::Occupied(mut slot) => Some(std::mem::replace(slot.get_mut(), entry.clone())),
+            Slot::Occupied(mut slot) => {
+                let held = slot.get_mut();
+                let old = std::mem::replace(&mut held.entry, entry.clone());
+                self.history.keep_newest(ty, &mut held.history, old.clone());
+                Some(old)
+            }
             Slot::Vacant(slot) => {
-                slot.insert(entry.clone());
+                let history = self.history.adopt(ty, hash, entry.key_bytes());
+                slot.insert(Held {
+                    entry: entry.clone(),
+                    history,
+                });
                 None
             }
         };
         self.account(ty, Some(entry), old.as_ref());
-        if let Some(old) = old {
-            self.history.keep(ty, hash, old);
+        if old.is_some() {
+            self.compact_history();
         }
         Ok(true)
+    }
+
+    /// Closes the history's holes when they are worth a pass over every
+    /// key's slot (each holds its key's history head).
+    fn compact_history(&mut self) {
+        let namespaces = &self.namespaces;
+        if self
+            .history
+            .wants_compaction(|| namespaces.values().map(HashTable::len).sum())
+        {
+            let heads = self
+                .namespaces
+                .values_mut()
+                .flat_map(|ns| ns.iter_mut().map(|held| &mut held.history));
+            self.history.compact(heads);
+        }
     }
 
     fn new(limits: &Limits) -> Self {
@@ -675,18 +715,34 @@ impl State {
         let ns = self.namespaces.entry(ty).or_default();
         let old = match ns.entry(
             hash,
-            |held| held.key_bytes() == entry.key_bytes(),
-            |held| hasher.hash_one(held.key_bytes()),
+            |held| held.entry.key_bytes() == entry.key_bytes(),
+            |held| hasher.hash_one(held.entry.key_bytes()),
         ) {
-            Slot::Occupied(mut slot) => Some(std::mem::replace(slot.get_mut(), entry.clone())),
+            Slot::Occupied(mut slot) => {
+                let held = slot.get_mut();
+                let old = std::mem::replace(&mut held.entry, entry.clone());
+                // The held entry is newer than all its key keeps; should a
+                // caller store an older one over it, the next superseded
+                // version is kept as a late one.
+                if supersedes(&entry, &old) {
+                    self.history.keep_newest(ty, &mut held.history, old.clone());
+                } else {
+                    self.history.keep_late(ty, &mut held.history, old.clone());
+                }
+                Some(old)
+            }
             Slot::Vacant(slot) => {
-                slot.insert(entry.clone());
+                let history = self.history.adopt(ty, hash, entry.key_bytes());
+                slot.insert(Held {
+                    entry: entry.clone(),
+                    history,
+                });
                 None
             }
         };
         self.account(ty, Some(&entry), old.as_ref());
-        if let Some(old) = old {
-            self.history.keep(ty, hash, old);
+        if old.is_some() {
+            self.compact_history();
         }
     }
 
@@ -694,9 +750,9 @@ impl State {
     fn records_where(&self, keep: impl Fn(i32, &Entry) -> bool) -> Vec<Record> {
         let mut out = Vec::new();
         for (&ty, ns) in self.namespaces.iter() {
-            out.extend(ns.iter().filter(|e| keep(ty, e)).map(|entry| Record {
+            out.extend(ns.iter().filter(|h| keep(ty, &h.entry)).map(|held| Record {
                 ty,
-                entry: entry.clone(),
+                entry: held.entry.clone(),
             }));
         }
         out
@@ -706,7 +762,21 @@ impl State {
         let hash = self.hasher.hash_one(key.as_bytes());
         self.namespaces
             .get(&ty)?
-            .find(hash, |e| e.key_bytes() == key.as_bytes())
+            .find(hash, |h| h.entry.key_bytes() == key.as_bytes())
+            .map(|h| &h.entry)
+    }
+
+    /// Where the kept versions of a key start, held or not.
+    fn history_head(&self, ty: i32, key: &str) -> history::Head {
+        let hash = self.hasher.hash_one(key.as_bytes());
+        let held = self
+            .namespaces
+            .get(&ty)
+            .and_then(|ns| ns.find(hash, |h| h.entry.key_bytes() == key.as_bytes()));
+        match held {
+            Some(held) => held.history,
+            None => self.history.orphan_head(ty, hash, key.as_bytes()),
+        }
     }
 }
 
@@ -1200,7 +1270,13 @@ impl Store {
             state
                 .namespaces
                 .get(&ty)
-                .map(|ns| ns.iter().filter(|e| e.is_live(now_ms)).cloned().collect())
+                .map(|ns| {
+                    ns.iter()
+                        .map(|h| &h.entry)
+                        .filter(|e| e.is_live(now_ms))
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         entries.sort_unstable_by(|a, b| a.key_bytes().cmp(b.key_bytes()));
@@ -1258,7 +1334,7 @@ impl Store {
         let state = self.read_lock();
         let mut out: HashMap<u32, Vec<Record>> = HashMap::new();
         for (&ty, ns) in state.namespaces.iter() {
-            for entry in ns {
+            for Held { entry, .. } in ns {
                 let bucket = digest::bucket_of(ty, entry.key_bytes());
                 if wanted[bucket] {
                     out.entry(bucket as u32).or_default().push(Record {
@@ -1303,7 +1379,11 @@ impl Store {
     fn doomed(state: &State, doomed: impl Fn(i32, &Entry) -> bool) -> Vec<(i32, Entry)> {
         let mut found = Vec::new();
         for (&ty, ns) in state.namespaces.iter() {
-            found.extend(ns.iter().filter(|e| doomed(ty, e)).map(|e| (ty, e.clone())));
+            found.extend(
+                ns.iter()
+                    .filter(|h| doomed(ty, &h.entry))
+                    .map(|h| (ty, h.entry.clone())),
+            );
         }
         found
     }
@@ -1332,7 +1412,7 @@ impl Store {
             .iter()
             .map(|(&ty, ns)| {
                 let mut stats = NamespaceStats::default();
-                for entry in ns {
+                for Held { entry, .. } in ns {
                     if entry.is_live(now_ms) {
                         stats.entries += 1;
                         stats.bytes += entry.size();
@@ -1358,10 +1438,9 @@ impl Store {
     /// the versions it superseded, newest first.
     pub fn history(&self, ty: i32, key: &str) -> (Option<Entry>, Vec<Entry>) {
         let state = self.read_lock();
-        let hash = state.hasher.hash_one(key.as_bytes());
         (
             state.get(ty, key).cloned(),
-            state.history.versions(ty, hash, key),
+            state.history.versions(state.history_head(ty, key)),
         )
     }
 
@@ -1370,10 +1449,7 @@ impl Store {
         let state = self.read_lock();
         match state.get(ty, key) {
             Some(current) if current.version() == version => Some(current.clone()),
-            _ => {
-                let hash = state.hasher.hash_one(key.as_bytes());
-                state.history.version(ty, hash, key, version)
-            }
+            _ => state.history.version(state.history_head(ty, key), version),
         }
     }
 
@@ -1391,12 +1467,19 @@ impl Store {
     /// Takes back kept versions read from the data directory.
     pub fn keep_history(&self, records: impl IntoIterator<Item = Record>) {
         let mut state = self.write_lock();
-        for record in records {
-            let current = state.get(record.ty, record.key()).map(Entry::version);
-            if current != Some(record.entry.version()) {
-                let hash = state.hasher.hash_one(record.entry.key_bytes());
-                state.history.keep(record.ty, hash, record.entry);
+        let state = &mut *state;
+        for Record { ty, entry } in records {
+            let hash = state.hasher.hash_one(entry.key_bytes());
+            let held = state
+                .namespaces
+                .get_mut(&ty)
+                .and_then(|ns| ns.find_mut(hash, |h| h.entry.key_bytes() == entry.key_bytes()));
+            match held {
+                Some(held) if held.entry.version() == entry.version() => {}
+                Some(held) => state.history.keep_late(ty, &mut held.history, entry),
+                None => state.history.keep_orphan(ty, hash, entry),
             }
+            state.compact_history();
         }
     }
 

@@ -686,3 +686,29 @@ fn superseded_and_late_versions_are_kept_as_history_and_survive_a_reload() {
     assert_eq!(older.len(), 3);
     assert!(t.get(1, "k", NOW + 4).is_none());
 }
+
+#[test]
+fn a_purged_key_keeps_its_history_and_takes_it_back_when_written_again() {
+    let s = store(1);
+    s.set(1, "k", "one", None, NOW).expect("set");
+    s.set(1, "k", "two", None, NOW + 1).expect("set");
+    s.delete(1, "k", NOW + 2).expect("delete");
+    assert_eq!(s.purge(NOW + 10_000, 1_000), 1, "the tombstone goes");
+    let (current, older) = s.history(1, "k");
+    assert!(current.is_none());
+    let values: Vec<Option<&str>> = older.iter().map(Entry::value).collect();
+    assert_eq!(values, [Some("two"), Some("one")], "who wrote what before");
+    s.set(1, "k", "three", None, NOW + 10_001).expect("set");
+    s.set(1, "k", "four", None, NOW + 10_002).expect("set");
+    let (_, older) = s.history(1, "k");
+    let values: Vec<Option<&str>> = older.iter().map(Entry::value).collect();
+    assert_eq!(values, [Some("three"), Some("two"), Some("one")]);
+    // A snapshot's history of a key the store no longer holds comes back.
+    s.delete(1, "k", NOW + 10_003).expect("delete");
+    assert_eq!(s.purge(NOW + 20_000, 1_000), 1);
+    let (state, history) = s.snapshot_with_history();
+    let t = store(1);
+    t.load(state, NOW + 20_000, 0);
+    t.keep_history(history);
+    assert_eq!(t.history(1, "k").1.len(), 4);
+}
