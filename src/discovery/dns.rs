@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::etcd::grpc_port;
+use super::pod::grpc_port;
 use super::pod_table::Publisher;
 use super::{Discovery, DiscoveryContext, Peer};
 

@@ -12,9 +12,9 @@ use tracing::debug;
 
 use super::pod::PodFilter;
 use super::pod_table::{PodTable, Publisher};
+use super::retry::{Ended, Retry};
 use super::{Discovery, DiscoveryContext};
 use crate::etcd::{EtcdClient, EtcdError, EtcdSettings};
-use crate::metrics::label;
 use crate::proto::etcd::event::EventType;
 
 /// Discovery of pods in etcd via the v3 API.
@@ -23,7 +23,7 @@ pub struct EtcdDiscovery {
     /// Where etcd is.
     pub settings: EtcdSettings,
     /// Which pods are peers. `self_pod_ip` and `grpc_port` are filled in
-    /// from the node at run time.
+    /// from the node at run time ([`PodFilter::for_node`]).
     pub filter: PodFilter,
     /// A pause between listing and watching; zero except in tests that make
     /// etcd compact the history in that gap.
@@ -68,51 +68,30 @@ impl Discovery for EtcdDiscovery {
     }
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
-        let mut filter = self.filter.clone();
-        filter.self_pod_ip = ctx.identity.pod_ip.clone();
-        filter.grpc_port = grpc_port(&ctx.identity.grpc_addr);
+        let filter = self.filter.for_node(&ctx.identity);
         let prefix = pods_prefix(&filter.namespace);
         let mut table = PodTable::new(filter);
         let mut publisher = Publisher::new();
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = Retry::new();
         loop {
             let result = tokio::select! {
                 _ = ctx.cancel.cancelled() => return,
                 result = session(&self, prefix.as_bytes(), &mut table, &mut publisher, &ctx) => result,
             };
-            match result {
+            let ended = match result {
                 Err(EtcdError::Compacted { compact_revision }) => {
                     // Nothing is wrong with etcd: list again at once.
                     debug!(compact_revision, "watch revision compacted; listing again");
-                    ctx.metrics
-                        .discovery_relists
-                        .get_or_create(&label("reason", "compacted"))
-                        .inc();
-                    backoff = Duration::from_millis(100);
-                    continue;
+                    Ended::Relist("compacted")
                 }
-                Err(err) => {
-                    ctx.metrics
-                        .discovery_relists
-                        .get_or_create(&label("reason", "error"))
-                        .inc();
-                    publisher.stale(err.to_string(), &ctx)
-                }
-                Ok(()) => return,
+                Err(err) => Ended::Failed(err.to_string()),
+                Ok(()) => Ended::Done,
+            };
+            if !retry.after(ended, &mut publisher, &ctx).await {
+                return;
             }
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
-}
-
-pub(super) fn grpc_port(addr: &str) -> u16 {
-    addr.rsplit_once(':')
-        .and_then(|(_, port)| port.parse().ok())
-        .unwrap_or(crate::config::DEFAULT_GRPC_PORT)
 }
 
 /// One list-then-watch; returns only on failure (or compaction).

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::pod_table::Publisher;
+use super::retry::{Ended, Retry};
 use super::{Discovery, DiscoveryContext, Peer};
 use crate::etcd::{EtcdClient, EtcdError, EtcdSettings};
 use crate::metrics::label;
@@ -122,32 +123,17 @@ impl Discovery for EtcdLeaseDiscovery {
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let mut members = Members::default();
         let mut publisher = Publisher::new();
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = Retry::new();
         loop {
-            match self.session(&mut members, &mut publisher, &ctx).await {
-                Err(SessionEnd::Cancelled) => return,
-                Err(SessionEnd::Etcd(EtcdError::Compacted { .. })) => {
-                    ctx.metrics
-                        .discovery_relists
-                        .get_or_create(&label("reason", "compacted"))
-                        .inc();
-                    backoff = Duration::from_millis(100);
-                    continue;
-                }
-                Err(err) => {
-                    ctx.metrics
-                        .discovery_relists
-                        .get_or_create(&label("reason", "error"))
-                        .inc();
-                    publisher.stale(err.to_string(), &ctx);
-                }
-                Ok(()) => return,
+            // The session notices the shutdown itself: it revokes its lease.
+            let ended = match self.session(&mut members, &mut publisher, &ctx).await {
+                Err(SessionEnd::Cancelled) | Ok(()) => Ended::Done,
+                Err(SessionEnd::Etcd(EtcdError::Compacted { .. })) => Ended::Relist("compacted"),
+                Err(err) => Ended::Failed(err.to_string()),
+            };
+            if !retry.after(ended, &mut publisher, &ctx).await {
+                return;
             }
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

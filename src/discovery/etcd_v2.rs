@@ -17,11 +17,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use tracing::debug;
 
-use super::etcd::grpc_port;
 use super::pod::PodFilter;
 use super::pod_table::{PodTable, Publisher};
+use super::retry::{Ended, Retry};
 use super::{Discovery, DiscoveryContext};
-use crate::metrics::label;
 
 /// Discovery of pods via etcd's v2 keys API.
 #[derive(Debug, Clone)]
@@ -106,9 +105,7 @@ impl Discovery for EtcdV2Discovery {
     }
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
-        let mut filter = self.filter.clone();
-        filter.self_pod_ip = ctx.identity.pod_ip.clone();
-        filter.grpc_port = grpc_port(&ctx.identity.grpc_addr);
+        let filter = self.filter.for_node(&ctx.identity);
         let path = format!("/v2/keys/registry/pods/{}", filter.namespace);
         let mut table = PodTable::new(filter);
         let mut publisher = Publisher::new();
@@ -117,37 +114,27 @@ impl Discovery for EtcdV2Discovery {
         connector.set_keepalive(Some(Duration::from_secs(10)));
         let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
         let mut endpoint = 0;
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = Retry::new();
         loop {
             let base = self.endpoints[endpoint % self.endpoints.len().max(1)].trim_end_matches('/');
             let result = tokio::select! {
                 _ = ctx.cancel.cancelled() => return,
                 result = session(&client, base, &path, &self, &mut table, &mut publisher, &ctx) => result,
             };
-            match result {
+            let ended = match result {
                 Failure::Outdated => {
                     debug!("v2 wait index outdated and cleared; listing again");
-                    ctx.metrics
-                        .discovery_relists
-                        .get_or_create(&label("reason", "outdated"))
-                        .inc();
-                    backoff = Duration::from_millis(100);
-                    continue;
+                    Ended::Relist("outdated")
                 }
                 Failure::Other(error) => {
-                    ctx.metrics
-                        .discovery_relists
-                        .get_or_create(&label("reason", "error"))
-                        .inc();
-                    publisher.stale(format!("{base}: {error}"), &ctx);
+                    // The next session tries the next endpoint.
                     endpoint += 1;
+                    Ended::Failed(format!("{base}: {error}"))
                 }
+            };
+            if !retry.after(ended, &mut publisher, &ctx).await {
+                return;
             }
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -19,7 +19,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tracing::debug;
 
-use super::etcd::grpc_port;
 use super::pod::{PodFilter, selector_string};
 use super::pod_table::{PodTable, Publisher};
 use super::{Discovery, DiscoveryContext};
@@ -60,9 +59,7 @@ impl Discovery for KubernetesDiscovery {
     }
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
-        let mut filter = self.filter.clone();
-        filter.self_pod_ip = ctx.identity.pod_ip.clone();
-        filter.grpc_port = grpc_port(&ctx.identity.grpc_addr);
+        let filter = self.filter.for_node(&ctx.identity);
         let namespace = filter.namespace.clone();
         let selector = selector_string(&filter.selector);
         let mut publisher = Publisher::new();

@@ -18,6 +18,7 @@ pub mod kubernetes;
 pub mod kubernetes_election;
 pub mod pod;
 mod pod_table;
+mod retry;
 pub mod static_list;
 
 use std::sync::Arc;

@@ -312,7 +312,25 @@ pub struct PodFilter {
     pub grpc_port: u16,
 }
 
+/// The port of a `host:port` dial address (the default gRPC port when it
+/// has none).
+pub(super) fn grpc_port(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(crate::config::DEFAULT_GRPC_PORT)
+}
+
 impl PodFilter {
+    /// This filter as node `identity` runs it: its own pod is never a
+    /// peer, and peers are dialled on its gRPC port.
+    pub(super) fn for_node(&self, identity: &crate::identity::NodeIdentity) -> Self {
+        Self {
+            self_pod_ip: identity.pod_ip.clone(),
+            grpc_port: grpc_port(&identity.grpc_addr),
+            ..self.clone()
+        }
+    }
+
     /// True when the pod belongs to this app (namespace, labels, name),
     /// whatever its state.
     pub fn selects(&self, pod: &PodRecord) -> bool {
