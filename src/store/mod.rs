@@ -913,6 +913,11 @@ impl Store {
 
     /// A local write of one entry: validated, stamped with a new version,
     /// stored. Returns the record to fan out.
+    ///
+    /// Tests and fuzzing only (features `testsuite`, `fuzzing`): it skips
+    /// the data directory's log and the change index, which every write
+    /// of a running node goes through (the replica's write path).
+    #[cfg(any(test, feature = "testsuite", feature = "fuzzing"))]
     pub fn set(
         &self,
         ty: i32,
@@ -928,6 +933,9 @@ impl Store {
 
     /// A local write of many entries of one namespace, all or nothing: every
     /// entry is checked before the first is stored.
+    ///
+    /// Tests and fuzzing only, as `Store::set`.
+    #[cfg(any(test, feature = "testsuite", feature = "fuzzing"))]
     pub fn set_many<'a>(
         &self,
         ty: i32,
@@ -957,6 +965,9 @@ impl Store {
 
     /// A local delete. Writes a tombstone and returns it, or `None` when the
     /// key holds no live value (absent, already deleted, or expired).
+    ///
+    /// Tests and fuzzing only, as `Store::set`.
+    #[cfg(any(test, feature = "testsuite", feature = "fuzzing"))]
     pub fn delete(&self, ty: i32, key: &str, now_ms: u64) -> Result<Option<Record>, StoreError> {
         self.commit(Change::Delete { ty, key }, now_ms, None, no_hook)
             .map(|mut records| records.pop())
@@ -1185,11 +1196,17 @@ impl Store {
     ///
     /// Tombstones and expired entries older than `purge_horizon_ms` are not
     /// taken in: every replica has dropped (or is about to drop) them.
+    ///
+    /// Tests and fuzzing only, as `Store::set`.
+    #[cfg(any(test, feature = "testsuite", feature = "fuzzing"))]
     pub fn merge(&self, records: impl IntoIterator<Item = Record>, now_ms: u64) -> MergeOutcome {
         self.merge_with_horizon(records, now_ms, 0)
     }
 
-    /// [`Store::merge`], ignoring purgeable records older than the horizon.
+    /// `Store::merge`, ignoring purgeable records older than the horizon.
+    ///
+    /// Tests and fuzzing only, as `Store::set`.
+    #[cfg(any(test, feature = "testsuite", feature = "fuzzing"))]
     pub fn merge_with_horizon(
         &self,
         records: impl IntoIterator<Item = Record>,
@@ -1199,7 +1216,8 @@ impl Store {
         self.merge_logged(records, now_ms, purge_horizon_ms, |_| {})
     }
 
-    /// [`Store::merge_with_horizon`], giving what changed the store to
+    /// A merge ignoring purgeable records older than a horizon, giving
+    /// what changed the store to
     /// `after_apply` (the data directory's log) under the same lock, so
     /// the log sees changes in the order the store took them.
     pub fn merge_logged(
