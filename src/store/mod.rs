@@ -758,24 +758,25 @@ impl State {
         out
     }
 
-    fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
-        let hash = self.hasher.hash_one(key.as_bytes());
-        self.namespaces
-            .get(&ty)?
-            .find(hash, |h| h.entry.key_bytes() == key.as_bytes())
-            .map(|h| &h.entry)
-    }
-
-    /// Where the kept versions of a key start, held or not.
-    fn history_head(&self, ty: i32, key: &str) -> history::Head {
+    /// The slot of `key` in namespace `ty`, and the key's hash.
+    fn held(&self, ty: i32, key: &str) -> (Option<&Held>, u64) {
         let hash = self.hasher.hash_one(key.as_bytes());
         let held = self
             .namespaces
             .get(&ty)
             .and_then(|ns| ns.find(hash, |h| h.entry.key_bytes() == key.as_bytes()));
-        match held {
-            Some(held) => held.history,
-            None => self.history.orphan_head(ty, hash, key.as_bytes()),
+        (held, hash)
+    }
+
+    fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
+        self.held(ty, key).0.map(|h| &h.entry)
+    }
+
+    /// Where the kept versions of a key start, held or not.
+    fn history_head(&self, ty: i32, key: &str) -> history::Head {
+        match self.held(ty, key) {
+            (Some(held), _) => held.history,
+            (None, hash) => self.history.orphan_head(ty, hash, key.as_bytes()),
         }
     }
 }
