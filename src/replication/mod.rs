@@ -6,13 +6,15 @@
 //! anti-entropy exchanges, and who decides conditional writes
 //! ([`decider`]: the rule, the forwarding). The decisions are plain types beside the calls
 //! that carry them: `link` (a link's state machine), `batch` (cutting
-//! an epoch into requests), `anti_entropy::plan`, [`oldest`] (which
+//! an epoch into requests), `assembly` (holding a peer's epoch until its
+//! last request), `anti_entropy::plan`, [`oldest`] (which
 //! member has run longest). Must not touch: the merge rule (the store
 //! decides), what is pending (the change index in [`crate::replica`]
 //! decides), membership (discovery decides; `Replicator::update_peers`
 //! only follows it).
 
 pub mod anti_entropy;
+pub(crate) mod assembly;
 pub(crate) mod batch;
 pub mod bootstrap;
 pub mod decider;

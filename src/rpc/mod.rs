@@ -38,8 +38,9 @@ use crate::proto::{
 };
 use crate::replica::Change;
 use crate::replica::Replica as Node;
+use crate::replication::assembly::{Assembly, Released};
 use crate::store::digest;
-use crate::store::{PEER_HEADROOM, Record, StoreError};
+use crate::store::{PEER_HEADROOM, StoreError};
 
 impl From<crate::replica::WriteError> for Status {
     fn from(err: crate::replica::WriteError) -> Self {
@@ -306,16 +307,13 @@ type AnswerStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<ReplicateResponse, Status>> + Send>>;
 
 /// Merges one fan-out request from a peer (`Replicate`, `ReplicateStream`).
-/// On a stream (`held` is some), a request marked `more` is held with the
-/// ones before it and the epoch is merged at once when its last request
-/// arrives, so this node never shows part of a peer's epoch; the answers to
-/// held requests count nothing. Past twice the store's byte limit (what the
-/// store could take anyway) what is held is merged early, counted and
-/// logged, rather than held without bound.
+/// On a stream, `assembly` holds an epoch until its last request (see
+/// [`Assembly`]); the answers to held requests count nothing. An epoch
+/// released early, past the assembly's cap, is counted and logged.
 fn replicate_batch(
     replica: &Node,
     request: ReplicateRequest,
-    held: Option<&mut Vec<Record>>,
+    assembly: Option<&mut Assembly>,
 ) -> Result<(ReplicateResponse, Disk), Status> {
     let Some(sender) = request.sender else {
         return Err(Status::invalid_argument(
@@ -324,23 +322,20 @@ fn replicate_batch(
     };
     let mut records: Vec<_> = records_from_wire(request.entries);
     debug!(peer = %sender.name, entries = records.len(), more = request.more, "replicate");
-    if let Some(held) = held {
-        if request.more {
-            held.append(&mut records);
-            let bytes: usize = held.iter().map(|r| r.entry.size()).sum();
-            let limit = replica
-                .store
-                .limits()
-                .max_total_bytes
-                .saturating_mul(PEER_HEADROOM);
-            if bytes <= limit {
-                return Ok((ReplicateResponse::default(), Ok(None)));
+    if let Some(assembly) = assembly {
+        match assembly.take(records, request.more) {
+            Released::Held => return Ok((ReplicateResponse::default(), Ok(None))),
+            Released::Merge {
+                records: all,
+                past_cap,
+            } => {
+                if let Some(bytes) = past_cap {
+                    replica.metrics.epochs_split.inc();
+                    tracing::warn!(peer = %sender.name, bytes, "an epoch from a peer is larger than this node can hold back; merging it in parts");
+                }
+                records = all;
             }
-            replica.metrics.epochs_split.inc();
-            tracing::warn!(peer = %sender.name, bytes, "an epoch from a peer is larger than this node can hold back; merging it in parts");
         }
-        held.append(&mut records);
-        records = std::mem::take(held);
     }
     let applied = replica.apply_remote(records, "replicate");
     let outcome = applied.outcome;
@@ -420,7 +415,7 @@ impl Replica for ReplicaService {
 
     /// [`Replica::replicate`] for every request of the call, answered in
     /// order, with an epoch held until its last request (see
-    /// [`replicate_batch`]). Each request is merged as it is read, on the
+    /// [`Assembly`]). Each request is merged as it is read, on the
     /// call's own task. The call ends when the caller closes it (what is
     /// held of an unfinished epoch is dropped: the caller sends it again),
     /// at the first bad request, or when this node shuts down (graceful
@@ -432,10 +427,16 @@ impl Replica for ReplicaService {
     ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
         let replica = self.ctx.replica.clone();
         let stop = self.ctx.stop.clone().cancelled_owned();
+        // What the store could take from a peer anyway.
+        let cap = replica
+            .store
+            .limits()
+            .max_total_bytes
+            .saturating_mul(PEER_HEADROOM);
         let answers = request
             .into_inner()
-            .scan(Vec::new(), move |held, request| {
-                let batch = request.and_then(|r| replicate_batch(&replica, r, Some(held)));
+            .scan(Assembly::new(cap), move |assembly, request| {
+                let batch = request.and_then(|r| replicate_batch(&replica, r, Some(assembly)));
                 let replica = replica.clone();
                 async move { Some(answer_when_durable(&replica, batch).await) }
             })
