@@ -27,7 +27,7 @@ use tracing::{debug, error};
 use crate::identity::unix_ms;
 use crate::proto::hellorpc::sync_server::{Sync as SyncRpc, SyncServer};
 use crate::proto::hellorpc::{SyncData, SyncRequest, SyncResponse};
-use crate::proto::podcache::replica_server::{Replica, ReplicaServer};
+use crate::proto::podcache::replica_server::{Replica as ReplicaRpc, ReplicaServer};
 use crate::proto::podcache::{
     DecideRequest, DecideResponse, DigestRequest, DigestResponse, HelloRequest, HelloResponse,
     RepairRequest, RepairResponse, ReplicateRequest, ReplicateResponse, SnapshotChunk,
@@ -37,7 +37,7 @@ use crate::proto::{
     FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, records_from_wire, wire_size,
 };
 use crate::replica::Change;
-use crate::replica::Replica as Node;
+use crate::replica::Replica;
 use crate::replication::assembly::{Assembly, Released};
 use crate::store::digest;
 use crate::store::{PEER_HEADROOM, StoreError};
@@ -63,7 +63,7 @@ impl From<crate::replica::WriteError> for Status {
 /// What the gRPC services use of the node.
 #[derive(Debug, Clone)]
 pub(crate) struct RpcContext {
-    pub(crate) replica: Arc<Node>,
+    pub(crate) replica: Arc<Replica>,
     /// Decides the conditional writes forwarded to this node.
     pub(crate) decider: Arc<crate::replication::decider::Decider>,
     /// Mutual TLS for incoming connections, when configured.
@@ -144,7 +144,7 @@ pub(crate) async fn serve(
 /// `hellorpc.Sync` with the meaning a node built from the original file
 /// expects.
 struct SyncService {
-    replica: Arc<Node>,
+    replica: Arc<Replica>,
 }
 
 #[tonic::async_trait]
@@ -311,7 +311,7 @@ type AnswerStream =
 /// [`Assembly`]); the answers to held requests count nothing. An epoch
 /// released early, past the assembly's cap, is counted and logged.
 fn replicate_batch(
-    replica: &Node,
+    replica: &Replica,
     request: ReplicateRequest,
     assembly: Option<&mut Assembly>,
 ) -> Result<(ReplicateResponse, Disk), Status> {
@@ -355,7 +355,7 @@ fn replicate_batch(
 /// error to the sender (which keeps it pending and sends it again), never
 /// an acknowledgement.
 async fn answer_when_durable(
-    replica: &Node,
+    replica: &Replica,
     batch: Result<(ReplicateResponse, Disk), Status>,
 ) -> Result<ReplicateResponse, Status> {
     let (response, disk) = batch?;
@@ -371,7 +371,7 @@ async fn answer_when_durable(
 type Disk = Result<Option<u64>, crate::durability::DiskError>;
 
 #[tonic::async_trait]
-impl Replica for ReplicaService {
+impl ReplicaRpc for ReplicaService {
     async fn decide(
         &self,
         request: Request<DecideRequest>,
@@ -413,7 +413,7 @@ impl Replica for ReplicaService {
 
     type ReplicateStreamStream = AnswerStream;
 
-    /// [`Replica::replicate`] for every request of the call, answered in
+    /// [`ReplicaRpc::replicate`] for every request of the call, answered in
     /// order, with an epoch held until its last request (see
     /// [`Assembly`]). Each request is merged as it is read, on the
     /// call's own task. The call ends when the caller closes it (what is
