@@ -4,14 +4,19 @@
 //!
 //! Owns: typed settings, their defaults (written once, in
 //! [`NodeConfig::defaults`] and [`Limits::default`]; clap shows and applies
-//! those same values), their flags and their validation. Must not touch:
-//! anything that runs; nothing else reads flags or the environment for
-//! these settings.
+//! those same values), their flags and their validation, and the mapping
+//! of flags onto the plain core types the settings hold ([`Limits`],
+//! [`Fsync`]: their `clap` impls are here, not beside them). Must not
+//! touch: anything that runs; nothing else reads flags or the environment
+//! for these settings.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::PossibleValue;
+
+use crate::durability::Fsync;
 use crate::store::Limits;
 use crate::units::{format_duration, parse_duration};
 
@@ -162,7 +167,7 @@ pub struct NodeConfig {
     /// second), `never` leaves it to the kernel.
     #[arg(long, env = "PODCACHE_FSYNC", help_heading = "Storage", value_enum,
           default_value_t = NodeConfig::defaults().fsync)]
-    pub fsync: crate::durability::Fsync,
+    pub fsync: Fsync,
     /// The data directory's log is compacted (a snapshot of the whole
     /// state written, older files removed) once it is larger than this and
     /// than the last snapshot.
@@ -288,7 +293,7 @@ impl NodeConfig {
             shutdown_grace: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,
             data_dir: None,
-            fsync: crate::durability::Fsync::Interval,
+            fsync: Fsync::Interval,
             compact_log_bytes: 64 << 20,
             auth_token_file: None,
             public_metrics: true,
@@ -451,6 +456,126 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The flags of [`Limits`] (all its fields but `max_ttl_secs`, which has
+/// none): [`NodeConfig`] flattens them through the `clap` impls of
+/// `Limits` below, which convert.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Longest key in bytes.
+    #[arg(long, env = "PODCACHE_MAX_KEY_BYTES", help_heading = "Limits",
+          default_value_t = Limits::default().max_key_bytes)]
+    max_key_bytes: usize,
+    /// Longest value in bytes.
+    #[arg(long, env = "PODCACHE_MAX_VALUE_BYTES", help_heading = "Limits",
+          default_value_t = Limits::default().max_value_bytes)]
+    max_value_bytes: usize,
+    /// Most entries in one batch write.
+    #[arg(long, env = "PODCACHE_MAX_BATCH_ENTRIES", help_heading = "Limits",
+          default_value_t = Limits::default().max_batch_entries)]
+    max_batch_entries: usize,
+    /// Remote timestamps further ahead of local wall time than this are
+    /// refused (milliseconds here; the flag takes a duration).
+    #[arg(long = "max-clock-drift", env = "PODCACHE_MAX_CLOCK_DRIFT", help_heading = "Replication",
+          value_name = "DURATION", value_parser = crate::units::parse_duration_ms,
+          default_value = format_duration(Duration::from_millis(Limits::default().max_clock_drift_ms)))]
+    max_clock_drift_ms: u64,
+    /// Most entries holding a value in one type; writes of new keys past it
+    /// get 507 (tombstones are not counted).
+    #[arg(long, env = "PODCACHE_MAX_ENTRIES_PER_TYPE", help_heading = "Limits",
+          default_value_t = Limits::default().max_entries_per_type)]
+    max_entries_per_type: usize,
+    /// Most namespaces (types); a write that would create one past it gets
+    /// 507 (a type exists while it holds entries or tombstones).
+    #[arg(long, env = "PODCACHE_MAX_TYPES", help_heading = "Limits",
+          default_value_t = Limits::default().max_types)]
+    max_types: usize,
+    /// Most bytes of keys and values held in all; writes past it get 507
+    /// (nothing is evicted; tombstones count their key).
+    #[arg(long = "max-memory-bytes", env = "PODCACHE_MAX_MEMORY_BYTES", help_heading = "Limits",
+          default_value_t = Limits::default().max_total_bytes)]
+    max_total_bytes: usize,
+    /// Superseded versions kept per key for `GET .../history` and
+    /// rollback (values and deletions); 0 keeps none, at most 10,000.
+    #[arg(long, env = "PODCACHE_HISTORY_VERSIONS", help_heading = "History",
+          default_value_t = Limits::default().history_versions)]
+    history_versions: usize,
+    /// Most bytes the kept versions may take in all (keys, values and a
+    /// fixed overhead per version); the oldest kept is dropped first.
+    #[arg(long, env = "PODCACHE_HISTORY_MAX_BYTES", help_heading = "History",
+          default_value_t = Limits::default().history_max_bytes)]
+    history_max_bytes: usize,
+}
+
+impl LimitArgs {
+    /// `limits` with every field that has a flag set from these.
+    fn onto(self, limits: Limits) -> Limits {
+        Limits {
+            max_key_bytes: self.max_key_bytes,
+            max_value_bytes: self.max_value_bytes,
+            max_batch_entries: self.max_batch_entries,
+            max_clock_drift_ms: self.max_clock_drift_ms,
+            max_entries_per_type: self.max_entries_per_type,
+            max_types: self.max_types,
+            max_total_bytes: self.max_total_bytes,
+            history_versions: self.history_versions,
+            history_max_bytes: self.history_max_bytes,
+            ..limits
+        }
+    }
+}
+
+impl clap::FromArgMatches for Limits {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Ok(LimitArgs::from_arg_matches(matches)?.onto(Limits::default()))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        // Every flag has a default, so the matches hold all of them: an
+        // update sets each field that has a flag, as the derive would.
+        *self = LimitArgs::from_arg_matches(matches)?.onto(self.clone());
+        Ok(())
+    }
+}
+
+impl clap::Args for Limits {
+    fn group_id() -> Option<clap::Id> {
+        LimitArgs::group_id()
+    }
+
+    fn augment_args(command: clap::Command) -> clap::Command {
+        LimitArgs::augment_args(command)
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        LimitArgs::augment_args_for_update(command)
+    }
+}
+
+/// `--fsync`'s values, each with the help `podcache serve --help` shows.
+impl clap::ValueEnum for Fsync {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Fsync::Always, Fsync::Interval, Fsync::Never]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let (name, help) = match self {
+            Fsync::Always => (
+                "always",
+                "Before a write is answered; concurrent writes share one `fsync`",
+            ),
+            Fsync::Interval => (
+                "interval",
+                "About once a second (as Redis's `appendfsync everysec`): a power cut loses what came in the last one to two seconds, more while the disk stalls",
+            ),
+            Fsync::Never => (
+                "never",
+                "Never by podcache: the kernel writes back when it likes",
+            ),
+        };
+        Some(PossibleValue::new(name).help(help))
     }
 }
 

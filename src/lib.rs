@@ -11,8 +11,9 @@
 //! - [`store`]: versioned entries (hybrid clock + node id), the merge rule,
 //!   tombstones, TTL, limits. No I/O.
 //! - [`identity`], [`config`], [`metrics`], [`proto`], [`tls`]: who the
-//!   node is, its settings (read by clap), its metrics registry, the wire
-//!   types, mutual TLS.
+//!   node is, its settings (read by clap, which config.rs maps onto the
+//!   plain types of the modules that use them), its metrics (registry and
+//!   rendering), the wire types, mutual TLS.
 //! - [`replica`]: what every adapter shares: the store, the change stream,
 //!   the change index of fan-out (epochs and a cursor per peer), readiness,
 //!   and the one local write path [`replica::Replica::write`].

@@ -41,7 +41,7 @@ pub use error::ApiError;
 use crate::discovery::DiscoveryState;
 use crate::discovery::PeerSet;
 use crate::identity::unix_ms;
-use crate::metrics::label;
+use crate::metrics::{PeerBacklog, label};
 use crate::replica::{Author, Change, DeliveryReport, Replica, WriteOutcome};
 use crate::replication::Replicator;
 use crate::replication::decider::{Conditional, Decided, Op};
@@ -1396,7 +1396,7 @@ async fn readyz(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = crate::metrics::Format::from_accept(accept);
-    let text = render_metrics(&api);
+    let text = api.replica.render_metrics(pending(&api.replicator));
     let body = match format {
         crate::metrics::Format::OpenMetrics => text,
         crate::metrics::Format::Prometheus => crate::metrics::to_prometheus_text(&text),
@@ -1411,57 +1411,16 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
         .into_response()
 }
 
-/// Types with series of their own in `/metrics` (the largest).
-const PER_TYPE_SERIES: usize = 50;
-
-/// Refreshes the gauges computed from state, then renders every metric.
-pub(crate) fn render_metrics(api: &Api) -> String {
-    let m = &api.replica.metrics;
-    // One series per type for the largest types only, the rest summed as
-    // type="other": what a scrape holds stays bounded whatever types
-    // clients write.
-    let mut stats: Vec<(i32, crate::store::NamespaceStats)> =
-        api.replica.store.stats(unix_ms()).into_iter().collect();
-    stats.sort_by_key(|(ty, s)| (std::cmp::Reverse(s.entries + s.tombstones), *ty));
-    for family in [&m.entries, &m.bytes, &m.tombstones] {
-        family.clear();
-    }
-    let mut other = crate::store::NamespaceStats::default();
-    for (i, (ty, s)) in stats.iter().enumerate() {
-        if i < PER_TYPE_SERIES {
-            let ty = label("type", ty.to_string());
-            m.entries.get_or_create(&ty).set(s.entries as i64);
-            m.bytes.get_or_create(&ty).set(s.bytes as i64);
-            m.tombstones.get_or_create(&ty).set(s.tombstones as i64);
-        } else {
-            other.entries += s.entries;
-            other.bytes += s.bytes;
-            other.tombstones += s.tombstones;
-        }
-    }
-    if stats.len() > PER_TYPE_SERIES {
-        let ty = label("type", "other");
-        m.entries.get_or_create(&ty).set(other.entries as i64);
-        m.bytes.get_or_create(&ty).set(other.bytes as i64);
-        m.tombstones.get_or_create(&ty).set(other.tombstones as i64);
-    }
-    m.types.set(stats.len() as i64);
-    m.held_bytes.set(api.replica.store.held_bytes() as i64);
-    m.capacity_bytes
-        .set(api.replica.store.limits().max_total_bytes as i64);
-    let (kept, kept_bytes) = api.replica.store.history_size();
-    m.history_versions.set(kept as i64);
-    m.history_bytes.set(kept_bytes as i64);
-    for peer in api.replicator.peer_views() {
-        let peer_label = label("peer", peer.grpc_addr);
-        m.pending_entries
-            .get_or_create(&peer_label)
-            .set(peer.pending_entries as i64);
-        m.pending_bytes
-            .get_or_create(&peer_label)
-            .set(peer.pending_bytes as i64);
-    }
-    m.render()
+/// What each peer link holds pending, for the gauges of a scrape.
+fn pending(replicator: &Replicator) -> Vec<PeerBacklog> {
+    let views = replicator.peer_views().into_iter();
+    views
+        .map(|p| PeerBacklog {
+            peer: p.grpc_addr,
+            entries: p.pending_entries,
+            bytes: p.pending_bytes,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -141,8 +141,9 @@ const FORMAT_2: &str = "podcache data directory, format 2\n";
 /// The text an older podcache wrote; its files are read and upgraded.
 const FORMAT_1: &str = "podcache data directory, format 1\n";
 
-/// When `fsync` is called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+/// When `fsync` is called (`--fsync`; `crate::config` maps the flag's
+/// values onto these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fsync {
     /// Before a write is answered; concurrent writes share one `fsync`.
     Always,

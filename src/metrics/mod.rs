@@ -1,11 +1,16 @@
 //! The node's Prometheus metrics.
 //!
-//! Owns: metric handles and their registry. One [`Metrics`] per node, never
-//! a global, so several nodes in one process (tests, the demo) stay apart.
+//! Owns: metric handles and their registry, and rendering them (with the
+//! gauges computed from state at each scrape, `scrape.rs`). One [`Metrics`]
+//! per node, never a global, so several nodes in one process (tests, the
+//! demo) stay apart. Must not touch: any other module of the crate (the
+//! state a scrape reads is passed in, as a [`StateReading`]).
 
 mod format;
+mod scrape;
 
 pub use format::{Format, to_prometheus_text};
+pub use scrape::{PeerBacklog, StateReading, TypeSizes};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;

@@ -30,7 +30,7 @@ use self::changes::ChangeLog;
 use crate::config::NodeConfig;
 use crate::durability::{DataDir, DiskError};
 use crate::identity::{NodeIdentity, unix_ms};
-use crate::metrics::{Metrics, label};
+use crate::metrics::{Metrics, PeerBacklog, StateReading, TypeSizes, label};
 use crate::store::{MergeOutcome, Record, Store, StoreError};
 
 /// Where a change came from.
@@ -279,6 +279,32 @@ impl Replica {
     pub(crate) fn recent_changes(&self) -> Vec<(Record, Origin)> {
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         recent.iter().rev().cloned().collect()
+    }
+
+    /// This node's metrics, with the gauges computed from state read from
+    /// the store now and `peers` (what the peer links hold pending, which
+    /// only they know).
+    pub(crate) fn render_metrics(&self, peers: Vec<PeerBacklog>) -> String {
+        let types = self.store.stats(unix_ms()).into_iter().map(|(ty, s)| {
+            let sizes = TypeSizes {
+                entries: s.entries,
+                tombstones: s.tombstones,
+                bytes: s.bytes,
+            };
+            (ty, sizes)
+        });
+        let types = types.collect();
+        let held_bytes = self.store.held_bytes();
+        let capacity_bytes = self.store.limits().max_total_bytes;
+        let (history_versions, history_bytes) = self.store.history_size();
+        self.metrics.render_with(StateReading {
+            types,
+            held_bytes,
+            capacity_bytes,
+            history_versions,
+            history_bytes,
+            peers,
+        })
     }
 
     /// The remote write path: merge by version, log, count, publish. What

@@ -131,55 +131,36 @@ impl Record {
 }
 
 /// Limits that every write, local or remote, is checked against before
-/// anything is changed. Each is a flag of `podcache serve` (the defaults
+/// anything is changed. Each but `max_ttl_secs` is a flag of `podcache
+/// serve` (`crate::config` maps the flags onto these fields; the defaults
 /// below are the flags' defaults).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Longest key in bytes.
-    #[arg(long, env = "PODCACHE_MAX_KEY_BYTES", help_heading = "Limits",
-          default_value_t = Limits::default().max_key_bytes)]
     pub max_key_bytes: usize,
     /// Longest value in bytes.
-    #[arg(long, env = "PODCACHE_MAX_VALUE_BYTES", help_heading = "Limits",
-          default_value_t = Limits::default().max_value_bytes)]
     pub max_value_bytes: usize,
     /// Most entries in one batch write.
-    #[arg(long, env = "PODCACHE_MAX_BATCH_ENTRIES", help_heading = "Limits",
-          default_value_t = Limits::default().max_batch_entries)]
     pub max_batch_entries: usize,
     /// Remote timestamps further ahead of local wall time than this are
     /// refused (milliseconds here; the flag takes a duration).
-    #[arg(long = "max-clock-drift", env = "PODCACHE_MAX_CLOCK_DRIFT", help_heading = "Replication",
-          value_name = "DURATION", value_parser = crate::units::parse_duration_ms,
-          default_value = crate::units::format_duration(std::time::Duration::from_millis(Limits::default().max_clock_drift_ms)))]
     pub max_clock_drift_ms: u64,
     /// Longest TTL a write may ask for, in seconds.
-    #[arg(skip = Limits::default().max_ttl_secs)]
     pub max_ttl_secs: u64,
     /// Most entries holding a value in one type; writes of new keys past it
     /// get 507 (tombstones are not counted).
-    #[arg(long, env = "PODCACHE_MAX_ENTRIES_PER_TYPE", help_heading = "Limits",
-          default_value_t = Limits::default().max_entries_per_type)]
     pub max_entries_per_type: usize,
     /// Most namespaces (types); a write that would create one past it gets
     /// 507 (a type exists while it holds entries or tombstones).
-    #[arg(long, env = "PODCACHE_MAX_TYPES", help_heading = "Limits",
-          default_value_t = Limits::default().max_types)]
     pub max_types: usize,
     /// Most bytes of keys and values held in all; writes past it get 507
     /// (nothing is evicted; tombstones count their key).
-    #[arg(long = "max-memory-bytes", env = "PODCACHE_MAX_MEMORY_BYTES", help_heading = "Limits",
-          default_value_t = Limits::default().max_total_bytes)]
     pub max_total_bytes: usize,
     /// Superseded versions kept per key for `GET .../history` and
     /// rollback (values and deletions); 0 keeps none, at most 10,000.
-    #[arg(long, env = "PODCACHE_HISTORY_VERSIONS", help_heading = "History",
-          default_value_t = Limits::default().history_versions)]
     pub history_versions: usize,
     /// Most bytes the kept versions may take in all (keys, values and a
     /// fixed overhead per version); the oldest kept is dropped first.
-    #[arg(long, env = "PODCACHE_HISTORY_MAX_BYTES", help_heading = "History",
-          default_value_t = Limits::default().history_max_bytes)]
     pub history_max_bytes: usize,
 }
 
