@@ -131,7 +131,6 @@ impl LinkMachine {
         self.protocol
     }
 
-    #[cfg(test)]
     pub(crate) fn reachability(&self) -> Reachability {
         self.reach
     }

@@ -256,7 +256,12 @@ impl Replicator {
             info!(peer = %addr, "peer joined; opening its link");
             let label = Arc::new(PeerLabel::new(addr));
             let cursor = self.ctx.replica.changes().attach(label.clone());
-            let state = Arc::new(PeerState::new(peer.clone(), label, cursor));
+            let state = Arc::new(PeerState::new(
+                peer.clone(),
+                label,
+                cursor,
+                peer_link::settings(&self.ctx.replica.config),
+            ));
             let cancel = self.cancel.child_token();
             self.tracker.spawn(peer_link::run(
                 self.ctx.clone(),

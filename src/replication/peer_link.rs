@@ -3,13 +3,19 @@
 //! from the change index and acknowledges them, and keeps the peer's status
 //! for `/v1/cluster`.
 //!
-//! Owns: the loop of one link and the peer's status. Must not touch: the
-//! decisions (the machine makes them), the wire (the transport).
+//! Owns: the loop of one link (one small handler per [`Step`]) and the
+//! peer's [`PeerState`]: what discovery and the peer said of it, and the
+//! counts shown in `/v1/cluster`. Must not touch: the decisions (the
+//! machine makes them, and whether the peer is up, which way it is sent
+//! to and whether its writes are released is read from the machine, which
+//! the state holds: nothing copies them), the wire (the transport), what
+//! is pending (the change index, by the peer's cursor).
 
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -58,9 +64,9 @@ struct Status {
     peer_ready: Option<bool>,
     /// The peer says it is stale (cut off past the tombstone grace).
     peer_stale: bool,
-    reachability: Reachability,
-    protocol: Protocol,
-    released: bool,
+    /// The link's decisions: the one owner of whether the peer is up,
+    /// which way it is sent to and whether its writes are released.
+    machine: LinkMachine,
     last_ok: Option<SystemTime>,
     last_error: Option<String>,
     sent_requests: u64,
@@ -125,7 +131,12 @@ pub struct PeerView {
 }
 
 impl PeerState {
-    pub(crate) fn new(discovered: Peer, label: Arc<PeerLabel>, cursor: CursorId) -> Self {
+    pub(crate) fn new(
+        discovered: Peer,
+        label: Arc<PeerLabel>,
+        cursor: CursorId,
+        settings: LinkSettings,
+    ) -> Self {
         label.set_name(discovered.name.clone());
         Self {
             status: Mutex::new(Status {
@@ -133,9 +144,7 @@ impl PeerState {
                 hello: None,
                 peer_ready: None,
                 peer_stale: false,
-                reachability: Reachability::Unknown,
-                protocol: Protocol::Stream,
-                released: false,
+                machine: LinkMachine::new(settings),
                 last_ok: None,
                 last_error: None,
                 sent_requests: 0,
@@ -190,26 +199,47 @@ impl PeerState {
         (s.discovered.started_at_ms, s.hello.clone())
     }
 
-    fn succeeded(&self) {
+    /// Hands the machine a call's result and records it: the time of the
+    /// last success, the last error, and a line in the log when the peer
+    /// goes up or down.
+    fn record<T>(&self, call: Asked, result: &Result<T, ReplicationError>) {
+        let outcome = match result {
+            Ok(_) => Outcome::Ok,
+            Err(e) if e.is_unimplemented() => Outcome::Unimplemented,
+            Err(_) => Outcome::Failed,
+        };
         let mut s = self.status();
-        if s.reachability != Reachability::Up {
-            info!(peer = %s.discovered.grpc_addr, "peer is up");
+        let was = s.machine.reachability();
+        let now = Instant::now();
+        match call {
+            Asked::Hello => s.machine.hello_result(now, outcome),
+            Asked::Send => s.machine.send_result(now, outcome),
         }
-        s.reachability = Reachability::Up;
-        s.last_ok = Some(SystemTime::now());
-        s.last_error = None;
-        self.label.set_last_error(None);
-    }
-
-    fn failed(&self, error: &ReplicationError) {
-        let mut s = self.status();
-        if s.reachability != Reachability::Down {
-            warn!(peer = %s.discovered.grpc_addr, %error, "peer is unreachable; retrying");
+        // A peer without Hello answered too: it speaks only the original
+        // protocol. One that does not serve a way of sending answered as
+        // well: the machine falls back to another, nothing is recorded.
+        let answered = match outcome {
+            Outcome::Ok => true,
+            Outcome::Unimplemented => matches!(call, Asked::Hello),
+            Outcome::Failed => false,
+        };
+        if answered {
+            s.last_ok = Some(SystemTime::now());
+            s.last_error = None;
+            self.label.set_last_error(None);
+        } else if let (Outcome::Failed, Err(e)) = (outcome, result) {
+            s.failed_attempts += 1;
+            s.last_error = Some(e.to_string());
+            self.label.set_last_error(Some(e.to_string()));
         }
-        s.reachability = Reachability::Down;
-        s.failed_attempts += 1;
-        s.last_error = Some(error.to_string());
-        self.label.set_last_error(Some(error.to_string()));
+        let peer = &s.discovered.grpc_addr;
+        match (was, s.machine.reachability(), result) {
+            (was, Reachability::Up, _) if was != Reachability::Up => info!(%peer, "peer is up"),
+            (was, Reachability::Down, Err(error)) if was != Reachability::Down => {
+                warn!(%peer, %error, "peer is unreachable; retrying")
+            }
+            _ => {}
+        }
     }
 
     pub(crate) fn view(&self, replica: &Replica) -> PeerView {
@@ -233,21 +263,21 @@ impl PeerState {
                 .started_at_ms
                 .or(hello.map(|h| h.started_at_ms)),
             node_id: hello.map(|h| format!("{:016x}", h.node_id)),
-            status: match s.reachability {
+            status: match s.machine.reachability() {
                 Reachability::Unknown => "unknown",
                 Reachability::Up => "up",
                 Reachability::Down => "down",
             },
             ready: s.peer_ready,
-            legacy: s.protocol == Protocol::Legacy,
-            protocol: match s.protocol {
+            legacy: s.machine.protocol() == Protocol::Legacy,
+            protocol: match s.machine.protocol() {
                 Protocol::Stream => "stream",
                 Protocol::Unary => "unary",
                 Protocol::Legacy => "legacy",
             },
             pending_entries: pending.entries as u64,
             pending_bytes: pending.bytes as u64,
-            released: s.released,
+            released: s.machine.released(),
             sent_batches: s.sent_requests,
             failed_attempts: s.failed_attempts,
             dropped_entries: s.dropped_entries,
@@ -261,12 +291,39 @@ impl PeerState {
     }
 }
 
-fn outcome<T>(result: &Result<T, ReplicationError>) -> Outcome {
-    match result {
-        Ok(_) => Outcome::Ok,
-        Err(e) if e.is_unimplemented() => Outcome::Unimplemented,
-        Err(_) => Outcome::Failed,
+/// A link's timers, from the node's configuration.
+pub(crate) fn settings(config: &crate::config::NodeConfig) -> LinkSettings {
+    LinkSettings {
+        heartbeat: config.heartbeat_interval,
+        first_backoff: config
+            .max_retry_backoff
+            .min(std::time::Duration::from_millis(20)),
+        max_backoff: config.max_retry_backoff,
+        release_after: config.down_peer_retention,
     }
+}
+
+/// Which call a result answers.
+#[derive(Debug, Clone, Copy)]
+enum Asked {
+    Hello,
+    Send,
+}
+
+/// Whether the link goes on after a step.
+enum Flow {
+    Go,
+    Stop,
+}
+
+/// One link's task and what its steps use.
+struct LinkTask {
+    ctx: Arc<LinkContext>,
+    state: Arc<PeerState>,
+    transport: Transport,
+    cancel: CancellationToken,
+    peer: String,
+    peer_label: Vec<(&'static str, String)>,
 }
 
 /// The link task: runs until the link is cancelled (the peer left, or the
@@ -278,148 +335,257 @@ pub(crate) async fn run(
     state: Arc<PeerState>,
     cancel: CancellationToken,
 ) {
-    let replica = &ctx.replica;
-    let config = &replica.config;
-    let mut machine = LinkMachine::new(LinkSettings {
-        heartbeat: config.heartbeat_interval,
-        first_backoff: config
-            .max_retry_backoff
-            .min(std::time::Duration::from_millis(20)),
-        max_backoff: config.max_retry_backoff,
-        release_after: config.down_peer_retention,
-    });
-    let mut transport = Transport::new(
+    let config = &ctx.replica.config;
+    let transport = Transport::new(
         channel,
         config.max_grpc_message_bytes,
         config.rpc_timeout,
         config.max_batch_bytes,
     );
-    let metrics = &replica.metrics;
     let peer = state.addr().to_owned();
-    let peer_label = label("peer", peer.clone());
-    loop {
-        machine.set_heartbeat(ctx.heartbeat());
-        let changed = replica.changed();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let pending = replica.changes().has_pending(state.cursor);
-        if ctx.drain.is_cancelled() && (!pending || machine.released()) {
-            break;
-        }
-        match machine.next(tokio::time::Instant::now(), pending) {
-            Step::Hello => {
-                let result = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    result = transport.hello(&ctx.me) => result,
-                };
-                match &result {
-                    Ok(answer) if super::SelfAddrs::is_me(&ctx.me, answer.node.as_ref()) => {
-                        // This address is this node: no peer. Nothing is
-                        // held for it, its link ends here, and the
-                        // membership loop closes it.
-                        if ctx.selves.found(&peer) {
-                            warn!(%peer, "this peer address reaches this node itself (set --pod-ip to the address peers dial); dropping it from the peers");
-                        }
-                        replica.changes().detach(state.cursor);
-                        break;
-                    }
-                    Ok(answer) => {
-                        state.record_hello(answer.node.clone(), answer.ready, answer.stale);
-                        state.succeeded();
-                    }
-                    Err(e) if e.is_unimplemented() => {
-                        if state.status().protocol != Protocol::Legacy {
-                            info!(%peer, "peer speaks only hellorpc.Sync; sending Set");
-                        }
-                        state.succeeded();
-                    }
-                    Err(e) => state.failed(e),
+    let mut task = LinkTask {
+        peer_label: label("peer", peer.clone()),
+        peer,
+        ctx,
+        state,
+        transport,
+        cancel,
+    };
+    task.run().await;
+    debug!(peer = %task.peer, "peer link stopped");
+}
+
+impl LinkTask {
+    async fn run(&mut self) {
+        loop {
+            let replica = self.ctx.replica.clone();
+            // Armed before the step is chosen: a write after this wakes a
+            // wait.
+            let changed = replica.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let pending = replica.changes().has_pending(self.state.cursor);
+            let step = {
+                let mut s = self.state.status();
+                if self.ctx.drain.is_cancelled() && (!pending || s.machine.released()) {
+                    break;
                 }
-                machine.hello_result(tokio::time::Instant::now(), outcome(&result));
-            }
-            Step::Send(protocol) => {
-                let Some(epoch) = replica.changes().take(state.cursor) else {
-                    continue;
-                };
-                let started = tokio::time::Instant::now();
-                debug!(%peer, epoch = epoch.epoch, entries = epoch.records.len(), up_to = epoch.last_hlc, "sending an epoch");
-                let result = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    result = transport.send(protocol, &ctx.me, &epoch) => result,
-                };
-                match &result {
-                    Ok(sent) => {
-                        replica.changes().acked(state.cursor, epoch.epoch);
-                        state.succeeded();
-                        let mut s = state.status();
-                        s.sent_requests += sent.requests;
-                        if sent.unexpressed > 0 {
-                            s.dropped_entries += sent.unexpressed;
-                            metrics
-                                .entries_dropped
-                                .get_or_create(&vec![
-                                    ("peer", peer.clone()),
-                                    ("reason", "legacy_peer_cannot_delete".into()),
-                                ])
-                                .inc_by(sent.unexpressed);
-                        }
-                        drop(s);
-                        metrics
-                            .batches_sent
-                            .get_or_create(&peer_label)
-                            .inc_by(sent.requests);
-                        metrics.epochs_sent.get_or_create(&peer_label).inc();
-                        metrics
-                            .replication_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                    }
-                    Err(e) if e.is_unimplemented() => {
-                        info!(%peer, error = %e, "peer does not serve this way of replicating; falling back");
-                    }
-                    Err(e) => {
-                        state.failed(e);
-                        metrics.batches_failed.get_or_create(&peer_label).inc();
-                    }
-                }
-                machine.send_result(tokio::time::Instant::now(), outcome(&result));
-                state.status().protocol = machine.protocol();
-            }
-            Step::Release => {
-                let released = replica.changes().release(state.cursor);
-                let mut s = state.status();
-                s.released = true;
-                s.dropped_entries += released.entries as u64;
-                drop(s);
-                metrics
-                    .entries_dropped
-                    .get_or_create(&vec![
-                        ("peer", peer.clone()),
-                        ("reason", "peer_down_released".into()),
-                    ])
-                    .inc_by(released.entries as u64);
-                warn!(
-                    %peer,
-                    entries = released.entries,
-                    bytes = released.bytes,
-                    after = ?config.down_peer_retention,
-                    "peer did not answer for the whole retention; its pending writes are released, anti-entropy repairs it when it returns"
-                );
-            }
-            Step::Reattach => {
-                replica.changes().reattach(state.cursor);
-                state.status().released = false;
-                info!(%peer, "peer answers again; holding writes for it again, repair requested");
-                let _ = ctx.repair_tx.try_send(peer.clone());
-            }
-            Step::Wait { until, on_write } => {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = ctx.drain.cancelled(), if !ctx.drain.is_cancelled() => {}
-                    _ = tokio::time::sleep_until(until) => {}
-                    _ = &mut changed, if on_write => {}
-                }
+                s.machine.set_heartbeat(self.ctx.heartbeat());
+                s.machine.next(Instant::now(), pending)
+            };
+            let flow = match step {
+                Step::Hello => self.hello().await,
+                Step::Send(protocol) => self.send(protocol).await,
+                Step::Release => self.release(),
+                Step::Reattach => self.reattach(),
+                Step::Wait { until, on_write } => self.wait(until, on_write, changed).await,
+            };
+            if let Flow::Stop = flow {
+                break;
             }
         }
     }
-    debug!(%peer, "peer link stopped");
+
+    async fn hello(&mut self) -> Flow {
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => return Flow::Stop,
+            result = self.transport.hello(&self.ctx.me) => result,
+        };
+        let peer = &self.peer;
+        match &result {
+            Ok(answer) if super::SelfAddrs::is_me(&self.ctx.me, answer.node.as_ref()) => {
+                // This address is this node: no peer. Nothing is held for
+                // it, its link ends here, and the membership loop closes it.
+                if self.ctx.selves.found(peer) {
+                    warn!(%peer, "this peer address reaches this node itself (set --pod-ip to the address peers dial); dropping it from the peers");
+                }
+                self.ctx.replica.changes().detach(self.state.cursor);
+                return Flow::Stop;
+            }
+            Ok(answer) => {
+                self.state
+                    .record_hello(answer.node.clone(), answer.ready, answer.stale);
+            }
+            Err(e) if e.is_unimplemented() => {
+                if self.state.status().machine.protocol() != Protocol::Legacy {
+                    info!(%peer, "peer speaks only hellorpc.Sync; sending Set");
+                }
+            }
+            Err(_) => {}
+        }
+        self.state.record(Asked::Hello, &result);
+        Flow::Go
+    }
+
+    async fn send(&mut self, protocol: Protocol) -> Flow {
+        let replica = &self.ctx.replica;
+        let Some(epoch) = replica.changes().take(self.state.cursor) else {
+            return Flow::Go;
+        };
+        let peer = &self.peer;
+        let metrics = &replica.metrics;
+        let started = Instant::now();
+        debug!(%peer, epoch = epoch.epoch, entries = epoch.records.len(), up_to = epoch.last_hlc, "sending an epoch");
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => return Flow::Stop,
+            result = self.transport.send(protocol, &self.ctx.me, &epoch) => result,
+        };
+        match &result {
+            Ok(sent) => {
+                replica.changes().acked(self.state.cursor, epoch.epoch);
+                let mut s = self.state.status();
+                s.sent_requests += sent.requests;
+                s.dropped_entries += sent.unexpressed;
+                drop(s);
+                if sent.unexpressed > 0 {
+                    metrics
+                        .entries_dropped
+                        .get_or_create(&vec![
+                            ("peer", peer.clone()),
+                            ("reason", "legacy_peer_cannot_delete".into()),
+                        ])
+                        .inc_by(sent.unexpressed);
+                }
+                metrics
+                    .batches_sent
+                    .get_or_create(&self.peer_label)
+                    .inc_by(sent.requests);
+                metrics.epochs_sent.get_or_create(&self.peer_label).inc();
+                metrics
+                    .replication_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(e) if e.is_unimplemented() => {
+                info!(%peer, error = %e, "peer does not serve this way of replicating; falling back");
+            }
+            Err(_) => {
+                metrics.batches_failed.get_or_create(&self.peer_label).inc();
+            }
+        }
+        self.state.record(Asked::Send, &result);
+        Flow::Go
+    }
+
+    fn release(&mut self) -> Flow {
+        let replica = &self.ctx.replica;
+        let released = replica.changes().release(self.state.cursor);
+        self.state.status().dropped_entries += released.entries as u64;
+        replica
+            .metrics
+            .entries_dropped
+            .get_or_create(&vec![
+                ("peer", self.peer.clone()),
+                ("reason", "peer_down_released".into()),
+            ])
+            .inc_by(released.entries as u64);
+        warn!(
+            peer = %self.peer,
+            entries = released.entries,
+            bytes = released.bytes,
+            after = ?replica.config.down_peer_retention,
+            "peer did not answer for the whole retention; its pending writes are released, anti-entropy repairs it when it returns"
+        );
+        Flow::Go
+    }
+
+    fn reattach(&mut self) -> Flow {
+        self.ctx.replica.changes().reattach(self.state.cursor);
+        info!(peer = %self.peer, "peer answers again; holding writes for it again, repair requested");
+        let _ = self.ctx.repair_tx.try_send(self.peer.clone());
+        Flow::Go
+    }
+
+    async fn wait(
+        &mut self,
+        until: Instant,
+        on_write: bool,
+        changed: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Flow {
+        tokio::select! {
+            _ = self.cancel.cancelled() => return Flow::Stop,
+            _ = self.ctx.drain.cancelled(), if !self.ctx.drain.is_cancelled() => {}
+            _ = tokio::time::sleep_until(until) => {}
+            _ = changed, if on_write => {}
+        }
+        Flow::Go
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::error::Call;
+
+    fn state() -> PeerState {
+        let peer = Peer {
+            grpc_addr: "127.0.0.9:9090".into(),
+            name: Some("pod-9".into()),
+            host_ip: None,
+            started_at_ms: None,
+        };
+        let settings = LinkSettings {
+            heartbeat: std::time::Duration::from_secs(2),
+            first_backoff: std::time::Duration::from_millis(20),
+            max_backoff: std::time::Duration::from_secs(2),
+            release_after: std::time::Duration::from_secs(60),
+        };
+        PeerState::new(
+            peer,
+            Arc::new(PeerLabel::new("127.0.0.9:9090")),
+            0,
+            settings,
+        )
+    }
+
+    fn failed() -> Result<(), ReplicationError> {
+        Err(ReplicationError::TimedOut { call: Call::Hello })
+    }
+
+    fn unimplemented(call: Call) -> Result<(), ReplicationError> {
+        Err(ReplicationError::Unimplemented { call })
+    }
+
+    #[test]
+    fn what_the_status_shows_is_what_the_machine_decided() {
+        let state = state();
+        assert_eq!(state.status().machine.reachability(), Reachability::Unknown);
+        state.record(Asked::Hello, &failed());
+        {
+            let s = state.status();
+            assert_eq!(s.machine.reachability(), Reachability::Down);
+            assert_eq!(s.failed_attempts, 1);
+            assert!(
+                s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("timed out"))
+            );
+        }
+        state.record(Asked::Hello, &Ok(()));
+        {
+            let s = state.status();
+            assert_eq!(s.machine.reachability(), Reachability::Up);
+            assert!(s.last_ok.is_some() && s.last_error.is_none());
+        }
+        // Falling back from the stream to unary calls: the peer answered,
+        // nothing failed, the way shown is the machine's.
+        state.record(Asked::Send, &unimplemented(Call::ReplicateStream));
+        {
+            let s = state.status();
+            assert_eq!(s.machine.protocol(), Protocol::Unary);
+            assert_eq!(s.machine.reachability(), Reachability::Up);
+            assert_eq!(s.failed_attempts, 1);
+        }
+        // A peer without Hello speaks only the original protocol: it
+        // answered, and is sent to by `Sync/Set`.
+        state.record(Asked::Hello, &unimplemented(Call::Hello));
+        let s = state.status();
+        assert_eq!(s.machine.protocol(), Protocol::Legacy);
+        assert_eq!(s.machine.reachability(), Reachability::Up);
+        assert!(s.last_error.is_none());
+        drop(s);
+        // So too for a peer that never answered Hello before.
+        let fresh = self::state();
+        fresh.record(Asked::Hello, &unimplemented(Call::Hello));
+        assert_eq!(fresh.status().machine.protocol(), Protocol::Legacy);
+    }
 }
