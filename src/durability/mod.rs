@@ -2,8 +2,10 @@
 //! restart of the whole cluster, a power cut and a failing disk.
 //!
 //! Owns: the files, their locking, format and framing ([`frame`]), the
-//! append of every change, `fsync`, compaction and recovery
-//! ([`recover`]). Must not touch: the store's merge rule, the network.
+//! append of every change, `fsync` and the background loop
+//! (`sync_loop.rs`), compaction, and opening with recovery (`open.rs`:
+//! lock, `FORMAT`, the first log; `recover.rs`: reading the files back).
+//! Must not touch: the store's merge rule, the network.
 //! Every file operation goes through [`Storage`]: the real filesystem in
 //! production ([`RealFs`]), a simulated disk that loses what was never
 //! synced in the power-loss search ([`sim`], tests/power_loss.rs). The
@@ -60,21 +62,23 @@
 //! figures.
 
 pub(crate) mod frame;
+mod open;
 mod recover;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod sim;
 pub mod storage;
+mod sync_loop;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 pub use storage::{RealFs, Storage, StorageFile};
+pub(crate) use sync_loop::durability_loop;
 
 use crate::store::Record;
 
@@ -351,84 +355,6 @@ fn new_log(
 }
 
 impl DataDir {
-    /// Opens (creating it if needed) and locks `dir` on the real
-    /// filesystem, and recovers what it holds. Progress is logged every few
-    /// seconds for a large state.
-    pub fn open(
-        dir: &Path,
-        policy: Fsync,
-        compact_log_bytes: u64,
-    ) -> Result<(Self, Recovered), DurabilityError> {
-        Self::open_on(Arc::new(RealFs::new(dir)), dir, policy, compact_log_bytes)
-    }
-
-    /// [`DataDir::open`] on any storage (the simulated disk in tests).
-    pub fn open_on(
-        storage: Arc<dyn Storage>,
-        dir: &Path,
-        policy: Fsync,
-        compact_log_bytes: u64,
-    ) -> Result<(Self, Recovered), DurabilityError> {
-        let s = &*storage;
-        s.create_dir()
-            .map_err(io_err("cannot create", dir.to_owned()))?;
-        let lock = match s.lock().map_err(io_err("cannot lock", s.path_of("LOCK")))? {
-            Some(lock) => lock,
-            None => {
-                return Err(DurabilityError::Locked {
-                    dir: dir.to_owned(),
-                });
-            }
-        };
-        check_format(s, dir)?;
-        let found = recover::recover(s, dir)?;
-        let name = name_of("log", found.generation);
-        let (file, framing) =
-            new_log(s, &name).map_err(io_err("cannot create", s.path_of(&name)))?;
-        let log_bytes = frame::FILE_HEADER as u64;
-        let (synced_tx, _) = watch::channel((0, None));
-        let data_dir = Self {
-            dir: dir.to_owned(),
-            _lock: lock,
-            policy,
-            log: Mutex::new(Log {
-                generation: found.generation,
-                file,
-                framing,
-                retiring: Vec::new(),
-                name: name_of("log", found.generation),
-                bytes: log_bytes,
-                failed: None,
-                sync_failed: None,
-                latest_need: 0,
-                tail_dirty: false,
-                buffer: Vec::new(),
-            }),
-            appended: AtomicU64::new(0),
-            synced_tx,
-            dirty: Notify::new(),
-            snapshot_bytes: AtomicU64::new(found.snapshot_bytes),
-            needs: AtomicU64::new(0),
-            covered_needs: AtomicU64::new(0),
-            startup_need: AtomicU64::new(0),
-            compact_log_bytes,
-            storage,
-        };
-        if found.compact || found.replayed_logs {
-            data_dir.request_compaction();
-        }
-        if found.replayed_logs && policy != Fsync::Never {
-            let need = data_dir.needs.load(Ordering::Acquire);
-            data_dir.startup_need.store(need, Ordering::Release);
-        }
-        if let Some(ms) = found.save_synced {
-            data_dir.save_last_sync(ms).map_err(|e| {
-                io_err("cannot write", data_dir.storage.path_of("SYNCED"))(io::Error::other(e))
-            })?;
-        }
-        Ok((data_dir, found.recovered))
-    }
-
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.dir
@@ -565,81 +491,6 @@ impl DataDir {
     /// The directory can take appends (no failure waiting to clear).
     pub fn healthy(&self) -> bool {
         self.log().failed.is_none()
-    }
-
-    /// Resolves once everything up to `lsn` is on disk (`Fsync::Always`;
-    /// at once for the other policies), or with the error of the `fsync`
-    /// that failed meanwhile.
-    pub async fn durable(&self, lsn: u64) -> Result<(), DiskError> {
-        if self.policy != Fsync::Always {
-            return Ok(());
-        }
-        let mut rx = self.synced_tx.subscribe();
-        let settled = rx
-            .wait_for(|(synced, error)| *synced >= lsn || error.is_some())
-            .await;
-        match settled {
-            Ok(state) => settle(&state, lsn),
-            Err(_) => Err(DiskError::Failed("the data directory was closed".into())),
-        }
-    }
-
-    /// What [`DataDir::durable`] would answer now for `lsn`: `None` while
-    /// it would wait (for the power-loss search, which syncs by hand).
-    pub fn durable_now(&self, lsn: u64) -> Option<Result<(), DiskError>> {
-        let state = self.synced_tx.borrow();
-        (state.0 >= lsn || state.1.is_some()).then(|| settle(&state, lsn))
-    }
-
-    /// Syncs the current log and the retired ones to disk (blocking: run
-    /// it off the runtime). A failure is kept (see the module comment).
-    pub fn sync(&self) -> Result<(), DiskError> {
-        let (retiring, file, upto) = {
-            let log = self.log();
-            if let Some(error) = &self.synced_tx.borrow().1 {
-                // What the failed fsync covered may be gone: syncing again
-                // would report a success that proves nothing.
-                return Err(error.clone());
-            }
-            (
-                log.retiring.clone(),
-                log.file.clone(),
-                self.appended.load(Ordering::Acquire),
-            )
-        };
-        let synced = retiring
-            .iter()
-            .chain(std::iter::once(&file))
-            .try_for_each(|f| f.sync());
-        if let Err(error) = synced {
-            let error = DiskError::of(&error);
-            warn!(%error, "fsync of the data directory failed; writes are refused until a snapshot of the whole state is written");
-            let mut log = self.log();
-            let need = self.need_locked(&mut log);
-            Self::fail_locked(&mut log, error.clone(), Some(need));
-            log.sync_failed = Some(need);
-            self.synced_tx.send_modify(|s| s.1 = Some(error.clone()));
-            return Err(error);
-        }
-        let mut log = self.log();
-        if !retiring.is_empty() {
-            log.retiring
-                .retain(|r| !retiring.iter().any(|done| Arc::ptr_eq(r, done)));
-        }
-        // Under the log lock, as a failure is set: a failure that came
-        // meanwhile is not covered up. Before the snapshot of what was
-        // loaded at start, nothing counts (see `startup_need`).
-        if self.covered_needs.load(Ordering::Acquire) < self.startup_need.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.synced_tx.send_if_modified(|s| {
-            if s.1.is_some() || s.0 >= upto {
-                return false;
-            }
-            s.0 = upto;
-            true
-        });
-        Ok(())
     }
 
     /// True when the log has grown past the last snapshot's size (and at
@@ -825,11 +676,6 @@ impl DataDir {
         }
     }
 
-    /// True when older logs still wait for a sync.
-    fn retiring(&self) -> bool {
-        !self.log().retiring.is_empty()
-    }
-
     /// Saves when the last full sync with a peer was (read back at the next
     /// start, so a node down longer than the tombstone grace knows it is
     /// stale), whole or not at all. Blocking.
@@ -841,100 +687,6 @@ impl DataDir {
     /// Appended so far (the sequence number of the last append).
     pub fn appended(&self) -> u64 {
         self.appended.load(Ordering::Acquire)
-    }
-
-    /// Where the disk must get to before the time of a full sync that
-    /// ended now may be saved: what was appended, and the snapshots asked
-    /// for (a full resync's drops are written by one).
-    fn sync_point(&self) -> (u64, u64) {
-        (self.appended(), self.needs.load(Ordering::Acquire))
-    }
-
-    /// True when the disk holds everything up to `point` (appends synced,
-    /// or the policy never syncs; the snapshots asked for written).
-    fn reached(&self, point: (u64, u64)) -> bool {
-        (self.policy == Fsync::Never || self.synced_tx.borrow().0 >= point.0)
-            && self.covered_needs.load(Ordering::Acquire) >= point.1
-    }
-}
-
-fn settle(state: &(u64, Option<DiskError>), lsn: u64) -> Result<(), DiskError> {
-    if state.0 >= lsn {
-        return Ok(());
-    }
-    Err(state
-        .1
-        .clone()
-        .unwrap_or_else(|| DiskError::Failed("fsync failed".into())))
-}
-
-/// Checks `FORMAT` (writing it in a new directory, upgrading format 1).
-fn check_format(s: &dyn Storage, dir: &Path) -> Result<(), DurabilityError> {
-    let text =
-        storage::read_small(s, "FORMAT").map_err(io_err("cannot read", s.path_of("FORMAT")))?;
-    let write = |text: &str| {
-        storage::write_atomically(s, "FORMAT", text.as_bytes())
-            .map_err(io_err("cannot write", s.path_of("FORMAT")))
-    };
-    match text.as_deref() {
-        Some(t) if t == FORMAT.as_bytes() => Ok(()),
-        Some(t) if t == FORMAT_2.as_bytes() => {
-            // Its files are read as they are; from now on records may hold
-            // batches and history, which format 2 cannot read.
-            info!(dir = %dir.display(), "the data directory is in format 2 (an older podcache): reading it and writing format 3 from now on; an older podcache cannot read it afterwards");
-            write(FORMAT)
-        }
-        Some(t) if t == FORMAT_1.as_bytes() => {
-            // Format 1's files stay readable (each names its format in its
-            // magic); new files are format 2, and the first compaction
-            // rewrites the state in it.
-            info!(dir = %dir.display(), "the data directory is in format 1 (an older podcache): reading it and writing format 2 from now on; an older podcache cannot read it afterwards");
-            write(FORMAT)
-        }
-        // Written (tmp, fsync, rename) but found empty: a FORMAT of an
-        // older podcache that a power cut emptied.
-        Some([]) | None => {
-            let listing = s.list().map_err(io_err("cannot list", dir.to_owned()))?;
-            let ours = |n: &str| {
-                n == "LOCK"
-                    || n == "FORMAT"
-                    || n == "FORMAT.tmp"
-                    || generation_of(n.trim_end_matches(".tmp"), "snapshot").is_some()
-                    || generation_of(n, "log").is_some()
-                    || n.starts_with("SYNCED")
-            };
-            let foreign: Vec<&String> = listing
-                .iter()
-                .filter(|n| !(ours(n) || n.as_str() == "lost+found" && s.is_dir(n)))
-                .collect();
-            if !foreign.is_empty() {
-                return Err(DurabilityError::Format {
-                    dir: dir.to_owned(),
-                    found: format!(
-                        "no FORMAT file, but other files ({})",
-                        foreign
-                            .iter()
-                            .take(3)
-                            .map(|n| n.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                });
-            }
-            let ours_with_data = listing.iter().any(|n| {
-                generation_of(n, "snapshot").is_some() || generation_of(n, "log").is_some()
-            });
-            if ours_with_data {
-                // Only an older podcache wrote FORMAT without syncing it;
-                // its files name their own format.
-                warn!(dir = %dir.display(), "the data directory's FORMAT file is missing or empty next to its files (lost in a power cut); writing it again");
-            }
-            write(FORMAT)
-        }
-        Some(t) => Err(DurabilityError::Format {
-            dir: dir.to_owned(),
-            found: String::from_utf8_lossy(t).trim().chars().take(80).collect(),
-        }),
     }
 }
 
@@ -955,116 +707,6 @@ fn remove_older_than(s: &dyn Storage, generation: u64) {
         if old || tmp {
             let _ = s.remove(&name);
         }
-    }
-}
-
-/// The background work of a data directory, until `cancel` fires: `fsync`
-/// by the policy (at once when a write waits, with `always`; every second
-/// with `interval`), compaction when the log has grown or was asked for,
-/// the time of the last full sync saved once what it covers is on disk,
-/// and after an I/O error a snapshot of the whole state as soon as the
-/// disk takes it (writes resume then).
-pub(crate) async fn durability_loop(
-    data: Arc<DataDir>,
-    metrics: Arc<crate::metrics::Metrics>,
-    snapshot: impl Fn() -> (Vec<Record>, Vec<Record>) + Send + Sync + 'static,
-    last_sync: impl Fn() -> u64 + Send + Sync + 'static,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    let snapshot = Arc::new(snapshot);
-    let mut last_saved_sync = 0;
-    // A sync time waiting for what was appended before it to be on disk.
-    let mut pending_sync: Option<(u64, (u64, u64))> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A compaction runs beside the loop, so that with `always` a write
-    // waits for an fsync, never for a whole snapshot to be written.
-    let mut compaction: Option<tokio::task::JoinHandle<Result<u64, DiskError>>> = None;
-    loop {
-        let woken_by_write = tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = data.dirty.notified(), if data.policy == Fsync::Always => true,
-            result = finished(&mut compaction) => {
-                compaction = None;
-                match result {
-                    Ok(Ok(bytes)) => {
-                        metrics.data_dir_compactions.inc();
-                        info!(bytes, "data directory compacted");
-                    }
-                    Ok(Err(error)) => {
-                        warn!(%error, "compaction of the data directory failed; retrying")
-                    }
-                    Err(_) => {}
-                }
-                continue;
-            }
-            _ = tick.tick() => false,
-        };
-        let wants_sync = match data.policy {
-            Fsync::Always => true,
-            Fsync::Interval => !woken_by_write,
-            Fsync::Never => false,
-        };
-        // A retired log is synced even with nothing new appended: until
-        // then it stays open, its space held after compaction removed it.
-        if wants_sync && (data.synced_tx.borrow().0 < data.appended() || data.retiring()) {
-            let d = data.clone();
-            let _ = tokio::task::spawn_blocking(move || d.sync()).await;
-        }
-        if woken_by_write {
-            continue;
-        }
-        data.retry_after_failure();
-        if compaction.is_none() && data.wants_compaction() {
-            let (d, snapshot) = (data.clone(), snapshot.clone());
-            compaction = Some(tokio::task::spawn_blocking(move || {
-                d.compact_with_history(|| snapshot())
-            }));
-        }
-        let now_sync = last_sync();
-        if now_sync != last_saved_sync && pending_sync.is_none() {
-            // Saved only once the changes that sync made are on disk (its
-            // drops by a snapshot): a SYNCED that outlives them after a
-            // power cut would call stale state fresh.
-            pending_sync = Some((now_sync, data.sync_point()));
-        }
-        if let Some((ms, point)) = pending_sync
-            && data.reached(point)
-        {
-            let d = data.clone();
-            let saved = tokio::task::spawn_blocking(move || d.save_last_sync(ms)).await;
-            if let Ok(Ok(())) = saved {
-                last_saved_sync = ms;
-                pending_sync = None;
-            }
-        }
-    }
-    // Shutdown: what was appended goes to disk, whatever the policy but
-    // `never`, first (the node's shutdown gives its tasks a deadline, and a
-    // compaction can outlast it); then a compaction under way finishes
-    // (its files are complete or absent either way) and what came during
-    // it is synced too.
-    let final_sync = || async {
-        if data.policy != Fsync::Never {
-            let d = data.clone();
-            let _ = tokio::task::spawn_blocking(move || d.sync()).await;
-        }
-    };
-    final_sync().await;
-    if let Some(running) = compaction {
-        let _ = running.await;
-        final_sync().await;
-    }
-}
-
-/// The result of the compaction in `running`, once it ends; never, while
-/// none runs.
-async fn finished<T>(
-    running: &mut Option<tokio::task::JoinHandle<T>>,
-) -> Result<T, tokio::task::JoinError> {
-    match running {
-        Some(handle) => handle.await,
-        None => std::future::pending().await,
     }
 }
 
