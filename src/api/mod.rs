@@ -1,5 +1,6 @@
 //! The REST side of a node (CONTRACT §2): cache reads and writes, the watch
-//! stream, cluster view, health, readiness and metrics.
+//! stream (`watch.rs`), the cluster view (`cluster.rs`), health, readiness
+//! and metrics.
 //!
 //! Owns: HTTP parsing and validation of paths, queries and bodies, the JSON
 //! shapes of answers, and [`ApiError`], the one error body every failure
@@ -9,14 +10,15 @@
 mod answer;
 pub mod auth;
 mod backup;
+mod cluster;
 mod error;
 mod front;
 mod listener;
 mod ofrep;
 mod schema;
+mod watch;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Json;
@@ -25,27 +27,21 @@ use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use error::ApiError;
 
-use crate::discovery::DiscoveryState;
 use crate::discovery::PeerSet;
 use crate::identity::unix_ms;
 use crate::metrics::{PeerBacklog, label};
 use crate::replica::{Author, Change, DeliveryReport, Replica, WriteOutcome};
 use crate::replication::Replicator;
 use crate::replication::decider::{Conditional, Decided, Op};
-use crate::replication::oldest::{self, Age};
 use crate::store::{Entry, Expect, Record, Version};
 
 /// What the REST API uses of the node.
@@ -83,7 +79,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
 fn routes(api: Arc<Api>) -> Router {
     ofrep::mount(Router::new(), &api)
         .route("/v1/cache/{type}", get(get_namespace).post(post_batch))
-        .route("/v1/watch/{type}", get(watch))
+        .route("/v1/watch/{type}", get(watch::watch))
         .route("/v1/export", get(backup::export))
         .route("/v1/import", axum::routing::post(backup::import))
         .route(
@@ -93,7 +89,7 @@ fn routes(api: Arc<Api>) -> Router {
                 .delete(schema::delete_schema),
         )
         .route("/", get(dashboard))
-        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster", get(cluster::cluster))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -959,400 +955,6 @@ fn json_kind(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-#[derive(Debug, Deserialize, Default)]
-struct WatchParams {
-    key: Option<String>,
-    snapshot: Option<String>,
-    /// For clients that cannot set the `Last-Event-ID` header.
-    last_event_id: Option<String>,
-}
-
-/// One change as a `change` event (with its id; snapshot entries carry
-/// none, so a client that disconnects mid-snapshot resumes with a reset).
-fn change_event(record: &Record, origin: &str, id: String) -> Event {
-    let mut body = entry_json(record);
-    body["deleted"] = json!(record.entry.is_tombstone());
-    body["origin"] = json!(origin);
-    answer::meta_json(&mut body, &record.entry, "origin_pod");
-    Event::default()
-        .event("change")
-        .id(id)
-        .data(body.to_string())
-}
-
-/// A published change as the events a watch of `ty` (and `key`, if any)
-/// shows: a single write as a `change` event, a batch as one `batch` event
-/// of its entries in that namespace (with `key`, that key's only), nothing
-/// when none of it is watched.
-fn watched_events(
-    change: &crate::replica::ChangeEvent,
-    ty: i32,
-    key: Option<&str>,
-    id: String,
-) -> Option<Event> {
-    let wanted = |r: &&Record| r.ty == ty && key.is_none_or(|k| k == r.key());
-    let Some(batch) = &change.batch else {
-        return wanted(&&change.record)
-            .then(|| change_event(&change.record, change.origin.as_str(), id));
-    };
-    let entries: Vec<Value> = batch
-        .iter()
-        .filter(wanted)
-        .map(|r| {
-            let mut e = json!({
-                "key": r.key(),
-                "value": r.entry.value(),
-                "deleted": r.entry.is_tombstone(),
-                "version": r.entry.version().to_string(),
-            });
-            if r.entry.expires_at_ms() != 0 {
-                e["expires_at_ms"] = json!(r.entry.expires_at_ms());
-            }
-            e
-        })
-        .collect();
-    if entries.is_empty() {
-        return None;
-    }
-    let first = &change.record;
-    let mut body = json!({
-        "type": ty,
-        "version": first.entry.version().to_string(),
-        "origin": change.origin.as_str(),
-        "entries": entries,
-    });
-    answer::meta_json(&mut body, &first.entry, "origin_pod");
-    Some(
-        Event::default()
-            .event("batch")
-            .id(id)
-            .data(body.to_string()),
-    )
-}
-
-/// The namespace's live entries (or the one key's), then a `live` event
-/// whose id is the stream's position at the snapshot: what follows it is
-/// every change after the snapshot.
-fn snapshot_events(api: &Api, ty: i32, key: Option<&str>, upto: u64) -> Vec<Event> {
-    let now = unix_ms();
-    let entries = match key {
-        Some(key) => api.replica.store.get(ty, key, now).into_iter().collect(),
-        None => api.replica.store.namespace(ty, now),
-    };
-    let mut events: Vec<Event> = entries
-        .into_iter()
-        .map(|entry| {
-            let id = api.replica.events.snapshot_id(upto);
-            change_event(&Record { ty, entry }, "snapshot", id)
-        })
-        .collect();
-    events.push(live_event(api, ty, events.len(), upto));
-    events
-}
-
-/// The marker that what came before (a snapshot, or a replay) is complete
-/// and live changes follow; its id is the stream's position.
-fn live_event(api: &Api, ty: i32, entries: usize, upto: u64) -> Event {
-    Event::default()
-        .event("live")
-        .id(api.replica.events.id(upto))
-        .data(json!({ "type": ty, "entries": entries }).to_string())
-}
-
-fn reset_events(api: &Api, ty: i32, key: Option<&str>, reason: &str, upto: u64) -> Vec<Event> {
-    let mut events = vec![
-        Event::default()
-            .event("reset")
-            .id(api.replica.events.snapshot_id(upto))
-            .data(json!({ "type": ty, "reason": reason }).to_string()),
-    ];
-    events.extend(snapshot_events(api, ty, key, upto));
-    events
-}
-
-/// A Server-Sent Events stream of every change to one namespace (or one
-/// key). Every change event has an id; reconnecting with `Last-Event-ID`
-/// resumes right after it from the replay buffer, or, when the id is
-/// another node's or older than the buffer, starts with a `reset` event,
-/// the whole current state and a `live` marker. `?snapshot=true` starts
-/// with the current state and the `live` marker (list-then-watch in one
-/// request, no gap). A watcher too slow for the stream gets a `reset`
-/// too: never a silent gap.
-async fn watch(
-    State(api): State<Arc<Api>>,
-    path: Result<Path<String>, PathRejection>,
-    query: Result<Query<WatchParams>, QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let ty = type_path(path)?;
-    let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let snapshot = match params.snapshot.as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("snapshot must be true or false, got {other:?}"),
-            ));
-        }
-    };
-    let last_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(params.last_event_id);
-    if (snapshot || last_id.is_some()) && !api.replica.is_ready() {
-        // Its state is still arriving: a snapshot now would be part of it.
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "the node is still pulling its state; watch with a snapshot once /readyz answers 200",
-        ));
-    }
-    let Ok(permit) = api.watch_permits.clone().try_acquire_owned() else {
-        api.replica
-            .metrics
-            .overloaded
-            .get_or_create(&label("what", "watches"))
-            .inc();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "too many watch streams are open on this node; retry later",
-        ));
-    };
-    count(&api, "watch");
-    // Subscribed before anything is read: what is published meanwhile is
-    // in the stream, and what is older is in what is read.
-    let events = BroadcastStream::new(api.replica.subscribe());
-    let key = params.key;
-    let events_log = &api.replica.events;
-    let (first, from) = match last_id {
-        Some(id) => match events_log.resume(&id) {
-            crate::replica::events::Resume::From { events, upto } => {
-                let mut replayed: Vec<Event> = events
-                    .iter()
-                    .filter_map(|e| watched_events(e, ty, key.as_deref(), events_log.id(e.seq)))
-                    .collect();
-                // Caught up: what follows is live.
-                replayed.push(live_event(&api, ty, replayed.len(), upto));
-                (replayed, upto)
-            }
-            crate::replica::events::Resume::Reset(reason) => {
-                let upto = events_log.last_seq();
-                (reset_events(&api, ty, key.as_deref(), reason, upto), upto)
-            }
-        },
-        None if snapshot => {
-            let upto = events_log.last_seq();
-            (snapshot_events(&api, ty, key.as_deref(), upto), upto)
-        }
-        None => (Vec::new(), events_log.last_seq()),
-    };
-    let stop = api.stop.clone().cancelled_owned();
-    let live = events.scan(from, move |seen, item| {
-        let events = match item {
-            Ok(change) => {
-                if change.seq <= *seen {
-                    // Already in what was replayed or read.
-                    Vec::new()
-                } else {
-                    *seen = change.seq;
-                    let id = api.replica.events.id(change.seq);
-                    watched_events(&change, ty, key.as_deref(), id)
-                        .into_iter()
-                        .collect()
-                }
-            }
-            Err(BroadcastStreamRecvError::Lagged(_)) => {
-                // Events were lost for this slow watcher: start it over.
-                let upto = api.replica.events.last_seq();
-                *seen = upto;
-                reset_events(
-                    &api,
-                    ty,
-                    key.as_deref(),
-                    "this watch fell too far behind",
-                    upto,
-                )
-            }
-        };
-        // The stream holds its permit until the client goes away.
-        let _held = &permit;
-        std::future::ready(Some(events))
-    });
-    let stream = futures_util::stream::iter(std::iter::once(first))
-        .chain(live)
-        .flat_map(|events| futures_util::stream::iter(events.into_iter().map(Ok::<_, Infallible>)))
-        .take_until(stop);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
-}
-
-async fn cluster(State(api): State<Arc<Api>>, headers: HeaderMap) -> Json<Value> {
-    let mut body = cluster_json(&api);
-    // With --public-dashboard this answer is open: keys, authors and
-    // reasons only with a token that may read them, and of its types only.
-    if let Some(auth) = &api.auth
-        && let Some(object) = body.as_object_mut()
-    {
-        match auth.granted(&headers) {
-            None => {
-                object.remove("recent_changes");
-            }
-            Some(auth::Grant {
-                scope: Some(scope), ..
-            }) => {
-                if let Some(Value::Array(changes)) = object.get_mut("recent_changes") {
-                    changes.retain(|change| recent_change_covered(change, &scope));
-                }
-            }
-            Some(_) => {}
-        }
-    }
-    Json(body)
-}
-
-/// Whether a token limited to `scope` may see one of the recent changes:
-/// of one of its types, or the schema of one.
-fn recent_change_covered(change: &Value, scope: &auth::Scope) -> bool {
-    let Some(ty) = change["type"].as_i64().and_then(|t| i32::try_from(t).ok()) else {
-        return false;
-    };
-    if ty == crate::replica::SCHEMA_TYPE {
-        return change["key"]
-            .as_str()
-            .and_then(|k| k.parse().ok())
-            .is_some_and(|ty| scope.covers(ty));
-    }
-    scope.covers(ty)
-}
-
-/// The `/v1/cluster` document.
-pub(crate) fn cluster_json(api: &Api) -> Value {
-    let me = &api.replica.identity;
-    let peers = api.replicator.peer_views();
-    let set = api.peers_rx.borrow().clone();
-    // The oldest member, this node included, by the one seniority rule.
-    let node_ids: Vec<Option<u64>> = peers
-        .iter()
-        .map(|p| {
-            p.node_id
-                .as_deref()
-                .and_then(|id| u64::from_str_radix(id, 16).ok())
-        })
-        .collect();
-    let mut members = vec![Age {
-        discovered_ms: None,
-        own_ms: Some(me.started_at_ms),
-        node_id: Some(me.node_id),
-        addr: &me.grpc_addr,
-    }];
-    members.extend(peers.iter().zip(&node_ids).map(|(p, id)| Age {
-        discovered_ms: p.started_at_ms,
-        own_ms: None,
-        node_id: *id,
-        addr: &p.grpc_addr,
-    }));
-    let oldest = oldest::oldest(&members)
-        .map_or_else(|| me.grpc_addr.clone(), |i| members[i].addr.to_owned());
-    let peers_json: Vec<Value> = peers
-        .iter()
-        .map(|p| {
-            let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-            v["oldest"] = json!(p.grpc_addr == oldest);
-            v
-        })
-        .collect();
-    let (state, last_good_ms, error) = match &set.state {
-        DiscoveryState::Pending => ("pending", None, None),
-        DiscoveryState::Fresh { at } => ("fresh", Some(system_ms(*at)), None),
-        DiscoveryState::Stale { last_good, error } => {
-            ("stale", last_good.map(system_ms), Some(error.clone()))
-        }
-    };
-    let bootstrap = api.replica.bootstrap_report();
-    // Where this node's state came from: its data directory, its peers
-    // (a bootstrap pull, or what the join repaired), both, or neither.
-    let from_disk = api.replica.loaded_from_disk() > 0;
-    let from_peers = bootstrap.as_ref().is_some_and(|b| b.entries > 0);
-    let state_source = match (from_disk, from_peers) {
-        (true, true) => "disk+peers",
-        (true, false) => "disk",
-        (false, true) => "peers",
-        (false, false) => "none",
-    };
-    let data_dir = api.replica.data.as_ref().map(|d| {
-        json!({
-            "path": d.path().display().to_string(),
-            "fsync": format!("{:?}", d.policy()).to_lowercase(),
-            "healthy": d.healthy(),
-        })
-    });
-    let decider = match api.decider.holder() {
-        Some((name, addr, me)) => json!({
-            "rule": api.decider.backend(), "name": name, "grpc_addr": addr, "me": me,
-        }),
-        None => {
-            json!({ "rule": api.decider.backend(), "name": null, "grpc_addr": null, "me": false })
-        }
-    };
-    json!({
-        "decider": decider,
-        "node": {
-            "name": me.name,
-            "node_id": format!("{:016x}", me.node_id),
-            "pod_ip": me.pod_ip,
-            "host_ip": me.host_ip,
-            "grpc_addr": me.grpc_addr,
-            "started_at_ms": me.started_at_ms,
-            "ready": api.replica.is_ready(),
-            "oldest": oldest == me.grpc_addr,
-        },
-        "oldest": oldest,
-        "peers": peers_json,
-        "discovery": {
-            "source": api.discovery_name,
-            "state": state,
-            "last_good_ms": last_good_ms,
-            "error": error,
-            "peers": set.peers.len(),
-        },
-        "bootstrap": bootstrap,
-        "state_source": state_source,
-        "data_dir": data_dir,
-        "recent_changes": recent_json(api),
-    })
-}
-
-/// The latest changes this node took, newest first: what, who, where
-/// from and why.
-fn recent_json(api: &Api) -> Vec<Value> {
-    api.replica
-        .recent_changes()
-        .iter()
-        .map(|(record, via)| {
-            let mut v = json!({
-                "type": record.ty,
-                "key": record.key(),
-                "deleted": record.entry.is_tombstone(),
-                "batch": record.entry.in_batch(),
-                "version": record.entry.version().to_string(),
-                "via": via.as_str(),
-            });
-            answer::meta_json(&mut v, &record.entry, "origin");
-            v
-        })
-        .collect()
-}
-
-fn system_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The dashboard: one self-contained page (no external assets) that polls
