@@ -22,6 +22,8 @@ pub mod error;
 pub(crate) mod link;
 pub mod oldest;
 mod peer_link;
+#[cfg(test)]
+mod sim;
 pub(crate) mod transport;
 
 use std::collections::BTreeMap;

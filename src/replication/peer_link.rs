@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::error::ReplicationError;
 use super::link::{LinkMachine, LinkSettings, Outcome, Protocol, Reachability, Step};
-use super::transport::Transport;
+use super::transport::{PeerTransport, Transport};
 use crate::discovery::Peer;
 use crate::metrics::label;
 use crate::proto::podcache as pb;
@@ -317,10 +317,10 @@ enum Flow {
 }
 
 /// One link's task and what its steps use.
-struct LinkTask {
+struct LinkTask<T> {
     ctx: Arc<LinkContext>,
     state: Arc<PeerState>,
-    transport: Transport,
+    transport: T,
     cancel: CancellationToken,
     peer: String,
     peer_label: Vec<(&'static str, String)>,
@@ -342,6 +342,16 @@ pub(crate) async fn run(
         config.rpc_timeout,
         config.max_batch_bytes,
     );
+    drive(ctx, transport, state, cancel).await;
+}
+
+/// [`run`] over any transport: the tonic one, or the simulation's.
+pub(crate) async fn drive(
+    ctx: Arc<LinkContext>,
+    transport: impl PeerTransport,
+    state: Arc<PeerState>,
+    cancel: CancellationToken,
+) {
     let peer = state.addr().to_owned();
     let mut task = LinkTask {
         peer_label: label("peer", peer.clone()),
@@ -355,7 +365,7 @@ pub(crate) async fn run(
     debug!(peer = %task.peer, "peer link stopped");
 }
 
-impl LinkTask {
+impl<T: PeerTransport> LinkTask<T> {
     async fn run(&mut self) {
         loop {
             let replica = self.ctx.replica.clone();
@@ -388,6 +398,7 @@ impl LinkTask {
 
     async fn hello(&mut self) -> Flow {
         let result = tokio::select! {
+            biased;
             _ = self.cancel.cancelled() => return Flow::Stop,
             result = self.transport.hello(&self.ctx.me) => result,
         };
@@ -427,6 +438,7 @@ impl LinkTask {
         let started = Instant::now();
         debug!(%peer, epoch = epoch.epoch, entries = epoch.records.len(), up_to = epoch.last_hlc, "sending an epoch");
         let result = tokio::select! {
+            biased;
             _ = self.cancel.cancelled() => return Flow::Stop,
             result = self.transport.send(protocol, &self.ctx.me, &epoch) => result,
         };
@@ -502,6 +514,7 @@ impl LinkTask {
         changed: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Flow {
         tokio::select! {
+            biased;
             _ = self.cancel.cancelled() => return Flow::Stop,
             _ = self.ctx.drain.cancelled(), if !self.ctx.drain.is_cancelled() => {}
             _ = tokio::time::sleep_until(until) => {}

@@ -24,6 +24,46 @@ use crate::proto::podcache::{self as pb, HelloRequest, replica_client::ReplicaCl
 use crate::proto::{Preencoded, ReplicateBatch};
 use crate::replica::changes::Taken;
 
+/// What a link asks of its peer: the seam between a link's task
+/// ([`super::peer_link`]) and the network. Production passes [`Transport`]
+/// (tonic over the peer's channel); the protocol's simulation
+/// (`super::sim`, in the tests) passes a simulated network that delays,
+/// drops, duplicates and partitions.
+pub(crate) trait PeerTransport: Send {
+    /// Asks the peer who it is.
+    fn hello(
+        &mut self,
+        me: &pb::NodeInfo,
+    ) -> impl Future<Output = Result<pb::HelloResponse, ReplicationError>> + Send;
+
+    /// Sends every record of `epoch` the way `protocol` says; `Ok` only
+    /// once the peer applied the whole epoch.
+    fn send(
+        &mut self,
+        protocol: Protocol,
+        me: &pb::NodeInfo,
+        epoch: &Taken,
+    ) -> impl Future<Output = Result<Sent, ReplicationError>> + Send;
+}
+
+impl PeerTransport for Transport {
+    fn hello(
+        &mut self,
+        me: &pb::NodeInfo,
+    ) -> impl Future<Output = Result<pb::HelloResponse, ReplicationError>> + Send {
+        Transport::hello(self, me)
+    }
+
+    fn send(
+        &mut self,
+        protocol: Protocol,
+        me: &pb::NodeInfo,
+        epoch: &Taken,
+    ) -> impl Future<Output = Result<Sent, ReplicationError>> + Send {
+        Transport::send(self, protocol, me, epoch)
+    }
+}
+
 /// What sending an epoch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Sent {
