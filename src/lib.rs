@@ -33,12 +33,16 @@
 //! value is checked against it; the store stamps a
 //! new version and stores it, and under the same lock it goes into the
 //! open epoch of the change index → watchers see it → each peer link,
-//! woken, seals the epoch its cursor points at and sends it with
+//! woken (its state machine, `replication::link`, says when and which
+//! way), seals the epoch its cursor points at and sends it through its
+//! transport (`replication::transport::PeerTransport`: tonic in
+//! production, a simulated network in the protocol's simulation) with
 //! `podcache.v1.Replica/ReplicateStream` (or the original
-//! `hellorpc.Sync/Set` to a peer that only knows that) → the peer applies
-//! the whole epoch at once, by version, and does not forward it again →
-//! the link acknowledges the epoch in the index, which answers
-//! `?wait=all`.
+//! `hellorpc.Sync/Set` to a peer that only knows that) → the peer holds
+//! the epoch's requests until its last (`replication::assembly`), applies
+//! the whole epoch at once, by version, answers once it is on its disk as
+//! its `--fsync` promises, and does not forward it again → the link
+//! acknowledges the epoch in the index, which answers `?wait=all`.
 //!
 //! A conditional write (`If-Match`, `If-None-Match: *`, a batch with
 //! expectations) takes one more step first: the replica that took it
