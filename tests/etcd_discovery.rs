@@ -492,10 +492,12 @@ async fn v2_lists_again_when_its_wait_index_was_cleared() {
     let sim = PodSimulator::v2(&etcd.client_url()).expect("v2 sim");
     let now = podcache::node::unix_ms() as i64;
     sim.put(&pod("a", "127.0.0.2", now)).await.expect("put");
-    let mut running = run(
-        v2(&etcd).with_list_watch_gap(Duration::from_secs(3)),
-        "127.0.0.1",
-    );
+    // The gap must outlast the 1,011 puts below, or the watch starts
+    // before the index is cleared and sees the change without a relist
+    // (3 s was too short on a loaded CI machine: the test failed once).
+    let gap = Duration::from_secs(10);
+    let started = tokio::time::Instant::now();
+    let mut running = run(v2(&etcd).with_list_watch_gap(gap), "127.0.0.1");
     running
         .wait_peers(&["127.0.0.2:9090"], Duration::from_secs(10))
         .await;
@@ -509,10 +511,15 @@ async fn v2_lists_again_when_its_wait_index_was_cleared() {
             .await
             .expect("put");
     }
+    assert!(
+        started.elapsed() < gap,
+        "the puts took {:?}, past the list-watch gap of {gap:?}: the test proves nothing",
+        started.elapsed()
+    );
     running
         .wait_peers(
             &["127.0.0.2:9090", "127.0.0.3:9090"],
-            Duration::from_secs(10),
+            Duration::from_secs(20),
         )
         .await;
     let metrics = running.metrics.render();
