@@ -787,6 +787,24 @@ async fn decider_of(specs: &[common::process::ServeSpec], i: usize) -> Option<us
     specs.iter().position(|s| s.grpc() == addr)
 }
 
+/// Node `i` has a link to node `peer` (a node forwards a conditional
+/// write only to a decider it has a link to).
+async fn links_to(specs: &[common::process::ServeSpec], i: usize, peer: usize) -> bool {
+    if i == peer {
+        return true;
+    }
+    let Ok(answer) = specs[i].client().get("/v1/cluster").await else {
+        return false;
+    };
+    let view = answer.json();
+    let addr = specs[peer].grpc();
+    view["peers"].as_array().is_some_and(|peers| {
+        peers
+            .iter()
+            .any(|p| p["grpc_addr"].as_str() == Some(addr.as_str()))
+    })
+}
+
 /// One client: read the counter on a random node, then compare-and-set
 /// it to one more, until `until`.
 async fn register_client(
@@ -902,7 +920,17 @@ async fn cas_register(fault: DeciderFault) {
                 for i in 0..specs.len() {
                     seen.push(decider_of(specs, i).await);
                 }
-                seen[0].is_some() && seen.iter().all(|d| *d == seen[0])
+                let Some(decider) = seen[0].filter(|_| seen.iter().all(|d| *d == seen[0])) else {
+                    return false;
+                };
+                // Discovery may name the decider before every node has a
+                // link to it (the create below was refused once so).
+                for i in 0..specs.len() {
+                    if !links_to(specs, i, decider).await {
+                        return false;
+                    }
+                }
+                true
             }
         },
     )
