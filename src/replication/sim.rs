@@ -56,24 +56,15 @@ use crate::store::Change;
 /// The one type the simulation writes.
 const TY: i32 = 1;
 
-/// splitmix64: a fixed sequence per seed.
-#[derive(Debug)]
-struct Rng(u64);
+/// The durability work's generator (splitmix64): a fixed sequence per
+/// seed. `chance(p)` is true `p` times in a hundred.
+type Rng = crate::durability::sim::SimRng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+trait Chance {
+    fn chance(&mut self, percent: u64) -> bool;
+}
 
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    /// True `percent` times in a hundred.
+impl Chance for Rng {
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
@@ -280,7 +271,7 @@ fn config(i: usize) -> NodeConfig {
 }
 
 async fn simulate(seed: u64, n: usize, writes: usize) -> Result<(), String> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let faults = Faults {
         drop: rng.below(20),
         lose_answer: rng.below(20),
@@ -308,7 +299,7 @@ async fn simulate(seed: u64, n: usize, writes: usize) -> Result<(), String> {
         })
         .collect();
     let net = Arc::new(SimNet {
-        rng: Mutex::new(Rng(rng.next())),
+        rng: Mutex::new(Rng::new(rng.next_u64())),
         faults,
         cut: Mutex::new(BTreeSet::new()),
         nodes: nodes.clone(),
@@ -364,7 +355,7 @@ async fn simulate(seed: u64, n: usize, writes: usize) -> Result<(), String> {
     // peer; meanwhile the network partitions and heals.
     let mut writers = Vec::new();
     for (writer, replica) in nodes.iter().enumerate() {
-        let mut dice = Rng(rng.next());
+        let mut dice = Rng::new(rng.next_u64());
         let replica = replica.clone();
         let net = net.clone();
         writers.push(tokio::spawn(async move {
@@ -421,7 +412,7 @@ async fn simulate(seed: u64, n: usize, writes: usize) -> Result<(), String> {
             }
         }));
     }
-    let mut chaos = Rng(rng.next());
+    let mut chaos = Rng::new(rng.next_u64());
     while writers.iter().any(|w| !w.is_finished()) {
         tokio::time::sleep(Duration::from_millis(chaos.below(200))).await;
         let (a, b) = (
