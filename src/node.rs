@@ -37,7 +37,7 @@ use crate::discovery::{Discovery, DiscoveryContext, DiscoveryState, PeerSet};
 use crate::metrics::Metrics;
 use crate::replica::Replica;
 use crate::replication::Replicator;
-use crate::replication::bootstrap::run_bootstrap;
+use crate::replication::bootstrap::get_state;
 use crate::rpc::RpcContext;
 use crate::store::StoreError;
 
@@ -298,7 +298,6 @@ impl NodeBuilder {
         tracker.spawn(bootstrap_then_ready(
             replica.clone(),
             replicator.clone(),
-            tls.clone(),
             peers_rx,
             health.clone(),
             cancel.clone(),
@@ -342,9 +341,10 @@ impl NodeBuilder {
                 move || tls.reload_if_changed(),
             ));
         }
+        let peers = replicator.clone();
         tracker.spawn(crate::replication::anti_entropy::anti_entropy_loop(
             replica.clone(),
-            replicator.clone(),
+            move || peers.targets(),
             repair_rx,
             cancel.clone(),
         ));
@@ -420,7 +420,6 @@ async fn membership_loop(
 async fn bootstrap_then_ready(
     replica: Arc<Replica>,
     replicator: Arc<Replicator>,
-    tls: Option<Arc<crate::tls::PeerTls>>,
     mut peers_rx: watch::Receiver<PeerSet>,
     health: tonic_health::server::HealthReporter,
     cancel: CancellationToken,
@@ -432,32 +431,16 @@ async fn bootstrap_then_ready(
             Err(_) => return,
         },
     };
-    let report = if replica.loaded_from_disk() > 0 {
+    let targets = || {
+        // Anti-entropy's peers are the links: make them now.
         replicator.update_peers(&peers);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            report = crate::replication::anti_entropy::join(&replica, &replicator) => report,
-        }
-    } else {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            report = run_bootstrap(&replica, tls.as_ref(), &peers, replicator.selves()) => report,
-        }
+        replicator.targets()
     };
-    replica
-        .metrics
-        .bootstrap_seconds
-        .observe(report.duration.as_secs_f64());
-    replica.metrics.bootstrap_entries.inc_by(report.entries);
-    // A node that came back with its own state and reached no peer keeps
-    // the time of its last sync as saved: if that is older than the
-    // tombstone grace it is stale, and resyncs before it is trusted.
-    let reached = report.source.is_some() || peers.is_empty();
-    replica.set_bootstrap_report(report);
-    if replica.loaded_from_disk() == 0 || reached {
-        replica.synced(unix_ms());
+    let connect = |addr: &str| replicator.connect(addr);
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        () = get_state(&replica, &peers, replicator.selves(), targets, connect) => {}
     }
-    replica.set_ready(true);
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;

@@ -7,23 +7,20 @@
 //! already serving, and every chunk is merged by version, so a newer entry
 //! received meanwhile is never overwritten by the older copy in the chunk.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use futures_util::future::join_all;
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use super::error::{Call, ReplicationError, within};
+use super::Target;
+use super::error::{Call, ReplicationError};
+use super::exchange::{SnapshotChunks, StatePeer};
 use super::oldest::{Age, seniority};
-use super::peer_channel;
 use crate::discovery::Peer;
-use crate::proto::hellorpc::{SyncRequest, sync_client::SyncClient};
-use crate::proto::podcache::{
-    self as pb, HelloRequest, SnapshotRequest, replica_client::ReplicaClient,
-};
+use crate::identity::unix_ms;
+use crate::proto::podcache::{self as pb, SnapshotRequest};
 use crate::proto::{records_from_wire, wire_size};
 pub use crate::replica::BootstrapReport;
 use crate::replica::Replica;
@@ -31,15 +28,15 @@ use crate::store::{Record, Version};
 
 /// A peer considered as bootstrap source.
 #[derive(Debug)]
-struct Candidate {
+struct Candidate<P> {
     peer: Peer,
-    channel: Channel,
+    calls: P,
     /// The peer's answer to Hello; None for a legacy peer.
     info: Option<pb::NodeInfo>,
     ready: bool,
 }
 
-impl Candidate {
+impl<P> Candidate<P> {
     /// Sort key: ready podcache peers first, then podcache peers still
     /// bootstrapping, then legacy peers (whose age is unknown unless
     /// discovery knew it); within each, oldest first by the one seniority
@@ -60,12 +57,47 @@ impl Candidate {
     }
 }
 
-/// Pulls the whole state from the longest-running reachable peer.
-pub(crate) async fn run_bootstrap(
+/// How a starting node gets its state before it reports ready: a node
+/// that loaded its own from the data directory compares digests with every
+/// peer and repairs what differs ([`super::anti_entropy::join`], over
+/// `targets`); any other pulls the whole state from the oldest peer
+/// ([`run_bootstrap`], reaching peers through `connect`). Then it counts as
+/// synced, unless it came back with its own state and reached no peer (it
+/// keeps the time of its last sync as saved: if that is older than the
+/// tombstone grace it is stale, and resyncs before it is trusted), and
+/// reports ready.
+pub(crate) async fn get_state<P: StatePeer>(
     replica: &Replica,
-    tls: Option<&Arc<crate::tls::PeerTls>>,
     peers: &[Peer],
     selves: &super::SelfAddrs,
+    targets: impl FnOnce() -> Vec<Target<P>>,
+    connect: impl Fn(&str) -> Result<P, ReplicationError>,
+) {
+    let report = if replica.loaded_from_disk() > 0 {
+        super::anti_entropy::join(replica, targets()).await
+    } else {
+        run_bootstrap(replica, peers, selves, connect).await
+    };
+    replica
+        .metrics
+        .bootstrap_seconds
+        .observe(report.duration.as_secs_f64());
+    replica.metrics.bootstrap_entries.inc_by(report.entries);
+    let reached = report.source.is_some() || peers.is_empty();
+    replica.set_bootstrap_report(report);
+    if replica.loaded_from_disk() == 0 || reached {
+        replica.synced(unix_ms());
+    }
+    replica.set_ready(true);
+}
+
+/// Pulls the whole state from the longest-running reachable peer, reached
+/// through `connect` (the replicator's clients in production).
+pub(crate) async fn run_bootstrap<P: StatePeer>(
+    replica: &Replica,
+    peers: &[Peer],
+    selves: &super::SelfAddrs,
+    connect: impl Fn(&str) -> Result<P, ReplicationError>,
 ) -> BootstrapReport {
     let started = Instant::now();
     let mut report = BootstrapReport {
@@ -77,8 +109,8 @@ pub(crate) async fn run_bootstrap(
         duration: Duration::ZERO,
         failed_attempts: Vec::new(),
     };
-    let candidates = join_all(peers.iter().map(|peer| probe(replica, tls, peer))).await;
-    let mut candidates: Vec<Candidate> = candidates
+    let candidates = join_all(peers.iter().map(|peer| probe(replica, &connect, peer))).await;
+    let mut candidates: Vec<Candidate<P>> = candidates
         .into_iter()
         .filter_map(|c| match c {
             Ok(c) => Some(c),
@@ -127,9 +159,9 @@ pub(crate) async fn run_bootstrap(
 
 /// Tries the candidates in order until one serves the whole state. Keeps
 /// the ones that were busy (for a retry) and returns whether any was.
-async fn pull_from_first(
+async fn pull_from_first<P: StatePeer>(
     replica: &Replica,
-    candidates: &mut Vec<Candidate>,
+    candidates: &mut Vec<Candidate<P>>,
     report: &mut BootstrapReport,
 ) -> bool {
     let mut busy = Vec::new();
@@ -142,15 +174,13 @@ async fn pull_from_first(
             .or_else(|| candidate.peer.name.clone());
         info!(peer = %addr, name = ?name, "bootstrapping from peer");
         let result = match candidate.info {
-            Some(_) => pull_snapshot(replica, candidate.channel.clone(), report).await,
+            Some(_) => pull_snapshot(replica, &candidate.calls, report).await,
             None => Err(ReplicationError::Unimplemented {
                 call: Call::Snapshot,
             }),
         };
         let result = match result {
-            Err(e) if e.is_unimplemented() => {
-                pull_get_all(replica, candidate.channel.clone(), report).await
-            }
+            Err(e) if e.is_unimplemented() => pull_get_all(replica, &candidate.calls, report).await,
             other => other,
         };
         match result {
@@ -175,36 +205,23 @@ async fn pull_from_first(
     any_busy
 }
 
-async fn probe(
+async fn probe<P: StatePeer>(
     replica: &Replica,
-    tls: Option<&Arc<crate::tls::PeerTls>>,
+    connect: &impl Fn(&str) -> Result<P, ReplicationError>,
     peer: &Peer,
-) -> Result<Candidate, (String, ReplicationError)> {
+) -> Result<Candidate<P>, (String, ReplicationError)> {
     let addr = peer.grpc_addr.clone();
-    let channel = peer_channel(&addr, &replica.config, tls).map_err(|e| (addr.clone(), e))?;
-    let mut client = ReplicaClient::new(channel.clone());
-    let request = HelloRequest {
-        sender: Some(replica.identity.to_wire()),
-    };
-    match within(
-        Call::Hello,
-        replica.config.rpc_timeout,
-        client.hello(request),
-    )
-    .await
-    {
-        Ok(response) => {
-            let response = response.into_inner();
-            Ok(Candidate {
-                peer: peer.clone(),
-                channel,
-                info: response.node,
-                ready: response.ready,
-            })
-        }
+    let calls = connect(&addr).map_err(|e| (addr.clone(), e))?;
+    match calls.hello(&replica.identity.to_wire()).await {
+        Ok(response) => Ok(Candidate {
+            peer: peer.clone(),
+            calls,
+            info: response.node,
+            ready: response.ready,
+        }),
         Err(e) if e.is_unimplemented() => Ok(Candidate {
             peer: peer.clone(),
-            channel,
+            calls,
             info: None,
             ready: true,
         }),
@@ -214,20 +231,14 @@ async fn probe(
 
 async fn pull_snapshot(
     replica: &Replica,
-    channel: Channel,
+    peer: &impl StatePeer,
     report: &mut BootstrapReport,
 ) -> Result<&'static str, ReplicationError> {
-    let config = &replica.config;
-    let mut client =
-        ReplicaClient::new(channel).max_decoding_message_size(config.max_grpc_message_bytes);
     let request = SnapshotRequest {
         sender: Some(replica.identity.to_wire()),
-        max_chunk_bytes: config.snapshot_chunk_bytes as u32,
+        max_chunk_bytes: replica.config.snapshot_chunk_bytes as u32,
     };
-    let timeout = config.rpc_timeout;
-    let mut stream = within(Call::Snapshot, timeout, client.snapshot(request))
-        .await?
-        .into_inner();
+    let mut chunks = peer.snapshot(request).await?;
     let metrics = &replica.metrics;
     let mut total = None;
     let mut received = 0u64;
@@ -235,7 +246,7 @@ async fn pull_snapshot(
     let mut last_log = Instant::now();
     // Each chunk must arrive within the RPC timeout; the whole stream may
     // take as long as the state needs.
-    while let Some(chunk) = within(Call::Snapshot, timeout, stream.message()).await? {
+    while let Some(chunk) = chunks.next().await? {
         if total.is_none() {
             total = Some(chunk.total_entries);
             metrics
@@ -281,18 +292,10 @@ async fn pull_snapshot(
 /// any versioned write (received meanwhile or later) wins over them.
 async fn pull_get_all(
     replica: &Replica,
-    channel: Channel,
+    peer: &impl StatePeer,
     report: &mut BootstrapReport,
 ) -> Result<&'static str, ReplicationError> {
-    let mut client =
-        SyncClient::new(channel).max_decoding_message_size(replica.config.max_grpc_message_bytes);
-    let response = within(
-        Call::GetAll,
-        replica.config.rpc_timeout,
-        client.get_all(SyncRequest { data: Vec::new() }),
-    )
-    .await?
-    .into_inner();
+    let response = peer.get_all().await?;
     let node = replica.identity.node_id;
     for data in response.data {
         let records: Vec<Record> = data

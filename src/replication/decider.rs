@@ -446,19 +446,14 @@ impl Decider {
         name: &str,
         addr: &str,
     ) -> Result<Decided, Refusal> {
-        let Some(target) = self
-            .replicator
-            .targets()
-            .into_iter()
-            .find(|t| t.addr == addr)
-        else {
+        let Some(channel) = self.replicator.channel_of(addr) else {
             return Err(Refusal::NoDecider(format!(
                 "the decider {name} ({addr}) is not a peer this node knows"
             )));
         };
         let config = &self.replica.config;
         let max = config.max_grpc_message_bytes;
-        let mut client = ReplicaClient::new(target.channel)
+        let mut client = ReplicaClient::new(channel)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let request = to_wire(&write, self.replica.identity.to_wire());
@@ -516,7 +511,8 @@ async fn catch_up_loop(
                 .unwrap_or_else(PoisonError::into_inner) = None;
             if let Some(term) = term {
                 info!("decider: catching up with every peer before deciding");
-                let report = super::anti_entropy::join(&decider.replica, &decider.replicator).await;
+                let report =
+                    super::anti_entropy::join(&decider.replica, decider.replicator.targets()).await;
                 info!(
                     repaired = report.entries,
                     "decider: caught up; deciding conditional writes"

@@ -13,12 +13,14 @@
 //! decides), membership (discovery decides; `Replicator::update_peers`
 //! only follows it).
 
+pub(crate) mod answer;
 pub mod anti_entropy;
 pub(crate) mod assembly;
 pub(crate) mod batch;
 pub mod bootstrap;
 pub mod decider;
 pub mod error;
+pub(crate) mod exchange;
 pub(crate) mod link;
 pub mod oldest;
 mod peer_link;
@@ -54,11 +56,12 @@ struct Link {
     channel: Channel,
 }
 
-/// A peer as anti-entropy sees it.
+/// A peer as anti-entropy sees it: its address, the calls of the state
+/// exchanges ([`exchange::StateClient`] in production) and its link's state.
 #[derive(Debug, Clone)]
-pub(crate) struct Target {
+pub(crate) struct Target<P = exchange::StateClient> {
     pub(crate) addr: String,
-    pub(crate) channel: Channel,
+    pub(crate) peer: P,
     pub(crate) state: Arc<PeerState>,
 }
 
@@ -294,6 +297,28 @@ impl Replicator {
         &self.ctx.selves
     }
 
+    /// The exchanges' clients over a peer's channel.
+    fn state_client(&self, channel: Channel) -> exchange::StateClient {
+        let config = &self.ctx.replica.config;
+        exchange::StateClient::new(channel, config.max_grpc_message_bytes, config.rpc_timeout)
+    }
+
+    /// The exchanges' clients for a peer this node has no link to yet (the
+    /// bootstrap pull's candidates).
+    pub(crate) fn connect(&self, addr: &str) -> Result<exchange::StateClient, ReplicationError> {
+        let channel = peer_channel(addr, &self.ctx.replica.config, self.tls.as_ref())?;
+        Ok(self.state_client(channel))
+    }
+
+    /// The channel of the link to `addr`, if this node has one (and it is
+    /// not this node itself).
+    pub(crate) fn channel_of(&self, addr: &str) -> Option<Channel> {
+        if self.ctx.selves.contains(addr) {
+            return None;
+        }
+        self.links().get(addr).map(|link| link.channel.clone())
+    }
+
     /// Every peer with its channel, for anti-entropy.
     pub(crate) fn targets(&self) -> Vec<Target> {
         self.links()
@@ -301,7 +326,7 @@ impl Replicator {
             .filter(|(addr, _)| !self.ctx.selves.contains(addr))
             .map(|(addr, link)| Target {
                 addr: addr.clone(),
-                channel: link.channel.clone(),
+                peer: self.state_client(link.channel.clone()),
                 state: link.state.clone(),
             })
             .collect()

@@ -33,13 +33,11 @@ use crate::proto::podcache::{
     RepairRequest, RepairResponse, ReplicateRequest, ReplicateResponse, SnapshotChunk,
     SnapshotRequest,
 };
-use crate::proto::{
-    FILE_DESCRIPTOR_SET, record_from_wire, record_to_wire, records_from_wire, wire_size,
-};
+use crate::proto::{FILE_DESCRIPTOR_SET, records_from_wire};
 use crate::replica::Change;
 use crate::replica::Replica;
+use crate::replication::answer;
 use crate::replication::assembly::{Assembly, Released};
-use crate::store::digest;
 use crate::store::{PEER_HEADROOM, StoreError};
 
 impl From<crate::replica::WriteError> for Status {
@@ -272,20 +270,6 @@ struct ReplicaService {
     ctx: RpcContext,
 }
 
-impl ReplicaService {
-    /// A node cut off for longer than the tombstone grace may hold entries
-    /// deleted (and purged) elsewhere: it takes no part in anti-entropy
-    /// until it has resynced, so it cannot spread them back.
-    fn refuse_while_stale(&self) -> Result<(), Status> {
-        if self.ctx.replica.is_stale(unix_ms()) {
-            return Err(Status::failed_precondition(
-                "this node was cut off longer than the tombstone grace and is resyncing",
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// Sets the gauge of snapshots being served when one ends.
 struct ServingGauge {
     metrics: Arc<crate::metrics::Metrics>,
@@ -393,12 +377,7 @@ impl ReplicaRpc for ReplicaService {
         if let Some(sender) = request.into_inner().sender {
             debug!(peer = %sender.name, addr = %sender.grpc_addr, "hello");
         }
-        let replica = &self.ctx.replica;
-        Ok(Response::new(HelloResponse {
-            node: Some(replica.identity.to_wire()),
-            ready: replica.is_ready(),
-            stale: replica.is_stale(unix_ms()),
-        }))
+        Ok(Response::new(answer::hello(&self.ctx.replica)))
     }
 
     async fn replicate(
@@ -448,85 +427,14 @@ impl ReplicaRpc for ReplicaService {
         &self,
         request: Request<DigestRequest>,
     ) -> Result<Response<DigestResponse>, Status> {
-        let request = request.into_inner();
-        if request.sender.is_none() {
-            return Err(Status::invalid_argument(
-                "digest: the sender must name itself",
-            ));
-        }
-        self.refuse_while_stale()?;
-        let buckets = self.ctx.replica.store.digest();
-        if digest::root(&buckets) == request.root {
-            return Ok(Response::new(DigestResponse {
-                equal: true,
-                buckets: Vec::new(),
-            }));
-        }
-        Ok(Response::new(DigestResponse {
-            equal: false,
-            buckets,
-        }))
+        answer::digest(&self.ctx.replica, request.get_ref()).map(Response::new)
     }
 
     async fn repair(
         &self,
         request: Request<RepairRequest>,
     ) -> Result<Response<RepairResponse>, Status> {
-        let request = request.into_inner();
-        let Some(sender) = request.sender else {
-            return Err(Status::invalid_argument(
-                "repair: the sender must name itself",
-            ));
-        };
-        self.refuse_while_stale()?;
-        if request.buckets.len() > digest::BUCKETS
-            || request
-                .buckets
-                .iter()
-                .any(|b| *b as usize >= digest::BUCKETS)
-        {
-            return Err(Status::invalid_argument(format!(
-                "repair: buckets must be fewer than {} and below it",
-                digest::BUCKETS
-            )));
-        }
-        let buckets: std::collections::HashSet<u32> = request.buckets.iter().copied().collect();
-        let mut records = Vec::with_capacity(request.entries.len());
-        for entry in request.entries {
-            let record = record_from_wire(entry);
-            // Entries outside the named buckets have no business here.
-            if !buckets.contains(&(digest::bucket_of(record.ty, record.key().as_bytes()) as u32)) {
-                return Err(Status::invalid_argument(
-                    "repair: an entry lies outside the buckets being repaired",
-                ));
-            }
-            records.push(record);
-        }
-        // What the peer sent (shared with the merge below, not copied).
-        let sent = records.clone();
-        let theirs: HashMap<(i32, &str), crate::store::Version> = sent
-            .iter()
-            .map(|r| ((r.ty, r.key()), r.entry.version()))
-            .collect();
-        let replica = &self.ctx.replica;
-        let outcome = replica.apply_remote(records, "anti_entropy").outcome;
-        let mine = replica.store.bucket_records(&request.buckets);
-        let horizon = replica.purge_horizon(unix_ms());
-        let entries: Vec<_> = mine
-            .iter()
-            .filter(|r| {
-                theirs
-                    .get(&(r.ty, r.key()))
-                    .is_none_or(|v| *v < r.entry.version())
-            })
-            .filter(|r| !crate::store::is_purgeable(&r.entry, horizon))
-            .map(record_to_wire)
-            .collect();
-        debug!(peer = %sender.name, sent = entries.len(), applied = outcome.applied.len(), "repair");
-        Ok(Response::new(RepairResponse {
-            entries,
-            applied: outcome.applied.len() as u32,
-        }))
+        answer::repair(&self.ctx.replica, request.into_inner()).map(Response::new)
     }
 
     type SnapshotStream = ChunkStream;
@@ -540,16 +448,7 @@ impl ReplicaRpc for ReplicaService {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let request = request.into_inner();
         let config = &self.ctx.replica.config;
-        let chunk_bytes = match request.max_chunk_bytes as usize {
-            0 => config.snapshot_chunk_bytes,
-            asked => asked.clamp(64 * 1024, config.max_grpc_message_bytes / 2),
-        };
-        // A node still getting its own state would hand out part of it.
-        if !self.ctx.replica.is_ready() {
-            return Err(Status::unavailable(
-                "this node is still getting its own state; pull from a ready peer",
-            ));
-        }
+        let chunk_bytes = answer::snapshot_chunk_bytes(&self.ctx.replica, request.max_chunk_bytes)?;
         // A bounded number at once: when many nodes start together they do
         // not all pull from the oldest; the others are sent elsewhere.
         let metrics = self.ctx.replica.metrics.clone();
@@ -580,31 +479,10 @@ impl ReplicaRpc for ReplicaService {
                 snapshots,
                 limit,
             };
-            let total = records.len() as u64;
-            let mut chunk = SnapshotChunk {
-                entries: Vec::new(),
-                total_entries: total,
-            };
-            let mut bytes = 0;
-            for record in &records {
-                bytes += wire_size(record);
-                chunk.entries.push(record_to_wire(record));
-                if bytes >= chunk_bytes {
-                    let full = std::mem::replace(
-                        &mut chunk,
-                        SnapshotChunk {
-                            entries: Vec::new(),
-                            total_entries: 0,
-                        },
-                    );
-                    bytes = 0;
-                    if chunk_tx.send(Ok(full)).await.is_err() {
-                        return; // the caller went away
-                    }
+            for chunk in answer::Chunks::new(records, chunk_bytes) {
+                if chunk_tx.send(Ok(chunk)).await.is_err() {
+                    return; // the caller went away
                 }
-            }
-            if !chunk.entries.is_empty() || total == 0 {
-                let _ = chunk_tx.send(Ok(chunk)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(chunk_rx))))

@@ -25,18 +25,16 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use self::plan::{Comparison, Plan};
-use super::error::{Call, ReplicationError, within};
+use super::Target;
+use super::error::ReplicationError;
+use super::exchange::{SnapshotChunks, StatePeer};
 use super::oldest::{Age, seniority};
-use super::{Replicator, Target};
 use crate::identity::unix_ms;
 use crate::metrics::label;
-use crate::proto::podcache::{
-    DigestRequest, HelloRequest, RepairRequest, SnapshotRequest, replica_client::ReplicaClient,
-};
+use crate::proto::podcache::{DigestRequest, RepairRequest, SnapshotRequest};
 use crate::proto::{record_to_wire, records_from_wire, wire_size};
 use crate::replica::Replica;
 use crate::store::{Record, digest};
@@ -51,10 +49,11 @@ enum Exchanged {
     LeftBusy(u64),
 }
 
-/// Runs anti-entropy until cancelled.
-pub(crate) async fn anti_entropy_loop(
+/// Runs anti-entropy until cancelled, with the peers `targets` names at
+/// each round (the replicator's links in production).
+pub(crate) async fn anti_entropy_loop<P: StatePeer>(
     replica: Arc<Replica>,
-    replicator: Arc<Replicator>,
+    targets: impl Fn() -> Vec<Target<P>> + Send,
     mut repair_rx: mpsc::Receiver<String>,
     cancel: CancellationToken,
 ) {
@@ -66,6 +65,8 @@ pub(crate) async fn anti_entropy_loop(
     let mut rounds = 0u64;
     loop {
         let only = tokio::select! {
+            // Cancel first, then in order: a simulated run replays.
+            biased;
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {
                 next = tokio::time::Instant::now() + interval;
@@ -76,8 +77,7 @@ pub(crate) async fn anti_entropy_loop(
         if !replica.is_ready() {
             continue;
         }
-        let mut targets: Vec<Target> = replicator
-            .targets()
+        let mut targets: Vec<Target<P>> = targets()
             .into_iter()
             .filter(|t| only.as_ref().is_none_or(|addr| *addr == t.addr))
             .collect();
@@ -108,6 +108,7 @@ pub(crate) async fn anti_entropy_loop(
         }
         if replica.is_stale(unix_ms()) {
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => return,
                 _ = resync(&replica, &targets) => {}
             }
@@ -117,6 +118,7 @@ pub(crate) async fn anti_entropy_loop(
         // a round succeeds: that start is the time of the last full sync.
         let started = unix_ms();
         let results = tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
             results = join_all(targets.iter().map(|t| round(&replica, t))) => results,
         };
@@ -133,12 +135,11 @@ pub(crate) async fn anti_entropy_loop(
 /// older than the tombstone grace resyncs in full instead (see `resync`).
 /// Peers that are not ready (all of them, when the whole cluster restarts)
 /// are left to the regular rounds once everyone is ready.
-pub(crate) async fn join(
+pub(crate) async fn join<P: StatePeer>(
     replica: &Replica,
-    replicator: &Replicator,
+    targets: Vec<Target<P>>,
 ) -> crate::replica::BootstrapReport {
     let started = tokio::time::Instant::now();
-    let targets = replicator.targets();
     let repaired_before = replica.metrics.anti_entropy_repaired.get();
     let mut synced = Vec::new();
     if replica.is_stale(unix_ms()) {
@@ -168,24 +169,12 @@ pub(crate) async fn join(
     }
 }
 
-fn client(replica: &Replica, channel: &Channel) -> ReplicaClient<Channel> {
-    let max = replica.config.max_grpc_message_bytes;
-    ReplicaClient::new(channel.clone())
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
-}
-
 /// One exchange with one peer; true when the two are known to be in sync
 /// afterwards (as of the exchange).
-async fn round(replica: &Replica, target: &Target) -> bool {
-    let mut client = client(replica, &target.channel);
-    let timeout = replica.config.rpc_timeout;
+async fn round<P: StatePeer>(replica: &Replica, target: &Target<P>) -> bool {
     // Who is the peer now (and is it stale itself)?
-    let request = HelloRequest {
-        sender: Some(replica.identity.to_wire()),
-    };
-    let hello = match within(Call::Hello, timeout, client.hello(request)).await {
-        Ok(response) => response.into_inner(),
+    let hello = match target.peer.hello(&replica.identity.to_wire()).await {
+        Ok(hello) => hello,
         // A peer that speaks only the original protocol has no digest.
         Err(e) if e.is_unimplemented() => return count(replica, "skipped", false),
         Err(error) => {
@@ -200,7 +189,7 @@ async fn round(replica: &Replica, target: &Target) -> bool {
         // It resyncs (or bootstraps) first; its state is not to be trusted.
         return count(replica, "skipped", false);
     }
-    match exchange(replica, &mut client, target).await {
+    match exchange(replica, target).await {
         Ok(Exchanged::Repaired(0)) => count(replica, "equal", true),
         Ok(Exchanged::Repaired(repaired)) => {
             replica.metrics.anti_entropy_repaired.inc_by(repaired);
@@ -232,38 +221,31 @@ fn count(replica: &Replica, result: &'static str, ok: bool) -> bool {
 /// are equal.
 async fn compare(
     replica: &Replica,
-    client: &mut ReplicaClient<Channel>,
+    peer: &impl StatePeer,
 ) -> Result<(Vec<u64>, Option<Vec<u64>>), ReplicationError> {
     let mine = replica.store.digest();
     let request = DigestRequest {
         sender: Some(replica.identity.to_wire()),
         root: digest::root(&mine),
     };
-    let answer = within(
-        Call::Digest,
-        replica.config.rpc_timeout,
-        client.digest(request),
-    )
-    .await?
-    .into_inner();
+    let answer = peer.digest(request).await?;
     Ok((mine, (!answer.equal).then_some(answer.buckets)))
 }
 
 /// Digest twice, a settle time apart, then repair of the buckets the plan
 /// names.
-async fn exchange(
+async fn exchange<P: StatePeer>(
     replica: &Replica,
-    client: &mut ReplicaClient<Channel>,
-    target: &Target,
+    target: &Target<P>,
 ) -> Result<Exchanged, ReplicationError> {
     let busy_rounds = &target.state.busy_rounds;
-    let (mine_before, Some(theirs_before)) = compare(replica, client).await? else {
+    let (mine_before, Some(theirs_before)) = compare(replica, &target.peer).await? else {
         busy_rounds.store(0, Ordering::Relaxed);
         return Ok(Exchanged::Repaired(0));
     };
     let settle = (replica.config.anti_entropy_interval / 4).min(Duration::from_millis(500));
     tokio::time::sleep(settle).await;
-    let (mine, Some(theirs)) = compare(replica, client).await? else {
+    let (mine, Some(theirs)) = compare(replica, &target.peer).await? else {
         busy_rounds.store(0, Ordering::Relaxed);
         return Ok(Exchanged::Repaired(0));
     };
@@ -342,14 +324,8 @@ async fn exchange(
             buckets,
             entries: records.iter().map(record_to_wire).collect(),
         };
-        let response = match within(
-            Call::Repair,
-            replica.config.rpc_timeout,
-            client.repair(request),
-        )
-        .await
-        {
-            Ok(response) => response.into_inner(),
+        let response = match target.peer.repair(request).await {
+            Ok(response) => response,
             Err(error) => {
                 // What earlier requests of the round brought is kept.
                 replica.apply_remote(theirs, "anti_entropy");
@@ -385,24 +361,16 @@ async fn exchange(
 /// contact (it saw every delete since) and is not stale itself. If no peer
 /// qualifies and none is older than this node, this node vouches for its
 /// own state (logged): someone has to be the reference.
-async fn resync(replica: &Replica, targets: &[Target]) {
+async fn resync<P: StatePeer>(replica: &Replica, targets: &[Target<P>]) {
     let last_sync = replica.last_full_sync_ms() as i64;
-    let timeout = replica.config.rpc_timeout;
+    let sender = replica.identity.to_wire();
     let hellos = join_all(targets.iter().map(|t| {
-        let mut client = ReplicaClient::new(t.channel.clone());
-        let request = HelloRequest {
-            sender: Some(replica.identity.to_wire()),
-        };
-        async move {
-            match within(Call::Hello, timeout, client.hello(request)).await {
-                Ok(answer) => Some((t, answer.into_inner())),
-                Err(_) => None,
-            }
-        }
+        let sender = &sender;
+        async move { t.peer.hello(sender).await.ok().map(|answer| (t, answer)) }
     }))
     .await;
     let answered: Vec<_> = hellos.into_iter().flatten().collect();
-    let age = |t: &Target, node: &crate::proto::podcache::NodeInfo| {
+    let age = |t: &Target<P>, node: &crate::proto::podcache::NodeInfo| {
         let (discovered, _) = t.state.ages();
         seniority(&Age {
             discovered_ms: discovered,
@@ -438,9 +406,8 @@ async fn resync(replica: &Replica, targets: &[Target]) {
         return;
     };
     info!(peer = %target.addr, "cut off past the tombstone grace; resyncing in full");
-    let mut client = client(replica, &target.channel);
     let resync_started = unix_ms();
-    match full_resync(replica, &mut client).await {
+    match full_resync(replica, &target.peer).await {
         Ok((dropped, applied)) => {
             replica.metrics.full_resyncs.inc();
             info!(peer = %target.addr, dropped, applied, "full resync done");
@@ -461,18 +428,15 @@ async fn resync(replica: &Replica, targets: &[Target]) {
 /// the next anti-entropy round.
 async fn full_resync(
     replica: &Replica,
-    client: &mut ReplicaClient<Channel>,
+    peer: &impl StatePeer,
 ) -> Result<(usize, usize), ReplicationError> {
-    let timeout = replica.config.rpc_timeout;
     let request = SnapshotRequest {
         sender: Some(replica.identity.to_wire()),
         max_chunk_bytes: replica.config.snapshot_chunk_bytes as u32,
     };
-    let mut stream = within(Call::Snapshot, timeout, client.snapshot(request))
-        .await?
-        .into_inner();
+    let mut chunks = peer.snapshot(request).await?;
     let mut records = Vec::new();
-    while let Some(chunk) = within(Call::Snapshot, timeout, stream.message()).await? {
+    while let Some(chunk) = chunks.next().await? {
         records.extend(records_from_wire(chunk.entries));
     }
     let keep: HashSet<_> = records.iter().map(|r| (r.ty, r.key())).collect();
