@@ -44,6 +44,17 @@
 //! its `--fsync` promises, and does not forward it again → the link
 //! acknowledges the epoch in the index, which answers `?wait=all`.
 //!
+//! What fan-out could not deliver (a peer released after the retention,
+//! writes of a node that crashed before sending them) anti-entropy
+//! repairs: `replication::anti_entropy` compares digests and exchanges the
+//! differing buckets through `replication::exchange::StatePeer` (tonic in
+//! production, the simulated network in the simulation), and the peer
+//! answers with `replication::answer`, merging what it gets through the
+//! same remote write path as fan-out. A starting node gets its state the
+//! same way (`replication::bootstrap::get_state`): a digest join when it
+//! loaded its own from its data directory, else a snapshot of the oldest
+//! peer.
+//!
 //! A conditional write (`If-Match`, `If-None-Match: *`, a batch with
 //! expectations) takes one more step first: the replica that took it
 //! checks limits and the schema, then hands it to

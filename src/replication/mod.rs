@@ -8,7 +8,10 @@
 //! that carry them: `link` (a link's state machine), `batch` (cutting
 //! an epoch into requests), `assembly` (holding a peer's epoch until its
 //! last request), `anti_entropy::plan`, [`oldest`] (which
-//! member has run longest). Must not touch: the merge rule (the store
+//! member has run longest), `answer` (what this node answers to a peer's
+//! exchanges). The network is behind two seams: `transport` for a link,
+//! `exchange` for anti-entropy and the bootstrap pull; the simulation
+//! (`sim`, tests only) runs the protocol over both. Must not touch: the merge rule (the store
 //! decides), what is pending (the change index in [`crate::replica`]
 //! decides), membership (discovery decides; `Replicator::update_peers`
 //! only follows it).
