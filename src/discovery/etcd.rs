@@ -23,7 +23,7 @@ pub struct EtcdDiscovery {
     /// Where etcd is.
     pub settings: EtcdSettings,
     /// Which pods are peers. `self_pod_ip` and `grpc_port` are filled in
-    /// from the node at run time ([`PodFilter::for_node`]).
+    /// from the node at run time (`PodFilter::for_node`).
     pub filter: PodFilter,
     /// A pause between listing and watching; zero except in tests that make
     /// etcd compact the history in that gap.

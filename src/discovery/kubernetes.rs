@@ -6,7 +6,7 @@
 //! Uses kube-rs' `watcher` with its default backoff: a paged list, then a
 //! watch from the list's resourceVersion; a `410 Gone` (the version was
 //! compacted away) makes it list again. The pods it sees go through the same
-//! decoding and peer rule as the etcd sources ([`PodTable`]), so the rule
+//! decoding and peer rule as the etcd sources (`PodTable`), so the rule
 //! lives in one place. Owns only the API connection; must not touch the
 //! store or replication.
 

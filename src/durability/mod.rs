@@ -1,18 +1,18 @@
 //! The data directory (`--data-dir`): what makes a node's state survive a
 //! restart of the whole cluster, a power cut and a failing disk.
 //!
-//! Owns: the files, their locking, format and framing ([`frame`]), the
+//! Owns: the files, their locking, format and framing (`frame`), the
 //! append of every change, `fsync` and the background loop
 //! (`sync_loop.rs`), compaction, and opening with recovery (`open.rs`:
 //! lock, `FORMAT`, the first log; `recover.rs`: reading the files back).
 //! Must not touch: the store's merge rule, the network.
 //! Every file operation goes through [`Storage`]: the real filesystem in
 //! production ([`RealFs`]), a simulated disk that loses what was never
-//! synced in the power-loss search ([`sim`], tests/power_loss.rs). The
+//! synced in the power-loss search (`sim`, tests/power_loss.rs). The
 //! replica calls [`DataDir::append`] inside its store lock for every
 //! change it applies (local writes before applying them, so a refused
 //! append changes nothing; merges from peers right after), and runs
-//! [`durability_loop`] for the background work.
+//! `durability_loop` for the background work.
 //!
 //! # Files
 //! - `FORMAT`: `podcache data directory, format 3`. Format 3 frames

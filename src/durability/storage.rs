@@ -1,6 +1,6 @@
 //! The file work of the data directory, behind one small interface, so
 //! that the same durability code runs on the real filesystem in production
-//! and on a simulated disk ([`super::sim`]) that loses what was never
+//! and on a simulated disk (`super::sim`) that loses what was never
 //! synced, in the power-loss search.
 //!
 //! Owns: the operations the data directory needs of a filesystem, and

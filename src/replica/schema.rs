@@ -13,7 +13,7 @@
 //! draft 2020-12, no remote references, linear-time patterns), the cache
 //! of compiled schemas (keyed by the schema entry's version, so a replica
 //! compiles each version at most once) and the check of a local change's
-//! values ([`Schemas::check`]). Must not touch: the store's merge rule,
+//! values (`Schemas::check`). Must not touch: the store's merge rule,
 //! how the schema entries travel (they are entries like any other), HTTP
 //! or gRPC shapes (the adapters turn [`WriteError`]s into answers).
 
