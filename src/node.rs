@@ -645,13 +645,7 @@ impl NodeHandle {
 
     /// The node's metrics in Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        let peers = self.replicator.peer_views().into_iter();
-        let pending = peers.map(|p| crate::metrics::PeerBacklog {
-            peer: p.grpc_addr,
-            entries: p.pending_entries,
-            bytes: p.pending_bytes,
-        });
-        self.replica.render_metrics(pending.collect())
+        self.replica.render_metrics(self.replicator.backlogs())
     }
 
     /// Graceful shutdown, in order: not ready (and serving on for

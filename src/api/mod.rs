@@ -38,7 +38,7 @@ pub use error::ApiError;
 
 use crate::discovery::PeerSet;
 use crate::identity::unix_ms;
-use crate::metrics::{PeerBacklog, label};
+use crate::metrics::label;
 use crate::replica::{Author, Change, DeliveryReport, Replica, WriteOutcome};
 use crate::replication::Replicator;
 use crate::replication::decider::{Conditional, Decided, Op};
@@ -998,7 +998,7 @@ async fn readyz(State(api): State<Arc<Api>>) -> Result<Json<Value>, ApiError> {
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = crate::metrics::Format::from_accept(accept);
-    let text = api.replica.render_metrics(pending(&api.replicator));
+    let text = api.replica.render_metrics(api.replicator.backlogs());
     let body = match format {
         crate::metrics::Format::OpenMetrics => text,
         crate::metrics::Format::Prometheus => crate::metrics::to_prometheus_text(&text),
@@ -1011,18 +1011,6 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
         body,
     )
         .into_response()
-}
-
-/// What each peer link holds pending, for the gauges of a scrape.
-fn pending(replicator: &Replicator) -> Vec<PeerBacklog> {
-    let views = replicator.peer_views().into_iter();
-    views
-        .map(|p| PeerBacklog {
-            peer: p.grpc_addr,
-            entries: p.pending_entries,
-            bytes: p.pending_bytes,
-        })
-        .collect()
 }
 
 #[cfg(test)]

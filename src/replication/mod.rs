@@ -346,6 +346,18 @@ impl Replicator {
         states.iter().map(|s| s.view(&self.ctx.replica)).collect()
     }
 
+    /// What each link holds pending, for the gauges of a scrape.
+    pub(crate) fn backlogs(&self) -> Vec<crate::metrics::PeerBacklog> {
+        let views = self.peer_views().into_iter();
+        views
+            .map(|p| crate::metrics::PeerBacklog {
+                peer: p.grpc_addr,
+                entries: p.pending_entries,
+                bytes: p.pending_bytes,
+            })
+            .collect()
+    }
+
     /// Shutdown: the links send what is pending until `deadline`, then
     /// stop.
     pub(crate) async fn drain(&self, deadline: tokio::time::Instant) {
