@@ -8,6 +8,23 @@
 //! metrics. Everything here is synchronous and deterministic, so it is
 //! unit-tested without a runtime.
 //!
+//! # Files
+//! - `mod.rs`: the [`Store`] (one lock around the state), its reads and
+//!   its write paths ([`Change`], [`Expect`], merges, loads), the checks of
+//!   one write's key, value, TTL and batch size, and the re-exports: every
+//!   public name is reached as `store::Name`, whichever file holds it.
+//! - `version.rs`: [`Version`] and its text, [`VersionText`].
+//! - `entry.rs`: [`Entry`] and [`Meta`], one stored entry.
+//! - `record.rs`: [`Record`], an entry with its namespace.
+//! - `limits.rs`: [`Limits`], [`StoreError`], [`PEER_HEADROOM`] and the
+//!   check of a namespace's entries and the bytes held against the limits.
+//! - `state.rs`: the map behind the lock (namespaces, the digest's buckets,
+//!   the counts the limits need, the hooks into the history) and the merge
+//!   rule, [`supersedes`].
+//! - `clock.rs`, `digest.rs`, `history.rs`: the hybrid clock, the digest
+//!   of anti-entropy, the superseded versions kept per key.
+//! - `tests.rs`: the unit and property tests.
+//!
 //! # The merge rule
 //! An entry is replaced only by one with a strictly greater [`Version`]
 //! (hybrid timestamp, then writer's node id); between two different
@@ -20,253 +37,26 @@ pub mod clock;
 pub mod digest;
 mod entry;
 mod history;
+mod limits;
+mod record;
+mod state;
+mod version;
 
 /// Most superseded versions a key may keep (`--history-versions`).
 pub const MAX_HISTORY_VERSIONS: usize = history::MAX_VERSIONS;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use hashbrown::HashTable;
-use hashbrown::hash_table::Entry as Slot;
-
 pub use self::entry::{Entry, Meta};
+pub use self::limits::{Limits, PEER_HEADROOM, StoreError};
+pub use self::record::Record;
+pub use self::state::supersedes;
+pub use self::version::{Version, VersionText};
 
-use self::clock::{ClockSkewError, HybridClock, hlc_logical, hlc_ms};
-
-/// Orders writes: the hybrid timestamp first, the writer's node id second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Version {
-    /// Hybrid logical clock value (see [`clock`]).
-    pub hlc: u64,
-    /// Node id of the writer; breaks ties between equal timestamps.
-    pub node: u64,
-}
-
-impl Version {
-    /// The text form, `<wall ms>.<logical>@<node id hex>`, e.g.
-    /// `1764222930123.0@9f3a...`, built on the stack: every answer carries
-    /// one, and `fmt` costs several times more.
-    pub fn text(&self) -> VersionText {
-        let mut text = VersionText {
-            bytes: [0; VersionText::CAPACITY],
-            len: 0,
-        };
-        let mut numbers = itoa::Buffer::new();
-        text.push(numbers.format(hlc_ms(self.hlc)).as_bytes());
-        text.push(b".");
-        text.push(numbers.format(hlc_logical(self.hlc)).as_bytes());
-        text.push(b"@");
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut hex = [0u8; 16];
-        for (i, digit) in hex.iter_mut().enumerate() {
-            *digit = HEX[((self.node >> (60 - 4 * i)) & 0xf) as usize];
-        }
-        text.push(&hex);
-        text
-    }
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.text().as_str())
-    }
-}
-
-/// A [`Version`]'s text, held on the stack.
-#[derive(Clone, Copy)]
-pub struct VersionText {
-    bytes: [u8; Self::CAPACITY],
-    len: usize,
-}
-
-impl VersionText {
-    /// Two 20-digit numbers, `.`, `@` and 16 hex digits fit.
-    const CAPACITY: usize = 64;
-
-    fn push(&mut self, part: &[u8]) {
-        self.bytes[self.len..self.len + part.len()].copy_from_slice(part);
-        self.len += part.len();
-    }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        // Only ASCII digits, '.', '@' and hex digits are ever pushed.
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
-    }
-}
-
-/// A full versioned entry with its address: what travels between nodes
-/// (fan-out, snapshot, merge) and what a change notification carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// Namespace (`SyncData.type`).
-    pub ty: i32,
-    /// Key, value or tombstone, version, expiry.
-    pub entry: Entry,
-}
-
-impl Record {
-    /// A record of `key` in namespace `ty` holding `value`, or a tombstone
-    /// when `value` is `None`.
-    pub fn new(
-        ty: i32,
-        key: &str,
-        value: Option<&str>,
-        version: Version,
-        expires_at_ms: u64,
-    ) -> Self {
-        Self {
-            ty,
-            entry: Entry::new(key, value, version, expires_at_ms),
-        }
-    }
-
-    /// The key within the namespace.
-    pub fn key(&self) -> &str {
-        self.entry.key()
-    }
-}
-
-/// Limits that every write, local or remote, is checked against before
-/// anything is changed. Each but `max_ttl_secs` is a flag of `podcache
-/// serve` (`crate::config` maps the flags onto these fields; the defaults
-/// below are the flags' defaults).
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Longest key in bytes.
-    pub max_key_bytes: usize,
-    /// Longest value in bytes.
-    pub max_value_bytes: usize,
-    /// Most entries in one batch write.
-    pub max_batch_entries: usize,
-    /// Remote timestamps further ahead of local wall time than this are
-    /// refused (milliseconds here; the flag takes a duration).
-    pub max_clock_drift_ms: u64,
-    /// Longest TTL a write may ask for, in seconds.
-    pub max_ttl_secs: u64,
-    /// Most entries holding a value in one type; writes of new keys past it
-    /// get 507 (tombstones are not counted).
-    pub max_entries_per_type: usize,
-    /// Most namespaces (types); a write that would create one past it gets
-    /// 507 (a type exists while it holds entries or tombstones).
-    pub max_types: usize,
-    /// Most bytes of keys and values held in all; writes past it get 507
-    /// (nothing is evicted; tombstones count their key).
-    pub max_total_bytes: usize,
-    /// Superseded versions kept per key for `GET .../history` and
-    /// rollback (values and deletions); 0 keeps none, at most 10,000.
-    pub history_versions: usize,
-    /// Most bytes the kept versions may take in all (keys, values and a
-    /// fixed overhead per version); the oldest kept is dropped first.
-    pub history_max_bytes: usize,
-}
-
-impl Default for Limits {
-    /// The one place the defaults are written: 1 KiB keys, 1 MiB values,
-    /// 10,000 entries per batch, 60 s of clock drift, ten years of TTL,
-    /// 5,000,000 entries per type, 1,024 types, 1 GiB held; 16 versions
-    /// of history per key, 64 MiB of history in all.
-    fn default() -> Self {
-        Self {
-            max_key_bytes: 1024,
-            max_value_bytes: 1024 * 1024,
-            max_batch_entries: 10_000,
-            max_clock_drift_ms: 60_000,
-            max_ttl_secs: 10 * 365 * 24 * 3600,
-            max_entries_per_type: 5_000_000,
-            max_types: 1024,
-            max_total_bytes: 1024 * 1024 * 1024,
-            history_versions: 16,
-            history_max_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-/// Why a write was refused. Nothing is changed when one is returned.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreError {
-    /// The key is the empty string.
-    #[error("key must not be empty")]
-    EmptyKey,
-    /// The key is longer than [`Limits::max_key_bytes`].
-    #[error("key is {len} bytes, the limit is {limit}")]
-    KeyTooLong {
-        /// Length of the refused key.
-        len: usize,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// The value is longer than [`Limits::max_value_bytes`].
-    #[error("value of key {key:?} is {len} bytes, the limit is {limit}")]
-    ValueTooLarge {
-        /// The key whose value was refused (truncated for display).
-        key: String,
-        /// Length of the refused value.
-        len: usize,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// A batch holds more entries than [`Limits::max_batch_entries`].
-    #[error("batch has {len} entries, the limit is {limit}")]
-    BatchTooLarge {
-        /// Entries in the refused batch.
-        len: usize,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// A batch holds no entries.
-    #[error("batch is empty")]
-    EmptyBatch,
-    /// The TTL is zero or longer than [`Limits::max_ttl_secs`].
-    #[error("ttl must be between 1 and {max} seconds, got {got}")]
-    BadTtl {
-        /// The refused TTL in seconds.
-        got: u64,
-        /// The configured maximum.
-        max: u64,
-    },
-    /// A remote version lies too far in the future.
-    #[error(transparent)]
-    ClockSkew(#[from] ClockSkewError),
-    /// An entry from a peer or a file names an author, origin or reason
-    /// longer than [`Meta::MAX_FIELD_BYTES`].
-    #[error(
-        "an entry's author, origin or reason is longer than {} bytes",
-        Meta::MAX_FIELD_BYTES
-    )]
-    MetaTooLong,
-    /// Storing the write would pass [`Limits::max_entries_per_type`] or
-    /// [`Limits::max_total_bytes`]. Nothing is evicted to make room.
-    #[error("store is full: {what} would be {would_be}, the limit is {limit}")]
-    Full {
-        /// What would pass its limit, e.g. `entries of type 7`.
-        what: String,
-        /// The figure the write would reach.
-        would_be: usize,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// A conditional write's expectation of a key does not hold: nothing
-    /// of the change was applied.
-    #[error("precondition failed: key {key:?} is {}", describe_current(*.current))]
-    Precondition {
-        /// The first key whose expectation failed (truncated for display).
-        key: String,
-        /// The version the key holds now (`None`: absent, deleted or
-        /// expired).
-        current: Option<Version>,
-    },
-}
-
-fn describe_current(current: Option<Version>) -> String {
-    match current {
-        Some(version) => format!("at version {version}"),
-        None => "absent".to_owned(),
-    }
-}
+use self::clock::HybridClock;
+use self::state::{Held, State};
 
 /// The reserved type that holds the schemas (`crate::replica::schema`):
 /// refused on every user-facing path (REST, watch, `hellorpc.Sync/Set`,
@@ -296,11 +86,6 @@ impl Expect {
         }
     }
 }
-
-/// How far past its own limits a store still takes records from peers: a
-/// write one replica accepted must not be refused by the others over writes
-/// in flight, but a peer cannot make a replica grow without bound either.
-pub const PEER_HEADROOM: usize = 2;
 
 /// What a merge of remote records did.
 #[derive(Debug, Default)]
@@ -410,81 +195,6 @@ pub struct NamespaceStats {
     pub bytes: usize,
 }
 
-/// One namespace: entries found by their key. The table holds one pointer
-/// per entry; the key lives in the entry itself.
-type Namespace = HashTable<Held>;
-
-/// A key's slot in its namespace: its current entry, and where the
-/// versions it superseded start (kept here so that a write, which already
-/// holds the slot, keeps the old version without a second lookup).
-#[derive(Debug)]
-struct Held {
-    entry: Entry,
-    history: history::Head,
-}
-
-/// Entries plus the digest kept up to date with them.
-#[derive(Debug)]
-struct State {
-    namespaces: HashMap<i32, Namespace>,
-    /// The versions the current entries superseded.
-    history: history::History,
-    /// Entries holding a value, per namespace (for the entry limit).
-    values: HashMap<i32, usize>,
-    /// Bytes of every held key and value (for the byte limit).
-    bytes: usize,
-    /// Per bucket, the XOR of the hashes of its entries (see [`digest`]):
-    /// updated on every change, so a digest costs a copy, not a scan.
-    buckets: Vec<u64>,
-    /// Hashes keys for the namespace tables (foldhash, seeded per process).
-    hasher: hashbrown::DefaultHashBuilder,
-}
-
-/// Refuses a change that takes a namespace's entries (`values`) or the
-/// bytes held from `now` to `after` past the limits times `headroom`. A
-/// change that does not grow a figure already past its limit is let
-/// through (limits lowered by a restart must not block deletes).
-fn room_for(
-    ty: i32,
-    now: (usize, usize),
-    after: (usize, usize),
-    limits: &Limits,
-    headroom: usize,
-) -> Result<(), StoreError> {
-    let (values, bytes) = after;
-    let entry_limit = limits.max_entries_per_type.saturating_mul(headroom);
-    if values > entry_limit && values > now.0 {
-        return Err(StoreError::Full {
-            what: format!("entries of type {ty}"),
-            would_be: values,
-            limit: entry_limit,
-        });
-    }
-    let byte_limit = limits.max_total_bytes.saturating_mul(headroom);
-    if bytes > byte_limit && bytes > now.1 {
-        return Err(StoreError::Full {
-            what: "bytes held".into(),
-            would_be: bytes,
-            limit: byte_limit,
-        });
-    }
-    Ok(())
-}
-
-/// The merge rule: `new` replaces `held` when its version is greater. Two
-/// different entries with one version cannot come from a node's own
-/// writes (each takes a fresh timestamp), but a faulty or hostile peer can
-/// send them; the tie is broken by their contents (a tombstone over a
-/// value, then the later expiry, then the greater value), so every replica
-/// still ends on the same one whatever order they arrive in.
-pub fn supersedes(new: &Entry, held: &Entry) -> bool {
-    let rank = |e: &Entry| (e.version(), e.is_tombstone(), e.expires_at_ms());
-    match rank(new).cmp(&rank(held)) {
-        std::cmp::Ordering::Equal => new.value() > held.value(),
-        order => order == std::cmp::Ordering::Greater,
-    }
-}
-
 /// True for a tombstone written, or an entry expired, before `horizon_ms`:
 /// safe to drop, and not to be taken back in.
 pub fn is_purgeable(entry: &Entry, horizon_ms: u64) -> bool {
@@ -493,273 +203,6 @@ pub fn is_purgeable(entry: &Entry, horizon_ms: u64) -> bool {
         return true;
     }
     entry.is_tombstone() && clock::hlc_ms(entry.version().hlc) < horizon_ms
-}
-
-impl State {
-    fn remove(&mut self, ty: i32, key: &str) {
-        let hash = self.hasher.hash_one(key.as_bytes());
-        let Some(ns) = self.namespaces.get_mut(&ty) else {
-            return;
-        };
-        let removed = ns
-            .find_entry(hash, |h| h.entry.key_bytes() == key.as_bytes())
-            .ok()
-            .map(|slot| slot.remove().0);
-        if ns.is_empty() {
-            self.namespaces.remove(&ty);
-        }
-        if let Some(old) = removed {
-            self.account(ty, None, Some(&old.entry));
-            self.history.orphan(ty, hash, old.history);
-        }
-    }
-
-    /// Keeps the digest, the bytes held and the namespace's count of values
-    /// in step with a change to namespace `ty`: `added` now stored,
-    /// `removed` no longer (the entry it replaced, or a removed one).
-    fn account(&mut self, ty: i32, added: Option<&Entry>, removed: Option<&Entry>) {
-        let mut values = 0;
-        for (entry, sign) in [(added, 1), (removed, -1)] {
-            let Some(entry) = entry else { continue };
-            self.buckets[digest::bucket_of(ty, entry.key_bytes())] ^= digest::entry_hash(ty, entry);
-            if sign > 0 {
-                self.bytes += entry.size();
-            } else {
-                self.bytes -= entry.size();
-            }
-            values += sign * isize::from(!entry.is_tombstone());
-        }
-        if values != 0 {
-            self.count_values(ty, values);
-        }
-    }
-
-    fn count_values(&mut self, ty: i32, delta: isize) {
-        let count = self.values.entry(ty).or_default();
-        *count = count.saturating_add_signed(delta);
-        if *count == 0 {
-            self.values.remove(&ty);
-        }
-    }
-
-    /// Refuses `incoming` (new entries for `ty`) when storing them would
-    /// pass the limits times `headroom`.
-    fn check_room<'a>(
-        &self,
-        ty: i32,
-        incoming: impl Iterator<Item = (&'a str, Option<&'a str>)>,
-        limits: &Limits,
-        headroom: usize,
-    ) -> Result<(), StoreError> {
-        self.room_for_type(ty, limits, headroom)?;
-        let mut values = self.values.get(&ty).copied().unwrap_or(0);
-        let mut bytes = self.bytes;
-        for (key, value) in incoming {
-            bytes += key.len() + value.map_or(0, str::len);
-            values += usize::from(value.is_some());
-            if let Some(held) = self.get(ty, key) {
-                bytes = bytes.saturating_sub(held.size());
-                values = values.saturating_sub(usize::from(!held.is_tombstone()));
-            }
-        }
-        room_for(
-            ty,
-            (self.values.get(&ty).copied().unwrap_or(0), self.bytes),
-            (values, bytes),
-            limits,
-            headroom,
-        )
-    }
-
-    /// Refuses a write to namespace `ty` when it does not exist yet and
-    /// creating it would pass [`Limits::max_types`] times `headroom`.
-    fn room_for_type(&self, ty: i32, limits: &Limits, headroom: usize) -> Result<(), StoreError> {
-        let limit = limits.max_types.saturating_mul(headroom);
-        if !self.namespaces.contains_key(&ty) && self.namespaces.len() >= limit {
-            return Err(StoreError::Full {
-                what: "types (--max-types)".into(),
-                would_be: self.namespaces.len() + 1,
-                limit,
-            });
-        }
-        Ok(())
-    }
-
-    /// Stores a peer's `entry` in namespace `ty` unless the key holds one
-    /// as new or newer (then `Ok(false)`), or storing it would pass the
-    /// limits times `headroom`. One lookup of the key, where a check, a
-    /// room check and a store would make three.
-    fn put_if_newer(
-        &mut self,
-        ty: i32,
-        entry: &Entry,
-        limits: &Limits,
-        headroom: usize,
-    ) -> Result<bool, StoreError> {
-        self.room_for_type(ty, limits, headroom)?;
-        let hasher = &self.hasher;
-        let hash = hasher.hash_one(entry.key_bytes());
-        let held_values = self.values.get(&ty).copied().unwrap_or(0);
-        let ns = self.namespaces.entry(ty).or_default();
-        let mut slot = ns.entry(
-            hash,
-            |held| held.entry.key_bytes() == entry.key_bytes(),
-            |held| hasher.hash_one(held.entry.key_bytes()),
-        );
-        if let Slot::Occupied(occupied) = &mut slot {
-            let held = occupied.get_mut();
-            if !supersedes(entry, &held.entry) {
-                if held.entry.version() != entry.version() {
-                    // An older version of the key, late: still one it had.
-                    self.history.keep_late(ty, &mut held.history, entry.clone());
-                    self.compact_history();
-                }
-                return Ok(false);
-            }
-        }
-        let held = match &slot {
-            Slot::Occupied(slot) => Some(&slot.get().entry),
-            Slot::Vacant(_) => None,
-        };
-        let held_size = held.map_or(0, Entry::size);
-        let held_value = held.is_some_and(|held| !held.is_tombstone());
-        let values_after =
-            held_values + usize::from(!entry.is_tombstone()) - usize::from(held_value);
-        let bytes_after = self.bytes + entry.size() - held_size;
-        if let Err(err) = room_for(
-            ty,
-            (held_values, self.bytes),
-            (values_after, bytes_after),
-            limits,
-            headroom,
-        ) {
-            if ns.is_empty() {
-                self.namespaces.remove(&ty);
-            }
-            return Err(err);
-        }
-        let old = match slot {
-            Slot::Occupied(mut slot) => {
-                let held = slot.get_mut();
-                let old = std::mem::replace(&mut held.entry, entry.clone());
-                self.history.keep_newest(ty, &mut held.history, old.clone());
-                Some(old)
-            }
-            Slot::Vacant(slot) => {
-                let history = self.history.adopt(ty, hash, entry.key_bytes());
-                slot.insert(Held {
-                    entry: entry.clone(),
-                    history,
-                });
-                None
-            }
-        };
-        self.account(ty, Some(entry), old.as_ref());
-        if old.is_some() {
-            self.compact_history();
-        }
-        Ok(true)
-    }
-
-    /// Closes the history's holes when they are worth a pass over every
-    /// key's slot (each holds its key's history head).
-    fn compact_history(&mut self) {
-        let namespaces = &self.namespaces;
-        if self
-            .history
-            .wants_compaction(|| namespaces.values().map(HashTable::len).sum())
-        {
-            let heads = self
-                .namespaces
-                .values_mut()
-                .flat_map(|ns| ns.iter_mut().map(|held| &mut held.history));
-            self.history.compact(heads);
-        }
-    }
-
-    fn new(limits: &Limits) -> Self {
-        Self {
-            history: history::History::new(limits.history_versions, limits.history_max_bytes),
-            namespaces: HashMap::new(),
-            values: HashMap::new(),
-            bytes: 0,
-            buckets: vec![0; digest::BUCKETS],
-            hasher: hashbrown::DefaultHashBuilder::default(),
-        }
-    }
-
-    /// Stores `entry` in namespace `ty` (replacing what its key held),
-    /// keeping the digest current.
-    fn put(&mut self, ty: i32, entry: Entry) {
-        let hasher = &self.hasher;
-        let hash = hasher.hash_one(entry.key_bytes());
-        let ns = self.namespaces.entry(ty).or_default();
-        let old = match ns.entry(
-            hash,
-            |held| held.entry.key_bytes() == entry.key_bytes(),
-            |held| hasher.hash_one(held.entry.key_bytes()),
-        ) {
-            Slot::Occupied(mut slot) => {
-                let held = slot.get_mut();
-                let old = std::mem::replace(&mut held.entry, entry.clone());
-                // The held entry is newer than all its key keeps; should a
-                // caller store an older one over it, the next superseded
-                // version is kept as a late one.
-                if supersedes(&entry, &old) {
-                    self.history.keep_newest(ty, &mut held.history, old.clone());
-                } else {
-                    self.history.keep_late(ty, &mut held.history, old.clone());
-                }
-                Some(old)
-            }
-            Slot::Vacant(slot) => {
-                let history = self.history.adopt(ty, hash, entry.key_bytes());
-                slot.insert(Held {
-                    entry: entry.clone(),
-                    history,
-                });
-                None
-            }
-        };
-        self.account(ty, Some(&entry), old.as_ref());
-        if old.is_some() {
-            self.compact_history();
-        }
-    }
-
-    /// Every record (tombstones included) whose type and entry pass `keep`.
-    fn records_where(&self, keep: impl Fn(i32, &Entry) -> bool) -> Vec<Record> {
-        let mut out = Vec::new();
-        for (&ty, ns) in self.namespaces.iter() {
-            out.extend(ns.iter().filter(|h| keep(ty, &h.entry)).map(|held| Record {
-                ty,
-                entry: held.entry.clone(),
-            }));
-        }
-        out
-    }
-
-    /// The slot of `key` in namespace `ty`, and the key's hash.
-    fn held(&self, ty: i32, key: &str) -> (Option<&Held>, u64) {
-        let hash = self.hasher.hash_one(key.as_bytes());
-        let held = self
-            .namespaces
-            .get(&ty)
-            .and_then(|ns| ns.find(hash, |h| h.entry.key_bytes() == key.as_bytes()));
-        (held, hash)
-    }
-
-    fn get(&self, ty: i32, key: &str) -> Option<&Entry> {
-        self.held(ty, key).0.map(|h| &h.entry)
-    }
-
-    /// Where the kept versions of a key start, held or not.
-    fn history_head(&self, ty: i32, key: &str) -> history::Head {
-        match self.held(ty, key) {
-            (Some(held), _) => held.history,
-            (None, hash) => self.history.orphan_head(ty, hash, key.as_bytes()),
-        }
-    }
 }
 
 /// Checks every expectation of a conditional write against `state`.
