@@ -4,7 +4,7 @@
 //! fixed parameters, so every node, whatever its build, computes the same
 //! values.
 
-use super::Entry;
+use super::entry::Entry;
 
 /// Buckets in a digest (8 KiB of hashes).
 pub const BUCKETS: usize = 1024;

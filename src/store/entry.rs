@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use triomphe::ThinArc;
 
-use super::Version;
+use super::version::Version;
 
 /// Who wrote an entry, on which replica, why, and whether as part of a
 /// batch. One write's entries share one (a pointer each), and the write

@@ -14,7 +14,7 @@
 //!
 //! # Why it is laid out so
 //!
-//! Every write that supersedes a version pays for what [`History::keep`]
+//! Every write that supersedes a version pays for what [`History::keep_newest`]
 //! touches, under the store's lock, on every replica. A table of versions
 //! per key costs a probe of that table and a write to the key's list, each
 //! a cache miss, on every write (perf put them at about half of what
@@ -46,7 +46,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::{Entry, Record, Version};
+use super::entry::Entry;
+use super::record::Record;
+use super::version::Version;
 
 /// Bytes a kept version costs beyond its key and value: the entry's
 /// header and its place in the queue (measured in the bench's memory
