@@ -1,13 +1,22 @@
 //! `src/api/openapi.json` against real answers: nodes are started (a
-//! plain pair, one with small limits, one with tokens), requests produce
-//! every status and body shape the document describes, each answer is
-//! recorded (method, path, headers, status, content type, body), and
-//! `tests/openapi/check.py` (jsonschema and openapi-spec-validator from
-//! the `.venv-interop` venv) validates the document itself, finds each
-//! answer's operation and response in it, checks the body against the
-//! schema, and checks that every operation, status and parameter of the
-//! document was exercised. A second run on a deliberately broken copy of
-//! the document must fail, so the check is known to be able to.
+//! plain pair, one with small limits, one with tokens, a pair serving
+//! OFREP flags), requests produce every status and body shape the
+//! document describes, each answer is recorded (method, path, headers,
+//! status, content type, body), and `tests/openapi/check.py` (jsonschema
+//! and openapi-spec-validator from the `.venv-interop` venv) validates the
+//! document itself, finds each answer's operation and response in it,
+//! checks the body against the schema, and checks that every operation,
+//! status and parameter of the document was exercised. A second run on a
+//! deliberately broken copy of the document must fail, so the check is
+//! known to be able to.
+//!
+//! Most requests are rows of tables ([`Case`]: status, note, node, method,
+//! path, headers, body) that [`Recorder::run`] sends in order, asserting
+//! each status. Code is left for what a row cannot say: waiting for the
+//! cluster, watch streams, a version or tag read from one answer and sent
+//! with the next requests, a stalled connection, a shutdown, the token
+//! node's rule (each guarded request without a token, each write with a
+//! read token), and the checks of answers' bodies.
 
 mod common;
 
@@ -64,6 +73,34 @@ struct Answer {
 impl Answer {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// One request of a table and the status its answer must have, in the
+/// order of [`Recorder::expect`]'s arguments: status, note, node, method,
+/// path, request headers, body.
+type Case<'a> = (
+    u16,
+    &'a str,
+    &'a str,
+    Method,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    &'a [u8],
+);
+
+/// The answers to a table's requests, in its order, with their notes.
+struct Answers(Vec<(String, Answer)>);
+
+impl Answers {
+    /// The answer to the table's one request noted `note`.
+    #[track_caller]
+    fn get(&self, note: &str) -> &Answer {
+        let mut found = self.0.iter().filter(|(n, _)| n == note);
+        match (found.next(), found.next()) {
+            (Some((_, answer)), None) => answer,
+            _ => panic!("the table has no one request noted {note:?}"),
+        }
     }
 }
 
@@ -262,6 +299,19 @@ impl Recorder {
         answer
     }
 
+    /// Sends a table's requests in order, each with [`Recorder::expect`].
+    async fn run(&mut self, cases: &[Case<'_>]) -> Answers {
+        let mut answers = Vec::with_capacity(cases.len());
+        for (status, note, node, method, path, headers, body) in cases {
+            let body = Bytes::copy_from_slice(body);
+            let answer = self
+                .expect(*status, note, node, method.clone(), path, headers, body)
+                .await;
+            answers.push((note.to_string(), answer));
+        }
+        Answers(answers)
+    }
+
     /// Opens a watch stream; record it with [`Recorder::finish`].
     async fn open(
         &mut self,
@@ -323,13 +373,15 @@ fn scratch_dir(what: &str) -> PathBuf {
 /// the dashboard and the document, and the errors of bad input.
 async fn plain_pair(rec: &mut Recorder) {
     let cluster = Cluster::start(2).await;
-    let n0 = &cluster.slots[0].http.to_string();
-    let n1 = &cluster.slots[1].http.to_string();
+    let n0: &str = &cluster.slots[0].http.to_string();
+    let n1: &str = &cluster.slots[1].http.to_string();
     use Method as M;
     let text = [("content-type", "text/plain; charset=utf-8")];
+    let json_type = [("content-type", "application/json")];
+    let ndjson = [("content-type", "application/x-ndjson")];
 
     // Conditional writes (compare-and-set), once every node knows the
-    // decider.
+    // decider; each version read is sent with the next requests.
     for node in [n0, n1] {
         let client = podcache::client::RestClient::new(node).expect("client");
         wait_until("a decider is known", Duration::from_secs(10), || {
@@ -341,6 +393,12 @@ async fn plain_pair(rec: &mut Recorder) {
         })
         .await;
     }
+    let etag = |answer: &Answer| {
+        format!(
+            "\"{}\"",
+            answer.json()["version"].as_str().expect("version")
+        )
+    };
     let created = rec
         .expect(
             200,
@@ -352,552 +410,120 @@ async fn plain_pair(rec: &mut Recorder) {
             "1",
         )
         .await;
-    let v1 = format!(
-        "\"{}\"",
-        created.json()["version"].as_str().expect("version")
-    );
-    rec.expect(
-        304,
-        "read, unchanged (If-None-Match)",
-        n1,
-        M::GET,
-        "/v1/cache/1/cas",
-        &[("if-none-match", v1.as_str())],
-        "",
-    )
-    .await;
-    rec.expect(
-        304,
-        "HEAD, unchanged (If-None-Match)",
-        n1,
-        M::HEAD,
-        "/v1/cache/1/cas",
-        &[("if-none-match", v1.as_str())],
-        "",
-    )
-    .await;
-    let updated = rec
-        .expect(
-            200,
-            "compare-and-set (If-Match)",
-            n1,
-            M::PUT,
-            "/v1/cache/1/cas",
-            &[("if-match", v1.as_str())],
-            "2",
-        )
-        .await;
-    let v2 = format!(
-        "\"{}\"",
-        updated.json()["version"].as_str().expect("version")
-    );
-    rec.expect(
-        412,
-        "compare-and-set, stale version",
-        n0,
-        M::PUT,
-        "/v1/cache/1/cas",
-        &[("if-match", v1.as_str())],
-        "3",
-    )
-    .await;
-    rec.expect(
-        412,
-        "conditional delete, stale version",
-        n0,
-        M::DELETE,
-        "/v1/cache/1/cas",
-        &[("if-match", v1.as_str())],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "bad If-Match",
-        n0,
-        M::PUT,
-        "/v1/cache/1/cas",
-        &[("if-match", "nope")],
-        "3",
-    )
-    .await;
-    rec.expect(
-        412,
-        "rollback, stale version",
-        n0,
-        M::POST,
-        &format!("/v1/cache/1/cas/rollback?version={}", v1.trim_matches('"')),
-        &[("if-match", v1.as_str())],
-        "",
-    )
-    .await;
+    let v1 = etag(&created);
+    let if_none_v1 = [("if-none-match", v1.as_str())];
+    let if_v1 = [("if-match", v1.as_str())];
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (304, "read, unchanged (If-None-Match)", n1, M::GET, "/v1/cache/1/cas", &if_none_v1, b""),
+        (304, "HEAD, unchanged (If-None-Match)", n1, M::HEAD, "/v1/cache/1/cas", &if_none_v1, b""),
+        (200, "compare-and-set (If-Match)", n1, M::PUT, "/v1/cache/1/cas", &if_v1, b"2"),
+    ];
+    let v2 = etag(rec.run(cases).await.get("compare-and-set (If-Match)"));
+    let rollback_v1 = format!("/v1/cache/1/cas/rollback?version={}", v1.trim_matches('"'));
     let guarded = format!(
         r#"{{"cas":{{"value":"4","if_version":{v2}}},"cas-new":{{"value":"x","if_absent":true}}}}"#
     );
-    rec.expect(
-        200,
-        "batch with expectations",
-        n1,
-        M::POST,
-        "/v1/cache/1",
-        &[("content-type", "application/json")],
-        guarded.clone(),
-    )
-    .await;
-    rec.expect(
-        412,
-        "batch with a stale expectation",
-        n1,
-        M::POST,
-        "/v1/cache/1",
-        &[("content-type", "application/json")],
-        guarded,
-    )
-    .await;
-    let now = rec
-        .expect(
-            200,
-            "read the version",
-            n0,
-            M::GET,
-            "/v1/cache/1/cas",
-            &[],
-            "",
-        )
-        .await;
-    let v4 = format!("\"{}\"", now.json()["version"].as_str().expect("version"));
-    rec.expect(
-        200,
-        "conditional delete",
-        n0,
-        M::DELETE,
-        "/v1/cache/1/cas",
-        &[("if-match", v4.as_str())],
-        "",
-    )
-    .await;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (412, "compare-and-set, stale version", n0, M::PUT, "/v1/cache/1/cas", &if_v1, b"3"),
+        (412, "conditional delete, stale version", n0, M::DELETE, "/v1/cache/1/cas", &if_v1, b""),
+        (400, "bad If-Match", n0, M::PUT, "/v1/cache/1/cas", &[("if-match", "nope")], b"3"),
+        (412, "rollback, stale version", n0, M::POST, &rollback_v1, &if_v1, b""),
+        (200, "batch with expectations", n1, M::POST, "/v1/cache/1", &json_type, guarded.as_bytes()),
+        (412, "batch with a stale expectation", n1, M::POST, "/v1/cache/1", &json_type, guarded.as_bytes()),
+        (200, "read the version", n0, M::GET, "/v1/cache/1/cas", &[], b""),
+    ];
+    let v4 = etag(rec.run(cases).await.get("read the version"));
 
-    // Single entries.
-    rec.expect(200, "set", n0, M::PUT, "/v1/cache/1/a", &[], "va")
-        .await;
-    let ttl = rec
-        .expect(
-            200,
-            "set with ttl",
-            n0,
-            M::PUT,
-            "/v1/cache/1/b?ttl=60",
-            &text,
-            "vb",
-        )
-        .await;
-    assert!(ttl.json()["expires_at_ms"].is_u64(), "{}", ttl.body);
-    let waited = rec
-        .expect(
-            200,
-            "set, wait=all",
-            n0,
-            M::PUT,
-            "/v1/cache/1/c?wait=all",
-            &[],
-            "vc",
-        )
-        .await;
-    assert_eq!(waited.json()["replication"][0]["status"], "acked");
-    rec.expect(
-        200,
-        "set, wait=none",
-        n0,
-        M::PUT,
-        "/v1/cache/1/d?wait=none",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        200,
-        "a key with a slash",
-        n0,
-        M::PUT,
-        "/v1/cache/-7/dir%2Fx%20y",
-        &[],
-        "ü",
-    )
-    .await;
-    rec.expect(200, "get", n0, M::GET, "/v1/cache/1/a", &[], "")
-        .await;
-    rec.expect(200, "get with ttl", n0, M::GET, "/v1/cache/1/b", &[], "")
-        .await;
-    rec.expect(
-        200,
-        "get, encoded key",
-        n0,
-        M::GET,
-        "/v1/cache/-7/dir%2Fx%20y",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(200, "head", n0, M::HEAD, "/v1/cache/1/a", &[], "")
-        .await;
-    rec.expect(
-        404,
-        "head, absent",
-        n0,
-        M::HEAD,
-        "/v1/cache/1/absent",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(400, "head, bad type", n0, M::HEAD, "/v1/cache/x/a", &[], "")
-        .await;
-    rec.expect(
-        404,
-        "get, absent",
-        n0,
-        M::GET,
-        "/v1/cache/1/absent",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(400, "get, bad type", n0, M::GET, "/v1/cache/x/a", &[], "")
-        .await;
-    rec.expect(
-        400,
-        "get, type past int32",
-        n0,
-        M::GET,
-        "/v1/cache/2147483648/a",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(400, "get, empty key", n0, M::GET, "/v1/cache/1/", &[], "")
-        .await;
-    rec.expect(
-        400,
-        "get, key not UTF-8",
-        n0,
-        M::GET,
-        "/v1/cache/1/%FF%FE",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "put, bad wait",
-        n0,
-        M::PUT,
-        "/v1/cache/1/k?wait=sometimes",
-        &[],
-        "v",
-    )
-    .await;
-    rec.expect(
-        400,
-        "put, ttl not a number",
-        n0,
-        M::PUT,
-        "/v1/cache/1/k?ttl=soon",
-        &[],
-        "v",
-    )
-    .await;
-    let bad_ttl = rec
-        .expect(
-            400,
-            "put, ttl 0",
-            n0,
-            M::PUT,
-            "/v1/cache/1/k?ttl=0",
-            &[],
-            "v",
-        )
-        .await;
-    assert_eq!(bad_ttl.json()["error"], "invalid_ttl");
-    rec.expect(
-        400,
-        "put, value not UTF-8",
-        n0,
-        M::PUT,
-        "/v1/cache/1/k",
-        &[],
-        &b"\xff\xfe"[..],
-    )
-    .await;
     let long_key = format!("/v1/cache/1/{}", "k".repeat(1025));
-    rec.expect(400, "put, key too long", n0, M::PUT, &long_key, &[], "v")
-        .await;
-    rec.expect(
-        400,
-        "put, bad type",
-        n0,
-        M::PUT,
-        "/v1/cache/1.5/k",
-        &[],
-        "v",
-    )
-    .await;
-    rec.expect(200, "delete", n0, M::DELETE, "/v1/cache/1/d", &[], "")
-        .await;
-    rec.expect(
-        404,
-        "delete, absent",
-        n0,
-        M::DELETE,
-        "/v1/cache/1/d?wait=all",
-        &[],
-        "",
-    )
-    .await;
-    let deleted = rec
-        .expect(
-            200,
-            "delete, wait=all",
-            n0,
-            M::DELETE,
-            "/v1/cache/1/c?wait=all",
-            &[],
-            "",
-        )
-        .await;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "conditional delete", n0, M::DELETE, "/v1/cache/1/cas", &[("if-match", v4.as_str())], b""),
+        // Single entries.
+        (200, "set", n0, M::PUT, "/v1/cache/1/a", &[], b"va"),
+        (200, "set with ttl", n0, M::PUT, "/v1/cache/1/b?ttl=60", &text, b"vb"),
+        (200, "set, wait=all", n0, M::PUT, "/v1/cache/1/c?wait=all", &[], b"vc"),
+        (200, "set, wait=none", n0, M::PUT, "/v1/cache/1/d?wait=none", &[], b""),
+        (200, "a key with a slash", n0, M::PUT, "/v1/cache/-7/dir%2Fx%20y", &[], "ü".as_bytes()),
+        (200, "get", n0, M::GET, "/v1/cache/1/a", &[], b""),
+        (200, "get with ttl", n0, M::GET, "/v1/cache/1/b", &[], b""),
+        (200, "get, encoded key", n0, M::GET, "/v1/cache/-7/dir%2Fx%20y", &[], b""),
+        (200, "head", n0, M::HEAD, "/v1/cache/1/a", &[], b""),
+        (404, "head, absent", n0, M::HEAD, "/v1/cache/1/absent", &[], b""),
+        (400, "head, bad type", n0, M::HEAD, "/v1/cache/x/a", &[], b""),
+        (404, "get, absent", n0, M::GET, "/v1/cache/1/absent", &[], b""),
+        (400, "get, bad type", n0, M::GET, "/v1/cache/x/a", &[], b""),
+        (400, "get, type past int32", n0, M::GET, "/v1/cache/2147483648/a", &[], b""),
+        (400, "get, empty key", n0, M::GET, "/v1/cache/1/", &[], b""),
+        (400, "get, key not UTF-8", n0, M::GET, "/v1/cache/1/%FF%FE", &[], b""),
+        (400, "put, bad wait", n0, M::PUT, "/v1/cache/1/k?wait=sometimes", &[], b"v"),
+        (400, "put, ttl not a number", n0, M::PUT, "/v1/cache/1/k?ttl=soon", &[], b"v"),
+        (400, "put, ttl 0", n0, M::PUT, "/v1/cache/1/k?ttl=0", &[], b"v"),
+        (400, "put, value not UTF-8", n0, M::PUT, "/v1/cache/1/k", &[], b"\xff\xfe"),
+        (400, "put, key too long", n0, M::PUT, &long_key, &[], b"v"),
+        (400, "put, bad type", n0, M::PUT, "/v1/cache/1.5/k", &[], b"v"),
+        (200, "delete", n0, M::DELETE, "/v1/cache/1/d", &[], b""),
+        (404, "delete, absent", n0, M::DELETE, "/v1/cache/1/d?wait=all", &[], b""),
+        (200, "delete, wait=all", n0, M::DELETE, "/v1/cache/1/c?wait=all", &[], b""),
+        (400, "delete with ttl", n0, M::DELETE, "/v1/cache/1/a?ttl=5", &[], b""),
+        (400, "delete, bad type", n0, M::DELETE, "/v1/cache/x/a", &[], b""),
+        // A key's history (its versions are rolled back to below).
+        (200, "history", n0, M::GET, "/v1/cache/1/d/history", &[], b""),
+    ];
+    let answers = rec.run(cases).await;
+    let ttl = answers.get("set with ttl");
+    assert!(ttl.json()["expires_at_ms"].is_u64(), "{}", ttl.body);
+    let waited = answers.get("set, wait=all");
+    assert_eq!(waited.json()["replication"][0]["status"], "acked");
+    let bad_ttl = answers.get("put, ttl 0");
+    assert_eq!(bad_ttl.json()["error"], "invalid_ttl");
+    let deleted = answers.get("delete, wait=all");
     assert_eq!(deleted.json()["deleted"], true);
-    rec.expect(
-        400,
-        "delete with ttl",
-        n0,
-        M::DELETE,
-        "/v1/cache/1/a?ttl=5",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "delete, bad type",
-        n0,
-        M::DELETE,
-        "/v1/cache/x/a",
-        &[],
-        "",
-    )
-    .await;
-
-    // A key's history and rollback.
-    let h = rec
-        .expect(200, "history", n0, M::GET, "/v1/cache/1/d/history", &[], "")
-        .await;
+    let h = answers.get("history").json();
     let version = |i: usize| {
-        h.json()["versions"][i]["version"]
+        h["versions"][i]["version"]
             .as_str()
             .expect("a version")
             .to_owned()
     };
     let (tomb, old) = (version(0), version(1));
-    assert_eq!(h.json()["versions"][0]["deleted"], true);
-    rec.expect(
-        200,
-        "head of history",
-        n0,
-        M::HEAD,
-        "/v1/cache/1/d/history",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        404,
-        "history, never written",
-        n0,
-        M::GET,
-        "/v1/cache/1/never/history",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "history, bad type",
-        n0,
-        M::GET,
-        "/v1/cache/x/d/history",
-        &[],
-        "",
-    )
-    .await;
-    let back = rec
-        .expect(
-            200,
-            "rollback, wait=all, reason",
-            n0,
-            M::POST,
-            &format!("/v1/cache/1/d/rollback?wait=all&version={old}"),
-            &[("x-podcache-reason", "undo")],
-            "",
-        )
-        .await;
-    assert_eq!(back.json()["reason"], "undo");
-    rec.expect(
-        200,
-        "rollback to a deletion",
-        n0,
-        M::POST,
-        &format!("/v1/cache/1/d/rollback?version={tomb}"),
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        404,
-        "rollback, unknown version",
-        n0,
-        M::POST,
-        "/v1/cache/1/d/rollback?version=1.0@0000000000000001",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "rollback, no version",
-        n0,
-        M::POST,
-        "/v1/cache/1/d/rollback",
-        &[],
-        "",
-    )
-    .await;
-    let long = "r".repeat(257);
-    rec.expect(
-        400,
-        "put, reason too long",
-        n0,
-        M::PUT,
-        "/v1/cache/1/k",
-        &[("x-podcache-reason", long.as_str())],
-        "v",
-    )
-    .await;
+    assert_eq!(h["versions"][0]["deleted"], true);
 
-    // Namespaces and batches.
-    let json_type = [("content-type", "application/json")];
-    rec.expect(200, "namespace", n0, M::GET, "/v1/cache/1", &[], "")
-        .await;
-    rec.expect(
-        200,
-        "namespace never written",
-        n0,
-        M::GET,
-        "/v1/cache/99",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "namespace, bad type",
-        n0,
-        M::GET,
-        "/v1/cache/x",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "namespace, type not UTF-8",
-        n0,
-        M::GET,
-        "/v1/cache/%FF",
-        &[],
-        "",
-    )
-    .await;
-    let batch = rec
-        .expect(
-            200,
-            "batch",
-            n0,
-            M::POST,
-            "/v1/cache/2",
-            &json_type,
-            r#"{"x":"1","y":"2"}"#,
-        )
-        .await;
-    assert_eq!(batch.json()["count"], 2);
-    rec.expect(
-        200,
-        "batch, wait=all, ttl",
-        n0,
-        M::POST,
-        "/v1/cache/2?wait=all&ttl=30",
-        &json_type,
-        r#"{"z":"3"}"#,
-    )
-    .await;
-    rec.expect(
-        400,
-        "batch, not JSON",
-        n0,
-        M::POST,
-        "/v1/cache/2",
-        &json_type,
-        "{",
-    )
-    .await;
-    rec.expect(
-        400,
-        "batch, a number",
-        n0,
-        M::POST,
-        "/v1/cache/2",
-        &json_type,
-        r#"{"n":5}"#,
-    )
-    .await;
-    rec.expect(
-        400,
-        "batch, empty",
-        n0,
-        M::POST,
-        "/v1/cache/2",
-        &json_type,
-        "{}",
-    )
-    .await;
-    rec.expect(
-        400,
-        "batch, bad type",
-        n0,
-        M::POST,
-        "/v1/cache/two",
-        &json_type,
-        r#"{"a":"b"}"#,
-    )
-    .await;
-    rec.expect(
-        400,
-        "batch, bad wait",
-        n0,
-        M::POST,
-        "/v1/cache/2?wait=1",
-        &json_type,
-        r#"{"a":"b"}"#,
-    )
-    .await;
-    rec.expect(
-        400,
-        "batch, bad ttl",
-        n0,
-        M::POST,
-        "/v1/cache/2?ttl=0",
-        &json_type,
-        r#"{"a":"b"}"#,
-    )
-    .await;
+    let back_to_old = format!("/v1/cache/1/d/rollback?wait=all&version={old}");
+    let back_to_tomb = format!("/v1/cache/1/d/rollback?version={tomb}");
+    let long = "r".repeat(257);
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "head of history", n0, M::HEAD, "/v1/cache/1/d/history", &[], b""),
+        (404, "history, never written", n0, M::GET, "/v1/cache/1/never/history", &[], b""),
+        (400, "history, bad type", n0, M::GET, "/v1/cache/x/d/history", &[], b""),
+        // Rollback.
+        (200, "rollback, wait=all, reason", n0, M::POST, &back_to_old, &[("x-podcache-reason", "undo")], b""),
+        (200, "rollback to a deletion", n0, M::POST, &back_to_tomb, &[], b""),
+        (404, "rollback, unknown version", n0, M::POST, "/v1/cache/1/d/rollback?version=1.0@0000000000000001", &[], b""),
+        (400, "rollback, no version", n0, M::POST, "/v1/cache/1/d/rollback", &[], b""),
+        (400, "put, reason too long", n0, M::PUT, "/v1/cache/1/k", &[("x-podcache-reason", long.as_str())], b"v"),
+        // Namespaces and batches.
+        (200, "namespace", n0, M::GET, "/v1/cache/1", &[], b""),
+        (200, "namespace never written", n0, M::GET, "/v1/cache/99", &[], b""),
+        (400, "namespace, bad type", n0, M::GET, "/v1/cache/x", &[], b""),
+        (400, "namespace, type not UTF-8", n0, M::GET, "/v1/cache/%FF", &[], b""),
+        (200, "batch", n0, M::POST, "/v1/cache/2", &json_type, br#"{"x":"1","y":"2"}"#),
+        (200, "batch, wait=all, ttl", n0, M::POST, "/v1/cache/2?wait=all&ttl=30", &json_type, br#"{"z":"3"}"#),
+        (400, "batch, not JSON", n0, M::POST, "/v1/cache/2", &json_type, b"{"),
+        (400, "batch, a number", n0, M::POST, "/v1/cache/2", &json_type, br#"{"n":5}"#),
+        (400, "batch, empty", n0, M::POST, "/v1/cache/2", &json_type, b"{}"),
+        (400, "batch, bad type", n0, M::POST, "/v1/cache/two", &json_type, br#"{"a":"b"}"#),
+        (400, "batch, bad wait", n0, M::POST, "/v1/cache/2?wait=1", &json_type, br#"{"a":"b"}"#),
+        (400, "batch, bad ttl", n0, M::POST, "/v1/cache/2?ttl=0", &json_type, br#"{"a":"b"}"#),
+    ];
+    let answers = rec.run(cases).await;
+    assert_eq!(
+        answers.get("rollback, wait=all, reason").json()["reason"],
+        "undo"
+    );
+    assert_eq!(answers.get("batch").json()["count"], 2);
 
     // Watch streams: a snapshot, then live changes from both nodes.
     let mut watch = rec
@@ -906,39 +532,17 @@ async fn plain_pair(rec: &mut Recorder) {
     watch
         .read_until("the live event", |e| e.iter().any(|e| e.is("live")))
         .await;
-    rec.expect(
-        200,
-        "a peer's write",
-        n1,
-        M::PUT,
-        "/v1/cache/1/w?wait=all",
-        &[("x-podcache-reason", "flip w")],
-        "from n1",
-    )
-    .await;
-    rec.expect(
-        200,
-        "a delete, watched",
-        n0,
-        M::DELETE,
-        "/v1/cache/1/a",
-        &[("x-podcache-reason", "cleanup")],
-        "",
-    )
-    .await;
-    rec.expect(
-        200,
-        "a batch with a delete, watched",
-        n1,
-        M::POST,
-        "/v1/cache/1",
-        &[
-            ("content-type", "application/json"),
-            ("x-podcache-reason", "rollout"),
-        ],
-        r#"{"r1":"on","r2":null}"#,
-    )
-    .await;
+    let rollout = [
+        ("content-type", "application/json"),
+        ("x-podcache-reason", "rollout"),
+    ];
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "a peer's write", n1, M::PUT, "/v1/cache/1/w?wait=all", &[("x-podcache-reason", "flip w")], b"from n1"),
+        (200, "a delete, watched", n0, M::DELETE, "/v1/cache/1/a", &[("x-podcache-reason", "cleanup")], b""),
+        (200, "a batch with a delete, watched", n1, M::POST, "/v1/cache/1", &rollout, br#"{"r1":"on","r2":null}"#),
+    ];
+    rec.run(cases).await;
     watch
         .read_until("a peer's change, a delete and a batch", |e| {
             e.iter().any(|e| e.is_change("w", "peer", false))
@@ -1002,278 +606,90 @@ async fn plain_pair(rec: &mut Recorder) {
         })
         .await;
     rec.finish(one_key);
-    rec.expect(400, "watch, bad type", n0, M::GET, "/v1/watch/x", &[], "")
-        .await;
-    rec.expect(
-        400,
-        "watch, bad snapshot",
-        n0,
-        M::GET,
-        "/v1/watch/1?snapshot=maybe",
-        &[],
-        "",
-    )
-    .await;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (400, "watch, bad type", n0, M::GET, "/v1/watch/x", &[], b""),
+        (400, "watch, bad snapshot", n0, M::GET, "/v1/watch/1?snapshot=maybe", &[], b""),
+        // Export and import (of the export).
+        (200, "export", n0, M::GET, "/v1/export", &[], b""),
+        (200, "export one type", n0, M::GET, "/v1/export?type=1", &[], b""),
+        (400, "export, bad type", n0, M::GET, "/v1/export?type=one", &[], b""),
+    ];
+    let answers = rec.run(cases).await;
+    let export = &answers.get("export").body;
 
-    // Export and import.
-    let export = rec
-        .expect(200, "export", n0, M::GET, "/v1/export", &[], "")
-        .await;
-    rec.expect(
-        200,
-        "export one type",
-        n0,
-        M::GET,
-        "/v1/export?type=1",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "export, bad type",
-        n0,
-        M::GET,
-        "/v1/export?type=one",
-        &[],
-        "",
-    )
-    .await;
-    let ndjson = [("content-type", "application/x-ndjson")];
-    rec.expect(
-        200,
-        "import an export",
-        n1,
-        M::POST,
-        "/v1/import",
-        &ndjson,
-        export.body.clone(),
-    )
-    .await;
     let line = r#"{"type":5,"key":"imported","value":"yes","hlc":1,"node":"00000000000000ff"}"#;
-    let fresh = rec
-        .expect(
-            200,
-            "import a new entry",
-            n1,
-            M::POST,
-            "/v1/import",
-            &ndjson,
-            format!("{line}\n\n"),
-        )
-        .await;
+    let fresh = format!("{line}\n\n");
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "import an export", n1, M::POST, "/v1/import", &ndjson, export.as_bytes()),
+        (200, "import a new entry", n1, M::POST, "/v1/import", &ndjson, fresh.as_bytes()),
+        (400, "import, bad line", n1, M::POST, "/v1/import", &ndjson, b"{\"type\":1}\n"),
+        (400, "import, other format", n1, M::POST, "/v1/import", &ndjson, br#"{"format":"x","version":1}"#),
+        (400, "import, not UTF-8", n1, M::POST, "/v1/import", &ndjson, b"\xff\n"),
+        // Operations.
+        (200, "cluster", n0, M::GET, "/v1/cluster", &[], b""),
+        (200, "cluster", n1, M::GET, "/v1/cluster", &[], b""),
+        (200, "alive", n0, M::GET, "/healthz", &[], b""),
+        (200, "HEAD of a GET endpoint", n0, M::HEAD, "/healthz", &[], b""),
+        (200, "ready", n0, M::GET, "/readyz", &[], b""),
+        (200, "metrics", n0, M::GET, "/metrics", &[], b""),
+        (200, "dashboard", n0, M::GET, "/", &[], b""),
+        (200, "this document", n0, M::GET, "/openapi.json", &[], b""),
+        // Unknown paths (unknown methods are below).
+        (404, "unknown path", n0, M::GET, "/v2/cache/1/a", &[], b""),
+        (404, "unknown path under /v1", n0, M::GET, "/v1/cache", &[], b""),
+        // JSON Schemas: set, read, refused values, bad schemas, delete.
+        (200, "written before the schema", n0, M::PUT, "/v1/cache/40/s", &text, b"not json"),
+    ];
+    let answers = rec.run(cases).await;
+    let fresh = answers.get("import a new entry");
     assert_eq!(fresh.json()["applied"], 1, "{}", fresh.body);
-    rec.expect(
-        400,
-        "import, bad line",
-        n1,
-        M::POST,
-        "/v1/import",
-        &ndjson,
-        "{\"type\":1}\n",
-    )
-    .await;
-    rec.expect(
-        400,
-        "import, other format",
-        n1,
-        M::POST,
-        "/v1/import",
-        &ndjson,
-        r#"{"format":"x","version":1}"#,
-    )
-    .await;
-    rec.expect(
-        400,
-        "import, not UTF-8",
-        n1,
-        M::POST,
-        "/v1/import",
-        &ndjson,
-        &b"\xff\n"[..],
-    )
-    .await;
-
-    // Operations.
-    for node in [n0, n1] {
-        rec.expect(200, "cluster", node, M::GET, "/v1/cluster", &[], "")
-            .await;
-    }
-    rec.expect(200, "alive", n0, M::GET, "/healthz", &[], "")
-        .await;
-    rec.expect(
-        200,
-        "HEAD of a GET endpoint",
-        n0,
-        M::HEAD,
-        "/healthz",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(200, "ready", n0, M::GET, "/readyz", &[], "")
-        .await;
-    rec.expect(200, "metrics", n0, M::GET, "/metrics", &[], "")
-        .await;
-    rec.expect(200, "dashboard", n0, M::GET, "/", &[], "").await;
-    let served = rec
-        .expect(200, "this document", n0, M::GET, "/openapi.json", &[], "")
-        .await;
     let committed = std::fs::read_to_string(root().join("src/api/openapi.json"))
         .expect("the committed document");
     assert!(
-        served.body == committed,
+        answers.get("this document").body == committed,
         "GET /openapi.json must serve exactly src/api/openapi.json"
     );
+    let old = answers.get("written before the schema").json()["version"]
+        .as_str()
+        .expect("version")
+        .to_owned();
 
-    // Unknown paths and methods.
-    rec.expect(404, "unknown path", n0, M::GET, "/v2/cache/1/a", &[], "")
-        .await;
-    rec.expect(
-        404,
-        "unknown path under /v1",
-        n0,
-        M::GET,
-        "/v1/cache",
-        &[],
-        "",
-    )
-    .await;
-    // JSON Schemas: set, read, refused values, bad schemas, delete.
-    let old = rec
-        .expect(
-            200,
-            "written before the schema",
-            n0,
-            M::PUT,
-            "/v1/cache/40/s",
-            &text,
-            "not json",
-        )
-        .await;
-    let old = old.json()["version"].as_str().expect("version").to_owned();
+    let back_to_old = format!("/v1/cache/40/s/rollback?version={old}");
     let reason = [("x-podcache-reason", "schema for type 40")];
-    rec.expect(
-        200,
-        "set a schema, wait=all, reason",
-        n0,
-        M::PUT,
-        "/v1/schema/40?wait=all",
-        &reason,
-        r#"{"type":"object","properties":{"on":{"type":"boolean"}},"required":["on"]}"#,
-    )
-    .await;
-    rec.expect(200, "read a schema", n1, M::GET, "/v1/schema/40", &[], "")
-        .await;
-    rec.expect(404, "no schema", n0, M::GET, "/v1/schema/41", &[], "")
-        .await;
-    rec.expect(
-        400,
-        "schema of a bad type",
-        n0,
-        M::GET,
-        "/v1/schema/x",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "not a schema",
-        n0,
-        M::PUT,
-        "/v1/schema/40",
-        &[],
-        r#"{"type":"nope"}"#,
-    )
-    .await;
-    rec.expect(
-        400,
-        "the reserved type",
-        n0,
-        M::GET,
-        "/v1/cache/-2147483648/40",
-        &[],
-        "",
-    )
-    .await;
-    let refused = rec
-        .expect(
-            422,
-            "a value the schema refuses",
-            n0,
-            M::PUT,
-            "/v1/cache/40/k",
-            &text,
-            r#"{"on":1}"#,
-        )
-        .await;
-    assert_eq!(refused.json()["location"], "/on");
-    rec.expect(
-        422,
-        "a batch value the schema refuses",
-        n0,
-        M::POST,
-        "/v1/cache/40",
-        &[],
-        r#"{"a":"{\"on\":true}","b":"no"}"#,
-    )
-    .await;
-    rec.expect(
-        422,
-        "a rollback to a value the schema refuses",
-        n0,
-        M::POST,
-        &format!("/v1/cache/40/s/rollback?version={old}"),
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        400,
-        "delete the schema of a bad type",
-        n0,
-        M::DELETE,
-        "/v1/schema/x",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        200,
-        "delete a schema, wait=all, reason",
-        n0,
-        M::DELETE,
-        "/v1/schema/40?wait=all",
-        &reason,
-        "",
-    )
-    .await;
-    rec.expect(
-        404,
-        "delete no schema",
-        n0,
-        M::DELETE,
-        "/v1/schema/40",
-        &[],
-        "",
-    )
-    .await;
-    for (method, path) in [
-        (M::POST, "/v1/schema/40"),
-        (M::POST, "/v1/cache/1/a"),
-        (M::PATCH, "/v1/cache/1/a"),
-        (M::PUT, "/v1/cache/1"),
-        (M::DELETE, "/v1/watch/1"),
-        (M::POST, "/v1/export"),
-        (M::GET, "/v1/import"),
-        (M::POST, "/healthz"),
-        (M::PUT, "/openapi.json"),
-        (M::DELETE, "/"),
-    ] {
-        rec.expect(405, "method not allowed", n0, method, path, &[], "")
-            .await;
-    }
+    let schema = r#"{"type":"object","properties":{"on":{"type":"boolean"}},"required":["on"]}"#;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "set a schema, wait=all, reason", n0, M::PUT, "/v1/schema/40?wait=all", &reason, schema.as_bytes()),
+        (200, "read a schema", n1, M::GET, "/v1/schema/40", &[], b""),
+        (404, "no schema", n0, M::GET, "/v1/schema/41", &[], b""),
+        (400, "schema of a bad type", n0, M::GET, "/v1/schema/x", &[], b""),
+        (400, "not a schema", n0, M::PUT, "/v1/schema/40", &[], br#"{"type":"nope"}"#),
+        (400, "the reserved type", n0, M::GET, "/v1/cache/-2147483648/40", &[], b""),
+        (422, "a value the schema refuses", n0, M::PUT, "/v1/cache/40/k", &text, br#"{"on":1}"#),
+        (422, "a batch value the schema refuses", n0, M::POST, "/v1/cache/40", &[], br#"{"a":"{\"on\":true}","b":"no"}"#),
+        (422, "a rollback to a value the schema refuses", n0, M::POST, &back_to_old, &[], b""),
+        (400, "delete the schema of a bad type", n0, M::DELETE, "/v1/schema/x", &[], b""),
+        (200, "delete a schema, wait=all, reason", n0, M::DELETE, "/v1/schema/40?wait=all", &reason, b""),
+        (404, "delete no schema", n0, M::DELETE, "/v1/schema/40", &[], b""),
+        // Unknown methods.
+        (405, "method not allowed", n0, M::POST, "/v1/schema/40", &[], b""),
+        (405, "method not allowed", n0, M::POST, "/v1/cache/1/a", &[], b""),
+        (405, "method not allowed", n0, M::PATCH, "/v1/cache/1/a", &[], b""),
+        (405, "method not allowed", n0, M::PUT, "/v1/cache/1", &[], b""),
+        (405, "method not allowed", n0, M::DELETE, "/v1/watch/1", &[], b""),
+        (405, "method not allowed", n0, M::POST, "/v1/export", &[], b""),
+        (405, "method not allowed", n0, M::GET, "/v1/import", &[], b""),
+        (405, "method not allowed", n0, M::POST, "/healthz", &[], b""),
+        (405, "method not allowed", n0, M::PUT, "/openapi.json", &[], b""),
+        (405, "method not allowed", n0, M::DELETE, "/", &[], b""),
+    ];
+    let answers = rec.run(cases).await;
+    assert_eq!(
+        answers.get("a value the schema refuses").json()["location"],
+        "/on"
+    );
     cluster.shutdown().await;
 }
 
@@ -1297,182 +713,55 @@ async fn small_node(rec: &mut Recorder) {
         c.ofrep_type = Some(1);
     })
     .await;
-    let n = &cluster.slots[0].http.to_string();
+    let n: &str = &cluster.slots[0].http.to_string();
     use Method as M;
+    let value = "v".repeat(65);
     let big = "v".repeat(2000);
-    rec.expect(
-        413,
-        "value too large",
-        n,
-        M::PUT,
-        "/v1/cache/1/k",
-        &[],
-        "v".repeat(65),
-    )
-    .await;
-    rec.expect(
-        413,
-        "body too large",
-        n,
-        M::PUT,
-        "/v1/cache/1/k",
-        &[],
-        big.clone(),
-    )
-    .await;
-    rec.expect(
-        413,
-        "batch too large",
-        n,
-        M::POST,
-        "/v1/cache/1",
-        &[],
-        r#"{"a":"1","b":"2","c":"3","d":"4"}"#,
-    )
-    .await;
-    rec.expect(
-        413,
-        "batch body too large",
-        n,
-        M::POST,
-        "/v1/cache/1",
-        &[],
-        format!(r#"{{"a":"{big}"}}"#),
-    )
-    .await;
-    for path in ["/ofrep/v1/evaluate/flags/k", "/ofrep/v1/evaluate/flags"] {
-        let context = format!(r#"{{"context":{{"x":"{big}"}}}}"#);
-        rec.expect(
-            413,
-            "OFREP context too large",
-            n,
-            M::POST,
-            path,
-            &[],
-            context,
-        )
-        .await;
-    }
-    rec.expect(
-        413,
-        "import too large",
-        n,
-        M::POST,
-        "/v1/import",
-        &[],
-        big.clone(),
-    )
-    .await;
-    rec.expect(
-        200,
-        "fill type 1",
-        n,
-        M::POST,
-        "/v1/cache/1",
-        &[("content-type", "application/json")],
-        r#"{"k1":"1","k2":"2"}"#,
-    )
-    .await;
-    let k2 = rec
-        .expect(
-            200,
-            "history of k2",
-            n,
-            M::GET,
-            "/v1/cache/1/k2/history",
-            &[],
-            "",
-        )
-        .await;
-    let v2 = k2.json()["versions"][0]["version"]
+    let big_batch = format!(r#"{{"a":"{big}"}}"#);
+    let big_context = format!(r#"{{"context":{{"x":"{big}"}}}}"#);
+    let json_type = [("content-type", "application/json")];
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (413, "value too large", n, M::PUT, "/v1/cache/1/k", &[], value.as_bytes()),
+        (413, "body too large", n, M::PUT, "/v1/cache/1/k", &[], big.as_bytes()),
+        (413, "batch too large", n, M::POST, "/v1/cache/1", &[], br#"{"a":"1","b":"2","c":"3","d":"4"}"#),
+        (413, "batch body too large", n, M::POST, "/v1/cache/1", &[], big_batch.as_bytes()),
+        (413, "OFREP context too large", n, M::POST, "/ofrep/v1/evaluate/flags/k", &[], big_context.as_bytes()),
+        (413, "OFREP context too large", n, M::POST, "/ofrep/v1/evaluate/flags", &[], big_context.as_bytes()),
+        (413, "import too large", n, M::POST, "/v1/import", &[], big.as_bytes()),
+        (200, "fill type 1", n, M::POST, "/v1/cache/1", &json_type, br#"{"k1":"1","k2":"2"}"#),
+        (200, "history of k2", n, M::GET, "/v1/cache/1/k2/history", &[], b""),
+    ];
+    let answers = rec.run(cases).await;
+    let v2 = answers.get("history of k2").json()["versions"][0]["version"]
         .as_str()
         .expect("a version")
         .to_owned();
-    rec.expect(200, "delete k2", n, M::DELETE, "/v1/cache/1/k2", &[], "")
-        .await;
-    rec.expect(
-        200,
-        "k5 takes its place",
-        n,
-        M::PUT,
-        "/v1/cache/1/k5",
-        &[],
-        "5",
-    )
-    .await;
-    rec.expect(
-        507,
-        "rollback past the capacity",
-        n,
-        M::POST,
-        &format!("/v1/cache/1/k2/rollback?version={v2}"),
-        &[],
-        "",
-    )
-    .await;
-    let full = rec
-        .expect(
-            507,
-            "entries per type",
-            n,
-            M::PUT,
-            "/v1/cache/1/k3",
-            &[],
-            "3",
-        )
-        .await;
-    assert_eq!(full.json()["error"], "capacity_exhausted");
-    rec.expect(
-        507,
-        "entries per type, batch",
-        n,
-        M::POST,
-        "/v1/cache/1",
-        &[],
-        r#"{"k4":"4"}"#,
-    )
-    .await;
-    rec.expect(200, "a second type", n, M::PUT, "/v1/cache/2/k", &[], "v")
-        .await;
-    let types = rec
-        .expect(507, "max types", n, M::PUT, "/v1/cache/3/k", &[], "v")
-        .await;
-    assert!(types.body.contains("--max-types"), "{}", types.body);
-    // A schema is an entry of one more (reserved) type.
-    rec.expect(
-        507,
-        "a schema past --max-types",
-        n,
-        M::PUT,
-        "/v1/schema/1",
-        &[],
-        r#"{"type":"string"}"#,
-    )
-    .await;
+
+    let back_to_v2 = format!("/v1/cache/1/k2/rollback?version={v2}");
     let schema_big = format!(r#"{{"description":"{}"}}"#, "d".repeat(200));
-    let too_big = rec
-        .expect(
-            413,
-            "a schema over --max-schema-bytes",
-            n,
-            M::PUT,
-            "/v1/schema/1",
-            &[],
-            schema_big,
-        )
-        .await;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "delete k2", n, M::DELETE, "/v1/cache/1/k2", &[], b""),
+        (200, "k5 takes its place", n, M::PUT, "/v1/cache/1/k5", &[], b"5"),
+        (507, "rollback past the capacity", n, M::POST, &back_to_v2, &[], b""),
+        (507, "entries per type", n, M::PUT, "/v1/cache/1/k3", &[], b"3"),
+        (507, "entries per type, batch", n, M::POST, "/v1/cache/1", &[], br#"{"k4":"4"}"#),
+        (200, "a second type", n, M::PUT, "/v1/cache/2/k", &[], b"v"),
+        (507, "max types", n, M::PUT, "/v1/cache/3/k", &[], b"v"),
+        // A schema is an entry of one more (reserved) type.
+        (507, "a schema past --max-types", n, M::PUT, "/v1/schema/1", &[], br#"{"type":"string"}"#),
+        (413, "a schema over --max-schema-bytes", n, M::PUT, "/v1/schema/1", &[], schema_big.as_bytes()),
+        (200, "cluster with a data directory", n, M::GET, "/v1/cluster", &[], b""),
+    ];
+    let answers = rec.run(cases).await;
+    let full = answers.get("entries per type");
+    assert_eq!(full.json()["error"], "capacity_exhausted");
+    let types = answers.get("max types");
+    assert!(types.body.contains("--max-types"), "{}", types.body);
+    let too_big = answers.get("a schema over --max-schema-bytes");
     assert_eq!(too_big.json()["error"], "schema_too_large");
-    let view = rec
-        .expect(
-            200,
-            "cluster with a data directory",
-            n,
-            M::GET,
-            "/v1/cluster",
-            &[],
-            "",
-        )
-        .await;
+    let view = answers.get("cluster with a data directory");
     assert_eq!(view.json()["data_dir"]["fsync"], "interval");
 
     // The one watch stream allowed, then one too many.
@@ -1516,39 +805,33 @@ async fn small_node(rec: &mut Recorder) {
         },
     )
     .await;
-    for (method, path, body) in [
-        (M::GET, "/v1/cache/1/k1", ""),
-        (M::HEAD, "/v1/cache/1/k1", ""),
-        (M::PUT, "/v1/cache/1/k1", "v"),
-        (M::DELETE, "/v1/cache/1/k1", ""),
-        (M::GET, "/v1/cache/1/k1/history", ""),
-        (
-            M::POST,
-            "/v1/cache/1/k1/rollback?version=1.0@0000000000000001",
-            "",
-        ),
-        (M::GET, "/v1/cache/1", ""),
-        (M::POST, "/v1/cache/1", r#"{"k1":"v"}"#),
-        (M::GET, "/v1/watch/1", ""),
-        (M::GET, "/v1/export", ""),
-        (M::POST, "/v1/import", ""),
-        (M::GET, "/v1/cluster", ""),
-        (M::GET, "/metrics", ""),
-        (M::GET, "/", ""),
-        (M::GET, "/openapi.json", ""),
-        (M::POST, "/ofrep/v1/evaluate/flags/k1", ""),
-        (M::POST, "/ofrep/v1/evaluate/flags", ""),
-        (M::GET, "/v1/schema/1", ""),
-        (M::PUT, "/v1/schema/1", "{}"),
-        (M::DELETE, "/v1/schema/1", ""),
-    ] {
-        rec.expect(503, "requests over the limit", n, method, path, &[], body)
-            .await;
-    }
-    rec.expect(200, "probes pass", n, M::GET, "/healthz", &[], "")
-        .await;
-    rec.expect(200, "probes pass", n, M::GET, "/readyz", &[], "")
-        .await;
+    let over = "requests over the limit";
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (503, over, n, M::GET, "/v1/cache/1/k1", &[], b""),
+        (503, over, n, M::HEAD, "/v1/cache/1/k1", &[], b""),
+        (503, over, n, M::PUT, "/v1/cache/1/k1", &[], b"v"),
+        (503, over, n, M::DELETE, "/v1/cache/1/k1", &[], b""),
+        (503, over, n, M::GET, "/v1/cache/1/k1/history", &[], b""),
+        (503, over, n, M::POST, "/v1/cache/1/k1/rollback?version=1.0@0000000000000001", &[], b""),
+        (503, over, n, M::GET, "/v1/cache/1", &[], b""),
+        (503, over, n, M::POST, "/v1/cache/1", &[], br#"{"k1":"v"}"#),
+        (503, over, n, M::GET, "/v1/watch/1", &[], b""),
+        (503, over, n, M::GET, "/v1/export", &[], b""),
+        (503, over, n, M::POST, "/v1/import", &[], b""),
+        (503, over, n, M::GET, "/v1/cluster", &[], b""),
+        (503, over, n, M::GET, "/metrics", &[], b""),
+        (503, over, n, M::GET, "/", &[], b""),
+        (503, over, n, M::GET, "/openapi.json", &[], b""),
+        (503, over, n, M::POST, "/ofrep/v1/evaluate/flags/k1", &[], b""),
+        (503, over, n, M::POST, "/ofrep/v1/evaluate/flags", &[], b""),
+        (503, over, n, M::GET, "/v1/schema/1", &[], b""),
+        (503, over, n, M::PUT, "/v1/schema/1", &[], b"{}"),
+        (503, over, n, M::DELETE, "/v1/schema/1", &[], b""),
+        (200, "probes pass", n, M::GET, "/healthz", &[], b""),
+        (200, "probes pass", n, M::GET, "/readyz", &[], b""),
+    ];
+    rec.run(cases).await;
     drop(stalled);
     rec.finish(held);
     wait_until("the slot is free again", Duration::from_secs(10), || {
@@ -1598,37 +881,22 @@ async fn token_node(rec: &mut Recorder) {
         c.ofrep_type = Some(1);
     })
     .await;
-    let n = &cluster.slots[0].http.to_string();
+    let n: &str = &cluster.slots[0].http.to_string();
     use Method as M;
     let read_auth = format!("Bearer {READ}");
     let write_auth = format!("Bearer {WRITE}");
     let reader = [("authorization", read_auth.as_str())];
     let writer = [("authorization", write_auth.as_str())];
     let wrong = [("authorization", "Bearer not-a-token-of-this-node")];
-    let written = rec
-        .expect(
-            200,
-            "a write token writes",
-            n,
-            M::PUT,
-            "/v1/cache/1/k",
-            &writer,
-            "v",
-        )
-        .await;
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "a write token writes", n, M::PUT, "/v1/cache/1/k", &writer, b"v"),
+        (200, "a read token reads", n, M::GET, "/v1/cache/1/k", &reader, b""),
+        (401, "a wrong token", n, M::GET, "/v1/cache/1/k", &wrong, b""),
+    ];
+    let answers = rec.run(cases).await;
+    let written = answers.get("a write token writes");
     assert_eq!(written.json()["author"], "flags-team", "the token's name");
-    rec.expect(
-        200,
-        "a read token reads",
-        n,
-        M::GET,
-        "/v1/cache/1/k",
-        &reader,
-        "",
-    )
-    .await;
-    rec.expect(401, "a wrong token", n, M::GET, "/v1/cache/1/k", &wrong, "")
-        .await;
     let guarded = [
         (M::GET, "/v1/cache/1/k", ""),
         (M::HEAD, "/v1/cache/1/k", ""),
@@ -1651,39 +919,34 @@ async fn token_node(rec: &mut Recorder) {
         (M::PUT, "/v1/schema/1", "{}"),
         (M::DELETE, "/v1/schema/1", ""),
     ];
-    // A token limited to type 5: every read of type 1 is refused.
+    // A token limited to type 5: every read of type 1 is refused, with
+    // forbidden_type in the body (HEAD has none).
     let scoped_auth = format!("Bearer {SCOPED}");
     let scoped = [
         ("authorization", scoped_auth.as_str()),
         ("content-type", "application/json"),
     ];
-    for (method, path, body) in [
-        (M::GET, "/v1/cache/1/k", ""),
-        (M::HEAD, "/v1/cache/1/k", ""),
-        (M::GET, "/v1/cache/1/k/history", ""),
-        (M::GET, "/v1/cache/1", ""),
-        (M::GET, "/v1/watch/1", ""),
-        (M::GET, "/v1/export?type=1", ""),
-        (M::GET, "/v1/export", ""),
-        (M::GET, "/v1/schema/1", ""),
-        (M::POST, "/ofrep/v1/evaluate/flags/k", "{}"),
-        (M::POST, "/ofrep/v1/evaluate/flags", "{}"),
-    ] {
-        let answer = rec
-            .expect(
-                403,
-                "a token of other types",
-                n,
-                method.clone(),
-                path,
-                &scoped,
-                body,
-            )
-            .await;
-        if method != M::HEAD {
+    let other = "a token of other types";
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (403, other, n, M::GET, "/v1/cache/1/k", &scoped, b""),
+        (403, other, n, M::HEAD, "/v1/cache/1/k", &scoped, b""),
+        (403, other, n, M::GET, "/v1/cache/1/k/history", &scoped, b""),
+        (403, other, n, M::GET, "/v1/cache/1", &scoped, b""),
+        (403, other, n, M::GET, "/v1/watch/1", &scoped, b""),
+        (403, other, n, M::GET, "/v1/export?type=1", &scoped, b""),
+        (403, other, n, M::GET, "/v1/export", &scoped, b""),
+        (403, other, n, M::GET, "/v1/schema/1", &scoped, b""),
+        (403, other, n, M::POST, "/ofrep/v1/evaluate/flags/k", &scoped, b"{}"),
+        (403, other, n, M::POST, "/ofrep/v1/evaluate/flags", &scoped, b"{}"),
+    ];
+    let answers = rec.run(cases).await;
+    for ((_, _, _, method, path, ..), (_, answer)) in cases.iter().zip(&answers.0) {
+        if *method != M::HEAD {
             assert_eq!(answer.json()["error"], "forbidden_type", "{path}");
         }
     }
+    // Each guarded request without a token; each write with a read token.
     for (method, path, body) in guarded {
         let writes = !matches!(method, M::GET | M::HEAD);
         rec.expect(401, "no token", n, method.clone(), path, &[], body)
@@ -1693,44 +956,21 @@ async fn token_node(rec: &mut Recorder) {
                 .await;
         }
     }
-    for path in ["/healthz", "/readyz", "/", "/openapi.json"] {
-        rec.expect(200, "open without a token", n, M::GET, path, &[], "")
-            .await;
-    }
-    for path in ["/ofrep/v1/evaluate/flags/k", "/ofrep/v1/evaluate/flags"] {
-        let json_type = ("content-type", "application/json");
-        rec.expect(
-            401,
-            "OFREP without a token",
-            n,
-            M::POST,
-            path,
-            &[json_type],
-            "{}",
-        )
-        .await;
-        let headers = [reader[0], json_type];
-        rec.expect(
-            200,
-            "OFREP with a read token",
-            n,
-            M::POST,
-            path,
-            &headers,
-            "{}",
-        )
-        .await;
-    }
-    rec.expect(
-        405,
-        "an open path, another method",
-        n,
-        M::POST,
-        "/openapi.json",
-        &[],
-        "",
-    )
-    .await;
+    let json_type = ("content-type", "application/json");
+    let read_json = [reader[0], json_type];
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "open without a token", n, M::GET, "/healthz", &[], b""),
+        (200, "open without a token", n, M::GET, "/readyz", &[], b""),
+        (200, "open without a token", n, M::GET, "/", &[], b""),
+        (200, "open without a token", n, M::GET, "/openapi.json", &[], b""),
+        (401, "OFREP without a token", n, M::POST, "/ofrep/v1/evaluate/flags/k", &[json_type], b"{}"),
+        (200, "OFREP with a read token", n, M::POST, "/ofrep/v1/evaluate/flags/k", &read_json, b"{}"),
+        (401, "OFREP without a token", n, M::POST, "/ofrep/v1/evaluate/flags", &[json_type], b"{}"),
+        (200, "OFREP with a read token", n, M::POST, "/ofrep/v1/evaluate/flags", &read_json, b"{}"),
+        (405, "an open path, another method", n, M::POST, "/openapi.json", &[], b""),
+    ];
+    rec.run(cases).await;
     cluster.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -1739,88 +979,40 @@ async fn token_node(rec: &mut Recorder) {
 /// `ETag` and 304, and each OFREP error.
 async fn ofrep_pair(rec: &mut Recorder) {
     let cluster = Cluster::start_with(2, |c| c.ofrep_type = Some(3)).await;
-    let n0 = &cluster.slots[0].http.to_string();
-    let n1 = &cluster.slots[1].http.to_string();
+    let n0: &str = &cluster.slots[0].http.to_string();
+    let n1: &str = &cluster.slots[1].http.to_string();
     use Method as M;
     let flags = r#"{"on":"true","text":"hello","n":"2.5","obj":"{\"a\":1}","dir/x":"slash",
         "def":"{\"state\":\"ENABLED\",\"variants\":{\"a\":1,\"b\":2},\"defaultVariant\":\"b\",\"targeting\":{\"if\":[true,\"a\"]},\"metadata\":{\"team\":\"web\"}}",
         "off":"{\"state\":\"DISABLED\",\"variants\":{\"a\":1},\"defaultVariant\":\"a\"}",
         "bad":"{\"state\":\"ON\",\"variants\":{}}"}"#;
-    let json_type = ("content-type", "application/json");
-    rec.expect(
-        200,
-        "the flags",
-        n0,
-        M::POST,
-        "/v1/cache/3?wait=all",
-        &[json_type],
-        flags,
-    )
-    .await;
-    let ctx = r#"{"context":{"targetingKey":"user-1","plan":"pro"}}"#;
-    let one = "/ofrep/v1/evaluate/flags";
-    for key in ["on", "text", "n", "obj", "dir%2Fx", "def", "off"] {
-        let path = format!("{one}/{key}");
-        rec.expect(200, "OFREP flag", n1, M::POST, &path, &[json_type], ctx)
-            .await;
-    }
-    rec.expect(
-        200,
-        "OFREP, no body",
-        n1,
-        M::POST,
-        "/ofrep/v1/evaluate/flags/on",
-        &[],
-        "",
-    )
-    .await;
-    let missing = rec
-        .expect(
-            404,
-            "OFREP, no such flag",
-            n1,
-            M::POST,
-            "/ofrep/v1/evaluate/flags/nope",
-            &[json_type],
-            ctx,
-        )
-        .await;
+    let json = [("content-type", "application/json")];
+    let ctx = r#"{"context":{"targetingKey":"user-1","plan":"pro"}}"#.as_bytes();
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (200, "the flags", n0, M::POST, "/v1/cache/3?wait=all", &json, flags.as_bytes()),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/on", &json, ctx),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/text", &json, ctx),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/n", &json, ctx),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/obj", &json, ctx),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/dir%2Fx", &json, ctx),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/def", &json, ctx),
+        (200, "OFREP flag", n1, M::POST, "/ofrep/v1/evaluate/flags/off", &json, ctx),
+        (200, "OFREP, no body", n1, M::POST, "/ofrep/v1/evaluate/flags/on", &[], b""),
+        (404, "OFREP, no such flag", n1, M::POST, "/ofrep/v1/evaluate/flags/nope", &json, ctx),
+        (400, "OFREP, malformed definition", n0, M::POST, "/ofrep/v1/evaluate/flags/bad", &json, ctx),
+        (400, "OFREP, not JSON", n0, M::POST, "/ofrep/v1/evaluate/flags/on", &json, b"{"),
+        (400, "OFREP, context not an object", n0, M::POST, "/ofrep/v1/evaluate/flags/on", &json, br#"{"context":[]}"#),
+        (400, "OFREP, empty key", n0, M::POST, "/ofrep/v1/evaluate/flags/", &json, ctx),
+        (400, "OFREP, key not UTF-8", n0, M::POST, "/ofrep/v1/evaluate/flags/%FF", &json, ctx),
+        (400, "OFREP bulk, not JSON", n0, M::POST, "/ofrep/v1/evaluate/flags", &json, b"{"),
+        (400, "OFREP bulk, bad targetingKey", n0, M::POST, "/ofrep/v1/evaluate/flags", &json, br#"{"context":{"targetingKey":1}}"#),
+        (200, "OFREP bulk", n0, M::POST, "/ofrep/v1/evaluate/flags", &json, ctx),
+    ];
+    let answers = rec.run(cases).await;
+    let missing = answers.get("OFREP, no such flag");
     assert_eq!(missing.json()["errorCode"], "FLAG_NOT_FOUND");
-    for (note, path, body) in [
-        (
-            "OFREP, malformed definition",
-            "/ofrep/v1/evaluate/flags/bad",
-            ctx,
-        ),
-        ("OFREP, not JSON", "/ofrep/v1/evaluate/flags/on", "{"),
-        (
-            "OFREP, context not an object",
-            "/ofrep/v1/evaluate/flags/on",
-            r#"{"context":[]}"#,
-        ),
-        ("OFREP, empty key", "/ofrep/v1/evaluate/flags/", ctx),
-        ("OFREP, key not UTF-8", "/ofrep/v1/evaluate/flags/%FF", ctx),
-        ("OFREP bulk, not JSON", "/ofrep/v1/evaluate/flags", "{"),
-        (
-            "OFREP bulk, bad targetingKey",
-            "/ofrep/v1/evaluate/flags",
-            r#"{"context":{"targetingKey":1}}"#,
-        ),
-    ] {
-        rec.expect(400, note, n0, M::POST, path, &[json_type], body)
-            .await;
-    }
-    let bulk = rec
-        .expect(
-            200,
-            "OFREP bulk",
-            n0,
-            M::POST,
-            "/ofrep/v1/evaluate/flags",
-            &[json_type],
-            ctx,
-        )
-        .await;
+    let bulk = answers.get("OFREP bulk");
     assert_eq!(
         bulk.json()["flags"].as_array().map(Vec::len),
         Some(8),
@@ -1834,8 +1026,8 @@ async fn ofrep_pair(rec: &mut Recorder) {
                 n0,
                 &M::POST,
                 "/ofrep/v1/evaluate/flags",
-                &[json_type],
-                &Bytes::from(ctx),
+                &json,
+                &Bytes::from_static(ctx),
             )
             .await;
         response.headers()["etag"]
@@ -1843,48 +1035,16 @@ async fn ofrep_pair(rec: &mut Recorder) {
             .expect("ETag")
             .to_owned()
     };
-    let unchanged = [json_type, ("if-none-match", tag.as_str())];
-    rec.expect(
-        304,
-        "OFREP bulk, unchanged",
-        n1,
-        M::POST,
-        "/ofrep/v1/evaluate/flags",
-        &unchanged,
-        ctx,
-    )
-    .await;
-    let stale = [json_type, ("if-none-match", "\"0123\"")];
-    rec.expect(
-        200,
-        "OFREP bulk, changed",
-        n1,
-        M::POST,
-        "/ofrep/v1/evaluate/flags",
-        &stale,
-        ctx,
-    )
-    .await;
-    rec.expect(
-        405,
-        "OFREP, GET",
-        n0,
-        M::GET,
-        "/ofrep/v1/evaluate/flags/on",
-        &[],
-        "",
-    )
-    .await;
-    rec.expect(
-        405,
-        "OFREP bulk, GET",
-        n0,
-        M::GET,
-        "/ofrep/v1/evaluate/flags",
-        &[],
-        "",
-    )
-    .await;
+    let unchanged = [json[0], ("if-none-match", tag.as_str())];
+    let stale = [json[0], ("if-none-match", "\"0123\"")];
+    #[rustfmt::skip]
+    let cases: &[Case] = &[
+        (304, "OFREP bulk, unchanged", n1, M::POST, "/ofrep/v1/evaluate/flags", &unchanged, ctx),
+        (200, "OFREP bulk, changed", n1, M::POST, "/ofrep/v1/evaluate/flags", &stale, ctx),
+        (405, "OFREP, GET", n0, M::GET, "/ofrep/v1/evaluate/flags/on", &[], b""),
+        (405, "OFREP bulk, GET", n0, M::GET, "/ofrep/v1/evaluate/flags", &[], b""),
+    ];
+    rec.run(cases).await;
     cluster.shutdown().await;
 }
 
