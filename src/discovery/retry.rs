@@ -30,7 +30,10 @@ pub(super) enum Ended {
 
 /// The pause before the next session: 100 ms after the first failure,
 /// doubling with every failure after it, at most 5 s; a relist goes on at
-/// once and starts the pauses over.
+/// once and starts the pauses over, and so does a failure that ended a
+/// session that had run for longer than the longest pause (it served: an
+/// etcd that fails once after hours is retried at once, not at the pause
+/// reached by failures long ago).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Backoff {
     next: Duration,
@@ -44,9 +47,12 @@ impl Backoff {
         Self { next: Self::FIRST }
     }
 
-    /// What to do after a session ended so: `None` stops, else the pause
-    /// before the next session.
-    pub(super) fn after(&mut self, ended: &Ended) -> Option<Duration> {
+    /// What to do after a session that `lasted` so long ended so: `None`
+    /// stops, else the pause before the next session.
+    pub(super) fn after(&mut self, ended: &Ended, lasted: Duration) -> Option<Duration> {
+        if lasted > Self::MOST {
+            self.next = Self::FIRST;
+        }
         match ended {
             Ended::Done => None,
             Ended::Relist(_) => {
@@ -78,12 +84,15 @@ impl Backoff {
 #[derive(Debug)]
 pub(super) struct Retry {
     backoff: Backoff,
+    /// When the current session started.
+    started: tokio::time::Instant,
 }
 
 impl Retry {
     pub(super) fn new() -> Self {
         Self {
             backoff: Backoff::new(),
+            started: tokio::time::Instant::now(),
         }
     }
 
@@ -99,7 +108,7 @@ impl Retry {
         publisher: &mut Publisher,
         ctx: &DiscoveryContext,
     ) -> bool {
-        let pause = self.backoff.after(&ended);
+        let pause = self.backoff.after(&ended, self.started.elapsed());
         match ended {
             Ended::Relist(reason) => {
                 ctx.metrics
@@ -116,7 +125,7 @@ impl Retry {
             }
             Ended::Done => {}
         }
-        match pause {
+        let go_on = match pause {
             None => false,
             Some(pause) if pause.is_zero() => !ctx.cancel.is_cancelled(),
             Some(pause) => {
@@ -125,7 +134,9 @@ impl Retry {
                     _ = tokio::time::sleep(pause) => true,
                 }
             }
-        }
+        };
+        self.started = tokio::time::Instant::now();
+        go_on
     }
 }
 
@@ -140,16 +151,47 @@ mod tests {
     fn failures_double_the_pause_up_to_five_seconds_and_a_relist_starts_over() {
         let mut backoff = Backoff::new();
         let failed = Ended::Failed("down".into());
+        let short = Duration::from_millis(10);
         let pauses: Vec<u64> = (0..8)
-            .map(|_| backoff.after(&failed).map_or(0, |d| d.as_millis() as u64))
+            .map(|_| {
+                backoff
+                    .after(&failed, short)
+                    .map_or(0, |d| d.as_millis() as u64)
+            })
             .collect();
         assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(
-            backoff.after(&Ended::Relist("compacted")),
+            backoff.after(&Ended::Relist("compacted"), short),
             Some(Duration::ZERO)
         );
-        assert_eq!(backoff.after(&failed), Some(Duration::from_millis(100)));
-        assert_eq!(backoff.after(&Ended::Done), None);
+        assert_eq!(
+            backoff.after(&failed, short),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(backoff.after(&Ended::Done, short), None);
+    }
+
+    #[test]
+    fn a_failure_after_a_session_that_served_starts_the_pauses_over() {
+        let mut backoff = Backoff::new();
+        let failed = Ended::Failed("down".into());
+        for _ in 0..8 {
+            backoff.after(&failed, Duration::from_millis(10));
+        }
+        assert_eq!(
+            backoff.after(&failed, Duration::from_millis(10)),
+            Some(Duration::from_secs(5)),
+            "a session that failed at once keeps the pause"
+        );
+        assert_eq!(
+            backoff.after(&failed, Duration::from_secs(6)),
+            Some(Duration::from_millis(100)),
+            "one that ran longer than the longest pause served"
+        );
+        assert_eq!(
+            backoff.after(&failed, Duration::from_millis(10)),
+            Some(Duration::from_millis(200))
+        );
     }
 
     fn ctx() -> (DiscoveryContext, watch::Receiver<PeerSet>) {
