@@ -477,7 +477,8 @@ struct LimitArgs {
           default_value_t = Limits::default().max_batch_entries)]
     max_batch_entries: usize,
     /// Remote timestamps further ahead of local wall time than this are
-    /// refused (milliseconds here; the flag takes a duration).
+    /// refused.
+    // Held in milliseconds; the flag takes a duration.
     #[arg(long = "max-clock-drift", env = "PODCACHE_MAX_CLOCK_DRIFT", help_heading = "Replication",
           value_name = "DURATION", value_parser = crate::units::parse_duration_ms,
           default_value = format_duration(Duration::from_millis(Limits::default().max_clock_drift_ms)))]
