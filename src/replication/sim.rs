@@ -278,10 +278,7 @@ impl SimNet {
     /// Starts the links of `node`'s current incarnation to every other
     /// node, and its anti-entropy loop (with restarts).
     fn start(self: &Arc<Self>, node: usize, stop: &CancellationToken) {
-        let (replica, incarnation) = {
-            let slot = lock(&self.slots[node]);
-            (slot.replica.clone(), slot.incarnation)
-        };
+        let replica = self.replica(node);
         let (repair_tx, repair_rx) = tokio::sync::mpsc::channel(64);
         let ctx = Arc::new(LinkContext {
             replica: replica.clone(),
@@ -325,11 +322,11 @@ impl SimNet {
                 stop.clone(),
             )));
         }
+        // Called right after the incarnation was installed, with no await
+        // between: it is still the current one.
         let mut slot = lock(&self.slots[node]);
-        if slot.incarnation == incarnation {
-            slot.tasks = tasks;
-            slot.links = links;
-        }
+        slot.tasks = tasks;
+        slot.links = links;
     }
 
     /// `node` as discovery names it to its peers.
@@ -399,7 +396,7 @@ impl SimNet {
     /// data directory held (`fresh`: on an empty volume). Returns once
     /// the new incarnation is ready.
     async fn restart(self: &Arc<Self>, node: usize, fresh: bool, stop: &CancellationToken) {
-        let (old, disk) = {
+        let disk = {
             let mut slot = lock(&self.slots[node]);
             slot.up = false;
             for task in slot.tasks.drain(..) {
@@ -420,13 +417,11 @@ impl SimNet {
                 // the pull and from repairs, not from fan-out.
                 self.mixed[node].store(true, Ordering::SeqCst);
             }
-            let disk = match (&slot.disk, fresh) {
+            match (&slot.disk, fresh) {
                 (Some(disk), false) => disk.image().restarted(),
                 _ => SimDisk::default(),
-            };
-            (slot.replica.clone(), disk)
+            }
         };
-        drop(old);
         let pause = 50 + self.rng().below(1000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let incarnation = self.incarnation(node) + 1;
