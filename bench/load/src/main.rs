@@ -70,6 +70,21 @@ enum Workload {
     Cas,
 }
 
+/// Which node each operation goes to, and on which connection.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Spread {
+    /// Every operation to one node (writes: the first target; reads:
+    /// `--read-from`), on the worker's one kept-alive connection.
+    None,
+    /// Every operation to a node picked at random, on a new connection
+    /// (a Kubernetes Service spreading clients that do not keep
+    /// connections): connecting is part of each operation's latency.
+    New,
+    /// Every operation to a node picked at random, on the worker's
+    /// kept-alive connection to that node (one per node).
+    Kept,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Observe {
     Watch,
@@ -122,6 +137,50 @@ struct Args {
     /// A query string for podcache's writes, e.g. `wait=all`.
     #[arg(long, default_value = "")]
     query: String,
+    /// Which node each operation of `write`, `batch`, `read`, `ofrep` and
+    /// `cas` goes to.
+    #[arg(long, default_value = "none")]
+    spread: Spread,
+}
+
+/// A worker's connections: one per target, opened when first used.
+struct Conns {
+    system: System,
+    targets: Vec<String>,
+    open: Vec<Option<Conn>>,
+}
+
+impl Conns {
+    fn new(system: System, targets: Vec<String>) -> Self {
+        let open = targets.iter().map(|_| None).collect();
+        Self {
+            system,
+            targets,
+            open,
+        }
+    }
+
+    /// The connection to target `i`, opened if there is none.
+    async fn get(&mut self, i: usize) -> anyhow::Result<&mut Conn> {
+        let slot = &mut self.open[i];
+        if slot.is_none() {
+            *slot = Some(connect(self.system, &self.targets[i]).await?);
+        }
+        slot.as_mut().context("a connection was just opened")
+    }
+
+    fn close(&mut self, i: usize) {
+        self.open[i] = None;
+    }
+}
+
+/// A well-mixed 64-bit value from `n` (splitmix64's finaliser): picks a
+/// spread operation's node independently of its key.
+fn mix(mut n: u64) -> u64 {
+    n = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    n = (n ^ (n >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    n = (n ^ (n >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    n ^ (n >> 31)
 }
 
 /// One connection to one node.
@@ -479,11 +538,9 @@ fn summary(
 
 /// Runs `workload` with `connections` workers; returns the summary.
 async fn run_load(args: Arc<Args>, workload: Workload) -> anyhow::Result<serde_json::Value> {
-    let target = match workload {
-        Workload::Read | Workload::Ofrep => {
-            args.targets[args.read_from.min(args.targets.len() - 1)].clone()
-        }
-        _ => args.targets[0].clone(),
+    let fixed = match workload {
+        Workload::Read | Workload::Ofrep => args.read_from.min(args.targets.len() - 1),
+        _ => 0,
     };
     let value = Bytes::from(vec![b'v'; args.value_size]);
     let measuring = Arc::new(AtomicBool::new(false));
@@ -498,17 +555,20 @@ async fn run_load(args: Arc<Args>, workload: Workload) -> anyhow::Result<serde_j
         None
     };
     for w in 0..args.connections {
-        let (args, value, measuring, stop, counter, target) = (
+        let (args, value, measuring, stop, counter) = (
             args.clone(),
             value.clone(),
             measuring.clone(),
             stop.clone(),
             counter.clone(),
-            target.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-            let mut conn = connect(args.system, &target).await?;
+            let mut conns = Conns::new(args.system, args.targets.clone());
+            if args.spread == Spread::None {
+                // Fails the run at once when the node is not there.
+                conns.get(fixed).await?;
+            }
             let (mut ops, mut errors) = (0u64, 0u64);
             let mut next = Instant::now();
             let mut n = w as u64 * 7_919;
@@ -520,8 +580,20 @@ async fn run_load(args: Arc<Args>, workload: Workload) -> anyhow::Result<serde_j
                     }
                 }
                 n = n.wrapping_add(counter.fetch_add(1, Ordering::Relaxed));
+                let target = match args.spread {
+                    Spread::None => fixed,
+                    Spread::New | Spread::Kept => (mix(n) % args.targets.len() as u64) as usize,
+                };
                 let started = Instant::now();
-                let result = op(&mut conn, workload, n, &args, &value).await;
+                let result = match conns.get(target).await {
+                    Ok(conn) => op(conn, workload, n, &args, &value).await,
+                    Err(e) => Err(e),
+                };
+                if result.is_err() || args.spread == Spread::New {
+                    // A failed connection is opened again for the next
+                    // operation; a spread one is new for each.
+                    conns.close(target);
+                }
                 if measuring.load(Ordering::Relaxed) {
                     match result {
                         Ok(()) => {
@@ -530,9 +602,6 @@ async fn run_load(args: Arc<Args>, workload: Workload) -> anyhow::Result<serde_j
                         }
                         Err(_) => errors += 1,
                     }
-                } else if result.is_err() {
-                    // Reconnect after a failure during warm-up.
-                    conn = connect(args.system, &target).await?;
                 }
             }
             Ok::<_, anyhow::Error>((hist, ops, errors))
