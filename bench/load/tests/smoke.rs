@@ -38,6 +38,15 @@ async fn cluster(n: u8) -> Vec<NodeHandle> {
     nodes
 }
 
+/// The writes a node served over REST (its `podcache_requests_total{op="set"}`).
+fn sets(node: &NodeHandle) -> u64 {
+    node.render_metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix("podcache_requests_total{op=\"set\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn run(targets: &str, args: &[&str]) -> serde_json::Value {
     let out = Command::new(BIN)
         .args(["--system", "podcache", "--targets", targets])
@@ -75,6 +84,27 @@ async fn the_load_tool_runs_every_workload_against_podcache() {
             "{workload}: {result}"
         );
     }
+    // Spread over the nodes: every node took some of the writes.
+    for spread in ["new", "kept"] {
+        let before: Vec<u64> = nodes.iter().map(sets).collect();
+        let result = tokio::task::block_in_place(|| {
+            run(
+                &targets,
+                &["--workload", "write", "--spread", spread, "--keys", "1000"],
+            )
+        });
+        assert!(
+            result["ops"].as_u64().is_some_and(|n| n > 0),
+            "{spread}: {result}"
+        );
+        assert_eq!(result["errors"], 0, "{spread}: {result}");
+        for (node, before) in nodes.iter().zip(before) {
+            assert!(
+                sets(node) > before,
+                "{spread}: every node took writes: {result}"
+            );
+        }
+    }
     for observe in ["watch", "poll"] {
         let lag = tokio::task::block_in_place(|| {
             run(
@@ -104,4 +134,39 @@ async fn the_load_tool_runs_every_workload_against_podcache() {
     for node in nodes {
         node.shutdown().await;
     }
+}
+
+/// The HTTP ceiling server answers the load tool's PUTs and GETs.
+#[test]
+fn the_ceiling_server_answers_the_write_and_read_loads() {
+    let block = (std::process::id() % 250) as u8;
+    let addr = SocketAddr::new(Ipv4Addr::new(127, 251, block, 2).into(), 0);
+    let port = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let addr = SocketAddr::new(addr.ip(), port);
+    let mut server = Command::new(env!("CARGO_BIN_EXE_podcache-ceiling"))
+        .args(["--listen", &addr.to_string()])
+        .spawn()
+        .expect("starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ceiling server listens"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let target = format!("{addr},{addr}");
+    for workload in ["write", "read"] {
+        let result = run(&target, &["--workload", workload]);
+        assert!(
+            result["ops"].as_u64().is_some_and(|n| n > 0),
+            "{workload}: {result}"
+        );
+        assert_eq!(result["errors"], 0, "{workload}: {result}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }
