@@ -137,8 +137,8 @@ async fn the_load_tool_runs_every_workload_against_podcache() {
 }
 
 /// The HTTP ceiling server answers the load tool's PUTs and GETs.
-#[test]
-fn the_ceiling_server_answers_the_write_and_read_loads() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ceiling_server_answers_the_write_and_read_loads() {
     let block = (std::process::id() % 250) as u8;
     let addr = SocketAddr::new(Ipv4Addr::new(127, 251, block, 2).into(), 0);
     let port = std::net::TcpListener::bind(addr)
@@ -150,17 +150,17 @@ fn the_ceiling_server_answers_the_write_and_read_loads() {
         .args(["--listen", &addr.to_string()])
         .spawn()
         .expect("starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the ceiling server listens"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let target = format!("{addr},{addr}");
     for workload in ["write", "read"] {
-        let result = run(&target, &["--workload", workload]);
+        let result = tokio::task::block_in_place(|| run(&target, &["--workload", workload]));
         assert!(
             result["ops"].as_u64().is_some_and(|n| n > 0),
             "{workload}: {result}"
