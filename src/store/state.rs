@@ -207,22 +207,7 @@ impl State {
             }
             return Err(err);
         }
-        let old = match slot {
-            Slot::Occupied(mut slot) => {
-                let held = slot.get_mut();
-                let old = std::mem::replace(&mut held.entry, entry.clone());
-                self.history.keep_newest(ty, &mut held.history, old.clone());
-                Some(old)
-            }
-            Slot::Vacant(slot) => {
-                let history = self.history.adopt(ty, hash, entry.key_bytes());
-                slot.insert(Held {
-                    entry: entry.clone(),
-                    history,
-                });
-                None
-            }
-        };
+        let old = fill(slot, &mut self.history, ty, hash, entry);
         self.account(ty, Some(entry), old.as_ref());
         if old.is_some() {
             self.compact_history();
@@ -263,33 +248,12 @@ impl State {
         let hasher = &self.hasher;
         let hash = hasher.hash_one(entry.key_bytes());
         let ns = self.namespaces.entry(ty).or_default();
-        let old = match ns.entry(
+        let slot = ns.entry(
             hash,
             |held| held.entry.key_bytes() == entry.key_bytes(),
             |held| hasher.hash_one(held.entry.key_bytes()),
-        ) {
-            Slot::Occupied(mut slot) => {
-                let held = slot.get_mut();
-                let old = std::mem::replace(&mut held.entry, entry.clone());
-                // The held entry is newer than all its key keeps; should a
-                // caller store an older one over it, the next superseded
-                // version is kept as a late one.
-                if supersedes(&entry, &old) {
-                    self.history.keep_newest(ty, &mut held.history, old.clone());
-                } else {
-                    self.history.keep_late(ty, &mut held.history, old.clone());
-                }
-                Some(old)
-            }
-            Slot::Vacant(slot) => {
-                let history = self.history.adopt(ty, hash, entry.key_bytes());
-                slot.insert(Held {
-                    entry: entry.clone(),
-                    history,
-                });
-                None
-            }
-        };
+        );
+        let old = fill(slot, &mut self.history, ty, hash, &entry);
         self.account(ty, Some(&entry), old.as_ref());
         if old.is_some() {
             self.compact_history();
@@ -327,6 +291,40 @@ impl State {
         match self.held(ty, key) {
             (Some(held), _) => held.history,
             (None, hash) => self.history.orphan_head(ty, hash, key.as_bytes()),
+        }
+    }
+}
+
+/// Puts `entry` into its key's `slot` and returns what the slot held. The
+/// entry it replaces goes to the key's history: as its newest kept version,
+/// or as a late one should a caller store an older entry over a newer one
+/// (the held entry is newer than all its key keeps). A key the store no
+/// longer held takes back the versions history still keeps of it.
+fn fill(
+    slot: Slot<'_, Held>,
+    history: &mut history::History,
+    ty: i32,
+    hash: u64,
+    entry: &Entry,
+) -> Option<Entry> {
+    match slot {
+        Slot::Occupied(mut slot) => {
+            let held = slot.get_mut();
+            let old = std::mem::replace(&mut held.entry, entry.clone());
+            if supersedes(entry, &old) {
+                history.keep_newest(ty, &mut held.history, old.clone());
+            } else {
+                history.keep_late(ty, &mut held.history, old.clone());
+            }
+            Some(old)
+        }
+        Slot::Vacant(slot) => {
+            let kept = history.adopt(ty, hash, entry.key_bytes());
+            slot.insert(Held {
+                entry: entry.clone(),
+                history: kept,
+            });
+            None
         }
     }
 }
