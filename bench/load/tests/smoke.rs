@@ -146,10 +146,12 @@ async fn the_ceiling_server_answers_the_write_and_read_loads() {
         .map(|a| a.port())
         .expect("port");
     let addr = SocketAddr::new(addr.ip(), port);
-    let mut server = Command::new(env!("CARGO_BIN_EXE_podcache-ceiling"))
-        .args(["--listen", &addr.to_string()])
-        .spawn()
-        .expect("starts");
+    let _server = Stopped(
+        Command::new(env!("CARGO_BIN_EXE_podcache-ceiling"))
+            .args(["--listen", &addr.to_string()])
+            .spawn()
+            .expect("starts"),
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(
@@ -167,6 +169,15 @@ async fn the_ceiling_server_answers_the_write_and_read_loads() {
         );
         assert_eq!(result["errors"], 0, "{workload}: {result}");
     }
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// A child process stopped when the test ends, failed or not (a failed
+/// assertion must not leave the server running, holding the test's output).
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
