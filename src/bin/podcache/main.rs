@@ -28,6 +28,19 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 /// v3 takes an over-allocating slow path for any block size that is not a
 /// power of two (a 160-byte entry landed in a 192-byte block), while v2
 /// serves alignments up to 16 from the plain size classes.
+///
+/// Without transparent huge pages (cargo feature `no_thp`: mimalloc does
+/// not `madvise(MADV_HUGEPAGE)` its memory). mimalloc gives free pages back
+/// 10 ms after they empty, 64 KiB at a time; on a huge page that splits it,
+/// and the next touch of the range faults in and zeroes a whole 2 MiB page
+/// again. While memory grows (history filling to its bound, a fill of new
+/// keys) a replica spent a fifth of its samples zeroing pages
+/// (`clear_page_erms` under `folio_zero_user`); with 4 KiB pages single
+/// writes cost as much CPU with history at its default as with none, and
+/// memory per entry fell 14 % (bench/NOTES.md, "Huge pages"). On a host
+/// whose kernel puts every process on huge pages
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`),
+/// `MIMALLOC_ALLOW_THP=0` in the environment turns them off for podcache.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
