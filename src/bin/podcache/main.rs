@@ -37,7 +37,7 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 /// keys) a replica spent a fifth of its samples zeroing pages
 /// (`clear_page_erms` under `folio_zero_user`); with 4 KiB pages single
 /// writes cost as much CPU with history at its default as with none, and
-/// memory per entry fell 14 % (bench/NOTES.md, "Huge pages"). On a host
+/// memory per entry fell 7–14 % (bench/NOTES.md, "Huge pages"). On a host
 /// whose kernel puts every process on huge pages
 /// (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`),
 /// `MIMALLOC_ALLOW_THP=0` in the environment turns them off for podcache.
